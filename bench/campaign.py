@@ -1,0 +1,186 @@
+"""Run a whole matrix: validate, select, resume, launch cell after cell with progress, record each.
+
+Everything that can be wrong with the input is found before the first launch (exit 2). A failed cell is
+a record and the matrix goes on; Ctrl-C records the running cell as interrupted and says how to resume.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from bench import envinfo, strategies
+from bench.matrix import CellSettings, Matrix, MatrixError, expand, load_matrix, select, validate_cells
+from bench.plan import WORKER_MODULE, LaunchPlan, build_plan
+from bench.results import DETERMINISTIC_FAILURES, RunRecord, append_record, check_writable, load_records
+from bench.runner import CellInterrupted, free_port, run_plan
+
+
+@dataclass
+class RunOptions:
+    results_dir: Path | None = None
+    only: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    retry_failed: bool = False
+    force: bool = False
+    repeats: int | None = None
+    worker_module: str = WORKER_MODULE  # tests put a fault-injecting worker here
+    device: str | None = None  # override the matrix's device (cpu/cuda)
+
+
+def visible_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+@dataclass
+class Prepared:
+    matrix: Matrix
+    cells: list[CellSettings]
+    results_dir: Path
+    todo: list[tuple[CellSettings, int]]  # (cell, repeat index)
+    skipped_done: int
+
+
+def prepare(matrix_path: str, opts: RunOptions) -> Prepared:
+    """Load, expand, select and validate; decide what is left to run. Raises MatrixError on bad input."""
+    matrix = load_matrix(matrix_path)
+    cells = expand(matrix, source=matrix_path, device=opts.device)
+    cells = select(cells, opts.only, opts.exclude)
+    if not cells:
+        raise MatrixError(f"{matrix_path}: no cell left after --only/--exclude. Fix: loosen the selection")
+    validate_cells(cells, matrix_path, visible_gpus())
+    results_dir = Path(opts.results_dir or Path("results") / matrix.name)
+    if msg := check_writable(results_dir):
+        raise MatrixError(msg)
+    finished = finished_runs(load_records(results_dir), opts.retry_failed)
+    repeats = opts.repeats or matrix.repeats
+    todo = [(c, r) for c in cells for r in range(repeats) if (c.cell_id, r) not in finished]
+    return Prepared(matrix, cells, results_dir, todo, len(cells) * repeats - len(todo))
+
+
+def finished_runs(records: list[RunRecord], retry_failed: bool) -> set[tuple[str, int]]:
+    """Runs that resume skips: ok ones, and deterministic failures unless --retry-failed."""
+    keep = {"ok"} if retry_failed else {"ok"} | DETERMINISTIC_FAILURES
+    return {(r.cell_id, r.repeat) for r in records if r.status in keep}
+
+
+def strategy_info(cell: CellSettings) -> dict:
+    from bench.precision import policy_for
+
+    info = {"precision_policy": policy_for(cell).description}
+    if not strategies.is_user_config(cell.strategy):
+        s = strategies.get(cell.strategy)
+        info.update(family=s.family, summary=s.summary)
+    return info
+
+
+def print_dry_run(console: Console, plans: list[LaunchPlan]) -> None:
+    for i, plan in enumerate(plans, 1):
+        console.rule(f"[bold]cell {i}/{len(plans)}[/] {plan.cell.label}  id={plan.cell.cell_id}")
+        console.print(f"[dim]folder:[/] {plan.cell_dir}")
+        console.print(plan.shell_command(), soft_wrap=True, markup=False)
+        for name, content in plan.files.items():
+            if name in ("accelerate.yaml", "deepspeed.json"):
+                console.print(f"[dim]--- {name}[/]")
+                console.print(content, markup=False)
+
+
+def resume_command(matrix_path: str, opts: RunOptions) -> str:
+    args = ["bench", "run", matrix_path]
+    if opts.results_dir:
+        args += ["--results", str(opts.results_dir)]
+    for o in opts.only:
+        args += ["--only", o]
+    for e in opts.exclude:
+        args += ["--exclude", e]
+    return shlex.join(args)
+
+
+def run_matrix(matrix_path: str, opts: RunOptions, console: Console | None = None) -> int:
+    console = console or Console()
+    prep = prepare(matrix_path, opts)
+    plans = [build_plan(c, prep.results_dir, prep.matrix.limits, r, opts.worker_module, port=free_port())
+             for c, r in prep.todo]
+    if opts.dry_run:
+        print_dry_run(console, plans)
+        return 0
+    if prep.skipped_done:
+        console.print(f"resuming: {prep.skipped_done} run(s) already recorded in {prep.results_dir} are skipped")
+    if not plans:
+        console.print("nothing to run: every cell is already recorded (use --retry-failed to rerun failures)")
+        return 0
+    fingerprint = envinfo.fingerprint()
+    hooks = CellHooks.for_matrix(prep.matrix, opts)
+    return _launch_all(plans, prep, fingerprint, hooks, matrix_path, opts, console)
+
+
+def _launch_all(plans, prep, fingerprint, hooks, matrix_path, opts, console) -> int:
+    statuses: dict[str, int] = {}
+    columns = [TextColumn("[bold]cell {task.completed}/{task.total}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.description}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("", total=len(plans))
+        for plan in plans:
+            progress.update(task, description=plan.cell.label)
+            try:
+                record = hooks.run(plan, prep.matrix.name, fingerprint)
+            except CellInterrupted as stop:
+                append_record(prep.results_dir, stop.record)
+                progress.stop()
+                console.print(f"[yellow]interrupted[/]: {plan.cell.label} recorded as interrupted. "
+                              f"Resume with:\n  {resume_command(matrix_path, opts)}")
+                return 130
+            append_record(prep.results_dir, record)
+            statuses[record.status] = statuses.get(record.status, 0) + 1
+            style = "green" if record.status == "ok" else "red"
+            progress.console.print(f"[{style}]{record.status:>13}[/] {plan.cell.label} ({record.wall_s:.1f} s)"
+                                   + (f" - {record.error.message.splitlines()[0][:160]}" if record.error else ""))
+            progress.advance(task)
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
+    console.print(f"recorded {len(plans)} run(s) in {prep.results_dir / 'runs.jsonl'}: {summary}")
+    return 0
+
+
+class CellHooks:
+    """What happens around each launch: GPU checks, memory prediction, NVML sampling.
+
+    Kept apart from the loop so that each concern lives in its own module and plugs in here.
+    """
+
+    def __init__(self, matrix: Matrix, opts: RunOptions):
+        self.matrix = matrix
+        self.opts = opts
+
+    @classmethod
+    def for_matrix(cls, matrix: Matrix, opts: RunOptions) -> "CellHooks":
+        return cls(matrix, opts)
+
+    def run(self, plan: LaunchPlan, matrix_name: str, fingerprint: dict) -> RunRecord:
+        sampler = None
+        if plan.cell.device == "cuda":
+            from bench.sampler import NvmlSampler
+
+            sampler = NvmlSampler(plan.cell.gpus)
+        return run_plan(plan, matrix_name, fingerprint, sampler=sampler, strategy_info=strategy_info(plan.cell))
+
+
+def main_guard(fn, *args, **kwargs) -> int:
+    """Turn bad input into exit code 2 with the message, nothing launched."""
+    from bench.results import SchemaError
+
+    try:
+        return fn(*args, **kwargs)
+    except (MatrixError, SchemaError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

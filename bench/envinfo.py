@@ -1,0 +1,115 @@
+"""The environment fingerprint stored in every record: hardware, drivers, library versions, git sha."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import socket
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+LIBRARIES = ["torch", "transformers", "accelerate", "deepspeed", "peft", "bitsandbytes", "datasets", "nvidia-ml-py"]
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_sha() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else None
+
+
+def gpu_info() -> dict:
+    """GPU model, count, memory, driver, topology via NVML; empty on a machine without NVIDIA GPUs."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no driver / no library: a CPU machine
+        return {}
+    try:
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        names = [pynvml.nvmlDeviceGetName(h) for h in handles]
+        info = {
+            "gpu_count": len(handles),
+            "gpu_model": names[0] if names else None,
+            "gpu_models": names,
+            "gpu_memory_bytes": [pynvml.nvmlDeviceGetMemoryInfo(h).total for h in handles],
+            "driver": pynvml.nvmlSystemGetDriverVersion(),
+            "cuda_driver": pynvml.nvmlSystemGetCudaDriverVersion(),
+            "power_limit_w": [pynvml.nvmlDeviceGetPowerManagementLimit(h) / 1000 for h in handles],
+        }
+        info["topology"] = _topology(pynvml, handles)
+        return info
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _topology(pynvml, handles) -> str | None:
+    if len(handles) < 2:
+        return None
+    try:
+        level = pynvml.nvmlDeviceGetTopologyCommonAncestor(handles[0], handles[1])
+        nvlinks = sum(
+            1 for link in range(18)
+            if _safe(lambda: pynvml.nvmlDeviceGetNvLinkState(handles[0], link)) == 1)
+        return f"gpu0-gpu1 common ancestor level {level}, {nvlinks} active NVLinks on gpu0"
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _safe(fn):
+    try:
+        return fn()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+@lru_cache(maxsize=1)
+def fingerprint() -> dict:
+    import os
+
+    import torch
+
+    fp = {
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "libraries": {lib: _version(lib) for lib in LIBRARIES},
+        "cuda": torch.version.cuda,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
+        "git_sha": git_sha(),
+    }
+    fp.update(gpu_info())
+    fp["hardware"] = hardware_key(fp)
+    return fp
+
+
+def hardware_key(fp: dict) -> str:
+    """What must match for two results to be compared: the GPU model and count, or the CPU."""
+    if fp.get("gpu_count"):
+        return f"{fp['gpu_count']}x {fp['gpu_model']}"
+    return f"cpu {fp.get('cpu_model')} x{fp.get('cpu_count')}"

@@ -1,0 +1,372 @@
+"""Matrix files: the typed schema, full validation before launch, grid expansion into cells.
+
+A matrix file gives defaults for every setting of a cell plus a ``grid`` whose keys may be any
+setting (``strategy``, ``gpus``, ``model``, ``seq_len``, ``adapter.r``, ``adapter`` as a whole ...).
+The product of the grid, less ``exclude`` rules, plus ``include`` cells, gives the cells; each cell is a
+frozen :class:`CellSettings` whose id is a hash of its resolved settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bench import models, strategies
+
+
+class MatrixError(Exception):
+    """Bad input: the message names the file, the key and the fix. The CLI exits 2 on it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Adapter(_Strict):
+    type: Literal["none", "lora", "qlora"] = "none"
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target: str | tuple[str, ...] = "all-linear"
+    quant_storage: Literal["bf16", "fp16", "fp32", "uint8"] = "bf16"  # QLoRA 4-bit storage; bf16 lets FSDP shard it
+
+    @field_validator("target")
+    @classmethod
+    def _known_modules(cls, v):
+        names = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        if isinstance(v, str):
+            if v != "all-linear":
+                raise ValueError(f"use 'all-linear' or a list of module names from {sorted(names)}")
+            return v
+        unknown = set(v) - names
+        if unknown or not v:
+            raise ValueError(f"unknown target modules {sorted(unknown)}; choose from {sorted(names)}")
+        return tuple(v)
+
+
+class Train(_Strict):
+    seq_len: int = Field(512, gt=0)
+    micro_batch: int = Field(1, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit"] = "adamw_torch"
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    grad_checkpointing: bool = False
+    attn_impl: Literal["sdpa", "eager"] = "sdpa"
+    warmup_steps: int = Field(2, ge=0)
+    steps: int = Field(5, gt=0)
+    seed: int = 0
+
+
+class Data(_Strict):
+    source: str = "synthetic"  # "synthetic", or a local JSON lines / parquet file or saved dataset folder
+    text_field: str = "text"
+    tokenizer: str | None = None  # a local tokenizer folder, needed when source is a file
+    padding: Literal["longest", "max_length", "pack"] = "max_length"
+
+
+class CellSettings(_Strict):
+    """Everything that determines one run. Its hash is the cell id."""
+
+    model: str = "tiny-llama"
+    strategy: str = "ddp"
+    gpus: int = Field(1, gt=0, description="number of processes: GPUs on a GPU machine, CPU processes on CPU")
+    device: Literal["cuda", "cpu"] = "cpu"
+    gpu_memory_gib: float | None = Field(None, gt=0, description="per-process GPU memory cap")
+    adapter: Adapter = Adapter()
+    train: Train = Train()
+    data: Data = Data()
+
+    @property
+    def cell_id(self) -> str:
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    @property
+    def label(self) -> str:
+        adapter = self.adapter.type if self.adapter.type != "none" else "full"
+        cap = f" cap{self.gpu_memory_gib:g}G" if self.gpu_memory_gib else ""
+        unit = "gpu" if self.device == "cuda" else "proc"
+        return f"{self.model} {adapter} {self.strategy} x{self.gpus}{unit}{cap}"
+
+    @property
+    def setting_key(self) -> str:
+        """Everything but strategy and process count: cells with equal keys are compared in scaling tables."""
+        d = self.model_dump(mode="json")
+        for k in ("strategy", "gpus"):
+            d.pop(k)
+        return json.dumps(d, sort_keys=True)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view (``train.seq_len``), used by --only/--exclude and reports."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+class Limits(_Strict):
+    timeout_s: float = Field(900, gt=0, description="wall clock per cell, launch to exit")
+    hang_s: float = Field(300, gt=0, description="no step progress for this long -> hang")
+    collective_timeout_s: int = Field(120, gt=0, description="NCCL/gloo timeout so a stuck collective surfaces")
+    startup_s: float = Field(600, gt=0, description="launch to first heartbeat (model build, compile of DeepSpeed ops)")
+
+
+class TokenBudget(_Strict):
+    """A training job to project: e.g. 4 epochs of 50M tokens."""
+
+    tokens: int = Field(gt=0)
+    epochs: float = Field(1.0, gt=0)
+
+
+class Matrix(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    model: str = "tiny-llama"
+    strategy: str = "ddp"
+    gpus: int = Field(1, gt=0)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    gpu_memory_gib: float | None = None
+    adapter: Adapter = Adapter()
+    train: Train = Train()
+    data: Data = Data()
+    grid: dict[str, list[Any]] = {}
+    include: list[dict[str, Any]] = []
+    exclude: list[dict[str, Any]] = []
+    limits: Limits = Limits()
+    repeats: int = Field(1, gt=0)
+    token_budget: TokenBudget | None = None
+    estimate_margin: float = Field(0.10, ge=0, description="skip a cell predicted above capacity by this fraction")
+
+    @model_validator(mode="after")
+    def _grid_lists_not_empty(self):
+        for key, values in self.grid.items():
+            if not values:
+                raise ValueError(f"grid.{key} is an empty list: give at least one value or remove the axis")
+        return self
+
+
+# ---------------------------------------------------------------- key resolution
+
+_SECTIONS = {"adapter": Adapter, "train": Train, "data": Data}
+_TOP = [f for f in CellSettings.model_fields if f not in _SECTIONS]
+
+
+def resolve_key(key: str) -> str:
+    """Map a grid/include/exclude key to its dotted path: ``seq_len`` -> ``train.seq_len``."""
+    if key in CellSettings.model_fields:
+        return key
+    if "." in key:
+        section, field = key.split(".", 1)
+        if section in _SECTIONS and field in _SECTIONS[section].model_fields:
+            return key
+        raise KeyError(key)
+    owners = [s for s, m in _SECTIONS.items() if key in m.model_fields]
+    if len(owners) == 1:
+        return f"{owners[0]}.{key}"
+    raise KeyError(key)
+
+
+def known_keys() -> list[str]:
+    return _TOP + [f"{s}.{f}" for s, m in _SECTIONS.items() for f in m.model_fields] + list(_SECTIONS)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _set_path(d: dict, path: str, value: Any) -> None:
+    if "." not in path:
+        if path in _SECTIONS and isinstance(value, dict):
+            d[path] = {**d.get(path, {}), **value}
+        else:
+            d[path] = value
+        return
+    section, field = path.split(".", 1)
+    d.setdefault(section, {})[field] = value
+
+
+# ---------------------------------------------------------------- loading and errors
+
+def _fix_for(err: dict) -> str:
+    kind = err["type"]
+    loc = err["loc"]
+    if kind == "extra_forbidden":
+        parent = ".".join(str(p) for p in loc[:-1])
+        allowed = list((_SECTIONS[parent] if parent in _SECTIONS else Matrix).model_fields)
+        return f"remove it or fix its spelling; allowed keys here: {', '.join(allowed)}"
+    if kind == "literal_error":
+        return f"use one of {err['ctx']['expected']}"
+    if kind == "missing":
+        return "add this key"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return f"give a value of the right type ({err['msg'].lower()})"
+    return err["msg"]
+
+
+def format_validation_error(source: str, exc: ValidationError, where: str = "") -> str:
+    lines = [f"{source}: invalid matrix{where}"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        lines.append(f"  {key}: {err['msg']}{got}. Fix: {_fix_for(err)}")
+    return "\n".join(lines)
+
+
+def load_matrix(path: str | Path) -> Matrix:
+    path = Path(path)
+    if not path.is_file():
+        raise MatrixError(f"{path}: no such matrix file. Fix: give the path of a YAML file such as matrices/smoke.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise MatrixError(f"{path}: malformed YAML: {e}. Fix: correct the YAML syntax at the line shown") from e
+    if not isinstance(raw, dict):
+        raise MatrixError(f"{path}: a matrix file must be a mapping of keys (name, model, train, grid, ...)")
+    raw.setdefault("name", path.stem)
+    try:
+        matrix = Matrix.model_validate(raw)
+    except ValidationError as e:
+        raise MatrixError(format_validation_error(str(path), e)) from e
+    _check_axis_keys(str(path), matrix)
+    return matrix
+
+
+def _check_axis_keys(source: str, matrix: Matrix) -> None:
+    for section, entries in [("grid", [matrix.grid]), ("include", matrix.include), ("exclude", matrix.exclude)]:
+        for entry in entries:
+            for key in entry:
+                try:
+                    resolve_key(key)
+                except KeyError:
+                    raise MatrixError(
+                        f"{source}: {section}.{key}: not a setting of a cell. "
+                        f"Fix: use one of {', '.join(known_keys())} (dotted names such as train.seq_len also work)"
+                    ) from None
+
+
+# ---------------------------------------------------------------- expansion
+
+def detect_device() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def _base_settings(matrix: Matrix, device: str) -> dict[str, Any]:
+    base = matrix.model_dump(mode="json", include=set(CellSettings.model_fields))
+    base["device"] = device
+    return base
+
+
+def _matches(flat: dict[str, Any], rule: dict[str, Any]) -> bool:
+    for key, want in rule.items():
+        path = resolve_key(key)
+        if path in _SECTIONS:  # a whole section compared by the fields given
+            if any(flat.get(f"{path}.{k}") != v for k, v in want.items()):
+                return False
+        elif flat.get(path) != want:
+            return False
+    return True
+
+
+def expand(matrix: Matrix, source: str = "matrix", device: str | None = None) -> list[CellSettings]:
+    """The cells of a matrix, in grid order, validated; duplicates (same id) appear once."""
+    device = device or (detect_device() if matrix.device == "auto" else matrix.device)
+    base = _base_settings(matrix, device)
+    axes = [(resolve_key(k), v) for k, v in matrix.grid.items()]
+    combos = [dict(zip([a for a, _ in axes], values)) for values in itertools.product(*[v for _, v in axes])]
+    combos += [{resolve_key(k): v for k, v in inc.items()} for inc in matrix.include]
+    cells: dict[str, CellSettings] = {}
+    for combo in combos:
+        settings = json.loads(json.dumps(base))
+        for path, value in combo.items():
+            _set_path(settings, path, value)
+        try:
+            cell = CellSettings.model_validate(settings)
+        except ValidationError as e:
+            raise MatrixError(format_validation_error(source, e, f" in the cell {combo}")) from e
+        if any(_matches(cell.flat(), rule) for rule in matrix.exclude) and combo not in matrix.include:
+            continue
+        cells.setdefault(cell.cell_id, cell)
+    return list(cells.values())
+
+
+def check_runnable(cell: CellSettings, visible_gpus: int) -> str | None:
+    """Why this machine or stack cannot run the cell (an impossible combination), or None."""
+    if msg := models.check_model_name(cell.model):
+        return msg
+    if msg := strategies.check_strategy_name(cell.strategy):
+        return msg
+    if strategies.is_user_config(cell.strategy):
+        if not Path(cell.strategy).is_file():
+            return f"strategy {cell.strategy!r}: no such file. Fix: give the path of your DeepSpeed JSON or accelerate YAML"
+        return None
+    strat = strategies.get(cell.strategy)
+    if strat.family == "single" and cell.gpus != 1:
+        return "strategy 'single' runs one process: set gpus: 1, or use ddp/zero*/fsdp* for more"
+    if cell.device == "cpu":
+        if not strat.runs_on_cpu:
+            return (f"strategy {cell.strategy!r} needs GPUs (accelerate enables FSDP only on CUDA). "
+                    "Fix: on CPU use single, ddp, zero1, zero2 or zero3, or exclude these cells")
+        if cell.adapter.type == "qlora":
+            return "adapter.type qlora needs a CUDA GPU (bitsandbytes 4-bit). Fix: use lora or none on CPU"
+        if cell.train.optimizer == "adamw_bnb_8bit":
+            return "train.optimizer adamw_bnb_8bit needs a CUDA GPU. Fix: use adamw_torch on CPU"
+        if cell.train.precision == "fp16":
+            return "train.precision fp16 is not supported on CPU. Fix: use bf16 or fp32"
+        if cell.gpu_memory_gib:
+            return "gpu_memory_gib caps GPU memory and needs a CUDA GPU. Fix: remove it on CPU"
+    elif cell.gpus > visible_gpus:
+        return (f"gpus: {cell.gpus} but this machine has {visible_gpus} GPU(s). "
+                f"Fix: select runnable cells with --only gpus=<n,...> or exclude them in the matrix")
+    if cell.train.seq_len > models.config_dict(cell.model).get("max_position_embeddings", 1 << 30):
+        return f"train.seq_len {cell.train.seq_len} exceeds the model's max_position_embeddings"
+    if cell.data.source != "synthetic" and not cell.data.tokenizer:
+        return "data.source is a file but data.tokenizer is not set. Fix: give a local tokenizer folder"
+    return None
+
+
+def validate_cells(cells: list[CellSettings], source: str, visible_gpus: int) -> None:
+    problems = []
+    for cell in cells:
+        if msg := check_runnable(cell, visible_gpus):
+            problems.append(f"  cell {cell.cell_id} ({cell.label}): {msg}")
+    if problems:
+        raise MatrixError(f"{source}: {len(problems)} cell(s) cannot run on this machine\n" + "\n".join(problems))
+
+
+# ---------------------------------------------------------------- selection (--only / --exclude)
+
+def parse_selector(text: str) -> tuple[str, list[Any]]:
+    """``gpus=1,2`` -> ("gpus", [1, 2]); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise MatrixError(f"selector {text!r}: write KEY=VALUE[,VALUE...], e.g. --only strategy=ddp,zero3")
+    key, values = text.split("=", 1)
+    try:
+        path = resolve_key(key.strip())
+    except KeyError:
+        raise MatrixError(f"selector {text!r}: {key!r} is not a setting. Fix: use one of {', '.join(known_keys())}") from None
+    return path, [yaml.safe_load(v) for v in values.split(",")]
+
+
+def select(cells: list[CellSettings], only: list[str], exclude: list[str]) -> list[CellSettings]:
+    def hit(cell: CellSettings, selectors: list[str]) -> bool:
+        flat = cell.flat()
+        return all(flat.get(path) in values for path, values in map(parse_selector, selectors))
+
+    return [c for c in cells if (not only or hit(c, only)) and not any(hit(c, [e]) for e in exclude)]

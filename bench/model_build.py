@@ -1,0 +1,53 @@
+"""Build the model of a cell: architecture from config, random init (or local weights), adapter.
+
+Random weights are created straight on the target device in the storage dtype; an 8B model never
+passes through fp32 on the host. Under ZeRO-3 transformers builds inside deepspeed.zero.Init.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench import models
+from bench.matrix import CellSettings
+from bench.precision import PrecisionPolicy
+
+
+def _init_device(cell: CellSettings, device: torch.device) -> torch.device:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    # zero.Init places and partitions parameters itself.
+    return torch.device("cpu") if is_deepspeed_zero3_enabled() else device
+
+
+def build_causal_lm(cell: CellSettings, device: torch.device, policy: PrecisionPolicy):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = getattr(torch, policy.weight_dtype)
+    if cell.adapter.type == "qlora":
+        from bench.qlora import build_qlora_model
+
+        model = build_qlora_model(cell, device, policy)
+    elif models.has_local_weights(cell.model):
+        model = AutoModelForCausalLM.from_pretrained(cell.model, dtype=dtype, attn_implementation=cell.train.attn_impl,
+                                                     device_map=None if _init_device(cell, device).type == "cpu" else {"": device})
+    else:
+        config = AutoConfig.for_model(**models.config_dict(cell.model))
+        config.use_cache = False
+        with torch.device(_init_device(cell, device)):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cell.train.attn_impl)
+    if cell.train.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cell.adapter.type != "none":
+        model = apply_lora(cell, model)
+    return model
+
+
+def apply_lora(cell: CellSettings, model):
+    from peft import LoraConfig, get_peft_model
+
+    a = cell.adapter
+    target = "all-linear" if a.target == "all-linear" else list(a.target)
+    config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=target,
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

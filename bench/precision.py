@@ -1,0 +1,40 @@
+"""Precision policy: which dtype the weights are stored in and how compute is done.
+
+It changes speed and memory as much as the strategy does, so every record states it:
+- ``autocast``: fp32 weights (the master copy), bf16/fp16 compute under autocast (accelerate DDP/FSDP).
+- ``pure``: weights stored in bf16/fp16, fp32 master copy inside the optimizer (DeepSpeed's bf16/fp16 mode).
+- ``frozen-base``: LoRA/QLoRA: base weights frozen in bf16 (or 4-bit), fp32 adapter, autocast compute.
+- ``fp32``: everything in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench import strategies
+from bench.matrix import CellSettings
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    name: str
+    weight_dtype: str  # dtype the model is built in: "float32" | "bfloat16" | "float16"
+    compute_dtype: str
+    master_weights_fp32: bool
+    description: str
+
+
+def policy_for(cell: CellSettings) -> PrecisionPolicy:
+    half = {"bf16": "bfloat16", "fp16": "float16"}.get(cell.train.precision)
+    if half is None:
+        return PrecisionPolicy("fp32", "float32", "float32", True, "fp32 weights, gradients and compute")
+    family = None if strategies.is_user_config(cell.strategy) else strategies.get(cell.strategy).family
+    if family == "deepspeed" or (family is None and cell.strategy.endswith(".json")):
+        return PrecisionPolicy("pure", half, half, True,
+                               f"DeepSpeed {cell.train.precision}: {half} weights and gradients, fp32 master copy in the optimizer")
+    if cell.adapter.type != "none":
+        base = "4-bit NF4" if cell.adapter.type == "qlora" else half
+        return PrecisionPolicy("frozen-base", half, half, False,
+                               f"frozen {base} base weights, fp32 adapter weights, {half} autocast compute")
+    return PrecisionPolicy("autocast", "float32", half, True,
+                           f"fp32 weights and optimizer, {half} autocast compute")

@@ -1,0 +1,119 @@
+"""Run records: the schema (versioned), append-only JSONL storage, tolerant loading.
+
+One line per cell run in ``results/<matrix>/runs.jsonl``. A line is written whole with one write, then
+flushed and fsynced under a file lock; a torn last line (a killed writer) is skipped with a warning;
+a line from a newer schema is refused rather than misread. Nothing already written is rewritten.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+SCHEMA_VERSION = 1
+RUNS_FILE = "runs.jsonl"
+
+Status = Literal["ok", "oom", "timeout", "hang", "crash", "unsupported", "skipped", "interrupted", "predicted_oom", "busy"]
+# Failures that happen again on a rerun of the same cell on the same machine: resume does not retry them.
+DETERMINISTIC_FAILURES = {"oom", "unsupported", "predicted_oom"}
+
+
+class SchemaError(Exception):
+    """A results file this version cannot read; the CLI exits 2 on it."""
+
+
+class CellError(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    kind: str
+    rank: int | None = None
+    message: str = ""
+    log_tail: str = ""
+
+
+class RunRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")  # newer minor fields survive a round trip
+
+    schema_version: int = SCHEMA_VERSION
+    matrix: str
+    cell_id: str
+    label: str
+    repeat: int = 0
+    settings: dict[str, Any]
+    strategy_info: dict[str, Any] = {}
+    status: Status
+    error: CellError | None = None
+    env: dict[str, Any] = {}
+    ranks: list[dict[str, Any]] = []  # the rank reports as the workers wrote them
+    nvml: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    started_at: float
+    wall_s: float
+    first_step_s: float | None = None  # launch to first heartbeat of a step
+    cell_dir: str | None = None
+    command: str | None = None
+
+
+def runs_path(results_dir: Path) -> Path:
+    return Path(results_dir) / RUNS_FILE
+
+
+def append_record(results_dir: Path, record: RunRecord) -> None:
+    path = runs_path(results_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (record.model_dump_json() + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _end_torn_line(fd, path)
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _end_torn_line(fd: int, path: Path) -> None:
+    """If a killed writer left a line without its newline, end it so the next record stays whole."""
+    size = path.stat().st_size
+    if size:
+        with open(path, "rb") as f:
+            f.seek(size - 1)
+            if f.read(1) != b"\n":
+                os.write(fd, b"\n")
+
+
+def load_records(results_dir: Path) -> list[RunRecord]:
+    path = runs_path(results_dir)
+    if not path.is_file():
+        return []
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}:{n}: skipping a torn or corrupt line ({len(line)} bytes)", stacklevel=2)
+            continue
+        version = raw.get("schema_version", 0)
+        if version > SCHEMA_VERSION:
+            raise SchemaError(f"{path}:{n}: written by a newer bench (schema {version}, this one reads "
+                              f"up to {SCHEMA_VERSION}). Fix: upgrade bench, or use another results folder")
+        records.append(RunRecord.model_validate(raw))
+    return records
+
+
+def check_writable(results_dir: Path) -> str | None:
+    results_dir = Path(results_dir)
+    probe = results_dir if results_dir.exists() else next(p for p in results_dir.parents if p.exists())
+    if not os.access(probe, os.W_OK):
+        return f"results folder {results_dir} is not writable. Fix: choose another with --results or fix its permissions"
+    if results_dir.exists() and not results_dir.is_dir():
+        return f"results path {results_dir} is a file, not a folder. Fix: choose another with --results"
+    return None

@@ -1,0 +1,224 @@
+"""The fixed training step, run once per rank under `accelerate launch`.
+
+Read top to bottom like a plain training script: parse, build the model, wrap it, run warm-up and
+timed steps, write this rank's report. It trains nothing useful: weights are random, data synthetic
+(or a local data set), and what is kept is how long each optimizer step took and what it held.
+
+    accelerate launch --config_file accelerate.yaml -m bench.worker --cell cell.json --out ranks/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from bench.matrix import CellSettings
+from bench.precision import policy_for
+from bench.rank_files import RankFiles, classify_exception
+
+PROCESS_START = time.time()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cell", required=True, help="cell.json written by bench run")
+    p.add_argument("--out", required=True, help="folder for this cell's rank reports and heartbeats")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- setup
+
+def make_accelerator(cell: CellSettings):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    timeout = timedelta(seconds=int(os.environ.get("BENCH_COLLECTIVE_TIMEOUT_S", "120")))
+    kwargs = {"kwargs_handlers": [InitProcessGroupKwargs(timeout=timeout)]}
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        # Under DeepSpeed the JSON owns accumulation (accelerate refuses it twice).
+        kwargs["gradient_accumulation_steps"] = cell.train.grad_accum
+    return Accelerator(**kwargs)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed: under DeepSpeed accelerate's num_processes reads 1."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def apply_memory_cap(cell: CellSettings, device: torch.device) -> None:
+    """Emulate a smaller card: the caching allocator refuses to grow past the cap."""
+    if cell.gpu_memory_gib and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cell.gpu_memory_gib * 2**30 / total), device)
+
+
+def build_model(cell: CellSettings, device: torch.device):
+    """Random init from the shipped config, straight on the target device in the storage dtype.
+
+    Under ZeRO-3 transformers builds the model inside deepspeed.zero.Init (accelerate registered the
+    DeepSpeed config), so each rank only ever holds its own shard.
+    """
+    from bench.model_build import build_causal_lm
+
+    return build_causal_lm(cell, device, policy_for(cell))
+
+
+def make_optimizer(cell: CellSettings, model, accelerator):
+    params = [p for p in model.parameters() if p.requires_grad]
+    t = cell.train
+    ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if ds_plugin is not None and "optimizer" in ds_plugin.deepspeed_config:
+        from accelerate.utils import DummyOptim
+
+        return DummyOptim(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw_bnb_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
+    fused = t.optimizer == "adamw_torch_fused"
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+
+
+def make_batches(cell: CellSettings, vocab: int, rank: int, device: torch.device):
+    from bench.data import batch_source
+
+    return batch_source(cell, vocab, rank, device)
+
+
+# ---------------------------------------------------------------- the loop
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(cell: CellSettings, model, optimizer, accelerator, batches) -> tuple[float, int, int]:
+    """One optimizer step over grad_accum micro-batches. Returns (mean loss, tokens, real tokens)."""
+    losses, tokens, real = [], 0, 0
+    for _ in range(cell.train.grad_accum):
+        batch = next(batches)
+        with accelerator.accumulate(model):
+            out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch})
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients and cell.train.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cell.train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(out.loss.detach())
+        tokens += batch["input_ids"].numel()
+        real += int(batch["real_tokens"])
+    return float(torch.stack(losses).float().mean()), tokens, real
+
+
+def run(cell: CellSettings, files: RankFiles) -> None:
+    accelerator = make_accelerator(cell)
+    rank, world_size = world()
+    files.rank = rank
+    device = accelerator.device
+    files.heartbeat("init")
+    apply_memory_cap(cell, device)
+    torch.manual_seed(cell.train.seed)
+
+    t_build = time.time()
+    model = build_model(cell, device)
+    optimizer = make_optimizer(cell, model, accelerator)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    batches = make_batches(cell, model_vocab(model), rank, device)
+    init_s = time.time() - t_build
+
+    steps = []
+    total = cell.train.warmup_steps + cell.train.steps
+    for i in range(total):
+        phase = "warmup" if i < cell.train.warmup_steps else "timed"
+        files.heartbeat(phase, i)
+        accelerator.wait_for_everyone()  # every rank starts the step together
+        sync(device)
+        t0 = time.perf_counter()
+        loss, tokens, real = train_step(cell, model, optimizer, accelerator, batches)
+        sync(device)
+        steps.append({"step": i, "phase": phase, "time_s": time.perf_counter() - t0,
+                      "loss": loss, "tokens": tokens, "real_tokens": real})
+    files.heartbeat("done", total)
+    files.write_report(rank_report(cell, accelerator, model, rank, world_size, device, steps, init_s))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def model_vocab(model) -> int:
+    return unwrap(model).config.vocab_size
+
+
+def unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def rank_report(cell, accelerator, model, rank, world_size, device, steps, init_s) -> dict:
+    import psutil
+
+    inner = unwrap(model)
+    trainable = sum(p.numel() for p in inner.parameters() if p.requires_grad)
+    report = {
+        "rank": rank,
+        "world_size": world_size,
+        "hostname": os.uname().nodename,
+        "device": str(device),
+        "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+        "backend": _backend(),
+        "precision_policy": policy_for(cell).name,
+        "mixed_precision": accelerator.mixed_precision,
+        "trainable_params_local": trainable,
+        "init_s": init_s,
+        "process_start_to_report_s": time.time() - PROCESS_START,
+        "steps": steps,
+        # ru_maxrss is in KiB on Linux
+        "host_rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "host_rss_now_bytes": psutil.Process().memory_info().rss,
+    }
+    if device.type == "cuda":
+        report.update({
+            "torch_peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
+            "torch_peak_reserved_bytes": torch.cuda.max_memory_reserved(device),
+            "gpu_name": torch.cuda.get_device_name(device),
+            "gpu_total_bytes": torch.cuda.get_device_properties(device).total_memory,
+        })
+    return report
+
+
+def _backend() -> str | None:
+    import torch.distributed as dist
+
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cell = CellSettings.model_validate_json(Path(args.cell).read_text())
+    files = RankFiles(Path(args.out), rank=int(os.environ.get("RANK", "0")))
+    try:
+        run(cell, files)
+    except BaseException as exc:  # noqa: BLE001 - the runner classifies every failure from this file
+        files.write_error(classify_exception(exc), exc, traceback.format_exc())
+        traceback.print_exc()
+        sys.stderr.flush()
+        return 3 if classify_exception(exc) == "oom" else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
