@@ -1,0 +1,56 @@
+"""Shared test helpers: write small matrices, run the real `bench` CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+# A tiny CPU cell: seconds per launch on 2 cores.
+TINY = {
+    "model": "tiny-llama",
+    "device": "cpu",
+    "train": {"seq_len": 64, "micro_batch": 2, "precision": "fp32", "warmup_steps": 1, "steps": 3},
+    "limits": {"timeout_s": 180, "hang_s": 60, "collective_timeout_s": 30},
+}
+
+
+def write_matrix(folder: Path, name: str = "t", **fields) -> Path:
+    """A matrix file based on TINY; nested dicts in ``fields`` are merged one level deep."""
+    data = {"name": name, **{k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}}
+    for key, value in fields.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def bench(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None,
+          check: bool = False) -> subprocess.CompletedProcess:
+    """Run the real CLI (`python -m bench.cli ...`) as a user would, tests folder importable for fault workers."""
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "COLUMNS": "200",
+                **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", *args], cwd=cwd or REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"bench {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def cpu_results(tmp_path_factory) -> Path:
+    """Records from real CPU runs, made once per session: ddp and zero3 at 1 and 2 processes."""
+    folder = tmp_path_factory.mktemp("cpu_results")
+    matrix = write_matrix(folder, "cpu", grid={"strategy": ["ddp", "zero3"], "gpus": [1, 2]})
+    bench("run", str(matrix), "--results", str(folder / "results"), check=True)
+    return folder / "results"
