@@ -7,11 +7,14 @@ a record and the matrix goes on; Ctrl-C records the running cell as interrupted 
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from bench import envinfo, strategies
@@ -104,6 +107,14 @@ def resume_command(matrix_path: str, opts: RunOptions) -> str:
         args += ["--only", o]
     for e in opts.exclude:
         args += ["--exclude", e]
+    if opts.device:
+        args += ["--device", opts.device]
+    if opts.repeats:
+        args += ["--repeats", str(opts.repeats)]
+    if opts.retry_failed:
+        args.append("--retry-failed")
+    if opts.worker_module != WORKER_MODULE:
+        args += ["--worker", opts.worker_module]
     return shlex.join(args)
 
 
@@ -122,7 +133,21 @@ def run_matrix(matrix_path: str, opts: RunOptions, console: Console | None = Non
         return 0
     fingerprint = envinfo.fingerprint()
     hooks = CellHooks.for_matrix(prep.matrix, opts)
-    return _launch_all(plans, prep, fingerprint, hooks, matrix_path, opts, console)
+    with sigterm_as_interrupt():
+        return _launch_all(plans, prep, fingerprint, hooks, matrix_path, opts, console)
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """A SIGTERM to bench (a CI job's time limit, a scheduler) stops the matrix the way Ctrl-C does."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _launch_all(plans, prep, fingerprint, hooks, matrix_path, opts, console) -> int:
@@ -135,21 +160,34 @@ def _launch_all(plans, prep, fingerprint, hooks, matrix_path, opts, console) -> 
             progress.update(task, description=plan.cell.label)
             try:
                 record = hooks.run(plan, prep.matrix.name, fingerprint)
-            except CellInterrupted as stop:
-                append_record(prep.results_dir, stop.record)
+            except (CellInterrupted, KeyboardInterrupt) as stop:
+                # Ctrl-C in a cell: the runner stopped its tree and made it a record. Between cells:
+                # nothing runs, nothing to record. Either way the cells not yet run stay unrecorded.
+                what = "recorded as interrupted" if isinstance(stop, CellInterrupted) else "not recorded"
+                if isinstance(stop, CellInterrupted):
+                    append_record(prep.results_dir, stop.record)
                 progress.stop()
-                console.print(f"[yellow]interrupted[/]: {plan.cell.label} recorded as interrupted. "
-                              f"Resume with:\n  {resume_command(matrix_path, opts)}")
+                console.print(f"[yellow]interrupted[/]: {escape(plan.cell.label)} {what}. "
+                              f"Resume with:\n  {escape(resume_command(matrix_path, opts))}")
                 return 130
             append_record(prep.results_dir, record)
             statuses[record.status] = statuses.get(record.status, 0) + 1
-            style = "green" if record.status == "ok" else "red"
-            progress.console.print(f"[{style}]{record.status:>13}[/] {plan.cell.label} ({record.wall_s:.1f} s)"
-                                   + (f" - {record.error.message.splitlines()[0][:160]}" if record.error else ""))
+            print_outcome(progress.console, plan, record)
             progress.advance(task)
     summary = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
     console.print(f"recorded {len(plans)} run(s) in {prep.results_dir / 'runs.jsonl'}: {summary}")
     return 0
+
+
+def print_outcome(console: Console, plan: LaunchPlan, record: RunRecord) -> None:
+    style = "green" if record.status == "ok" else "red"
+    # Error text comes from logs ("[/path/pair.cc:537]"): never let rich read it as markup.
+    detail = f" - {record.error.message.splitlines()[0][:160]}" if record.error and record.error.message else ""
+    console.print(f"[{style}]{record.status:>13}[/] {escape(plan.cell.label)} ({record.wall_s:.1f} s){escape(detail)}")
+    if record.leftover_processes:
+        names = ", ".join(f"{p['pid']} {p.get('name', '')}" for p in record.leftover_processes)
+        console.print(f"[yellow]{'':>13} killed {len(record.leftover_processes)} process(es) left by this cell: "
+                      f"{escape(names)}[/]")
 
 
 class CellHooks:
@@ -169,10 +207,39 @@ class CellHooks:
     def run(self, plan: LaunchPlan, matrix_name: str, fingerprint: dict) -> RunRecord:
         sampler = None
         if plan.cell.device == "cuda":
-            from bench.sampler import NvmlSampler
+            if busy := wait_for_free_gpus(plan.cell.gpus):
+                return busy_record(plan, matrix_name, fingerprint, busy)
+            from bench.sampler import NvmlSampler, sampler_enabled
 
-            sampler = NvmlSampler(plan.cell.gpus)
+            sampler = NvmlSampler(plan.cell.gpus) if sampler_enabled() else None
         return run_plan(plan, matrix_name, fingerprint, sampler=sampler, strategy_info=strategy_info(plan.cell))
+
+
+def wait_for_free_gpus(gpu_count: int, patience_s: float = 15.0) -> str | None:
+    """None once the cell's GPUs are free; the reason they are busy if still so after ``patience_s``.
+
+    The wait covers the driver releasing the previous cell's memory a moment after its processes end.
+    """
+    import time
+
+    from bench.gpu_state import busy_reason
+
+    deadline = time.time() + patience_s
+    while (reason := busy_reason(gpu_count)) and time.time() < deadline:
+        time.sleep(1.0)
+    return reason
+
+
+def busy_record(plan: LaunchPlan, matrix_name: str, fingerprint: dict, reason: str) -> RunRecord:
+    """A busy GPU is reported, not measured: numbers taken beside another tenant would mislead."""
+    import time
+
+    from bench.results import CellError
+
+    return RunRecord(matrix=matrix_name, cell_id=plan.cell.cell_id, label=plan.cell.label, repeat=plan.repeat,
+                     settings=plan.cell.model_dump(mode="json"), strategy_info=strategy_info(plan.cell),
+                     status="busy", error=CellError(kind="busy", message=f"GPU busy, not measured: {reason}"),
+                     env=fingerprint, started_at=time.time(), wall_s=0.0, command=plan.shell_command())
 
 
 def main_guard(fn, *args, **kwargs) -> int:

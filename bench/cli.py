@@ -61,5 +61,68 @@ def env():
     typer.echo(json.dumps(fingerprint(), indent=2))
 
 
+def _bad_input_exits_2(fn) -> int:
+    """check and baseline: a refused comparison or an unreadable file is exit 2 with the message."""
+    from bench.baseline import BaselineError
+    from bench.results import SchemaError
+
+    try:
+        return fn()
+    except (BaselineError, SchemaError) as e:
+        typer.echo(f"error: {e}", err=True)
+        return 2
+
+
+@app.command()
+def check(
+    results: Annotated[Path, typer.Argument(help="results folder (or .jsonl) to check, e.g. results/nightly")],
+    baseline: Annotated[str, typer.Option(help="baseline .jsonl or results folder, or 'auto': "
+                                               "<baselines-dir>/<hardware>.jsonl for the results' hardware")],
+    threshold: Annotated[list[str], typer.Option(help="METRIC=PERCENT for step_time, tokens_per_s, memory "
+                                                      "(defaults 5, 5, 3); repeatable")] = [],
+    memory_mib: Annotated[float, typer.Option(help="peak memory must also grow by more than this (MiB)")] = 256,
+    alpha: Annotated[float, typer.Option(help="significance level of the per-step Mann-Whitney U test")] = 0.01,
+    markdown: Annotated[Optional[Path], typer.Option(help="also write the markdown summary here")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write the findings as JSON here")] = None,
+    baselines_dir: Annotated[Path, typer.Option(help="where --baseline auto looks")] = Path("results/baselines"),
+):
+    """Compare results with a baseline: exit 0 clean, 1 regression, 2 bad input (e.g. other hardware)."""
+    import json
+
+    from bench.check import check_paths, parse_thresholds, to_json, to_markdown
+
+    def _run() -> int:
+        result = check_paths(results, baseline, parse_thresholds(threshold, alpha, memory_mib), baselines_dir)
+        text = to_markdown(result)
+        typer.echo(text)
+        if markdown:
+            markdown.write_text(text)
+        if json_out:
+            json_out.write_text(json.dumps(to_json(result), indent=2))
+        return result.exit_code
+
+    raise typer.Exit(_bad_input_exits_2(_run))
+
+
+baseline_app = typer.Typer(no_args_is_help=True, help="Baselines kept in the repository, one per hardware.")
+app.add_typer(baseline_app, name="baseline")
+
+
+@baseline_app.command("promote")
+def baseline_promote(
+    results: Annotated[Path, typer.Argument(help="results folder of a trusted run, e.g. results/nightly")],
+    baselines_dir: Annotated[Path, typer.Option(help="where baselines live")] = Path("results/baselines"),
+):
+    """Make a results folder the baseline for its hardware: <baselines-dir>/<hardware-slug>.jsonl."""
+    from bench.baseline import describe, promote
+
+    def _run() -> int:
+        path, records = promote(results, baselines_dir)
+        typer.echo(f"baseline {path}: {describe(records)}")
+        return 0
+
+    raise typer.Exit(_bad_input_exits_2(_run))
+
+
 if __name__ == "__main__":
     app()

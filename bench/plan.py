@@ -78,6 +78,10 @@ def deepspeed_config(strategy: Strategy, cell: CellSettings) -> dict[str, Any]:
         "steps_per_print": 1_000_000_000,
         "wall_clock_breakdown": False,
     }
+    if t.optimizer == "adamw_bnb_8bit" and not strategy.offload_optimizer:
+        # DeepSpeed refuses optimizers it has not tested with ZeRO unless told (accelerate sets this
+        # too at prepare; written here so that the JSON works as it is in a user's own job).
+        config["zero_allow_untested_optimizer"] = True
     if strategy.offload_optimizer:
         # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's own CPU Adam; a torch optimizer
         # object cannot be offloaded, so the optimizer is named here and the worker passes a placeholder.
@@ -151,7 +155,7 @@ def _fsdp_config(strategy: Strategy, cell: CellSettings) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the plan
 
-def _launch_env(cell: CellSettings, limits: Limits) -> dict[str, str]:
+def _launch_env(cell: CellSettings, limits: Limits, deepspeed: bool) -> dict[str, str]:
     env = {
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
@@ -163,7 +167,9 @@ def _launch_env(cell: CellSettings, limits: Limits) -> dict[str, str]:
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
     }
     if cell.device == "cpu":
-        env["ACCELERATE_USE_CPU"] = "1"
+        if not deepspeed:
+            # With DeepSpeed this would turn the run into plain MULTI_CPU; DeepSpeed finds the CPU itself.
+            env["ACCELERATE_USE_CPU"] = "1"
         env["CUDA_VISIBLE_DEVICES"] = ""
         # Two ranks on a 2-core machine: one thread each, or they fight over cores.
         env["OMP_NUM_THREADS"] = "1"
@@ -196,7 +202,7 @@ def build_plan(cell: CellSettings, results_dir: Path, limits: Limits, repeat: in
     ]
     if cell.device == "cpu" and accel.get("distributed_type") == "MULTI_GPU":
         argv.insert(argv.index("--config_file"), "--multi_gpu")
-    env = _launch_env(cell, limits)
+    env = _launch_env(cell, limits, deepspeed=accel.get("distributed_type") == "DEEPSPEED")
     plan = LaunchPlan(cell, cell_dir, argv, env, files, limits, repeat, worker_module, notes)
     files["launch.sh"] = f"#!/usr/bin/env bash\n# Re-run this cell by hand\n{plan.shell_command()}\n"
     return plan

@@ -1,7 +1,9 @@
 """Precision policy: which dtype the weights are stored in and how compute is done.
 
 It changes speed and memory as much as the strategy does, so every record states it:
-- ``autocast``: fp32 weights (the master copy), bf16/fp16 compute under autocast (accelerate DDP/FSDP).
+- ``autocast``: fp32 weights (the master copy), bf16/fp16 compute under autocast (accelerate DDP, single).
+- ``fsdp-mixed``: fp32 sharded weights; FSDP casts parameters to bf16/fp16 for forward and backward and
+  reduces gradients in that dtype (accelerate's FSDP1 MixedPrecision / FSDP2 MixedPrecisionPolicy).
 - ``pure``: weights stored in bf16/fp16, fp32 master copy inside the optimizer (DeepSpeed's bf16/fp16 mode).
 - ``frozen-base``: LoRA/QLoRA: base weights frozen in bf16 (or 4-bit), fp32 adapter, autocast compute.
 - ``fp32``: everything in fp32.
@@ -36,5 +38,9 @@ def policy_for(cell: CellSettings) -> PrecisionPolicy:
         base = "4-bit NF4" if cell.adapter.type == "qlora" else half
         return PrecisionPolicy("frozen-base", half, half, False,
                                f"frozen {base} base weights, fp32 adapter weights, {half} autocast compute")
+    if family in ("fsdp", "fsdp2"):
+        return PrecisionPolicy("fsdp-mixed", "float32", half, True,
+                               f"fp32 sharded weights and optimizer; FSDP casts parameters to {half} for compute "
+                               f"and reduces gradients in {half}")
     return PrecisionPolicy("autocast", "float32", half, True,
                            f"fp32 weights and optimizer, {half} autocast compute")

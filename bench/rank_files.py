@@ -18,13 +18,20 @@ def atomic_write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+# How a collective that waited past its timeout fails: gloo ("Timed out waiting 30000ms for recv
+# operation"), NCCL ("Watchdog caught collective operation timeout"), torch's DistBackendError wrappers.
+COLLECTIVE_TIMEOUT_MARKERS = ("timed out waiting", "collective operation timeout", "operation timed out")
+
+
 def classify_exception(exc: BaseException) -> str:
-    """oom | unsupported | interrupted | crash, from what the exception is (not from log text)."""
+    """oom | collective_timeout | unsupported | interrupted | crash, from what the exception is."""
     import torch
 
     text = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text.lower():
         return "oom"
+    if any(m in text.lower() for m in COLLECTIVE_TIMEOUT_MARKERS):
+        return "collective_timeout"
     if isinstance(exc, (NotImplementedError,)) or "not supported" in text.lower():
         return "unsupported"
     if isinstance(exc, KeyboardInterrupt):
@@ -40,7 +47,8 @@ class RankFiles:
 
     def heartbeat(self, phase: str, step: int = -1) -> None:
         atomic_write_json(self.folder / f"heartbeat{self.rank}.json",
-                          {"rank": self.rank, "phase": phase, "step": step, "time": time.time()})
+                          {"rank": self.rank, "phase": phase, "step": step, "time": time.time(),
+                           "pid": os.getpid()})
 
     def write_report(self, report: dict) -> None:
         atomic_write_json(self.folder / f"rank{self.rank}.json", report)

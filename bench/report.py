@@ -1,76 +1,251 @@
-"""Reports: tables (pandas -> terminal, markdown, CSV) and plots (matplotlib) from run records."""
+"""`bench report`: from one or more results folders to report/<name>/ (index.md, self-contained index.html,
+a CSV per table, a PNG per plot) and the main tables in the terminal.
+
+Cells are compared only within one machine class (the same GPU model, or the same CPU) and one setting
+(everything but strategy and process count), so results from mixed hardware stay apart.
+"""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from rich.console import Console
-from rich.table import Table
+from rich.table import Table as RichTable
 
-from bench import metrics
-from bench.results import load_records
+from bench import flops, metrics, plots
+from bench import report_tables as tables
+from bench.matrix import MatrixError, TokenBudget, load_matrix
+from bench.report_render import Plot, Section, Table, slugify, to_html, to_markdown, write_csvs
+from bench.results import RunRecord, load_records
 
-
-def _cell_text(row: pd.Series) -> str:
-    if row["status"] != "ok":
-        return row["status"]
-    text = f"{row['tokens_per_s_per_gpu']:,.0f}"
-    if not np.isnan(row.get("speedup_vs_same_1", np.nan)):
-        text += f" ({row['speedup_vs_same_1']:.2f}x, {row['efficiency_vs_same_1']:.0%})"
-    return text
+MATRIX_COPY = "matrix.yaml"  # a results folder may hold the matrix it ran; its token_budget is then used
 
 
-def scaling_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per hardware and setting: rows strategies, columns process counts, cells 'tok/s/GPU (speedup, eff)'."""
-    out = {}
-    for (hw, key), group in df.groupby(["hardware", "setting_key"], sort=False):
-        g = group.assign(text=group.apply(_cell_text, axis=1))
-        table = g.pivot_table(index="strategy", columns="gpus", values="text", aggfunc="last", sort=False)
-        table.columns = [f"{c} proc" if g["device"].iloc[0] == "cpu" else f"{c} GPU" for c in table.columns]
-        out[f"{metrics.setting_title(key)} on {hw}"] = table.fillna("-")
-    return out
+@dataclass
+class ReportOptions:
+    budget: TokenBudget | None = None
+    compare: list[str] = field(default_factory=list)
+    compare_gpus: int | None = None
+    trace_cell: str | None = None
+    matrix: Path | None = None  # read token_budget from this matrix file
 
 
-def detail_table(df: pd.DataFrame) -> pd.DataFrame:
-    cols = ["label", "status", "step_time_s", "step_time_p10_s", "step_time_p90_s", "tokens_per_s",
-            "tokens_per_s_per_gpu", "speedup_vs_same_1", "efficiency_vs_same_1", "speedup_vs_plain_1",
-            "peak_allocated_gib", "peak_reserved_gib", "host_rss_peak_gib", "wall_s", "error"]
-    return df[[c for c in cols if c in df.columns]]
+DEFINITIONS = [
+    "Step time: wall time of one optimizer step, the slowest rank counting; median over timed steps "
+    "(warm-up steps excluded). Throughput: tokens per step over all ranks / step time; per GPU (per "
+    "process on CPU) = that / N. '±x%' after a throughput is half the p10-p90 range of timed steps "
+    "relative to the median; '(k runs a-b)' is the range over k repeats (fresh launches), whose median is shown.",
+    "Speedup at N against two baselines of the same setting on the same kind of device: the same strategy at "
+    "1 (how the strategy scales) and the plain 1-process run (single, or ddp at 1, which wraps nothing: what "
+    "one runs today). Efficiency = speedup / N, in brackets. Sharding optimizer state can make ZeRO/FSDP "
+    "look superlinear against the plain run, and DeepSpeed's pure-bf16 mode can beat autocast at 1 GPU.",
+    "A cell that did not run ok shows its status (oom, timeout, hang, crash, predicted_oom, unsupported, "
+    "skipped ...) in place of every figure.",
+]
 
 
-def build(results_dirs: list[Path]) -> pd.DataFrame:
+# ---------------------------------------------------------------- inputs
+
+def parse_count(text: str) -> int:
+    """'50M' -> 50_000_000; accepts k, M, B/G, T suffixes and plain integers."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbBgGtT]?)\s*", text)
+    if not match:
+        raise ValueError(f"{text!r} is not a token count: write e.g. 50M, 1.5B or 2000000")
+    factor = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}[match.group(2).lower()]
+    return int(float(match.group(1)) * factor)
+
+
+def resolve_budget(options: ReportOptions, results_dirs: list[Path]) -> TokenBudget | None:
+    """CLI budget first, then --matrix's token_budget, then a matrix copy inside a results folder."""
+    if options.budget is not None:
+        return options.budget
+    candidates = [options.matrix] if options.matrix else [d / MATRIX_COPY for d in results_dirs]
+    for path in candidates:
+        if path and Path(path).is_file():
+            try:
+                budget = load_matrix(path).token_budget
+            except MatrixError:
+                continue
+            if budget is not None:
+                return budget
+    return None
+
+
+def load_all(results_dirs: list[Path]) -> list[RunRecord]:
     records = [r for d in results_dirs for r in load_records(d)]
     if not records:
         raise FileNotFoundError(f"no records in {', '.join(map(str, results_dirs))} (looked for runs.jsonl)")
-    return metrics.add_speedups(metrics.aggregate_repeats(metrics.frame(records)))
+    return records
 
 
-def write_report(results_dirs: list[Path], out_dir: Path, console: Console | None = None) -> Path:
+def build(results_dirs: list[Path], records: list[RunRecord] | None = None) -> pd.DataFrame:
+    """One row of figures per cell (repeats aggregated), with speedups and FLOP rates."""
+    records = records if records is not None else load_all(results_dirs)
+    df = metrics.aggregate_repeats(metrics.frame(records))
+    return metrics.add_flop_rates(metrics.add_speedups(df))
+
+
+# ---------------------------------------------------------------- sections
+
+def scaling_section(df: pd.DataFrame, out_dir: Path) -> Section:
+    section = Section("Scaling", ["Rows: strategies; columns per process count: tokens/s per GPU (per process "
+                                  "on CPU), speedup (efficiency) against the same strategy at 1 and against "
+                                  "the plain 1-process run, each named in its column."])
+    for i, (_m, _k, title, group) in enumerate(tables.setting_groups(df), 1):
+        section.items.append(Table(f"scaling_{i}", title, tables.scaling_table(group)))
+        if path := plots.scaling_curves(group, title, out_dir / f"scaling_{i}.png"):
+            section.items.append(Plot(path, f"Scaling curves, {title}"))
+    return section
+
+
+def head_to_head_section(df: pd.DataFrame, options: tables.TableOptions) -> Section:
+    notes = ["The plain 1-process run against each strategy at the compared process count. Peak memory: torch "
+             "reserved (max over ranks) on GPU, host RSS (max over ranks) on CPU. Compared process count "
+             f"{options.compare_gpus or '2, or the smallest above 1'} (--compare-gpus)"
+             f"{'; strategies ' + ', '.join(options.compare) if options.compare else ''} (--compare STRATEGY)."]
+    if options.budget:
+        total = options.budget.tokens * options.budget.epochs
+        notes.append(f"Projected time to train {tables.tokens_text(options.budget.tokens)} tokens x "
+                     f"{options.budget.epochs:g} epochs = {tables.tokens_text(total)} tokens at the measured real "
+                     "(non-padding) token throughput, excluding start-up, evaluation and checkpointing.")
+    else:
+        notes.append("No token budget given: pass --tokens 50M --epochs 4 (or token_budget in the matrix, "
+                     "with --matrix) to project the time to train.")
+    section = Section("Head-to-head: plain 1 vs N", notes)
+    for i, (_m, _k, title, group) in enumerate(tables.setting_groups(df), 1):
+        table = tables.head_to_head(group, options)
+        if table is not None:
+            section.items.append(Table(f"head_to_head_{i}", title, table))
+    if not section.items:
+        section.notes.append("Nothing to compare: no setting has both a plain 1-process run and a run at N > 1.")
+    return section
+
+
+def memory_section(df: pd.DataFrame, out_dir: Path) -> Section:
+    section = Section("Memory", [
+        "torch peak allocated/reserved: max_memory_allocated/max_memory_reserved, max over ranks (the spread "
+        "over ranks is shown when large). NVML used: whole-card memory including the CUDA context and NCCL "
+        "buffers, max over the cell's GPUs. Host RSS: peak resident memory of a rank's process (matters for "
+        "CPU offload). On CPU the plots show host RSS."])
+    for i, (_m, _k, title, group) in enumerate(tables.setting_groups(df), 1):
+        section.items.append(Table(f"memory_{i}", title, tables.memory_table(group)))
+        if path := plots.memory_bars(group, title, out_dir / f"memory_{i}.png"):
+            section.items.append(Plot(path, f"Peak memory per strategy, {title}"))
+        if path := plots.throughput_vs_memory(group, title, out_dir / f"tradeoff_{i}.png"):
+            section.items.append(Plot(path, f"Throughput vs peak memory, {title}"))
+    return section
+
+
+def efficiency_section(df: pd.DataFrame) -> Section:
+    section = Section("Efficiency (model FLOPs, MFU)", [
+        f"Convention: {flops.CONVENTION}",
+        "MFU = model TFLOP/s per GPU / peak; HFU counts the recomputation as well. An unknown GPU or a CPU "
+        "leaves MFU empty rather than guessing a peak. Tokens counted include padding (they are computed)."])
+    for i, (_m, _k, title, group) in enumerate(tables.setting_groups(df), 1):
+        section.items.append(Table(f"efficiency_{i}", title, tables.efficiency_table(group)))
+    section.items.append(Table("gpu_peaks", "Peak figures used (dense, no sparsity)", tables.peak_table()))
+    return section
+
+
+def energy_section(df: pd.DataFrame) -> Section:
+    section = Section("Energy", ["NVML energy counter over the timed steps, all the cell's GPUs together; "
+                                 "J per token = that / (tokens per step x timed steps). CPU runs have no NVML."])
+    for i, (_m, _k, title, group) in enumerate(tables.setting_groups(df), 1):
+        section.items.append(Table(f"energy_{i}", title, tables.energy_table(group)))
+    return section
+
+
+def prediction_section(df: pd.DataFrame, out_dir: Path) -> Section | None:
+    pred = tables.prediction_frame(df)
+    if not len(pred):
+        return None
+    section = Section("Predicted vs measured peak (torch reserved)",
+                      ["Error = (predicted - measured) / measured; positive means the estimate was cautious."])
+    section.items.append(Table("prediction", "Prediction per cell", tables.prediction_table(pred)))
+    if path := plots.prediction_errors(pred, out_dir / "prediction_errors.png"):
+        section.items.append(Plot(path, "Histogram of memory prediction errors"))
+    return section
+
+
+def pick_trace_record(records: list[RunRecord], cell_id: str | None) -> RunRecord | None:
+    """The requested cell (id or id prefix), else the first ok GPU cell with an NVML trace."""
+    def has_trace(r: RunRecord) -> bool:
+        return bool(((r.nvml or {}).get("trace") or {}).get("t"))
+
+    if cell_id:
+        matches = [r for r in records if r.cell_id.startswith(cell_id) and has_trace(r)]
+        return matches[-1] if matches else None
+    return next((r for r in records if r.status == "ok" and has_trace(r)), None)
+
+
+def trace_section(records: list[RunRecord], options: ReportOptions, out_dir: Path) -> Section | None:
+    record = pick_trace_record(records, options.trace_cell)
+    if record is None:
+        if options.trace_cell:
+            return Section("NVML trace", [f"No NVML trace recorded for cell {options.trace_cell}."])
+        return None
+    title = f"{record.label} ({record.cell_id}, {record.status})"
+    path = plots.nvml_trace(record.nvml, record.started_at, title, out_dir / "nvml_trace.png")
+    section = Section("NVML trace", [f"Cell {title}; choose another with --trace-cell CELL_ID."])
+    if path:
+        section.items.append(Plot(path, f"NVML trace of {title}"))
+    return section
+
+
+def all_cells_table(df: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for _, row in df.iterrows():
+        rows.append({"cell": row["cell_id"], "run": row["label"], "machine": row["machine"], "status": row["status"],
+                     "tok/s/GPU": tables.throughput_text(row),
+                     "step s": f"{row['step_time_s']:.3g}" if tables.is_num(row.get("step_time_s")) else row["status"],
+                     "wall s": f"{row['wall_s']:.1f}",
+                     "error": row["error"] if isinstance(row.get("error"), str) else ""})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- the whole report
+
+def status_summary(df: pd.DataFrame) -> str:
+    counts = df["status"].value_counts()
+    return ", ".join(f"{n} {status}" for status, n in counts.items())
+
+
+def write_report(results_dirs: list[Path], out_dir: Path, console: Console | None = None,
+                 options: ReportOptions | None = None) -> Path:
     console = console or Console()
-    df = build(results_dirs)
+    options = options or ReportOptions()
+    records = load_all(results_dirs)
+    df = build(results_dirs, records)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = [f"# bench report: {', '.join(d.name for d in results_dirs)}", "",
-             "Cells: tokens/s per GPU (or per process on CPU), then speedup and efficiency against the same "
-             "strategy at 1 process. A failed cell shows its status.", ""]
-    for i, (title, table) in enumerate(scaling_tables(df).items(), 1):
-        lines += [f"## {title}", "", table.to_markdown(), ""]
-        table.to_csv(out_dir / f"scaling_{i}.csv")
-        _print(console, title, table)
-    detail = detail_table(df)
-    detail.to_csv(out_dir / "cells.csv", index=False)
-    lines += ["## All cells", "", detail.to_markdown(index=False, floatfmt=".3g"), ""]
-    (out_dir / "index.md").write_text("\n".join(lines))
-    console.print(f"report written to {out_dir}/index.md")
+    table_options = tables.TableOptions(budget=resolve_budget(options, results_dirs), compare=tuple(options.compare),
+                                        compare_gpus=options.compare_gpus)
+    sections = [scaling_section(df, out_dir), head_to_head_section(df, table_options), memory_section(df, out_dir),
+                efficiency_section(df), energy_section(df)]
+    sections += [s for s in (prediction_section(df, out_dir), trace_section(records, options, out_dir)) if s]
+    sections.append(Section("All cells", ["Raw figures of every cell: cells.csv."],
+                            [Table("all_cells", "Every cell", all_cells_table(df))]))
+    title = f"bench report: {', '.join(d.name for d in results_dirs)}"
+    intro = [f"{len(df)} cells from {', '.join(map(str, results_dirs))} on "
+             f"{', '.join(df['machine'].unique())}: {status_summary(df)}.", *DEFINITIONS]
+    write_csvs(sections, out_dir)
+    df.drop(columns=["setting_key"]).to_csv(out_dir / "cells.csv", index=False)
+    (out_dir / "index.md").write_text(to_markdown(title, intro, sections, out_dir))
+    (out_dir / "index.html").write_text(to_html(title, intro, sections))
+    for section in sections[:2]:  # the tables that answer the question: scaling and head-to-head
+        for item in section.items:
+            if isinstance(item, Table):
+                print_table(console, f"{section.title}: {item.title}", item.frame)
+    console.print(f"report written to {out_dir}/index.md and index.html")
     return out_dir
 
 
-def _print(console: Console, title: str, table: pd.DataFrame) -> None:
-    t = Table(title=title, title_justify="left")
-    t.add_column("strategy")
-    for c in table.columns:
-        t.add_column(str(c), justify="right")
-    for strategy, row in table.iterrows():
-        t.add_row(str(strategy), *[str(v) for v in row])
-    console.print(t)
+def print_table(console: Console, title: str, frame: pd.DataFrame) -> None:
+    table = RichTable(title=title, title_justify="left")
+    for i, column in enumerate(frame.columns):
+        table.add_column(str(column), justify="left" if i == 0 else "right")
+    for _, row in frame.iterrows():
+        table.add_row(*[str(v) for v in row])
+    console.print(table)

@@ -57,6 +57,10 @@ class RunRecord(BaseModel):
     first_step_s: float | None = None  # launch to first heartbeat of a step
     cell_dir: str | None = None
     command: str | None = None
+    # Processes of the cell found alive after it and killed (should be empty); NVML compute processes
+    # left on the GPUs after it (None where NVML is absent, e.g. on CPU).
+    leftover_processes: list[dict[str, Any]] = []
+    leftover_gpu_processes: list[dict[str, Any]] | None = None
 
 
 def runs_path(results_dir: Path) -> Path:

@@ -76,6 +76,22 @@ def build_model(cell: CellSettings, device: torch.device):
     return build_causal_lm(cell, device, policy_for(cell))
 
 
+def fit_fsdp1_wrap_to_adapter(cell: CellSettings, model, accelerator) -> None:
+    """LoRA under FSDP1: give each trainable adapter Linear its own FSDP unit.
+
+    FSDP1 flattens the parameters of a wrapped unit into one FlatParameter of one dtype, so a frozen
+    bf16 base layer and its fp32 adapter cannot share a unit. peft's policy wraps every leaf module
+    with trainable weights apart, plus the transformer layers (as HF Trainer and TRL do).
+    FSDP2 shards parameters one by one and needs no such policy.
+    """
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None or cell.adapter.type == "none" or getattr(plugin, "fsdp_version", 1) != 1:
+        return
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+
+
 def make_optimizer(cell: CellSettings, model, accelerator):
     params = [p for p in model.parameters() if p.requires_grad]
     t = cell.train
@@ -105,22 +121,49 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(cell: CellSettings, model, optimizer, accelerator, batches) -> tuple[float, int, int]:
-    """One optimizer step over grad_accum micro-batches. Returns (mean loss, tokens, real tokens)."""
-    losses, tokens, real = [], 0, 0
+def is_deepspeed(accelerator) -> bool:
+    return str(accelerator.distributed_type).endswith("DEEPSPEED")
+
+
+def train_step(cell: CellSettings, model, optimizer, accelerator, batches, device: torch.device) -> dict:
+    """One optimizer step over grad_accum micro-batches, timed in two parts.
+
+    ``fwd_bwd_s``: forward and backward of every micro-batch; ``optim_s``: gradient clipping, the
+    optimizer step and zeroing (where ZeRO-Offload's host-device traffic shows). The device is
+    synchronised between the parts so that each figure holds its own kernels, at the cost of one
+    short bubble per step. Under DeepSpeed, accelerate's backward also steps the engine; the engine's
+    backward and step are called here directly (exactly what accelerate calls) to time them apart.
+    """
+    losses, tokens, real, fwd_bwd_s, optim_s = [], 0, 0, 0.0, 0.0
+    deepspeed = is_deepspeed(accelerator)
     for _ in range(cell.train.grad_accum):
         batch = next(batches)
         with accelerator.accumulate(model):
+            t0 = time.perf_counter()
             out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch})
-            accelerator.backward(out.loss)
-            if accelerator.sync_gradients and cell.train.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cell.train.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if deepspeed:  # as accelerate's DeepSpeedEngineWrapper.backward, split in two
+                model.set_gradient_accumulation_boundary(is_boundary=accelerator.sync_gradients)
+                model.backward(out.loss)
+            else:
+                accelerator.backward(out.loss)
+            sync(device)
+            t1 = time.perf_counter()
+            if deepspeed:
+                if accelerator.sync_gradients:
+                    model.step()  # clips per the JSON's gradient_clipping, steps, zeroes
+            else:
+                if accelerator.sync_gradients and cell.train.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cell.train.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            sync(device)
+            fwd_bwd_s += t1 - t0
+            optim_s += time.perf_counter() - t1
         losses.append(out.loss.detach())
         tokens += batch["input_ids"].numel()
         real += int(batch["real_tokens"])
-    return float(torch.stack(losses).float().mean()), tokens, real
+    return {"loss": float(torch.stack(losses).float().mean()), "tokens": tokens, "real_tokens": real,
+            "fwd_bwd_s": fwd_bwd_s, "optim_s": optim_s}
 
 
 def run(cell: CellSettings, files: RankFiles) -> None:
@@ -134,26 +177,31 @@ def run(cell: CellSettings, files: RankFiles) -> None:
 
     t_build = time.time()
     model = build_model(cell, device)
+    fit_fsdp1_wrap_to_adapter(cell, model, accelerator)
     optimizer = make_optimizer(cell, model, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     batches = make_batches(cell, model_vocab(model), rank, device)
     init_s = time.time() - t_build
 
-    steps = []
+    steps, window = [], [None, None]
     total = cell.train.warmup_steps + cell.train.steps
     for i in range(total):
         phase = "warmup" if i < cell.train.warmup_steps else "timed"
         files.heartbeat(phase, i)
         accelerator.wait_for_everyone()  # every rank starts the step together
         sync(device)
+        if phase == "timed" and window[0] is None:
+            window[0] = time.time()  # wall clock, so the parent's NVML samples can be cut to it
         t0 = time.perf_counter()
-        loss, tokens, real = train_step(cell, model, optimizer, accelerator, batches)
+        parts = train_step(cell, model, optimizer, accelerator, batches, device)
         sync(device)
-        steps.append({"step": i, "phase": phase, "time_s": time.perf_counter() - t0,
-                      "loss": loss, "tokens": tokens, "real_tokens": real})
+        steps.append({"step": i, "phase": phase, "time_s": time.perf_counter() - t0, **parts})
+        if phase == "timed":
+            window[1] = time.time()
     files.heartbeat("done", total)
-    files.write_report(rank_report(cell, accelerator, model, rank, world_size, device, steps, init_s))
+    files.write_report(rank_report(cell, accelerator, model, rank, world_size, device, steps, init_s,
+                                   window))
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
@@ -168,7 +216,7 @@ def unwrap(model):
     return model
 
 
-def rank_report(cell, accelerator, model, rank, world_size, device, steps, init_s) -> dict:
+def rank_report(cell, accelerator, model, rank, world_size, device, steps, init_s, window) -> dict:
     import psutil
 
     inner = unwrap(model)
@@ -186,6 +234,7 @@ def rank_report(cell, accelerator, model, rank, world_size, device, steps, init_
         "init_s": init_s,
         "process_start_to_report_s": time.time() - PROCESS_START,
         "steps": steps,
+        "timed_window": window if window[0] is not None else None,  # [time.time() start, end] of timed steps
         # ru_maxrss is in KiB on Linux
         "host_rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "host_rss_now_bytes": psutil.Process().memory_info().rss,

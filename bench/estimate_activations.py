@@ -1,0 +1,84 @@
+"""Activation memory of one micro-batch of a Llama-style decoder (HF transformers, SDPA attention).
+
+Counted the way Korthikanti et al. ("Reducing Activation Recomputation in Large Transformer Models",
+2022, section 4.1) count GPT's 34*s*b*h: the tensors autograd saves for the backward pass, per layer,
+in bytes. Adapted to Llama (RMSNorm, GQA, RoPE, SwiGLU MLP of width I, flash/efficient SDPA that saves
+no s*s scores). With s = sequence, b = micro-batch, h = hidden, q = heads*head_dim, kv = kv_heads*head_dim,
+c = compute-dtype bytes, r = residual-stream bytes (4 under autocast with fp32 weights, else = weights):
+
+  per layer = s*b*[ 2 norms * (4 (fp32 upcast) + r (normed) + c (autocast copy, when r != c)) * h
+                  + c * (3q + 2kv)      SDPA saves q, k, v, out; o_proj saves its input
+                  + 4 * heads           SDPA log-sum-exp
+                  + 4 * c * I           SwiGLU: gate out, silu out, up out, down input
+                  + LoRA dropout copies and masks of the targeted layers' inputs ]
+
+  logits = s*b*V*(c + 12): bf16 logits (held by the output), fp32 log-softmax saved by the loss,
+           its gradient and the fp32 gradient of the upcast, all alive at the start of backward.
+
+With gradient checkpointing (HF, per decoder layer) only each layer's input (r*s*b*h) is kept; backward
+recomputes one layer at a time, so the peak is the kept inputs plus the larger of the logits and one
+layer's full activations (plus its backward temporaries).
+
+Pure arithmetic: no torch import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench.models import ModelShape
+
+LOGITS_BYTES_OVER_COMPUTE = 12  # fp32 log-softmax out + its grad + fp32 grad of the upcast, per logit
+LORA_TARGET_INPUTS = {"q_proj": "h", "k_proj": "h", "v_proj": "h", "o_proj": "q",
+                      "gate_proj": "h", "up_proj": "h", "down_proj": "I"}
+
+
+@dataclass(frozen=True)
+class ActivationBytes:
+    """Activation bytes of one rank at the two moments that can hold the peak."""
+
+    per_layer: float  # one decoder layer, not checkpointed
+    kept: float  # what the forward leaves for the backward (all layers, or only their inputs)
+    logits_peak: float  # the loss and its first backward ops
+    logits_kept: float  # the bf16 logits the model output still holds at the optimizer step
+    at_backward_start: float  # the activation peak: kept + logits or recompute
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def lora_input_width(shape: ModelShape, target: str | tuple[str, ...]) -> int:
+    """Sum of the input widths of the LoRA-targeted linear layers of one decoder layer."""
+    widths = {"h": shape.hidden, "q": shape.heads * shape.head_dim, "I": shape.intermediate}
+    names = LORA_TARGET_INPUTS if target == "all-linear" else target
+    return sum(widths[LORA_TARGET_INPUTS[n]] for n in names)
+
+
+def layer_bytes_per_token(shape: ModelShape, compute_bytes: int, residual_bytes: int,
+                          lora_dropout_width: int = 0, lora_rank_width: int = 0) -> float:
+    """Bytes one decoder layer saves for backward, per token (the formula in the module docstring)."""
+    h, c, r = shape.hidden, compute_bytes, residual_bytes
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    norms = 2 * (4 + r + (c if c != r else 0)) * h
+    attention = c * (3 * q + 2 * kv) + 4 * shape.heads
+    mlp = 4 * c * shape.intermediate
+    lora = (c + 1) * lora_dropout_width + c * lora_rank_width  # dropout output + bool mask; A's output
+    return norms + attention + mlp + lora
+
+
+def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, compute_bytes: int,
+                     residual_bytes: int, checkpointing: bool, backward_temp_fraction: float,
+                     lora_dropout_width: int = 0, lora_rank_width: int = 0) -> ActivationBytes:
+    tokens = seq_len * micro_batch
+    per_layer = tokens * layer_bytes_per_token(shape, compute_bytes, residual_bytes,
+                                               lora_dropout_width, lora_rank_width)
+    head_in = tokens * shape.hidden * (4 + residual_bytes + compute_bytes)  # final norm + lm_head input
+    logits_peak = tokens * shape.vocab * (compute_bytes + LOGITS_BYTES_OVER_COMPUTE)
+    logits_kept = tokens * shape.vocab * compute_bytes
+    if checkpointing:
+        kept = shape.layers * tokens * shape.hidden * residual_bytes + head_in
+        peak = kept + max(logits_peak, per_layer * (1 + backward_temp_fraction))
+    else:
+        kept = shape.layers * per_layer + head_in
+        peak = kept + logits_peak
+    return ActivationBytes(per_layer, kept, logits_peak, logits_kept, peak)

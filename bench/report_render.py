@@ -1,0 +1,97 @@
+"""Writing a report out: markdown (pipe tables, PNGs by relative path), one self-contained HTML file
+(PNGs embedded as data: URIs, so it can be mailed or attached to a CI run), and a CSV per table."""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+
+@dataclass
+class Table:
+    slug: str  # file stem of its CSV
+    title: str
+    frame: pd.DataFrame
+
+
+@dataclass
+class Plot:
+    path: Path
+    caption: str
+
+
+@dataclass
+class Section:
+    title: str
+    notes: list[str] = field(default_factory=list)
+    items: list[Table | Plot] = field(default_factory=list)
+
+
+def slugify(text: str, limit: int = 60) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "table"
+
+
+def write_csvs(sections: list[Section], out_dir: Path) -> None:
+    for section in sections:
+        for item in section.items:
+            if isinstance(item, Table):
+                item.frame.to_csv(out_dir / f"{item.slug}.csv", index=False)
+
+
+def _md_cell(value) -> str:
+    return str(value).replace("|", "/").replace("\n", " ")  # a pipe would end the cell on a code-hosting site
+
+
+def to_markdown(title: str, intro: list[str], sections: list[Section], out_dir: Path) -> str:
+    lines = [f"# {title}", ""]
+    lines += [p for text in intro for p in (text, "")]
+    for section in sections:
+        lines += [f"## {section.title}", ""]
+        lines += [p for text in section.notes for p in (text, "")]
+        for item in section.items:
+            if isinstance(item, Table):
+                frame = item.frame.map(_md_cell)
+                lines += [f"### {item.title}", "", frame.to_markdown(index=False), "",
+                          f"CSV: [{item.slug}.csv]({item.slug}.csv)", ""]
+            else:
+                rel = item.path.relative_to(out_dir).as_posix()
+                lines += [f"![{item.caption}]({rel})", ""]
+    return "\n".join(lines)
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1300px; color: #222; padding: 0 1em; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
+img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0 1.5em; }
+h2 { border-bottom: 2px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
+p.note { color: #444; max-width: 70em; }
+"""
+
+
+def _img_tag(plot: Plot) -> str:
+    data = base64.b64encode(plot.path.read_bytes()).decode()
+    alt = html.escape(plot.caption)
+    return f'<figure><img alt="{alt}" src="data:image/png;base64,{data}"><figcaption>{alt}</figcaption></figure>'
+
+
+def to_html(title: str, intro: list[str], sections: list[Section]) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts += [f"<p class='note'>{html.escape(text)}</p>" for text in intro]
+    for section in sections:
+        parts.append(f"<h2>{html.escape(section.title)}</h2>")
+        parts += [f"<p class='note'>{html.escape(text)}</p>" for text in section.notes]
+        for item in section.items:
+            if isinstance(item, Table):
+                parts += [f"<h3>{html.escape(item.title)}</h3>", item.frame.to_html(index=False, border=0)]
+            else:
+                parts.append(_img_tag(item))
+    parts.append("</body></html>")
+    return "\n".join(parts)

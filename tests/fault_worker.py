@@ -1,0 +1,79 @@
+"""bench.worker with one injected fault, used by tests through the real launch path.
+
+    bench run matrix.yaml --worker fault_worker      (tests/ on PYTHONPATH)
+
+The fault is chosen by environment variables, which `accelerate launch` passes on to every rank:
+
+    BENCH_FAULT        oom | stuck | kill | ignore_term | orphan | slow   (unset: no fault, a normal run)
+    BENCH_FAULT_RANK   the rank that fails (default 1; "all" for every rank)
+    BENCH_FAULT_STEP   the training step at which it fails (default 1)
+    BENCH_FAULT_SIGNAL the signal name for ``kill`` (default SIGKILL)
+
+Everything else is the real worker: real accelerate, real model, real collectives. The fault replaces
+nothing but one call of ``train_step`` on the chosen rank.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+import bench.worker as worker
+
+FAULT = os.environ.get("BENCH_FAULT", "")
+FAULT_RANK = os.environ.get("BENCH_FAULT_RANK", "1")
+FAULT_STEP = int(os.environ.get("BENCH_FAULT_STEP", "1"))
+FAULT_SIGNAL = os.environ.get("BENCH_FAULT_SIGNAL", "SIGKILL")
+
+
+def _sleep_forever() -> None:
+    while True:
+        time.sleep(3600)
+
+
+def inject(rank: int) -> None:
+    """Do the chosen fault here, in the middle of a training step."""
+    if FAULT == "oom":
+        # What the caching allocator raises; the worker must classify it from its type, not its text.
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by fault_worker)")
+    if FAULT == "stuck":
+        # This rank stops making progress; its peer waits in the next collective until the
+        # collective timeout (limits.collective_timeout_s) or the hang watchdog ends it.
+        _sleep_forever()
+    if FAULT == "kill":
+        os.kill(os.getpid(), getattr(signal, FAULT_SIGNAL))
+        time.sleep(5)  # a signal with a handler may take a moment
+    if FAULT == "ignore_term":
+        # A rank that ignores SIGTERM (a process stuck in the driver): only SIGKILL ends it.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _sleep_forever()
+    if FAULT == "orphan":
+        # A helper process that escapes the launcher's tree; the runner must still find and end it.
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if FAULT == "slow":
+        time.sleep(float(os.environ.get("BENCH_FAULT_SLEEP_S", "5")))
+
+
+def faulty(train_step):
+    calls = {"n": 0}
+
+    def step(*args, **kwargs):
+        rank, _ = worker.world()
+        if calls["n"] == FAULT_STEP and FAULT_RANK in ("all", str(rank)):
+            inject(rank)
+        calls["n"] += 1
+        return train_step(*args, **kwargs)
+
+    return step
+
+
+worker.train_step = faulty(worker.train_step)
+
+if __name__ == "__main__":
+    sys.exit(worker.main())

@@ -1,0 +1,55 @@
+"""The walking skeleton end to end: matrix -> real accelerate launches -> records -> report."""
+
+from __future__ import annotations
+
+import json
+
+from bench.results import load_records
+from conftest import bench, write_matrix
+
+
+def test_records_of_real_cpu_runs(cpu_results):
+    records = load_records(cpu_results)
+    assert {(r.settings["strategy"], r.settings["gpus"]) for r in records} == {
+        ("ddp", 1), ("ddp", 2), ("zero3", 1), ("zero3", 2)}
+    for r in records:
+        assert r.status == "ok", (r.label, r.error)
+        assert r.schema_version == 1 and len(r.cell_id) == 12
+        assert len(r.ranks) == r.settings["gpus"]
+        assert {"python", "libraries", "hardware", "git_sha"} <= set(r.env)
+        assert r.env["libraries"]["deepspeed"] and r.env["libraries"]["accelerate"]
+        for rank in r.ranks:
+            assert rank["world_size"] == r.settings["gpus"]
+            timed = [s for s in rank["steps"] if s["phase"] == "timed"]
+            assert len(timed) == 3 and all(s["time_s"] > 0 and s["tokens"] == 2 * 64 for s in timed)
+            assert rank["host_rss_peak_bytes"] > 0
+    zero3 = next(r for r in records if r.settings["strategy"] == "zero3" and r.settings["gpus"] == 2)
+    assert zero3.ranks[0]["distributed_type"] == "DEEPSPEED" and zero3.ranks[0]["backend"] == "gloo"
+    cell_dir = zero3.cell_dir
+    ds = json.loads(open(f"{cell_dir}/deepspeed.json").read())
+    assert ds["zero_optimization"]["stage"] == 3
+    assert "distributed_type: DEEPSPEED" in open(f"{cell_dir}/accelerate.yaml").read()
+
+
+def test_report_prints_speedup_table(cpu_results, tmp_path):
+    proc = bench("report", str(cpu_results), "--out", str(tmp_path / "rep"), check=True)
+    assert "zero3" in proc.stdout and "x" in proc.stdout
+    assert (tmp_path / "rep" / "index.md").is_file()
+    md = (tmp_path / "rep" / "index.md").read_text()
+    assert "ddp" in md and "zero3" in md
+
+
+def test_dry_run_prints_commands_and_launches_nothing(tmp_path):
+    matrix = write_matrix(tmp_path, "dry", grid={"strategy": ["ddp", "zero2"], "gpus": [2]})
+    proc = bench("run", str(matrix), "--results", str(tmp_path / "res"), "--dry-run", check=True)
+    assert proc.stdout.count("accelerate.commands.launch") == 2
+    assert '"stage": 2' in proc.stdout
+    assert not (tmp_path / "res" / "runs.jsonl").exists()
+
+
+def test_malformed_matrix_exits_2_naming_the_key(tmp_path):
+    matrix = write_matrix(tmp_path, "bad", train={"seq_len": "long"})
+    proc = bench("run", str(matrix), "--results", str(tmp_path / "res"))
+    assert proc.returncode == 2
+    assert "train.seq_len" in proc.stderr
+    assert not (tmp_path / "res").exists()

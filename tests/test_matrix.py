@@ -1,0 +1,102 @@
+"""Matrix schema errors and grid expansion (unit tests, nothing launched)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.matrix import CellSettings, MatrixError, expand, load_matrix, select, validate_cells
+from conftest import write_matrix
+
+
+def _load(tmp_path, **fields):
+    return load_matrix(write_matrix(tmp_path, "m", **fields))
+
+
+def test_unknown_key_names_key_and_fix(tmp_path):
+    with pytest.raises(MatrixError) as e:
+        _load(tmp_path, train={"seq_lenn": 128})
+    msg = str(e.value)
+    assert "m.yaml" in msg and "train.seq_lenn" in msg and "allowed keys here" in msg and "seq_len" in msg
+
+
+def test_wrong_type_names_key(tmp_path):
+    with pytest.raises(MatrixError) as e:
+        _load(tmp_path, train={"micro_batch": "four"})
+    assert "train.micro_batch" in str(e.value) and "Fix:" in str(e.value)
+
+
+def test_bad_literal_lists_choices(tmp_path):
+    with pytest.raises(MatrixError) as e:
+        _load(tmp_path, train={"precision": "bf8"})
+    assert "train.precision" in str(e.value) and "'bf16'" in str(e.value)
+
+
+def test_unknown_grid_axis(tmp_path):
+    with pytest.raises(MatrixError) as e:
+        _load(tmp_path, grid={"strat": ["ddp"]})
+    assert "grid.strat" in str(e.value) and "strategy" in str(e.value)
+
+
+def test_malformed_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ngrid: [unclosed\n")
+    with pytest.raises(MatrixError, match="malformed YAML"):
+        load_matrix(path)
+
+
+def test_grid_product_and_short_keys(tmp_path):
+    m = _load(tmp_path, grid={"strategy": ["ddp", "zero2"], "gpus": [1, 2], "seq_len": [32, 64]})
+    cells = expand(m, device="cpu")
+    assert len(cells) == 8
+    assert {c.train.seq_len for c in cells} == {32, 64}
+    assert len({c.cell_id for c in cells}) == 8
+
+
+def test_adapter_axis_of_whole_sections(tmp_path):
+    m = _load(tmp_path, grid={"adapter": [{"type": "none"}, {"type": "lora", "r": 8}]})
+    cells = expand(m, device="cpu")
+    assert [(c.adapter.type, c.adapter.r) for c in cells] == [("none", 16), ("lora", 8)]
+
+
+def test_exclude_and_include(tmp_path):
+    m = _load(tmp_path, grid={"strategy": ["ddp", "zero3"], "gpus": [1, 2]},
+              exclude=[{"strategy": "zero3", "gpus": 1}], include=[{"strategy": "zero2", "gpus": 2}])
+    labels = sorted((c.strategy, c.gpus) for c in expand(m, device="cpu"))
+    assert labels == [("ddp", 1), ("ddp", 2), ("zero2", 2), ("zero3", 2)]
+
+
+def test_cell_id_is_stable_and_setting_sensitive():
+    a = CellSettings(model="tiny-llama", strategy="ddp", gpus=2)
+    assert a.cell_id == CellSettings(model="tiny-llama", strategy="ddp", gpus=2).cell_id
+    assert a.cell_id != CellSettings(model="tiny-llama", strategy="ddp", gpus=1).cell_id
+    assert len(a.cell_id) == 12
+
+
+def test_impossible_combinations_are_refused(tmp_path):
+    m = _load(tmp_path, grid={"strategy": ["fsdp_full_shard", "single"], "gpus": [2]})
+    with pytest.raises(MatrixError) as e:
+        validate_cells(expand(m, device="cpu"), "m.yaml", visible_gpus=0)
+    msg = str(e.value)
+    assert "needs GPUs" in msg and "'single' runs one process" in msg
+
+
+def test_unknown_model_and_strategy(tmp_path):
+    m = _load(tmp_path, model="llama-9000", strategy="zero7")
+    with pytest.raises(MatrixError) as e:
+        validate_cells(expand(m, device="cpu"), "m.yaml", visible_gpus=0)
+    assert "unknown model 'llama-9000'" in str(e.value)
+
+
+def test_more_gpus_than_machine(tmp_path):
+    m = _load(tmp_path, device="cuda", gpus=4)
+    with pytest.raises(MatrixError, match="--only gpus"):
+        validate_cells(expand(m), "m.yaml", visible_gpus=2)
+
+
+def test_select_only_and_exclude(tmp_path):
+    m = _load(tmp_path, grid={"strategy": ["ddp", "zero2", "zero3"], "gpus": [1, 2]})
+    cells = expand(m, device="cpu")
+    assert {(c.strategy, c.gpus) for c in select(cells, ["strategy=ddp,zero3", "gpus=2"], [])} == {("ddp", 2), ("zero3", 2)}
+    assert len(select(cells, [], ["strategy=zero2"])) == 4
+    with pytest.raises(MatrixError, match="not a setting"):
+        select(cells, ["colour=red"], [])

@@ -1,0 +1,26 @@
+"""Every matrix shipped in matrices/ validates and expands (on the device it names)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.matrix import check_runnable, expand, load_matrix
+
+MATRICES = sorted((Path(__file__).resolve().parent.parent / "matrices").glob("*.yaml"))
+
+
+def test_there_are_matrices():
+    assert any(p.name == "smoke.yaml" for p in MATRICES)
+
+
+@pytest.mark.parametrize("path", MATRICES, ids=lambda p: p.name)
+def test_matrix_validates_and_expands(path):
+    matrix = load_matrix(path)
+    device = "cpu" if matrix.device == "cpu" else "cuda"
+    cells = expand(matrix, source=str(path), device=device)
+    assert cells, "a shipped matrix must have at least one cell"
+    # Validated as on a machine with plenty of GPUs: only combinations that can never run fail here.
+    problems = [f"{c.label}: {msg}" for c in cells if (msg := check_runnable(c, visible_gpus=8))]
+    assert not problems, "\n".join(problems)
