@@ -35,6 +35,7 @@ class RunOptions:
     repeats: int | None = None
     worker_module: str = WORKER_MODULE  # tests put a fault-injecting worker here
     device: str | None = None  # override the matrix's device (cpu/cuda)
+    capacity_gib: float | None = None  # memory each rank must fit, for the pre-flight check (default: its GPU)
 
 
 def visible_gpus() -> int:
@@ -66,15 +67,19 @@ def prepare(matrix_path: str, opts: RunOptions) -> Prepared:
     results_dir = Path(opts.results_dir or Path("results") / matrix.name)
     if msg := check_writable(results_dir):
         raise MatrixError(msg)
-    finished = finished_runs(load_records(results_dir), opts.retry_failed)
+    finished = finished_runs(load_records(results_dir), opts.retry_failed, opts.force)
     repeats = opts.repeats or matrix.repeats
     todo = [(c, r) for c in cells for r in range(repeats) if (c.cell_id, r) not in finished]
     return Prepared(matrix, cells, results_dir, todo, len(cells) * repeats - len(todo))
 
 
-def finished_runs(records: list[RunRecord], retry_failed: bool) -> set[tuple[str, int]]:
-    """Runs that resume skips: ok ones, and deterministic failures unless --retry-failed."""
+def finished_runs(records: list[RunRecord], retry_failed: bool, force: bool = False) -> set[tuple[str, int]]:
+    """Runs that resume skips: ok ones, and deterministic failures unless --retry-failed.
+
+    --force launches cells predicted not to fit, so their predicted_oom records are not final then."""
     keep = {"ok"} if retry_failed else {"ok"} | DETERMINISTIC_FAILURES
+    if force:
+        keep = keep - {"predicted_oom"}
     return {(r.cell_id, r.repeat) for r in records if r.status in keep}
 
 
@@ -205,6 +210,13 @@ class CellHooks:
         return cls(matrix, opts)
 
     def run(self, plan: LaunchPlan, matrix_name: str, fingerprint: dict) -> RunRecord:
+        from bench.estimate import preflight
+
+        info = strategy_info(plan.cell)
+        prediction, not_launched = preflight(plan, matrix_name, fingerprint, self.matrix.estimate_margin,
+                                             self.opts.force, self.opts.capacity_gib, info)
+        if not_launched is not None:
+            return not_launched
         sampler = None
         if plan.cell.device == "cuda":
             if busy := wait_for_free_gpus(plan.cell.gpus):
@@ -212,7 +224,7 @@ class CellHooks:
             from bench.sampler import NvmlSampler, sampler_enabled
 
             sampler = NvmlSampler(plan.cell.gpus) if sampler_enabled() else None
-        return run_plan(plan, matrix_name, fingerprint, sampler=sampler, strategy_info=strategy_info(plan.cell))
+        return run_plan(plan, matrix_name, fingerprint, sampler=sampler, strategy_info=info, prediction=prediction)
 
 
 def wait_for_free_gpus(gpu_count: int, patience_s: float = 15.0) -> str | None:

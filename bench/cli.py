@@ -25,23 +25,39 @@ def run(
     repeats: Annotated[Optional[int], typer.Option(min=1, help="runs per cell, each in fresh processes")] = None,
     device: Annotated[Optional[str], typer.Option(help="override the matrix's device: cpu or cuda")] = None,
     worker: Annotated[str, typer.Option(hidden=True)] = "bench.worker",
+    capacity_gib: Annotated[Optional[float], typer.Option(
+        min=0.0, help="memory (GiB) each rank must fit for the pre-flight check; default its GPU or gpu_memory_gib")] = None,
 ):
     """Run every cell of a matrix as a real `accelerate launch` and append one record per run."""
     opts = RunOptions(results_dir=results, only=only, exclude=exclude, dry_run=dry_run, retry_failed=retry_failed,
-                      force=force, repeats=repeats, worker_module=worker, device=device)
+                      force=force, repeats=repeats, worker_module=worker, device=device, capacity_gib=capacity_gib)
     raise typer.Exit(main_guard(run_matrix, matrix, opts))
 
 
 @app.command()
 def report(
-    results: Annotated[list[Path], typer.Argument(help="one or more results folders")],
-    out: Annotated[Optional[Path], typer.Option(help="output folder (default report/<name>)")] = None,
+    results: Annotated[list[Path], typer.Argument(help="one or more results folders (mixed hardware is kept apart)")],
+    out: Annotated[Optional[Path], typer.Option(help="output folder (default report/<name>[+<name>...])")] = None,
+    tokens: Annotated[Optional[str], typer.Option(help="token budget to project the time to train, e.g. 50M")] = None,
+    epochs: Annotated[float, typer.Option(min=0.0, help="epochs over --tokens")] = 1.0,
+    matrix: Annotated[Optional[Path], typer.Option(help="read token_budget from this matrix file")] = None,
+    compare: Annotated[list[str], typer.Option(help="strategy for the head-to-head vs plain 1 GPU (repeatable; default all)")] = [],
+    compare_gpus: Annotated[Optional[int], typer.Option(min=2, help="GPU count of the head-to-head (default 2)")] = None,
+    trace_cell: Annotated[Optional[str], typer.Option(help="cell id whose NVML trace is plotted (default the first ok GPU cell)")] = None,
 ):
-    """Tables (terminal, markdown, CSV) and plots from recorded runs."""
-    from bench.report import write_report
+    """Tables (terminal, markdown, HTML, CSV) and plots from recorded runs."""
+    from bench.matrix import TokenBudget
+    from bench.report import ReportOptions, parse_count, write_report
 
     def _run() -> int:
-        write_report(results, out or Path("report") / results[0].name)
+        try:
+            budget = TokenBudget(tokens=parse_count(tokens), epochs=epochs) if tokens else None
+        except ValueError as e:
+            typer.echo(f"error: --tokens {e}", err=True)
+            return 2
+        options = ReportOptions(budget=budget, compare=compare, compare_gpus=compare_gpus, trace_cell=trace_cell,
+                                matrix=matrix)
+        write_report(results, out or Path("report") / "+".join(r.name for r in results), options=options)
         return 0
 
     try:
@@ -49,6 +65,22 @@ def report(
     except FileNotFoundError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+
+
+@app.command()
+def estimate(
+    matrix: Annotated[str, typer.Argument(help="matrix YAML")],
+    device: Annotated[Optional[str], typer.Option(help="plan for cpu or cuda (default the matrix's; auto means cuda)")] = None,
+    capacity_gib: Annotated[Optional[float], typer.Option(
+        min=0.0, help="memory (GiB) per rank to check against, e.g. 80 for an H100, 141 for an H200")] = None,
+    only: Annotated[list[str], typer.Option(help="only cells with KEY=V1,V2 (repeatable, ANDed)")] = [],
+    exclude: Annotated[list[str], typer.Option(help="skip cells with KEY=V1,V2 (repeatable)")] = [],
+    as_json: Annotated[bool, typer.Option("--json", help="print the predictions as JSON")] = False,
+):
+    """Predict each cell's peak GPU memory per rank (and host memory), launching nothing."""
+    from bench.estimate_table import run_estimate
+
+    raise typer.Exit(main_guard(run_estimate, matrix, device, capacity_gib, only, exclude, as_json))
 
 
 @app.command()

@@ -29,6 +29,7 @@ class Outcome:
     returncode: int | None = None
     stopped_by: str | None = None  # "timeout" | "hang" | "interrupted" | None
     first_step_at: float | None = None
+    stopped_at: float = float("inf")  # when the watchdog or Ctrl-C began stopping the tree
     extra: dict = field(default_factory=dict)
     oom_kills_before: dict[str, int] = field(default_factory=dict)
     oom_kills_after: dict[str, int] = field(default_factory=dict)
@@ -183,27 +184,33 @@ def _dead_rank(rank_dir: Path, world: int) -> int | None:
 # ---------------------------------------------------------------- the verdict
 
 def classify(outcome: Outcome, rank_dir: Path, world: int, limits, log_path: Path) -> tuple[str, CellError | None]:
-    errors = rank_files.read_json_files(rank_dir, "error")
-    reports = rank_files.read_json_files(rank_dir, "rank")
     tail = log_tail(log_path)
     if outcome.stopped_by == "interrupted":
         return "interrupted", CellError(kind="interrupted", message="stopped by Ctrl-C (or SIGTERM to bench)",
                                         log_tail=tail)
-    if outcome.stopped_by in ("timeout", "hang"):
-        return outcome.stopped_by, _watchdog_error(outcome, rank_dir, errors, world, limits, tail)
     log_text = log_path.read_text(errors="replace") if log_path.is_file() else ""
     # NCCL's watchdog aborts a rank that waited too long in a collective (SIGABRT, no Python exception):
     # count those like the gloo timeouts the ranks report themselves.
-    errors += [{"rank": r, "kind": "collective_timeout", "type": "NCCL watchdog", "message": line, "time": 0}
-               for r, line in nccl_watchdog_timeouts(log_text).items()]
-    if ooms := [e for e in errors if e["kind"] == "oom"]:
-        return "oom", _rank_error("oom", min(ooms, key=lambda e: e.get("time", 0)), tail)
+    errors = rank_files.read_json_files(rank_dir, "error") + [
+        {"rank": r, "kind": "collective_timeout", "type": "NCCL watchdog", "message": line, "time": 0}
+        for r, line in nccl_watchdog_timeouts(log_text).items()]
     waiting = {e["rank"] for e in errors if e["kind"] == "collective_timeout"}
     exits = launcher_failures(log_text)
-    if dead := killed_by_signal([e for e in exits if e.rank not in waiting]):
+    if outcome.stopped_by in ("timeout", "hang"):
+        # Signals after the stop were ours; an error a rank wrote before it is the root cause instead.
+        before = [e for e in errors if e["kind"] != "collective_timeout" and e.get("time", 0) < outcome.stopped_at]
+        if not before:
+            return outcome.stopped_by, _watchdog_error(outcome, rank_dir, errors, world, limits, tail)
+        errors, exits = before, []
+    dead = killed_by_signal([e for e in exits if e.rank not in waiting])
+    # A rank's own failure is the root cause even when the others then hung waiting for it.
+    if ooms := [e for e in errors if e["kind"] == "oom"]:
+        return "oom", _rank_error("oom", min(ooms, key=lambda e: e.get("time", 0)), tail)
+    if dead:
         return _signal_death(outcome, dead, tail)
     if errors:
         return _from_error_files(errors, rank_dir, world, limits, tail)
+    reports = rank_files.read_json_files(rank_dir, "rank")
     if outcome.returncode == 0 and len(reports) == world:
         return "ok", None
     rank = exits[0].rank if exits else _dead_rank(rank_dir, world)

@@ -313,9 +313,10 @@ def check_runnable(cell: CellSettings, visible_gpus: int) -> str | None:
     if msg := strategies.check_strategy_name(cell.strategy):
         return msg
     if strategies.is_user_config(cell.strategy):
-        if not Path(cell.strategy).is_file():
-            return f"strategy {cell.strategy!r}: no such file. Fix: give the path of your DeepSpeed JSON or accelerate YAML"
-        return None
+        from bench.user_configs import check_user_config
+
+        if msg := check_user_config(cell):  # missing, unreadable, or an explicit value that disagrees with the cell
+            return msg
     strat = strategies.get(cell.strategy)
     if strat.family == "single" and cell.gpus != 1:
         return "strategy 'single' runs one process: set gpus: 1, or use ddp/zero*/fsdp* for more"
@@ -336,8 +337,11 @@ def check_runnable(cell: CellSettings, visible_gpus: int) -> str | None:
                 f"Fix: select runnable cells with --only gpus=<n,...> or exclude them in the matrix")
     if cell.train.seq_len > models.config_dict(cell.model).get("max_position_embeddings", 1 << 30):
         return f"train.seq_len {cell.train.seq_len} exceeds the model's max_position_embeddings"
-    if cell.data.source != "synthetic" and not cell.data.tokenizer:
-        return "data.source is a file but data.tokenizer is not set. Fix: give a local tokenizer folder"
+    if cell.data.source != "synthetic":
+        from bench.local_data import check_data
+
+        if msg := check_data(cell, models.config_dict(cell.model)["vocab_size"]):
+            return msg
     return None
 
 

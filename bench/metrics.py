@@ -183,14 +183,17 @@ def frame(records: list[RunRecord]) -> pd.DataFrame:
 
 def latest_per_cell(df: pd.DataFrame) -> pd.DataFrame:
     """Several runs of one cell (retries) -> the last one; repeats are averaged by aggregate_repeats."""
-    return df.groupby(["cell_id", "repeat"], sort=False).tail(1)
+    return df.groupby(["machine", "cell_id", "repeat"], sort=False).tail(1)
 
 
 def aggregate_repeats(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell: median figures over ok repeats with their min-max; status ok if any repeat was ok."""
+    """One row per cell and machine: median figures over ok repeats with their min-max; ok if any repeat was.
+
+    A cell id does not name the machine: the same matrix run on two kinds of GPU gives two cells here.
+    """
     df = latest_per_cell(df)
     rows = []
-    for _, group in df.groupby("cell_id", sort=False):
+    for _, group in df.groupby(["machine", "cell_id"], sort=False):
         ok = group[group["status"] == "ok"]
         row = (ok if len(ok) else group).iloc[-1].to_dict()
         row["repeats"] = len(group)

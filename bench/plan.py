@@ -182,9 +182,12 @@ def build_plan(cell: CellSettings, results_dir: Path, limits: Limits, repeat: in
     files: dict[str, str] = {"cell.json": json.dumps(cell.model_dump(mode="json"), indent=2)}
     notes: list[str] = []
     if strategies.is_user_config(cell.strategy):
-        from bench.user_configs import resolve_user_config
+        from bench.user_configs import resolve_with_originals
 
-        accel, ds, notes = resolve_user_config(cell, cell_dir)
+        # The user's files are copied as original_<name> beside the resolved ones.
+        accel, ds, notes, originals = resolve_with_originals(cell, cell_dir)
+        files.update(originals)
+        files["resolution_notes.txt"] = "\n".join(notes) + "\n"
     else:
         strategy = strategies.get(cell.strategy)
         ds = deepspeed_config(strategy, cell) if strategy.family == "deepspeed" else None

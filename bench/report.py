@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table as RichTable
 
 from bench import flops, metrics, plots
@@ -243,9 +244,9 @@ def write_report(results_dirs: list[Path], out_dir: Path, console: Console | Non
 
 
 def print_table(console: Console, title: str, frame: pd.DataFrame) -> None:
-    table = RichTable(title=title, title_justify="left")
+    table = RichTable(title=escape(title), title_justify="left")  # '[cpu]' is text, not rich markup
     for i, column in enumerate(frame.columns):
-        table.add_column(str(column), justify="left" if i == 0 else "right")
+        table.add_column(escape(str(column)), justify="left" if i == 0 else "right")
     for _, row in frame.iterrows():
-        table.add_row(*[str(v) for v in row])
+        table.add_row(*[escape(str(v)) for v in row])
     console.print(table)

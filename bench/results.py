@@ -10,11 +10,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 SCHEMA_VERSION = 1
 RUNS_FILE = "runs.jsonl"
@@ -68,17 +69,31 @@ def runs_path(results_dir: Path) -> Path:
 
 
 def append_record(results_dir: Path, record: RunRecord) -> None:
+    """Append one record as one line: whole, under a lock, flushed and fsynced before returning."""
     path = runs_path(results_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (record.model_dump_json() + "\n").encode()
+    created = not path.exists()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         _end_torn_line(fd, path)
-        os.write(fd, line)
+        view = memoryview(line)
+        while view:  # os.write may write less than asked (a signal, a full disk): finish the line
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    if created:
+        _fsync_dir(path.parent)  # the new file's name must survive a crash too
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
         os.close(fd)
 
 
@@ -93,11 +108,13 @@ def _end_torn_line(fd: int, path: Path) -> None:
 
 
 def load_records(results_dir: Path) -> list[RunRecord]:
+    """Every record, in the order written. A torn line (a writer killed mid-line) is skipped with a
+    warning; a record from a newer schema, or one that does not parse as a record, is an error."""
     path = runs_path(results_dir)
     if not path.is_file():
         return []
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -105,19 +122,42 @@ def load_records(results_dir: Path) -> list[RunRecord]:
         except json.JSONDecodeError:
             warnings.warn(f"{path}:{n}: skipping a torn or corrupt line ({len(line)} bytes)", stacklevel=2)
             continue
-        version = raw.get("schema_version", 0)
-        if version > SCHEMA_VERSION:
+        version = raw.get("schema_version", 0) if isinstance(raw, dict) else 0
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
             raise SchemaError(f"{path}:{n}: written by a newer bench (schema {version}, this one reads "
                               f"up to {SCHEMA_VERSION}). Fix: upgrade bench, or use another results folder")
-        records.append(RunRecord.model_validate(raw))
+        try:
+            records.append(RunRecord.model_validate(raw))
+        except ValidationError as e:
+            raise SchemaError(f"{path}:{n}: not a run record ({e.error_count()} problem(s), first: "
+                              f"{e.errors()[0]['loc']}: {e.errors()[0]['msg']}). Fix: remove that line or "
+                              f"use another results folder") from None
     return records
 
 
+def latest_runs(records: list[RunRecord]) -> list[RunRecord]:
+    """The last record of each (cell, repeat): what a resumed matrix ended with. Earlier ones stay on file."""
+    latest: dict[tuple[str, int], RunRecord] = {}
+    for r in records:
+        latest[(r.cell_id, r.repeat)] = r
+    return list(latest.values())
+
+
 def check_writable(results_dir: Path) -> str | None:
-    results_dir = Path(results_dir)
-    probe = results_dir if results_dir.exists() else next(p for p in results_dir.parents if p.exists())
-    if not os.access(probe, os.W_OK):
-        return f"results folder {results_dir} is not writable. Fix: choose another with --results or fix its permissions"
-    if results_dir.exists() and not results_dir.is_dir():
-        return f"results path {results_dir} is a file, not a folder. Fix: choose another with --results"
+    """Why results cannot be written to this folder, or None. Tries a real write (as root, permission
+    bits say nothing), in the folder or in its nearest existing parent, which must be a folder."""
+    results_dir = Path(results_dir).absolute()
+    fix = "Fix: choose another folder with --results"
+    existing = next(p for p in [results_dir, *results_dir.parents] if p.exists())
+    if not existing.is_dir():
+        what = "is a file" if existing == results_dir else f"is inside {existing}, which is a file"
+        return f"results folder {results_dir} {what}, not a folder. {fix}"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        return f"results folder {results_dir} is not writable ({existing}: {e.strerror}). {fix} or fix its permissions"
+    runs = runs_path(results_dir)
+    if runs.exists() and not (runs.is_file() and os.access(runs, os.W_OK)):
+        return f"{runs} exists but cannot be appended to. {fix}"
     return None

@@ -60,6 +60,7 @@ def _watch(tree: ProcessTree, plan: LaunchPlan, outcome: Outcome) -> None:
         elif beats and now - min(b["time"] for b in beats) > limits.hang_s:  # the slowest rank's last beat
             outcome.stopped_by = "hang"
         if outcome.stopped_by:
+            outcome.stopped_at = now
             tree.stop(TERM_GRACE_S)
             return
 
@@ -98,7 +99,7 @@ def run_plan(plan: LaunchPlan, matrix_name: str, env_fingerprint: dict, sampler=
         try:
             _watch(tree, plan, outcome)
         except KeyboardInterrupt:
-            outcome.stopped_by = "interrupted"
+            outcome.stopped_by, outcome.stopped_at = "interrupted", time.time()
             tree.stop(TERM_GRACE_S)
     # Anything alive now outlived its launcher (torchrun starts each rank in a session of its own): kill, name it.
     leftovers = tree.leftovers()

@@ -41,6 +41,11 @@ def sampler_enabled() -> bool:
     return os.environ.get("BENCH_SAMPLER", "1") not in ("0", "false", "no", "off")
 
 
+def interval_from_env() -> float:
+    """BENCH_SAMPLER_INTERVAL_S overrides the sampling interval (to measure what a faster rate costs)."""
+    return float(os.environ.get("BENCH_SAMPLER_INTERVAL_S", DEFAULT_INTERVAL_S))
+
+
 @dataclass
 class GpuTrace:
     index: int
@@ -93,9 +98,9 @@ class _Reader:
 class NvmlSampler:
     """Samples the cards of a cell of ``gpu_count`` ranks: start() before launch, stop(reports) after."""
 
-    def __init__(self, gpu_count: int, interval_s: float = DEFAULT_INTERVAL_S, lib=None):
+    def __init__(self, gpu_count: int, interval_s: float | None = None, lib=None):
         self.gpu_count = gpu_count
-        self.interval_s = interval_s
+        self.interval_s = interval_s if interval_s is not None else interval_from_env()
         self.lib = lib if lib is not None else gpu_state.nvml()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -124,7 +129,13 @@ class NvmlSampler:
     def start(self) -> None:
         if not self.available:
             return
-        self._open()
+        try:
+            self._open()
+        except Exception as e:  # noqa: BLE001 - a sampler that cannot open must not stop the cell
+            import warnings
+
+            warnings.warn(f"NVML sampler off for this cell: {type(e).__name__}: {e}", stacklevel=2)
+            return
         self.started_at = time.time()
         self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
         self._thread.start()
@@ -259,6 +270,7 @@ def summarise(traces: list[GpuTrace], interval_s: float, started_at: float | Non
     span = (traces[0].t[-1] - traces[0].t[0]) if traces and len(traces[0].t) > 1 else 0.0
     return {
         "interval_s": interval_s,
+        "started_at": started_at,  # time.time() of the trace's t = 0, to place the timed window on it
         "achieved_hz": (n - 1) / span if span > 0 else None,
         "gpu_indices": [tr.index for tr in traces],
         "timed_window": list(window) if window else None,

@@ -4,10 +4,12 @@
 
 The fault is chosen by environment variables, which `accelerate launch` passes on to every rank:
 
-    BENCH_FAULT        oom | stuck | kill | ignore_term | orphan | slow   (unset: no fault, a normal run)
+    BENCH_FAULT        oom | stuck | kill | host_oom | ignore_term | orphan | slow   (unset: a normal run)
     BENCH_FAULT_RANK   the rank that fails (default 1; "all" for every rank)
     BENCH_FAULT_STEP   the training step at which it fails (default 1)
     BENCH_FAULT_SIGNAL the signal name for ``kill`` (default SIGKILL)
+    BENCH_FAULT_CGROUP for ``host_oom``: a memory cgroup (made by the test, with a small limit) to join
+    BENCH_FAULT_SLEEP_S for ``slow``: seconds to sleep (default 5)
 
 Everything else is the real worker: real accelerate, real model, real collectives. The fault replaces
 nothing but one call of ``train_step`` on the chosen rank.
@@ -20,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -48,6 +51,11 @@ def inject(rank: int) -> None:
     if FAULT == "kill":
         os.kill(os.getpid(), getattr(signal, FAULT_SIGNAL))
         time.sleep(5)  # a signal with a handler may take a moment
+    if FAULT == "host_oom":
+        # Join a memory cgroup with a small limit and allocate past it: the kernel's OOM killer SIGKILLs us.
+        Path(os.environ["BENCH_FAULT_CGROUP"], "cgroup.procs").write_text(str(os.getpid()))
+        hog = [bytearray(16 * 2**20) for _ in range(64)]
+        raise RuntimeError(f"host_oom fault: allocated {len(hog) * 16} MiB without being killed")
     if FAULT == "ignore_term":
         # A rank that ignores SIGTERM (a process stuck in the driver): only SIGKILL ends it.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

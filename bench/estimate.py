@@ -1,0 +1,412 @@
+"""Predict a cell's peak GPU memory per rank before launching it, and decide whether to launch at all.
+
+``predict(cell)`` is a pure function of the cell's settings (no torch): model states from
+bench/estimate_states.py (ZeRO accounting, bytes per parameter from the precision policy and the
+optimizer), activations from bench/estimate_activations.py, and the framework's own buffers (DDP
+gradient buckets, DeepSpeed reduce buckets and ZeRO-3 prefetch, FSDP gathered units, autocast weight
+copies, optimizer-step temporaries), times an allocator slack factor. The peak is taken over the two
+moments that can hold it: the start of backward (activations at their largest) and the optimizer step
+(all gradients plus the step's temporaries).
+
+``predicted_oom(prediction)`` is the pre-flight decision: a cell whose requirement exceeds its capacity
+by more than the margin is recorded as ``predicted_oom`` without launching (``bench run --force`` launches
+it anyway). Every record stores its prediction (``prediction_dict``); the schema is versioned.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from bench import strategies
+from bench.estimate_activations import ActivationBytes, activation_bytes, lora_input_width
+from bench.estimate_states import (BytesPerParam, Sharding, StateBytes, bytes_per_frozen_param,
+                                   bytes_per_trainable_param, frozen_states, shard_states)
+from bench.matrix import CellSettings
+from bench.models import ModelShape
+from bench.precision import policy_for
+from bench.strategies import Strategy
+
+GIB = 2**30
+PREDICTION_VERSION = 1
+COMPONENTS = ("params", "grads", "optimizer", "master_weights", "activations", "adapter", "overhead")
+# Sizes the generated DeepSpeed JSON sets (bench/plan.py), in elements.
+DS_REDUCE_BUCKET = 500_000_000
+DS_PREFETCH_BUCKET = 500_000_000
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The constants no formula gives; to be fitted against measured GPU peaks (torch reserved)."""
+
+    allocator_slack: float = 0.07  # torch reserved / allocated (fragmentation of the caching allocator)
+    backward_temp_fraction: float = 0.5  # a recomputed layer's backward temporaries, as a share of its activations
+    cuda_context_gib: float = 0.5  # CUDA context + kernels per process: outside torch reserved
+    nccl_gib: float = 0.5  # NCCL communicator buffers per process (gpus > 1): outside torch reserved
+    host_process_gib: float = 2.5  # host RSS of one rank before any offloaded state (torch, CUDA, libraries)
+    ds_overlap_buffers: int = 2  # ZeRO-1/2 overlap_comm double-buffers its reduce bucket
+
+
+CALIBRATION = Calibration()
+
+
+class Prediction(BaseModel):
+    """Stored in RunRecord.prediction (as a dict). All sizes in GiB, per rank unless named host."""
+
+    version: int = PREDICTION_VERSION
+    peak_reserved_gib: float  # what torch.cuda.max_memory_reserved should read: the sum of components_gib
+    peak_allocated_gib: float  # the same without the allocator slack
+    device_total_gib: float  # reserved + CUDA context + NCCL: what NVML should read
+    peak_phase: str  # "backward" (activations at their largest) or "optimizer step"
+    components_gib: dict[str, float]
+    overhead_detail_gib: dict[str, float]
+    activations_detail_gib: dict[str, float]
+    bytes_per_param: dict[str, Any]
+    host_gib: float  # host memory of all ranks of the cell together (offloaded states + processes)
+    host_per_rank_gib: float
+    capacity_gib: float | None = None
+    capacity_source: str | None = None  # "gpu_memory_gib", "device", "--capacity-gib"
+    required_gib: float | None = None  # what is compared with the capacity
+    fits: bool = True  # required <= capacity (True when the capacity is unknown)
+    margin: float = 0.10
+    predicted_oom: bool = False  # required > capacity * (1 + margin): not launched unless --force
+    calibration: dict[str, float] = {}
+
+
+@dataclass
+class _Parts:
+    """Bytes of one rank at one moment, by component, and the buffers that make up the overhead."""
+
+    components: dict[str, float]
+    buffers: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def allocated(self) -> float:
+        return sum(self.components.values()) + sum(self.buffers.values())
+
+
+# ---------------------------------------------------------------- strategy -> what is sharded
+
+def describe_strategy(cell: CellSettings) -> Strategy | None:
+    """The catalogue entry, or what a user's config file amounts to; None if it cannot be told."""
+    try:
+        return strategies.get(cell.strategy)
+    except Exception:  # noqa: BLE001 - a user config we cannot read is estimated as unknown, never fatal
+        return None
+
+
+def sharding_for(strategy: Strategy) -> Sharding:
+    if strategy.family == "deepspeed":
+        return Sharding.zero(strategy.zero_stage or 0, strategy.offload_optimizer, strategy.offload_params)
+    if strategy.family == "fsdp2" or (strategy.family == "fsdp" and strategy.fsdp_sharding != "NO_SHARD"):
+        # FSDP shards parameters at rest even under SHARD_GRAD_OP; the optimizer then runs where they live.
+        offload = strategy.offload_params
+        return Sharding(weights=True, grads=True, optimizer=True, optimizer_on_host=offload, weights_on_host=offload)
+    return Sharding()
+
+
+def _is_half(cell: CellSettings) -> bool:
+    return cell.train.precision in ("bf16", "fp16")
+
+
+def compute_bytes(cell: CellSettings) -> int:
+    return 2 if _is_half(cell) else 4
+
+
+def residual_bytes(cell: CellSettings, strategy: Strategy) -> int:
+    """The residual stream follows the weights' dtype: fp32 under autocast unless FSDP casts the params."""
+    if strategy.family in ("fsdp", "fsdp2"):
+        return compute_bytes(cell)
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[policy_for(cell).weight_dtype]
+
+
+# ---------------------------------------------------------------- model states
+
+@dataclass(frozen=True)
+class ModelStates:
+    base: StateBytes
+    adapter: StateBytes
+    trainable: int  # trained parameters (all, or the adapter's)
+    base_bpp: BytesPerParam | None  # None for a frozen base
+    adapter_bpp: BytesPerParam | None
+    frozen_bpp: float | None
+
+
+def model_states(cell: CellSettings, shape: ModelShape, strategy: Strategy) -> ModelStates:
+    sharding = sharding_for(strategy)
+    n, t = cell.gpus, cell.train
+    bpp = bytes_per_trainable_param(policy_for(cell).name, strategy.family == "deepspeed", t.optimizer, t.precision)
+    if cell.adapter.type == "none":
+        return ModelStates(shard_states(shape.params, bpp, sharding, n), StateBytes(0, 0, 0, 0, 0),
+                           shape.params, bpp, None, None)
+    adapter_count = shape.lora_params(cell.adapter.r, cell.adapter.target)
+    frozen_bpp = bytes_per_frozen_param(cell.adapter.type, t.precision)
+    quantized = shape.layers * shape.linear_params_per_layer if cell.adapter.type == "qlora" else 0
+    kept_dtype = bytes_per_frozen_param("lora", t.precision)  # QLoRA keeps embeddings, head and norms in bf16
+    a = frozen_states(quantized, frozen_bpp, sharding, n)
+    b = frozen_states(shape.params - quantized, kept_dtype, sharding, n)
+    base = StateBytes(a.weights + b.weights, 0, 0, 0, a.host + b.host)
+    return ModelStates(base, shard_states(adapter_count, bpp, sharding, n), adapter_count, None, bpp, frozen_bpp)
+
+
+def bytes_per_param_summary(states: ModelStates, strategy: Strategy, ranks: int) -> dict[str, Any]:
+    sharding = sharding_for(strategy)
+    trained = states.base_bpp or states.adapter_bpp
+    out: dict[str, Any] = {"weights": trained.weights, "grads": trained.grads, "master_weights": trained.master,
+                           "optimizer": trained.optimizer, "total": trained.total, "ranks": ranks,
+                           "per_rank": _per_rank_formula(trained, sharding, ranks),
+                           "applies_to": "adapter" if states.adapter_bpp else "all parameters"}
+    if states.frozen_bpp is not None:
+        out["frozen_base"] = round(states.frozen_bpp, 4)
+    return out
+
+
+def _per_rank_formula(bpp: BytesPerParam, sharding: Sharding, ranks: int) -> str:
+    """E.g. "2 + 2 + 12/2" for ZeRO-1 bf16 on 2 ranks: the ZeRO paper's notation, computed."""
+    kept, split = 0.0, 0.0
+    for size, sharded in ((bpp.weights, sharding.weights), (bpp.grads, sharding.grads),
+                          (bpp.master + bpp.optimizer, sharding.optimizer)):
+        if sharded and ranks > 1:
+            split += size
+        else:
+            kept += size
+    parts = ([f"{kept:.3g}"] if kept else []) + ([f"{split:.3g}/{ranks}"] if split else [])
+    return " + ".join(parts) or "0"
+
+
+# ---------------------------------------------------------------- activations and buffers
+
+def activations_for(cell: CellSettings, shape: ModelShape, strategy: Strategy, calib: Calibration) -> ActivationBytes:
+    dropout_width = rank_width = 0
+    if cell.adapter.type != "none":
+        width = lora_input_width(shape, cell.adapter.target)
+        targets = 7 if cell.adapter.target == "all-linear" else len(cell.adapter.target)
+        dropout_width = width if cell.adapter.dropout > 0 else 0
+        rank_width = targets * cell.adapter.r
+    return activation_bytes(shape, cell.train.seq_len, cell.train.micro_batch, compute_bytes(cell),
+                            residual_bytes(cell, strategy), cell.train.grad_checkpointing,
+                            calib.backward_temp_fraction, dropout_width, rank_width)
+
+
+def _unit_params(shape: ModelShape) -> tuple[int, int]:
+    """(one decoder layer, the root unit: embeddings + head + final norm), in parameters."""
+    layer = shape.linear_params_per_layer + shape.norm_params_per_layer
+    return layer, shape.embedding_params + shape.lm_head_params + shape.hidden
+
+
+def _gathered_weight_bytes(cell: CellSettings, states: ModelStates) -> float:
+    """Bytes per parameter of a gathered (unsharded) weight: the compute dtype, or NF4 for QLoRA's base."""
+    if states.frozen_bpp is not None and cell.adapter.type == "qlora":
+        return states.frozen_bpp
+    return compute_bytes(cell)
+
+
+def backward_buffers(cell: CellSettings, shape: ModelShape, strategy: Strategy, states: ModelStates,
+                     calib: Calibration) -> dict[str, float]:
+    """Framework buffers alive at the start of backward, by name (bytes, one rank)."""
+    out: dict[str, float] = {}
+    policy = policy_for(cell)
+    trained_bpp = states.base_bpp or states.adapter_bpp
+    grad_bytes = trained_bpp.grads
+    layer, root = _unit_params(shape)
+    if policy.name == "autocast" and strategy.family in ("single", "ddp"):
+        # autocast caches a bf16 copy of every fp32 weight it casts; linears save it for backward.
+        out["autocast_weight_copies"] = compute_bytes(cell) * shape.layers * shape.linear_params_per_layer
+    if strategy.family == "ddp" and cell.gpus > 1:
+        # gradient_as_bucket_view=False (the default): the buckets are a second copy of the gradients.
+        out["ddp_buckets"] = grad_bytes * states.trainable
+    if strategy.family == "deepspeed":
+        stage = strategy.zero_stage or 0
+        buffers = 1 if stage == 3 else calib.ds_overlap_buffers
+        out["zero_reduce_buckets"] = buffers * DS_REDUCE_BUCKET * grad_bytes  # allocated whole, whatever the model size
+        if stage == 3:
+            w = _gathered_weight_bytes(cell, states)
+            out["zero3_gathered_params"] = w * min(shape.params, DS_PREFETCH_BUCKET + max(layer, root // 2))
+    if strategy.family in ("fsdp", "fsdp2") and (strategy.shards_params or strategy.fsdp_sharding == "SHARD_GRAD_OP"):
+        w = _gathered_weight_bytes(cell, states)
+        resharded = strategy.reshard_after_forward is not False and strategy.fsdp_sharding != "SHARD_GRAD_OP"
+        # Resharding units hold the root (not resharded) plus the current and the prefetched layer.
+        gathered = (root + 2 * layer) if resharded else shape.params
+        out["fsdp_gathered_params"] = w * min(shape.params, gathered)
+        if states.base_bpp is not None:
+            out["fsdp_unsharded_grads"] = compute_bytes(cell) * (layer + shape.lm_head_params)
+    if strategy.family == "fsdp" and strategy.fsdp_sharding == "NO_SHARD" and _is_half(cell):
+        out["fsdp_low_precision_params"] = compute_bytes(cell) * shape.params
+    return out
+
+
+def step_buffers(cell: CellSettings, strategy: Strategy, states: ModelStates) -> dict[str, float]:
+    """Temporaries of the optimizer step (bytes, one rank)."""
+    out: dict[str, float] = {}
+    sharding = sharding_for(strategy)
+    local = states.trainable / cell.gpus if sharding.optimizer else states.trainable
+    if sharding.optimizer_on_host:
+        return out
+    if strategy.family == "deepspeed":
+        out["zero_fp32_grad_partition"] = 4 * local  # the 16-bit gradient partition upcast for the step
+    if cell.train.optimizer == "adamw_torch":
+        out["adam_foreach_temp"] = 4 * local  # foreach AdamW materialises sqrt(v) for all tensors at once
+    if strategy.family == "ddp" and cell.gpus > 1:
+        trained_bpp = states.base_bpp or states.adapter_bpp
+        out["ddp_buckets"] = trained_bpp.grads * states.trainable
+    return out
+
+
+# ---------------------------------------------------------------- the peak
+
+def _state_components(states: ModelStates, grads: float, activations: float) -> dict[str, float]:
+    a = states.adapter
+    return {"params": states.base.weights, "grads": grads, "optimizer": states.base.optimizer,
+            "master_weights": states.base.master, "activations": activations,
+            "adapter": a.weights + a.grads + a.master + a.optimizer}
+
+
+def peak_moments(cell: CellSettings, shape: ModelShape, strategy: Strategy, states: ModelStates,
+                 acts: ActivationBytes, calib: Calibration) -> dict[str, _Parts]:
+    """Bytes at the start of backward and at the optimizer step; the larger is the peak."""
+    grads = states.base.grads
+    if cell.train.grad_accum > 1:
+        grads_at_backward = grads  # the previous micro-batches' gradients are still held
+    else:
+        # zero_grad(set_to_none=True): only the head's gradient exists when the logits peak.
+        share = shape.lm_head_params / shape.params if shape.params else 0
+        grads_at_backward = grads * share
+    return {
+        "backward": _Parts(_state_components(states, grads_at_backward, acts.at_backward_start),
+                           backward_buffers(cell, shape, strategy, states, calib)),
+        "optimizer step": _Parts(_state_components(states, grads, acts.logits_kept),
+                                 step_buffers(cell, strategy, states)),
+    }
+
+
+def predict(cell: CellSettings, calib: Calibration = CALIBRATION, margin: float = 0.10,
+            capacity_gib: float | None = None, capacity_source: str | None = None) -> Prediction | None:
+    """Peak memory per rank of ``cell``; None when its strategy cannot be described (an unreadable user config)."""
+    strategy = describe_strategy(cell)
+    if strategy is None:
+        return None
+    shape = ModelShape.of(cell.model)
+    states = model_states(cell, shape, strategy)
+    acts = activations_for(cell, shape, strategy, calib)
+    moments = peak_moments(cell, shape, strategy, states, acts, calib)
+    phase, parts = max(moments.items(), key=lambda kv: kv[1].allocated)
+    allocated = parts.allocated
+    slack = allocated * calib.allocator_slack
+    components = {**parts.components, "overhead": sum(parts.buffers.values()) + slack}
+    reserved = allocated + slack
+    outside = 0.0
+    if cell.device == "cuda":
+        outside = calib.cuda_context_gib * GIB + (calib.nccl_gib * GIB if cell.gpus > 1 else 0)
+    host_rank = states.base.host + states.adapter.host + calib.host_process_gib * GIB
+    if cell.device == "cpu":
+        host_rank += reserved  # on CPU the "device" memory is host memory
+    pred = Prediction(
+        peak_reserved_gib=reserved / GIB, peak_allocated_gib=allocated / GIB,
+        device_total_gib=(reserved + outside) / GIB, peak_phase=phase,
+        components_gib={k: components[k] / GIB for k in COMPONENTS},
+        overhead_detail_gib={**{k: v / GIB for k, v in parts.buffers.items()}, "allocator_slack": slack / GIB},
+        activations_detail_gib={k: v / GIB for k, v in acts.as_dict().items()},
+        bytes_per_param=bytes_per_param_summary(states, strategy, cell.gpus),
+        host_gib=cell.gpus * host_rank / GIB, host_per_rank_gib=host_rank / GIB,
+        margin=margin, calibration=asdict(calib),
+    )
+    return with_capacity(pred, capacity_gib, capacity_source)
+
+
+# ---------------------------------------------------------------- capacity and the pre-flight decision
+
+def with_capacity(pred: Prediction, capacity_gib: float | None, source: str | None) -> Prediction:
+    """Fill in the fit fields. A memory cap limits torch's allocator only, so it is compared with the
+    reserved peak; a whole device (or an explicit capacity) with everything the process holds on it."""
+    if capacity_gib is None:
+        return pred.model_copy(update={"capacity_gib": None, "capacity_source": None, "required_gib": None,
+                                       "fits": True, "predicted_oom": False})
+    required = pred.peak_reserved_gib if source == "gpu_memory_gib" else pred.device_total_gib
+    return pred.model_copy(update={
+        "capacity_gib": capacity_gib, "capacity_source": source, "required_gib": required,
+        "fits": required <= capacity_gib, "predicted_oom": predicted_oom(required, capacity_gib, pred.margin)})
+
+
+def predicted_oom(required_gib: float, capacity_gib: float | None, margin: float) -> bool:
+    """Skip only a clear miss: the requirement exceeds the capacity by more than the margin."""
+    return capacity_gib is not None and required_gib > capacity_gib * (1 + margin)
+
+
+def capacity_for(cell: CellSettings, override_gib: float | None = None) -> tuple[float | None, str | None]:
+    """(GiB, source) a cell must fit: an explicit capacity, its memory cap, or its GPU; unknown on CPU."""
+    if override_gib is not None:
+        return override_gib, "--capacity-gib"
+    if cell.gpu_memory_gib:
+        return cell.gpu_memory_gib, "gpu_memory_gib"
+    if cell.device == "cuda":
+        total = _device_total_bytes(cell.gpus)
+        if total:
+            return total / GIB, "device"
+    return None, None
+
+
+def _device_total_bytes(gpus: int) -> int | None:
+    """The smallest total memory of the cell's cards, read through NVML: asking torch would create a
+    CUDA context in the parent process, memory that the cell's own ranks would then not have."""
+    from bench.gpu_state import nvml, nvml_handle_for_cuda_index
+
+    lib = nvml()
+    if lib is None:
+        return None
+    try:
+        return min(lib.nvmlDeviceGetMemoryInfo(nvml_handle_for_cuda_index(i)).total for i in range(gpus))
+    except Exception:  # noqa: BLE001 - fewer visible cards or no NVML: the capacity stays unknown
+        return None
+
+
+def predict_for_run(cell: CellSettings, margin: float, capacity_override_gib: float | None = None,
+                    calib: Calibration = CALIBRATION) -> Prediction | None:
+    capacity, source = capacity_for(cell, capacity_override_gib)
+    return predict(cell, calib, margin, capacity, source)
+
+
+def prediction_dict(pred: Prediction | None) -> dict[str, Any] | None:
+    """The form stored in RunRecord.prediction (floats rounded to a kilobyte-ish precision)."""
+    if pred is None:
+        return None
+    return _rounded(pred.model_dump(mode="json"))
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return value
+
+
+def oom_message(pred: Prediction) -> str:
+    return (f"predicted {pred.required_gib:.2f} GiB per rank ({pred.peak_phase} peak) against "
+            f"{pred.capacity_gib:.2f} GiB ({pred.capacity_source}), over by more than the margin "
+            f"{pred.margin:.0%}; not launched. Use --force to launch it anyway")
+
+
+def preflight(plan, matrix_name: str, fingerprint: dict, margin: float, force: bool,
+              capacity_override_gib: float | None, strategy_info: dict):
+    """(prediction dict for the record, a predicted_oom RunRecord when the cell must not launch, else None)."""
+    from bench.results import CellError, RunRecord
+
+    try:
+        pred = predict_for_run(plan.cell, margin, capacity_override_gib)
+    except Exception as exc:  # noqa: BLE001 - an estimator bug must never stop a benchmark: launch unpredicted
+        import warnings
+
+        warnings.warn(f"no memory prediction for {plan.cell.label}: {exc!r}", stacklevel=2)
+        pred = None
+    stored = prediction_dict(pred)
+    if pred is None or not pred.predicted_oom or force:
+        return stored, None
+    record = RunRecord(
+        matrix=matrix_name, cell_id=plan.cell.cell_id, label=plan.cell.label, repeat=plan.repeat,
+        settings=plan.cell.model_dump(mode="json"), strategy_info=strategy_info, status="predicted_oom",
+        error=CellError(kind="predicted_oom", message=oom_message(pred)), env=fingerprint, prediction=stored,
+        started_at=time.time(), wall_s=0.0, cell_dir=str(plan.cell_dir), command=plan.shell_command())
+    return stored, record

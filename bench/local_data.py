@@ -1,0 +1,140 @@
+"""Batches from a local data set: JSON lines, parquet or a saved `datasets` folder, with a local tokenizer.
+
+Synthetic tokens stay the default (see data.py). Real text matters when padding does: a padded batch
+costs the GPU all of its tokens but trains on only the real ones, so every batch carries
+``real_tokens`` beside its shape. Three ways to fill a (micro_batch, seq_len) batch:
+
+- ``longest``: pad each batch to its longest record (truncated at seq_len);
+- ``max_length``: pad every record to seq_len;
+- ``pack``: concatenate records (EOS between them) and cut seq_len chunks: no padding at all.
+
+Each rank reads its own shard (``Dataset.shard``) and starts again when it runs out.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from bench.matrix import CellSettings
+
+IGNORE_INDEX = -100  # labels the loss skips (transformers' convention)
+_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+# ---------------------------------------------------------------- checks before launch
+
+def check_data(cell: CellSettings, vocab_size: int) -> str | None:
+    """Why the cell's data settings cannot work (missing files, wrong field, tokenizer too big), or None."""
+    d = cell.data
+    src = Path(d.source)
+    if not src.exists():
+        return f"data.source {d.source!r}: no such file or folder. Fix: give a local .jsonl/.json/.parquet file, a saved dataset folder, or 'synthetic'"
+    if src.is_file() and src.suffix not in _SUFFIXES:
+        return f"data.source {d.source!r}: unknown format {src.suffix!r}. Fix: use JSON lines (.jsonl), parquet (.parquet) or a folder saved with Dataset.save_to_disk"
+    if not d.tokenizer:
+        return "data.source is a file but data.tokenizer is not set. Fix: give a local tokenizer folder"
+    tok_file = Path(d.tokenizer) / "tokenizer.json"
+    if not tok_file.is_file():
+        return f"data.tokenizer {d.tokenizer!r}: no tokenizer.json there. Fix: give a folder saved with tokenizer.save_pretrained"
+    from tokenizers import Tokenizer
+
+    size = Tokenizer.from_file(str(tok_file)).get_vocab_size(with_added_tokens=True)
+    if size > vocab_size:
+        return (f"data.tokenizer {d.tokenizer!r}: {size} tokens but the model's vocab_size is {vocab_size}. "
+                "Fix: use the model's own tokenizer or a smaller one")
+    try:
+        columns = load_records(cell).column_names
+    except Exception as e:  # noqa: BLE001 - any reader error is bad input, reported with its cause
+        return f"data.source {d.source!r}: cannot be read ({type(e).__name__}: {e}). Fix: check the file's format"
+    if d.text_field not in columns:
+        return f"data.text_field {d.text_field!r}: not a column of {d.source!r} (columns: {columns}). Fix: name the text column"
+    return None
+
+
+# ---------------------------------------------------------------- reading
+
+def load_records(cell: CellSettings):
+    """The data set as one `datasets.Dataset` (the 'train' split of a saved DatasetDict)."""
+    import datasets
+
+    src = Path(cell.data.source)
+    if src.is_dir():
+        ds = datasets.load_from_disk(str(src))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+        return ds
+    return datasets.load_dataset(_SUFFIXES[src.suffix], data_files=str(src), split="train")
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _token_lists(cell: CellSettings, rank: int, tokenizer) -> Iterator[list[int]]:
+    """This rank's records as token id lists, forever (a new pass when the shard runs out)."""
+    _, world = _world()
+    shard = load_records(cell).shard(num_shards=world, index=rank, contiguous=True)
+    if len(shard) == 0:
+        raise ValueError(f"data.source {cell.data.source!r}: rank {rank} got no records ({world} ranks); "
+                         "give at least one record per rank")
+    texts = shard[cell.data.text_field]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if not any(ids):
+        raise ValueError(f"data.source {cell.data.source!r}: rank {rank}'s records hold no tokens")
+    return itertools.cycle([x for x in ids if x])
+
+
+# ---------------------------------------------------------------- batching
+
+def _padded(rows: list[list[int]], length: int, pad_id: int) -> dict:
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, :len(row)] = 1
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "real_tokens": int(mask.sum())}
+
+
+def _padded_batches(cell: CellSettings, docs: Iterator[list[int]], pad_id: int) -> Iterator[dict]:
+    t = cell.train
+    while True:
+        rows = [next(docs)[:t.seq_len] for _ in range(t.micro_batch)]
+        length = t.seq_len if cell.data.padding == "max_length" else max(map(len, rows))
+        yield _padded(rows, length, pad_id)
+
+
+def _packed_batches(cell: CellSettings, docs: Iterator[list[int]], eos_id: int | None) -> Iterator[dict]:
+    t = cell.train
+    need = t.micro_batch * t.seq_len
+    buffer: list[int] = []
+    while True:
+        while len(buffer) < need:
+            buffer += next(docs) + ([eos_id] if eos_id is not None else [])
+        ids = torch.tensor(buffer[:need], dtype=torch.long).view(t.micro_batch, t.seq_len)
+        buffer = buffer[need:]
+        yield {"input_ids": ids, "labels": ids.clone(), "real_tokens": ids.numel()}
+
+
+def local_batches(cell: CellSettings, rank: int, device: torch.device) -> Iterator[dict]:
+    """Batches of (micro_batch, seq_len) at most from this rank's shard, on ``device``."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cell.data.tokenizer)
+    docs = _token_lists(cell, rank, tokenizer)
+    if cell.data.padding == "pack":
+        batches = _packed_batches(cell, docs, tokenizer.eos_token_id)
+    else:
+        # A tokenizer without a pad token pads with EOS (or 0): the label mask, not the id, hides padding.
+        pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+        batches = _padded_batches(cell, docs, pad_id)
+    for batch in batches:
+        yield {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}

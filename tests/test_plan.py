@@ -1,0 +1,111 @@
+"""The generated accelerate YAML and DeepSpeed JSON, read back by accelerate 1.15's own launcher code.
+
+No GPU needed: accelerate's launch parser turns the YAML into the FSDP_* environment the ranks see, and
+its FullyShardedDataParallelPlugin is built from that environment exactly as in a rank.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench import strategies
+from bench.matrix import CellSettings, Limits, expand, load_matrix
+from bench.plan import build_plan, write_plan_files
+from bench.precision import policy_for
+
+REPO = Path(__file__).resolve().parent.parent
+FSDP1 = ["fsdp_full_shard", "fsdp_shard_grad_op", "fsdp_hybrid_shard", "fsdp_no_shard"]
+FSDP2 = ["fsdp2", "fsdp2_no_reshard"]
+V1_ONLY_KEYS = {"fsdp_sharding_strategy", "fsdp_backward_prefetch", "fsdp_use_orig_params",
+                "fsdp_sync_module_states", "fsdp_forward_prefetch"}
+
+
+def plan_for(tmp_path: Path, strategy: str, **kw):
+    cell = CellSettings(strategy=strategy, gpus=kw.pop("gpus", 2), device="cuda", model="tiny-llama", **kw)
+    plan = build_plan(cell, tmp_path, Limits())
+    write_plan_files(plan)
+    return plan
+
+
+def launcher_plugin(plan, monkeypatch):
+    """The FSDP plugin a rank builds from the environment accelerate's launcher derives from our YAML."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(plan.argv[plan.argv.index("--config_file"):])
+    args, _, _ = _validate_launch_command(args)
+    for key, value in prepare_multi_gpu_env(args).items():
+        if key.startswith("FSDP_") or key == "ACCELERATE_USE_FSDP":
+            monkeypatch.setenv(key, value)
+    return FullyShardedDataParallelPlugin()
+
+
+@pytest.mark.parametrize("name", FSDP1)
+def test_fsdp1_yaml_gives_the_sharding_strategy(tmp_path, monkeypatch, name):
+    plan = plan_for(tmp_path, name)
+    fsdp = yaml.safe_load(plan.files["accelerate.yaml"])["fsdp_config"]
+    assert fsdp["fsdp_version"] == 1 and fsdp["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+    plugin = launcher_plugin(plan, monkeypatch)
+    assert plugin.fsdp_version == 1
+    assert plugin.sharding_strategy.name == strategies.get(name).fsdp_sharding
+    assert plugin.use_orig_params is True  # frozen and trainable parameters side by side (LoRA)
+
+
+@pytest.mark.parametrize("name,reshard", [("fsdp2", True), ("fsdp2_no_reshard", False)])
+def test_fsdp2_yaml_has_no_v1_keys_and_a_bool_reshard(tmp_path, monkeypatch, name, reshard):
+    plan = plan_for(tmp_path, name)
+    fsdp = yaml.safe_load(plan.files["accelerate.yaml"])["fsdp_config"]
+    assert fsdp["fsdp_version"] == 2 and not (V1_ONLY_KEYS & set(fsdp))
+    assert fsdp["fsdp_reshard_after_forward"] is reshard
+    plugin = launcher_plugin(plan, monkeypatch)
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is reshard
+    assert plugin.forward_prefetch is None and plugin.use_orig_params is None
+
+
+@pytest.mark.parametrize("name,stage", [("zero1", 1), ("zero2", 2), ("zero3", 3)])
+def test_deepspeed_json(tmp_path, name, stage):
+    plan = plan_for(tmp_path, name, train={"optimizer": "adamw_bnb_8bit"})
+    ds = json.loads(plan.files["deepspeed.json"])
+    accel = yaml.safe_load(plan.files["accelerate.yaml"])
+    assert ds["zero_optimization"]["stage"] == stage and ds["zero_optimization"]["overlap_comm"] is True
+    assert ds["bf16"]["enabled"] is True and "mixed_precision" not in accel
+    assert ds["zero_allow_untested_optimizer"] is True  # bnb's AdamW8bit is not on DeepSpeed's list
+    assert accel["deepspeed_config"]["zero3_init_flag"] is (stage == 3)
+
+
+def test_every_gpu_cell_has_gpu_ids_and_the_parent_env_is_kept(tmp_path):
+    plan = plan_for(tmp_path, "ddp")
+    assert yaml.safe_load(plan.files["accelerate.yaml"])["gpu_ids"] == "all"
+    assert "CUDA_VISIBLE_DEVICES" not in plan.env  # the machine's own setting (and NCCL_*) pass through
+
+
+@pytest.mark.parametrize("strategy,adapter,want", [
+    ("ddp", "none", "autocast"), ("fsdp_full_shard", "none", "fsdp-mixed"), ("fsdp2", "none", "fsdp-mixed"),
+    ("zero3", "none", "pure"), ("fsdp_full_shard", "lora", "frozen-base"), ("ddp", "lora", "frozen-base"),
+])
+def test_precision_policy_is_stated(strategy, adapter, want):
+    cell = CellSettings(strategy=strategy, gpus=2, device="cuda", adapter={"type": adapter})
+    assert policy_for(cell).name == want
+
+
+@pytest.mark.parametrize("path,count", [("matrices/llama8b.yaml", 11), ("matrices/llama-full.yaml", 42)])
+def test_shipped_gpu_matrices_expand_on_cuda(path, count):
+    matrix = load_matrix(REPO / path)
+    cells = expand(matrix, source=path, device="cuda")
+    assert len(cells) == count and all(c.device == "cuda" for c in cells)
+    from bench.matrix import check_runnable
+
+    assert [check_runnable(c, visible_gpus=4) for c in cells] == [None] * count
+
+
+def test_llama8b_matrix_is_the_issue_setting():
+    cell = expand(load_matrix(REPO / "matrices/llama8b.yaml"), device="cuda")[0]
+    a, t = cell.adapter, cell.train
+    assert (cell.model, a.type, a.r, a.alpha, a.dropout, a.target) == ("llama-3.1-8b", "lora", 32, 16, 0.05, "all-linear")
+    assert (t.seq_len, t.micro_batch, t.precision, t.optimizer, t.grad_checkpointing) == (
+        2048, 4, "bf16", "adamw_bnb_8bit", True)

@@ -1,0 +1,181 @@
+"""Reports rendered from records of real CPU runs (the session's `cpu_results`).
+
+Failed cells are made cheaply by copying a real record and setting its status (oom with an error,
+predicted_oom with no ranks). GPU-side paths (NVML energy and traces, torch CUDA peaks, MFU, predictions)
+use real CPU records dressed as H100 runs by ``test_metrics.as_gpu_record``; real GPU records come later.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench import report, report_tables
+from bench.matrix import CellSettings, TokenBudget
+from bench.results import CellError, RunRecord, append_record, load_records
+from conftest import bench
+from test_metrics import as_gpu_record, by_label
+
+
+def failed_copy(record: RunRecord, status: str, strategy: str | None = None, message: str = "") -> RunRecord:
+    r = copy.deepcopy(record)
+    if strategy:
+        r.settings = {**r.settings, "strategy": strategy}
+        r.cell_id = CellSettings.model_validate(r.settings).cell_id
+        r.label = r.label.replace(record.settings["strategy"], strategy)
+    r.status, r.ranks = status, []
+    r.error = CellError(kind=status, rank=1, message=message or f"{status} on rank 1")
+    return r
+
+
+def write_folder(folder: Path, records: list[RunRecord]) -> Path:
+    for r in records:
+        append_record(folder, r)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cpu(cpu_results) -> dict[str, RunRecord]:
+    return by_label(load_records(cpu_results))
+
+
+@pytest.fixture(scope="module")
+def mixed(cpu, tmp_path_factory) -> Path:
+    """CPU cells (one of them an oom copy) and an H100 group: ddp/zero3 at 1 and 2, zero3 x2 oom,
+    zero1 x2 predicted_oom; predictions on some GPU cells."""
+    ddp1, ddp2 = cpu["tiny-llama full ddp x1proc"], cpu["tiny-llama full ddp x2proc"]
+    z31, z32 = cpu["tiny-llama full zero3 x1proc"], cpu["tiny-llama full zero3 x2proc"]
+    cpu_oom = failed_copy(z32, "oom", strategy="zero2", message="RuntimeError: out of memory")
+    g_ddp1, g_ddp2, g_z31 = (as_gpu_record(r, reserved_gib=g) for r, g in ((ddp1, 10.0), (ddp2, 10.0), (z31, 8.0)))
+    g_ddp1.prediction = {"peak_reserved_gib": 11.0, "capacity_gib": 80.0, "fits": True, "components_gib": {}}
+    g_ddp2.prediction = {"peak_reserved_gib": 9.0, "capacity_gib": 80.0, "fits": True, "components_gib": {}}
+    g_z32 = failed_copy(as_gpu_record(z32), "oom", message="torch.OutOfMemoryError: CUDA out of memory")
+    g_z12 = failed_copy(as_gpu_record(z32), "predicted_oom", strategy="zero1")
+    g_z12.prediction = {"peak_reserved_gib": 95.0, "capacity_gib": 80.0, "fits": False, "components_gib": {}}
+    folder = tmp_path_factory.mktemp("mixed") / "results"
+    return write_folder(folder, [ddp1, ddp2, z31, z32, cpu_oom, g_ddp1, g_ddp2, g_z31, g_z32, g_z12])
+
+
+def csv_tables(out: Path) -> dict[str, pd.DataFrame]:
+    return {p.stem: pd.read_csv(p, dtype=str, keep_default_na=False) for p in out.glob("*.csv") if p.stem != "cells"}
+
+
+def assert_self_contained(out: Path) -> None:
+    html = (out / "index.html").read_text()
+    srcs = re.findall(r'<img[^>]*src="([^"]*)"', html)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    md = (out / "index.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(links) == len(srcs)  # every plot in both documents
+    for link in links:  # relative PNG paths that exist next to index.md
+        assert not link.startswith(("/", "http")) and link.endswith(".png") and (out / link).is_file()
+    assert "nan" not in md.lower().replace("nanogpt", "")
+
+
+def test_cli_report_from_real_cpu_runs(cpu_results, tmp_path):
+    out = tmp_path / "rep"
+    proc = bench("report", str(cpu_results), "--out", str(out), "--tokens", "50M", "--epochs", "4", check=True)
+    for name in ("Scaling", "Head-to-head", "zero3", "->", "200M"):
+        assert name in proc.stdout  # the main tables in the terminal
+    assert_self_contained(out)
+    assert {"scaling_1.png", "memory_1.png", "tradeoff_1.png"} <= {p.name for p in out.glob("*.png")}
+    tables = csv_tables(out)
+    scaling = tables["scaling_1"].set_index("strategy")
+    assert list(scaling.index) == ["ddp", "zero3"]
+    assert re.fullmatch(r"[\d,]+ ±\d+%", scaling.loc["zero3", "2 proc: tok/s/proc"])
+    assert re.fullmatch(r"\d+\.\d\dx \(\d+%\)", scaling.loc["zero3", "2 proc: vs ddp@1"])
+    assert scaling.loc["ddp", "1 proc: vs ddp@1"] == "1.00x (100%)"
+    h2h = tables["head_to_head_1"]
+    assert h2h["plain -> this"].iloc[0] == "(the baseline)"
+    assert all(re.fullmatch(r".+ -> .+", v) for v in h2h["plain -> this"].iloc[1:])
+    assert (tables["energy_1"]["J per token"] == "n/a (no NVML)").all()
+    assert tables["efficiency_1"]["MFU"].str.startswith("n/a (CPU").all()
+    md = (out / "index.md").read_text()
+    assert "Predicted vs measured" not in md and "NVML trace" not in md  # no predictions, no NVML on CPU
+    assert re.search(r"^\|[-:| ]+\|$", md, flags=re.M)  # standard pipe tables
+
+
+def test_failed_cells_show_status_never_blank(mixed, tmp_path):
+    out = report.write_report([mixed], tmp_path / "rep", options=report.ReportOptions(compare_gpus=2))
+    assert_self_contained(out)
+    tables = csv_tables(out)
+    for name, table in tables.items():
+        if name == "all_cells":
+            continue
+        assert not (table == "").any().any(), f"{name} has a blank cell"
+    titles = (out / "index.md").read_text()
+    assert "on cpu" in titles and f"on {as_gpu_record.__defaults__[0]}" in titles  # machines kept apart
+    scalings = [t.set_index("strategy") for n, t in sorted(tables.items()) if n.startswith("scaling_")]
+    assert len(scalings) == 2
+    cpu_table, gpu_table = scalings
+    assert cpu_table.loc["zero2", "2 proc: tok/s/proc"] == "oom"
+    assert cpu_table.loc["zero2", "1 proc: tok/s/proc"] == report_tables.NOT_IN_MATRIX
+    assert gpu_table.loc["zero3", "2 GPU: tok/s/GPU"] == "oom"
+    assert gpu_table.loc["zero3", "2 GPU: vs same strategy@1"] == "oom"
+    assert gpu_table.loc["zero1", "2 GPU: vs ddp@1"] == "predicted_oom"
+    memory = tables["memory_2"].set_index("run")
+    assert memory.loc["zero3 x2 GPU", "torch peak reserved GiB"] == "oom"
+    assert memory.loc["ddp x2 GPU", "torch peak reserved GiB"] == "10.00"
+    assert memory.loc["ddp x2 GPU", "torch peak allocated GiB"] == "9.00 (ranks differ by 1.00)"
+    assert memory.loc["ddp x1 GPU", "capacity GiB"] == "80.0 (card)"
+
+
+def test_gpu_sections_mfu_energy_prediction_trace(mixed, tmp_path):
+    out = report.write_report([mixed], tmp_path / "rep", options=report.ReportOptions())
+    tables = csv_tables(out)
+    eff = tables["efficiency_2"].set_index("run")
+    assert re.fullmatch(r"\d+\.\d%", eff.loc["ddp x1 GPU", "MFU"])
+    assert "989.4" in eff.loc["ddp x1 GPU", "peak used (source)"] and "datasheet" in eff.loc["ddp x1 GPU", "peak used (source)"]
+    energy = tables["energy_2"].set_index("run")
+    assert float(energy.loc["ddp x2 GPU", "J per token"]) > 0
+    assert energy.loc["zero3 x2 GPU", "J per token"] == "oom"
+    pred = tables["prediction"].set_index("run")
+    assert pred.loc["tiny-llama full ddp x1gpu", "error %"] == "+10.0"
+    assert pred.loc["tiny-llama full ddp x2gpu", "error %"] == "-10.0"
+    assert pred.loc["tiny-llama full zero1 x2gpu", "measured GiB"] == "not measured (predicted_oom)"
+    assert (out / "prediction_errors.png").is_file() and (out / "nvml_trace.png").is_file()
+    assert_self_contained(out)
+
+
+def test_trace_cell_option_picks_the_cell(mixed, tmp_path):
+    records = load_records(mixed)
+    target = next(r for r in records if r.label == "tiny-llama full ddp x2gpu")
+    assert report.pick_trace_record(records, target.cell_id[:6]) is target
+    first = report.pick_trace_record(records, None)
+    assert first is not None and first.status == "ok" and first.nvml
+    out = report.write_report([mixed], tmp_path / "rep", options=report.ReportOptions(trace_cell="ffffffffffff"))
+    assert "No NVML trace recorded for cell ffffffffffff" in (out / "index.md").read_text()
+
+
+def test_single_process_only_folder(cpu, tmp_path):
+    folder = write_folder(tmp_path / "ones", [cpu["tiny-llama full ddp x1proc"], cpu["tiny-llama full zero3 x1proc"]])
+    out = report.write_report([folder], tmp_path / "rep",
+                              options=report.ReportOptions(budget=TokenBudget(tokens=10**6)))
+    assert_self_contained(out)
+    scaling = csv_tables(out)["scaling_1"]
+    assert list(scaling.columns) == ["strategy", "1 proc: tok/s/proc", "1 proc: vs ddp@1"]
+    assert "Nothing to compare" in (out / "index.md").read_text()
+
+
+def test_budget_from_matrix_file_and_bad_tokens(cpu_results, tmp_path):
+    matrix = tmp_path / "m.yaml"
+    matrix.write_text("name: m\ntoken_budget: {tokens: 3000000, epochs: 2}\n")
+    budget = report.resolve_budget(report.ReportOptions(matrix=matrix), [cpu_results])
+    assert (budget.tokens, budget.epochs) == (3_000_000, 2)
+    proc = bench("report", str(cpu_results), "--out", str(tmp_path / "x"), "--tokens", "lots")
+    assert proc.returncode == 2 and "not a token count" in proc.stderr
+
+
+@pytest.mark.parametrize("seconds, text", [(6000, "1 h 40 min"), (3120, "52 min"), (3.25, "3.2 s"),
+                                           (3600, "1 h"), (200000, "2 d 7 h")])
+def test_duration_reads_like_speech(seconds, text):
+    assert report_tables.duration(seconds) == text
+
+
+@pytest.mark.parametrize("text, count", [("50M", 50_000_000), ("1.5B", 1_500_000_000), ("2000", 2000), ("3k", 3000)])
+def test_parse_count(text, count):
+    assert report.parse_count(text) == count
