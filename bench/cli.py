@@ -114,6 +114,7 @@ def check(
                                                       "(defaults 5, 5, 3); repeatable")] = [],
     memory_mib: Annotated[float, typer.Option(help="peak memory must also grow by more than this (MiB)")] = 256,
     alpha: Annotated[float, typer.Option(help="significance level of the per-step Mann-Whitney U test")] = 0.01,
+    run_alpha: Annotated[float, typer.Option(help="significance level of the Welch t-test on run medians")] = 0.05,
     markdown: Annotated[Optional[Path], typer.Option(help="also write the markdown summary here")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the findings as JSON here")] = None,
     baselines_dir: Annotated[Path, typer.Option(help="where --baseline auto looks")] = Path("results/baselines"),
@@ -124,7 +125,7 @@ def check(
     from bench.check import check_paths, parse_thresholds, to_json, to_markdown
 
     def _run() -> int:
-        result = check_paths(results, baseline, parse_thresholds(threshold, alpha, memory_mib), baselines_dir)
+        result = check_paths(results, baseline, parse_thresholds(threshold, alpha, run_alpha, memory_mib), baselines_dir)
         text = to_markdown(result)
         typer.echo(text)
         if markdown:

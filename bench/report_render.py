@@ -60,7 +60,8 @@ def to_markdown(title: str, intro: list[str], sections: list[Section], out_dir: 
                           f"CSV: [{item.slug}.csv]({item.slug}.csv)", ""]
             else:
                 rel = item.path.relative_to(out_dir).as_posix()
-                lines += [f"![{item.caption}]({rel})", ""]
+                alt = item.caption.replace("[", "(").replace("]", ")")  # brackets would end the alt text
+                lines += [f"![{alt}]({rel})", ""]
     return "\n".join(lines)
 
 

@@ -25,8 +25,8 @@ step() {
 
 for s in "$@"; do
   case $s in
-    gpu-tests)    step gpu-tests python3 -m pytest -q -m gpu tests -x --timeout 600 -p no:cacheprovider ;;
-    smoke)        step smoke bench run matrices/smoke.yaml --device cuda --results results/smoke-gpu ;;
+    gpu-tests)    step gpu-tests python3 -m pytest -q -m gpu tests -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"} ;;
+    smoke)        step smoke bench run matrices/smoke.yaml --device cuda --results results/smoke-gpu --only gpus=1 ;;
     llama8b-1gpu) step llama8b-1gpu bench run matrices/llama8b.yaml --only gpus=1 ;;
     oom)          step oom bench run matrices/oom.yaml --force ;;  # launch although predicted not to fit
     llama8b)      step llama8b bench run matrices/llama8b.yaml ;;

@@ -10,6 +10,8 @@ The fault is chosen by environment variables, which `accelerate launch` passes o
     BENCH_FAULT_SIGNAL the signal name for ``kill`` (default SIGKILL)
     BENCH_FAULT_CGROUP for ``host_oom``: a memory cgroup (made by the test, with a small limit) to join
     BENCH_FAULT_SLEEP_S for ``slow``: seconds to sleep (default 5)
+    BENCH_FAULT_PLAN   JSON {"<train.seed>": {"fault": ..., "rank": ..., "signal": ...}}: a different fault
+                       per cell of one matrix (cells told apart by their seed); a seed not listed runs clean
 
 Everything else is the real worker: real accelerate, real model, real collectives. The fault replaces
 nothing but one call of ``train_step`` on the chosen rank.
@@ -17,6 +19,7 @@ nothing but one call of ``train_step`` on the chosen rank.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -28,10 +31,14 @@ import torch
 
 import bench.worker as worker
 
-FAULT = os.environ.get("BENCH_FAULT", "")
-FAULT_RANK = os.environ.get("BENCH_FAULT_RANK", "1")
-FAULT_STEP = int(os.environ.get("BENCH_FAULT_STEP", "1"))
-FAULT_SIGNAL = os.environ.get("BENCH_FAULT_SIGNAL", "SIGKILL")
+
+def chosen_fault(seed: int) -> dict:
+    """The fault for this cell: BENCH_FAULT_PLAN (JSON, by train.seed) first, then the plain variables."""
+    plan = json.loads(os.environ.get("BENCH_FAULT_PLAN", "{}"))
+    spec = plan.get(str(seed), {} if plan else {"fault": os.environ.get("BENCH_FAULT", "")})
+    return {"fault": spec.get("fault", ""), "rank": str(spec.get("rank", os.environ.get("BENCH_FAULT_RANK", "1"))),
+            "step": int(spec.get("step", os.environ.get("BENCH_FAULT_STEP", "1"))),
+            "signal": spec.get("signal", os.environ.get("BENCH_FAULT_SIGNAL", "SIGKILL"))}
 
 
 def _sleep_forever() -> None:
@@ -39,44 +46,45 @@ def _sleep_forever() -> None:
         time.sleep(3600)
 
 
-def inject(rank: int) -> None:
+def inject(fault: dict) -> None:
     """Do the chosen fault here, in the middle of a training step."""
-    if FAULT == "oom":
+    if fault["fault"] == "oom":
         # What the caching allocator raises; the worker must classify it from its type, not its text.
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by fault_worker)")
-    if FAULT == "stuck":
+    if fault["fault"] == "stuck":
         # This rank stops making progress; its peer waits in the next collective until the
         # collective timeout (limits.collective_timeout_s) or the hang watchdog ends it.
         _sleep_forever()
-    if FAULT == "kill":
-        os.kill(os.getpid(), getattr(signal, FAULT_SIGNAL))
+    if fault["fault"] == "kill":
+        os.kill(os.getpid(), getattr(signal, fault["signal"]))
         time.sleep(5)  # a signal with a handler may take a moment
-    if FAULT == "host_oom":
+    if fault["fault"] == "host_oom":
         # Join a memory cgroup with a small limit and allocate past it: the kernel's OOM killer SIGKILLs us.
         Path(os.environ["BENCH_FAULT_CGROUP"], "cgroup.procs").write_text(str(os.getpid()))
         hog = [bytearray(16 * 2**20) for _ in range(64)]
         raise RuntimeError(f"host_oom fault: allocated {len(hog) * 16} MiB without being killed")
-    if FAULT == "ignore_term":
+    if fault["fault"] == "ignore_term":
         # A rank that ignores SIGTERM (a process stuck in the driver): only SIGKILL ends it.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _sleep_forever()
-    if FAULT == "orphan":
+    if fault["fault"] == "orphan":
         # A helper process that escapes the launcher's tree; the runner must still find and end it.
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True,
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if FAULT == "slow":
+    if fault["fault"] == "slow":
         time.sleep(float(os.environ.get("BENCH_FAULT_SLEEP_S", "5")))
 
 
 def faulty(train_step):
     calls = {"n": 0}
 
-    def step(*args, **kwargs):
+    def step(cell, *args, **kwargs):
+        fault = chosen_fault(cell.train.seed)
         rank, _ = worker.world()
-        if calls["n"] == FAULT_STEP and FAULT_RANK in ("all", str(rank)):
-            inject(rank)
+        if fault["fault"] and calls["n"] == fault["step"] and fault["rank"] in ("all", str(rank)):
+            inject(fault)
         calls["n"] += 1
-        return train_step(*args, **kwargs)
+        return train_step(cell, *args, **kwargs)
 
     return step
 

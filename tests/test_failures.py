@@ -22,20 +22,18 @@ from conftest import REPO, TESTS, bench, write_matrix
 
 from bench.results import load_records
 
-FAULTY = "tiny-llama full ddp x2proc"  # BENCH_FAULT_RANK=1 hits only the 2-process cells
+FAULTY = "tiny-llama full ddp x2proc"
 HEALTHY = "tiny-llama full ddp x1proc"
 
-
-def run_faulty(tmp_path: Path, fault: str, *, limits: dict | None = None, gpus=(2, 1), **env) -> dict[str, list]:
-    matrix = write_matrix(tmp_path, "f", grid={"strategy": ["ddp"], "gpus": list(gpus)}, limits=limits or {})
-    proc = bench("run", str(matrix), "--results", str(tmp_path / "results"), "--worker", "fault_worker",
-                 env={"BENCH_FAULT": fault, **env})
-    assert proc.returncode == 0, f"failures are results, exit 0 expected\n{proc.stdout}\n{proc.stderr}"
-    assert_no_process_left(tmp_path)
-    by_label: dict[str, list] = {}
-    for r in load_records(tmp_path / "results"):
-        by_label.setdefault(r.label, []).append(r)
-    return by_label
+# One matrix, one fault per cell (cells told apart by train.seed): the faults must not stop the others.
+FAULT_PLAN = {
+    "1": {"fault": "oom", "rank": 1},
+    "2": {"fault": "kill", "rank": 1, "signal": "SIGKILL"},
+    "3": {"fault": "kill", "rank": 0, "signal": "SIGSEGV"},  # a 1-process cell: accelerate's simple launcher
+    "4": {"fault": "stuck", "rank": 1},
+    "5": {"fault": "host_oom", "rank": 1},
+    "6": {"fault": "orphan", "rank": 0},
+}
 
 
 def processes_mentioning(path: Path) -> list[psutil.Process]:
@@ -55,61 +53,9 @@ def assert_no_process_left(path: Path) -> None:
     assert not left, f"processes left after the matrix: {[(p.pid, p.cmdline()) for p in left]}"
 
 
-def only_record(by_label: dict, label: str):
-    assert len(by_label.get(label, [])) == 1, f"one record of {label} expected, got {by_label}"
-    return by_label[label][0]
-
-
-def assert_healthy_cell_ran(by_label: dict) -> None:
-    record = only_record(by_label, HEALTHY)
-    assert record.status == "ok", record.error
-    assert record.leftover_processes == []
-
-
-# ---------------------------------------------------------------- faults in a rank
-
-def test_oom_on_rank_1_only_is_oom_of_rank_1(tmp_path):
-    by_label = run_faulty(tmp_path, "oom")
-    record = only_record(by_label, FAULTY)
-    assert record.status == "oom"
-    assert record.error.rank == 1
-    assert "OutOfMemoryError" in record.error.message
-    assert record.leftover_processes == []
-    assert_healthy_cell_ran(by_label)
-
-
-def test_rank_stuck_so_its_peer_times_out_in_a_collective_is_a_hang(tmp_path):
-    # Rank 1 stops at step 1; rank 0 waits in the gradient all-reduce until the 5 s gloo timeout.
-    by_label = run_faulty(tmp_path, "stuck", limits={"collective_timeout_s": 5, "hang_s": 120})
-    record = only_record(by_label, FAULTY)
-    assert record.status == "hang", record.error
-    assert record.error.rank == 1, record.error.message  # the stuck one, not the one that timed out
-    assert "collective" in record.error.message
-    assert record.wall_s < 100  # the collective timeout ended it, not the 120 s hang watchdog
-    assert_healthy_cell_ran(by_label)
-
-
-def test_rank_killed_by_sigkill_without_host_oom_is_a_crash_of_that_rank(tmp_path):
-    by_label = run_faulty(tmp_path, "kill", BENCH_FAULT_SIGNAL="SIGKILL")
-    record = only_record(by_label, FAULTY)
-    assert record.status == "crash", record.error  # not "oom": the kernel's OOM-kill counter did not move
-    assert record.error.rank == 1
-    assert "SIGKILL" in record.error.message
-    assert_healthy_cell_ran(by_label)
-
-
-def test_rank_killed_by_sigsegv_is_a_crash_of_that_rank(tmp_path):
-    by_label = run_faulty(tmp_path, "kill", BENCH_FAULT_SIGNAL="SIGSEGV", BENCH_FAULT_RANK="0", gpus=(1, 2))
-    record = only_record(by_label, HEALTHY)  # the 1-process cell dies too: its only rank is rank 0
-    assert record.status == "crash" and record.error.rank == 0 and "SIGSEGV" in record.error.message
-    record = only_record(by_label, FAULTY)
-    assert record.status == "crash" and record.error.rank == 0 and "SIGSEGV" in record.error.message
-
-
-def _memory_cgroup(tmp_path: Path, limit_bytes: int) -> Path | None:
+def _memory_cgroup(folder: Path, limit_bytes: int) -> Path | None:
     """A fresh cgroup-v1 memory group with a small limit, or None where we may not make one."""
-    root = Path("/sys/fs/cgroup/memory")
-    group = root / f"bench-test-{os.getpid()}-{tmp_path.name}"
+    group = Path("/sys/fs/cgroup/memory") / f"bench-test-{os.getpid()}"
     try:
         group.mkdir()
         (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
@@ -119,20 +65,112 @@ def _memory_cgroup(tmp_path: Path, limit_bytes: int) -> Path | None:
     return group
 
 
-def test_rank_killed_by_the_kernel_oom_killer_is_oom(tmp_path):
-    """A real kernel OOM kill: rank 1 joins a memory cgroup capped at 64 MiB and allocates past it."""
-    group = _memory_cgroup(tmp_path, 64 * 2**20)
-    if group is None:
-        pytest.skip("cannot create a cgroup-v1 memory group here (needs root and the v1 memory controller)")
+@pytest.fixture(scope="module")
+def faulted(tmp_path_factory) -> dict:
+    """Run the fault matrix once: {seed: record}, plus the bench output and folder."""
+    folder = tmp_path_factory.mktemp("faults")
+    group = _memory_cgroup(folder, 64 * 2**20)
+    seeds = [0, 1, 2, 4, 6] + ([5] if group else [])
+    matrix = write_matrix(folder, "f", gpus=2, grid={"seed": seeds}, include=[{"seed": 3, "gpus": 1}],
+                          limits={"collective_timeout_s": 10, "hang_s": 120})
+    env = {"BENCH_FAULT_PLAN": json.dumps(FAULT_PLAN), "BENCH_FAULT_CGROUP": str(group or "")}
     try:
-        by_label = run_faulty(tmp_path, "host_oom", BENCH_FAULT_CGROUP=str(group))
+        proc = bench("run", str(matrix), "--results", str(folder / "results"), "--worker", "fault_worker", env=env)
     finally:
-        group.rmdir()
-    record = only_record(by_label, FAULTY)
+        if group:
+            group.rmdir()
+    records = load_records(folder / "results")
+    by_seed = {}
+    for r in records:
+        assert r.settings["train"]["seed"] not in by_seed, "one record per cell"
+        by_seed[r.settings["train"]["seed"]] = r
+    return {"proc": proc, "by_seed": by_seed, "folder": folder, "matrix": matrix, "cgroup": group}
+
+
+def test_a_matrix_of_failing_cells_completes_with_exit_0_and_no_process_left(faulted):
+    proc = faulted["proc"]
+    assert proc.returncode == 0, f"failures are results\n{proc.stdout}\n{proc.stderr}"
+    assert sorted(faulted["by_seed"]) == sorted([0, 1, 2, 3, 4, 6] + ([5] if faulted["cgroup"] else []))
+    assert faulted["by_seed"][0].status == "ok"  # the healthy cell ran, between the failures
+    assert_no_process_left(faulted["folder"])
+
+
+def test_oom_on_rank_1_only_is_oom_of_rank_1(faulted):
+    record = faulted["by_seed"][1]
+    assert record.status == "oom", record.error
+    assert record.error.rank == 1
+    assert "OutOfMemoryError" in record.error.message
+    assert record.leftover_processes == []
+
+
+def test_rank_killed_by_sigkill_without_host_oom_is_a_crash_of_that_rank(faulted):
+    record = faulted["by_seed"][2]
+    assert record.status == "crash", record.error  # not "oom": the kernel's OOM-kill counters did not move
+    assert record.error.rank == 1
+    assert "SIGKILL" in record.error.message
+
+
+def test_single_process_rank_killed_by_sigsegv_is_a_crash_of_rank_0(faulted):
+    record = faulted["by_seed"][3]
+    assert record.label == HEALTHY  # the one-process cell
+    assert record.status == "crash", record.error
+    assert record.error.rank == 0 and "SIGSEGV" in record.error.message
+
+
+def test_rank_stuck_so_its_peer_times_out_in_a_collective_is_a_hang_of_the_stuck_rank(faulted):
+    # Rank 1 stops in step 1; rank 0 waits in the gradient all-reduce until the 10 s gloo timeout.
+    record = faulted["by_seed"][4]
+    assert record.status == "hang", record.error
+    assert record.error.rank == 1, record.error.message  # the stuck one, not the one that timed out
+    assert "collective" in record.error.message
+    assert record.wall_s < 100  # the collective timeout ended it, not the 120 s hang watchdog
+
+
+def test_rank_killed_by_the_kernel_oom_killer_is_oom(faulted):
+    """A real kernel OOM kill: rank 1 joins a memory cgroup capped at 64 MiB and allocates past it."""
+    if not faulted["cgroup"]:
+        pytest.skip("cannot create a cgroup-v1 memory group here (needs root and the v1 memory controller)")
+    record = faulted["by_seed"][5]
     assert record.status == "oom", record.error
     assert record.error.rank == 1
     assert "OOM killer" in record.error.message
-    assert_healthy_cell_ran(by_label)
+
+
+def test_process_that_escapes_the_launch_is_killed_and_recorded(faulted):
+    record = faulted["by_seed"][6]
+    assert record.status == "ok"  # the training step itself was fine
+    assert len(record.leftover_processes) == 1, record.leftover_processes
+    orphan = record.leftover_processes[0]
+    assert "time.sleep(600)" in orphan["cmdline"]
+    assert not psutil.pid_exists(orphan["pid"]) or psutil.Process(orphan["pid"]).status() == psutil.STATUS_ZOMBIE
+    assert "killed 1 process(es) left by this cell" in faulted["proc"].stdout
+
+
+def test_resume_skips_deterministic_failures_unless_retry_failed(faulted):
+    args = ["run", str(faulted["matrix"]), "--results", str(faulted["folder"] / "results"), "--only", "seed=1"]
+    again = bench(*args, "--worker", "fault_worker", env={"BENCH_FAULT_PLAN": json.dumps(FAULT_PLAN)})
+    assert again.returncode == 0 and "nothing to run" in again.stdout, again.stdout + again.stderr
+    retry = bench(*args, "--retry-failed")  # the real worker this time: the cell now runs to ok
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    seed1 = [r.status for r in load_records(faulted["folder"] / "results") if r.settings["train"]["seed"] == 1]
+    assert seed1 == ["oom", "ok"]
+
+
+def run_faulty(tmp_path: Path, fault: str, *, limits: dict | None = None, gpus=(2, 1), **env) -> dict[str, list]:
+    matrix = write_matrix(tmp_path, "f", grid={"strategy": ["ddp"], "gpus": list(gpus)}, limits=limits or {})
+    proc = bench("run", str(matrix), "--results", str(tmp_path / "results"), "--worker", "fault_worker",
+                 env={"BENCH_FAULT": fault, **env})
+    assert proc.returncode == 0, f"failures are results, exit 0 expected\n{proc.stdout}\n{proc.stderr}"
+    assert_no_process_left(tmp_path)
+    by_label: dict[str, list] = {}
+    for r in load_records(tmp_path / "results"):
+        by_label.setdefault(r.label, []).append(r)
+    return by_label
+
+
+def only_record(by_label: dict, label: str):
+    assert len(by_label.get(label, [])) == 1, f"one record of {label} expected, got {by_label}"
+    return by_label[label][0]
 
 
 # ---------------------------------------------------------------- the watchdog and the process tree
@@ -154,16 +192,6 @@ def test_hang_with_ranks_that_ignore_sigterm_ends_in_sigkill_of_the_whole_tree(t
     record = only_record(by_label, FAULTY)
     assert record.status == "hang", record.error
     assert "limits.hang_s" in record.error.message
-
-
-def test_process_that_escapes_the_launch_is_killed_and_recorded(tmp_path):
-    by_label = run_faulty(tmp_path, "orphan", BENCH_FAULT_RANK="0", gpus=(1,))
-    record = only_record(by_label, HEALTHY)
-    assert record.status == "ok"  # the training step itself was fine
-    assert len(record.leftover_processes) == 1, record.leftover_processes
-    orphan = record.leftover_processes[0]
-    assert "time.sleep(600)" in orphan["cmdline"]
-    assert not psutil.pid_exists(orphan["pid"]) or psutil.Process(orphan["pid"]).status() == psutil.STATUS_ZOMBIE
 
 
 # ---------------------------------------------------------------- Ctrl-C and resume
@@ -220,15 +248,3 @@ def test_sigint_mid_matrix_records_interrupted_then_resume_completes_without_dup
     ok_ids = [r.cell_id for r in records if r.status == "ok"]
     assert len(ok_ids) == len(set(ok_ids)) == 3  # every cell ran to ok exactly once
     assert records[1].cell_id in ok_ids  # the interrupted cell was run again
-
-
-def test_resume_skips_deterministic_failures_unless_retry_failed(tmp_path):
-    by_label = run_faulty(tmp_path, "oom", gpus=(2,))
-    assert only_record(by_label, FAULTY).status == "oom"
-    matrix = tmp_path / "f.yaml"
-    again = bench("run", str(matrix), "--results", str(tmp_path / "results"), "--worker", "fault_worker")
-    assert again.returncode == 0 and "nothing to run" in again.stdout
-    retry = bench("run", str(matrix), "--results", str(tmp_path / "results"), "--retry-failed")
-    assert retry.returncode == 0, retry.stdout + retry.stderr
-    assert [r.status for r in load_records(tmp_path / "results")] == ["oom", "ok"]
-    assert_no_process_left(tmp_path)
