@@ -162,8 +162,8 @@ def compare_timing(cell_id: str, label: str, metric: str, base: list[np.ndarray]
     change = (mc - mb) / mb
     p_steps = float(mannwhitneyu(pooled_c, pooled_b, alternative="two-sided").pvalue)
     p_runs = run_level_p(base, cur)
-    finding = Finding(cell_id, label, metric, "unchanged", mb, mc, change, p_steps, f"{len(base)} vs {len(cur)}",
-                      p_runs=p_runs)
+    finding = Finding(cell_id, label, metric, "unchanged", mb, mc, change, p_value=p_steps, p_runs=p_runs,
+                      runs=f"{len(base)} vs {len(cur)}")
     if abs(change) <= threshold:
         finding.why = f"within {threshold:.0%}"
     elif p_steps >= t.alpha:
@@ -185,8 +185,8 @@ def compare_memory(cell_id: str, label: str, base: CellRuns, cur: CellRuns, t: T
     if mb is None or mc is None or mb <= 0:
         return None
     delta, change = mc - mb, (mc - mb) / mb
-    finding = Finding(cell_id, label, "peak_memory_bytes", "unchanged", mb, mc, change, None,
-                      f"{len(base.ok)} vs {len(cur.ok)}", kind)
+    finding = Finding(cell_id, label, "peak_memory_bytes", "unchanged", mb, mc, change,
+                      runs=f"{len(base.ok)} vs {len(cur.ok)}", why=kind)
     big = abs(change) > t.memory and abs(delta) > t.memory_mib * 2**20
     if big:
         finding.verdict = "regression" if delta > 0 else "improvement"

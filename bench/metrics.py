@@ -131,7 +131,8 @@ def _prediction_figures(record: RunRecord) -> dict:
     if pred.get("peak_reserved_gib") is None:
         return {}
     return {"predicted_reserved_gib": float(pred["peak_reserved_gib"]), "predicted_fits": pred.get("fits"),
-            "predicted_capacity_gib": pred.get("capacity_gib")}
+            "predicted_capacity_gib": pred.get("capacity_gib"),
+            "predicted_device_total_gib": pred.get("device_total_gib")}  # compared with NVML used
 
 
 def _energy_figures(record: RunRecord, timed_tokens: float) -> dict:

@@ -50,4 +50,9 @@ def apply_lora(cell: CellSettings, model):
     target = "all-linear" if a.target == "all-linear" else list(a.target)
     config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=target,
                         bias="none", task_type="CAUSAL_LM")
+    if cell.adapter.type == "qlora":
+        from bench.qlora import adapter_dtype_autocast
+
+        # Under FSDP the LoRA weights stay in the base's bf16: one dtype per flat parameter.
+        return get_peft_model(model, config, autocast_adapter_dtype=adapter_dtype_autocast(cell))
     return get_peft_model(model, config)

@@ -279,25 +279,41 @@ def energy_table(group: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- prediction
 
 def prediction_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """Numbers: predicted and measured peak reserved per cell with a prediction, error in percent."""
+    """Numbers: predicted and measured peak reserved per GPU cell with a prediction, error in percent.
+
+    CPU cells are left out: the prediction is of GPU memory, which a CPU run does not measure.
+    """
     if "predicted_reserved_gib" not in df.columns:
         return pd.DataFrame()
-    have = df[df["predicted_reserved_gib"].notna()].copy()
-    measured = have["peak_reserved_gib"] if "peak_reserved_gib" in have.columns else pd.Series(np.nan, index=have.index)
-    have["measured_reserved_gib"] = measured
-    have["error_pct"] = (have["predicted_reserved_gib"] - measured) / measured * 100
+    have = df[df["predicted_reserved_gib"].notna() & (df["device"] == "cuda")].copy()
+    for col in ("peak_reserved_gib", "nvml_peak_used_gib", "predicted_device_total_gib"):
+        if col not in have.columns:
+            have[col] = np.nan
+    have["measured_reserved_gib"] = have["peak_reserved_gib"]
+    have["error_pct"] = (have["predicted_reserved_gib"] - have["measured_reserved_gib"]) / have["measured_reserved_gib"] * 100
+    have["device_error_pct"] = ((have["predicted_device_total_gib"].astype(float) - have["nvml_peak_used_gib"])
+                                / have["nvml_peak_used_gib"] * 100)
     return have
+
+
+def measured_text(value, row: pd.Series) -> str:
+    if is_num(value):
+        return f"{value:.2f}"
+    return f"not measured ({row['status']})" if row["status"] != "ok" else "not reported"
 
 
 def prediction_table(pred: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, row in pred.iterrows():
-        measured = row["measured_reserved_gib"]
+        device_total = row["predicted_device_total_gib"]
         rows.append({
             "machine": row["machine"], "run": row["label"], "status": row["status"],
             "predicted GiB": f"{row['predicted_reserved_gib']:.2f}",
-            "measured GiB": f"{measured:.2f}" if is_num(measured) else f"not measured ({row['status']})",
+            "measured GiB": measured_text(row["measured_reserved_gib"], row),
             "error %": f"{row['error_pct']:+.1f}" if is_num(row["error_pct"]) else "n/a",
+            "predicted NVML GiB": f"{device_total:.2f}" if is_num(device_total) else "not predicted",
+            "NVML used GiB": measured_text(row["nvml_peak_used_gib"], row),
+            "NVML error %": f"{row['device_error_pct']:+.1f}" if is_num(row["device_error_pct"]) else "n/a",
             "predicted to fit": {True: "yes", False: "no"}.get(row.get("predicted_fits"), "unknown"),
         })
     return pd.DataFrame(rows)
