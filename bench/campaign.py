@@ -263,3 +263,6 @@ def main_guard(fn, *args, **kwargs) -> int:
     except (MatrixError, SchemaError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the first launch or between cells: nothing running, nothing to record
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -168,8 +168,8 @@ def suspect_rank(rank_dir: Path, errors: list[dict], world: int) -> int | None:
     waiting = {e["rank"] for e in errors if e.get("kind") == "collective_timeout"}
     candidates = [r for r in range(world) if r not in waiting] or list(range(world))
     silent = [r for r in candidates if r not in beats]
-    if silent:
-        return silent[0]
+    if silent:  # still starting up: the one that never beat, if the others did
+        return silent[0] if len(silent) == 1 else None
     lowest = min(beats[r].get("step", -1) for r in candidates)
     behind = [r for r in candidates if beats[r].get("step", -1) == lowest]
     return behind[0] if len(behind) == 1 else None

@@ -335,6 +335,8 @@ def check_runnable(cell: CellSettings, visible_gpus: int) -> str | None:
     elif cell.gpus > visible_gpus:
         return (f"gpus: {cell.gpus} but this machine has {visible_gpus} GPU(s). "
                 f"Fix: select runnable cells with --only gpus=<n,...> or exclude them in the matrix")
+    if cell.adapter.type == "qlora" and (msg := _check_qlora(cell, strat)):
+        return msg
     if cell.train.seq_len > models.config_dict(cell.model).get("max_position_embeddings", 1 << 30):
         return f"train.seq_len {cell.train.seq_len} exceeds the model's max_position_embeddings"
     if cell.data.source != "synthetic":
@@ -342,6 +344,19 @@ def check_runnable(cell: CellSettings, visible_gpus: int) -> str | None:
 
         if msg := check_data(cell, models.config_dict(cell.model)["vocab_size"]):
             return msg
+    return None
+
+
+def _check_qlora(cell: CellSettings, strat: strategies.Strategy) -> str | None:
+    """QLoRA combinations bench builds (see bench/qlora.py)."""
+    if cell.train.precision != "bf16":
+        return "adapter.type qlora computes in bf16. Fix: set train.precision: bf16"
+    if models.has_local_weights(cell.model):
+        return "adapter.type qlora builds random 4-bit weights; loading local weights in 4-bit is not supported. Fix: use a shipped config or a folder without weights"
+    if strat.family == "fsdp2":
+        return "adapter.type qlora under FSDP2 is not supported (fully_shard turns 4-bit parameters into DTensors). Fix: use fsdp_full_shard(_offload), ddp or zero3"
+    if strat.family == "fsdp" and cell.adapter.quant_storage != "bf16":
+        return "adapter.quant_storage must be bf16 under FSDP (one dtype per flat parameter, as the bf16 norms and embeddings). Fix: set adapter.quant_storage: bf16"
     return None
 
 

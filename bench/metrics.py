@@ -71,6 +71,7 @@ def figures(record: RunRecord) -> dict:
     }
     row.update(_memory_figures(record))
     row.update(_prediction_figures(record))
+    row.update(_flop_figures(record, card))
     times = timed_step_times(record)
     if record.status != "ok" or not times:
         return row
@@ -97,7 +98,6 @@ def figures(record: RunRecord) -> dict:
         "final_loss": record.ranks[0]["steps"][-1]["loss"],
     })
     row.update(_energy_figures(record, tokens * len(arr)))
-    row.update(_flop_figures(record, card))
     return row
 
 

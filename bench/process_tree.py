@@ -68,17 +68,13 @@ class ProcessTree:
                 continue
 
     def _candidates(self) -> list[psutil.Process]:
-        found: list[psutil.Process] = []
-        for root in (self.root_pid, os.getpid()):
-            try:
-                kids = psutil.Process(root).children(recursive=True)
-            except psutil.Error:
-                continue
-            if root == os.getpid():
-                # Our own children: only the launch and what was re-parented to us after it started.
-                kids = [k for k in kids if _created_after(k, self.started)]
-            found.extend(kids)
-        return found
+        """Our descendants that started with or after the launch: the launch's tree, and (as subreaper)
+        any orphan of it re-parented to us. One scan of the process table."""
+        try:
+            kids = psutil.Process().children(recursive=True)
+        except psutil.Error:
+            return []
+        return [k for k in kids if _created_after(k, self.started)]
 
     def members(self) -> list[psutil.Process]:
         """Live, non-zombie processes of the tree: seen descendants, current descendants, the launch's session."""

@@ -229,10 +229,12 @@ def mfu_text(row: pd.Series, column: str) -> str:
     if row["status"] != "ok":
         return row["status"]
     if is_num(row.get(column)):
-        return f"{row[column]:.1%}"
+        value = row[column]
+        return f"{value:.1%}" if value >= 0.001 else f"{value * 100:.2g}%"  # tiny models: keep two digits
     if row["device"] == "cpu":
         return "n/a (CPU: no peak figure)"
-    return f"n/a (no peak figure for {row.get('gpu_model') or 'unknown GPU'})"
+    name = row["gpu_model"] if isinstance(row.get("gpu_model"), str) else "an unnamed GPU"
+    return f"n/a (no peak figure for {name})"
 
 
 def efficiency_table(group: pd.DataFrame) -> pd.DataFrame:
@@ -241,7 +243,7 @@ def efficiency_table(group: pd.DataFrame) -> pd.DataFrame:
         ok = row["status"] == "ok"
         rows.append({
             "run": run_name(row),
-            "device": row.get("gpu_model") or "CPU",
+            "device": row["gpu_model"] if isinstance(row.get("gpu_model"), str) else "CPU",
             "model GFLOP/token": (f"{row['model_flops_per_token'] / 1e9:.3g}"
                                   if is_num(row.get("model_flops_per_token")) else "unknown model shape"),
             "model TFLOP/s per GPU": f"{row['model_tflops_per_gpu']:.3g}" if ok and is_num(row.get("model_tflops_per_gpu")) else row["status"] if not ok else "n/a",
@@ -289,7 +291,10 @@ def prediction_frame(df: pd.DataFrame) -> pd.DataFrame:
     for col in ("peak_reserved_gib", "nvml_peak_used_gib", "predicted_device_total_gib"):
         if col not in have.columns:
             have[col] = np.nan
-    have["measured_reserved_gib"] = have["peak_reserved_gib"]
+    # a failed run's peaks are where it died, not its requirement: no error figure for it
+    ok = have["status"] == "ok"
+    have["measured_reserved_gib"] = have["peak_reserved_gib"].where(ok)
+    have["nvml_peak_used_gib"] = have["nvml_peak_used_gib"].where(ok)
     have["error_pct"] = (have["predicted_reserved_gib"] - have["measured_reserved_gib"]) / have["measured_reserved_gib"] * 100
     have["device_error_pct"] = ((have["predicted_device_total_gib"].astype(float) - have["nvml_peak_used_gib"])
                                 / have["nvml_peak_used_gib"] * 100)

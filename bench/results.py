@@ -20,6 +20,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 SCHEMA_VERSION = 1
 RUNS_FILE = "runs.jsonl"
 
+# What became of a run (bench/failures.py decides the launched ones):
+#   ok; oom (CUDA OOM on any rank, or the host's OOM killer); timeout (limits.timeout_s); hang (no step
+#   progress for limits.hang_s, start-up past limits.startup_s, or a collective past
+#   limits.collective_timeout_s); crash (non-zero exit or a signal: rank and root cause in the error);
+#   unsupported (the stack refused the combination at run time); interrupted (Ctrl-C or SIGTERM to bench);
+#   predicted_oom (not launched: the estimate says it cannot fit); busy (not launched: its GPUs were in use);
+#   skipped (not launched on purpose, reason in the error; cells left unrun by a stopped matrix get no record).
 Status = Literal["ok", "oom", "timeout", "hang", "crash", "unsupported", "skipped", "interrupted", "predicted_oom", "busy"]
 # Failures that happen again on a rerun of the same cell on the same machine: resume does not retry them.
 DETERMINISTIC_FAILURES = {"oom", "unsupported", "predicted_oom"}

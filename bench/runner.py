@@ -21,8 +21,10 @@ from bench.process_tree import ProcessTree
 from bench.results import RunRecord
 
 POLL_S = 0.2
+SCAN_S = 1.0  # noting the tree's members scans the process table: not so often that it costs the ranks CPU
 TERM_GRACE_S = 10.0  # SIGTERM to SIGKILL: lets torchrun and DeepSpeed tear down and free GPU memory
 GPU_RELEASE_WAIT_S = 10.0  # the driver may list a dead process for a moment while it frees its memory
+STEP_PHASES = ("warmup", "timed", "done")  # heartbeat phases of a rank past start-up
 
 
 def free_port() -> int:
@@ -45,19 +47,25 @@ def _watch(tree: ProcessTree, plan: LaunchPlan, outcome: Outcome) -> None:
     """Poll until the launch exits or a limit is hit; then stop the tree. Ctrl-C propagates to the caller."""
     limits = plan.limits
     started = tree.started
+    last_scan = 0.0
     while tree.proc.poll() is None:
         time.sleep(POLL_S)
-        tree.note_descendants()
+        if time.time() - last_scan > SCAN_S:
+            tree.note_descendants()
+            last_scan = time.time()
         now = time.time()
         beats = rank_files.read_json_files(plan.rank_dir, "heartbeat")
         if outcome.first_step_at is None and any(b.get("phase") in ("warmup", "timed") for b in beats):
             outcome.first_step_at = now
+        stepping = [b for b in beats if b.get("phase") in STEP_PHASES]
         if now - started > limits.timeout_s:
             outcome.stopped_by = "timeout"
-        elif len(beats) < plan.cell.gpus and now - started > limits.startup_s:
-            outcome.stopped_by = "hang"
-            outcome.extra["hang_phase"] = "start-up (a rank never beat)"
-        elif beats and now - min(b["time"] for b in beats) > limits.hang_s:  # the slowest rank's last beat
+        elif len(stepping) < plan.cell.gpus:
+            # Building the model and preparing it (DeepSpeed op builds) may take minutes: startup_s.
+            if now - started > limits.startup_s:
+                outcome.stopped_by = "hang"
+                outcome.extra["hang_phase"] = "start-up (not every rank reached its first step)"
+        elif now - min(b["time"] for b in beats) > limits.hang_s:  # the slowest rank's last beat
             outcome.stopped_by = "hang"
         if outcome.stopped_by:
             outcome.stopped_at = now
@@ -86,9 +94,26 @@ def _leftover_gpu_processes(tree: ProcessTree, plan: LaunchPlan) -> list[dict] |
 
 # ---------------------------------------------------------------- one cell
 
+def archive_previous_attempt(plan: LaunchPlan) -> Path | None:
+    """A rerun of a cell (resume, --retry-failed) must not read the last attempt's heartbeats, reports or
+    errors as its own: move them and its log into ``attempt-<n>/`` beside them, where they stay."""
+    old = [p for p in (plan.rank_dir, plan.cell_dir / "launch.log") if p.exists()]
+    if not old:
+        return None
+    n = 1
+    while (plan.cell_dir / f"attempt-{n}").exists():
+        n += 1
+    archive = plan.cell_dir / f"attempt-{n}"
+    archive.mkdir()
+    for path in old:
+        path.rename(archive / path.name)
+    return archive
+
+
 def run_plan(plan: LaunchPlan, matrix_name: str, env_fingerprint: dict, sampler=None,
              strategy_info: dict | None = None, prediction: dict | None = None) -> RunRecord:
     """Launch, watch, stop, clean up, classify. Raises CellInterrupted (with the record) on Ctrl-C."""
+    archive_previous_attempt(plan)
     write_plan_files(plan)
     log_path = plan.cell_dir / "launch.log"
     outcome = Outcome(oom_kills_before=oom_kill_counters())

@@ -262,10 +262,14 @@ def main(argv=None) -> int:
     try:
         run(cell, files)
     except BaseException as exc:  # noqa: BLE001 - the runner classifies every failure from this file
-        files.write_error(classify_exception(exc), exc, traceback.format_exc())
+        kind = classify_exception(exc)
+        files.write_error(kind, exc, traceback.format_exc())
         traceback.print_exc()
+        sys.stdout.flush()
         sys.stderr.flush()
-        return 3 if classify_exception(exc) == "oom" else 1
+        # Leave at once: a normal exit runs the process group's and DeepSpeed's teardown, which can block
+        # on collectives the failed step left pending, and turn this error into a hang of the cell.
+        os._exit(3 if kind == "oom" else 1)
     return 0
 
 

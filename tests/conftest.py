@@ -38,7 +38,9 @@ def write_matrix(folder: Path, name: str = "t", **fields) -> Path:
 def bench(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None,
           check: bool = False) -> subprocess.CompletedProcess:
     """Run the real CLI (`python -m bench.cli ...`) as a user would, tests folder importable for fault workers."""
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "COLUMNS": "200",
+    # Keep any PYTHONPATH already set (the GPU machines bring packages through it).
+    path = os.pathsep.join(p for p in [str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")] if p)
+    full_env = {**os.environ, "PYTHONPATH": path, "COLUMNS": "200",
                 **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "bench.cli", *args], cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)

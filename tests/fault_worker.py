@@ -66,6 +66,7 @@ def inject(fault: dict) -> None:
     if fault["fault"] == "ignore_term":
         # A rank that ignores SIGTERM (a process stuck in the driver): only SIGKILL ends it.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"fault_worker: pid {os.getpid()} ignores SIGTERM", file=sys.stderr, flush=True)
         _sleep_forever()
     if fault["fault"] == "orphan":
         # A helper process that escapes the launcher's tree; the runner must still find and end it.

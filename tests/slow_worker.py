@@ -8,6 +8,9 @@ Environment variables (``accelerate launch`` passes them on to every rank):
                          that step's own compute time, inside the timed window. A sleep proportional to
                          the step's compute keeps the injected change at the same relative size however
                          loaded the machine is, so a test can ask for "10% slower" and get it.
+    BENCH_STEP_SLEEP_MS  a fixed wait (ms) added to every step before the slowdown is applied. It makes
+                         the step's time stable from run to run whatever else the machine runs, as a
+                         GPU step is, so that a test on a shared CPU can tell a 10% change from noise.
     BENCH_EXTRA_RSS_MIB  host memory (MiB) each rank allocates and touches before its first step, held
                          to the end: a real rise of the host RSS peak, as a memory regression would show.
 
@@ -23,6 +26,7 @@ import time
 import bench.worker as worker
 
 SLOWDOWN = float(os.environ.get("BENCH_SLOWDOWN", "0"))
+STEP_SLEEP_S = float(os.environ.get("BENCH_STEP_SLEEP_MS", "0")) / 1000
 EXTRA_RSS_MIB = int(os.environ.get("BENCH_EXTRA_RSS_MIB", "0"))
 _ballast: list[bytearray] = []  # kept alive for the whole run so the peak RSS includes it
 
@@ -36,6 +40,8 @@ def slowed(train_step):
             _ballast.append(block)
         t0 = time.perf_counter()
         result = train_step(*args, **kwargs)
+        if STEP_SLEEP_S:
+            time.sleep(STEP_SLEEP_S)
         if SLOWDOWN:
             time.sleep(SLOWDOWN * (time.perf_counter() - t0))
         return result

@@ -29,7 +29,8 @@ def as_gpu_record(record: RunRecord, gpu_name: str = H100, energy_j: float = 123
     torch CUDA peaks per rank, and an nvml dict in the schema bench/sampler.py writes."""
     r = copy.deepcopy(record)
     r.settings = {**r.settings, "device": "cuda"}
-    r.cell_id = CellSettings.model_validate(r.settings).cell_id
+    cell = CellSettings.model_validate(r.settings)
+    r.cell_id, r.label = cell.cell_id, cell.label
     r.env = {**r.env, "gpu_model": gpu_name, "gpu_count": 8, "hardware": f"8x {gpu_name}"}
     gib = 2**30
     for i, rank in enumerate(r.ranks):

@@ -1,0 +1,73 @@
+"""Bad input is refused before any launch: a clear error naming the cause and the fix, exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import bench, write_matrix
+
+from bench.results import SCHEMA_VERSION
+
+
+def assert_refused(tmp_path, matrix, *words, results=None, extra=()):
+    results = results or tmp_path / "results"
+    proc = bench("run", str(matrix), "--results", str(results), *extra)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr
+    assert err.startswith("error: "), err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in err, f"{word!r} not in:\n{err}"
+    assert not list(tmp_path.rglob("launch.log")), "nothing may be launched"
+    return err
+
+
+def test_malformed_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ngrid: {strategy: [ddp, zero1\n")
+    assert_refused(tmp_path, path, "malformed YAML", "line", "Fix:")
+
+
+def test_missing_matrix_file(tmp_path):
+    assert_refused(tmp_path, tmp_path / "nope.yaml", "no such matrix file", "Fix:")
+
+
+def test_unknown_model_name(tmp_path):
+    assert_refused(tmp_path, write_matrix(tmp_path, model="llama-9000"), "unknown model 'llama-9000'", "tiny-llama")
+
+
+def test_unknown_strategy(tmp_path):
+    assert_refused(tmp_path, write_matrix(tmp_path, grid={"strategy": ["ddp", "zero9"]}), "zero9")
+
+
+def test_unknown_key_is_named_with_the_allowed_ones(tmp_path):
+    assert_refused(tmp_path, write_matrix(tmp_path, train={"seqlen": 64}), "train.seqlen", "seq_len", "Fix:")
+
+
+def test_impossible_combination(tmp_path):
+    matrix = write_matrix(tmp_path, adapter={"type": "qlora"})  # bitsandbytes 4-bit on a CPU cell
+    assert_refused(tmp_path, matrix, "qlora", "Fix:")
+
+
+def test_bad_selector(tmp_path):
+    assert_refused(tmp_path, write_matrix(tmp_path), "selector", extra=("--only", "strategy"))
+
+
+def test_results_folder_under_a_regular_file(tmp_path):
+    # As root, permission bits stop no write: a parent that is a file is a folder no one can make.
+    (tmp_path / "afile").write_text("x")
+    assert_refused(tmp_path, write_matrix(tmp_path), "which is a file", "--results",
+                   results=tmp_path / "afile" / "results")
+
+
+@pytest.mark.parametrize("version", [SCHEMA_VERSION + 1, SCHEMA_VERSION + 10])
+def test_results_file_from_a_newer_schema(tmp_path, version):
+    results = tmp_path / "results"
+    results.mkdir()
+    line = {"schema_version": version, "matrix": "t", "cell_id": "x", "status": "ok"}
+    (results / "runs.jsonl").write_text(json.dumps(line) + "\n")
+    assert_refused(tmp_path, write_matrix(tmp_path), "newer bench", f"schema {version}", "upgrade bench",
+                   results=results)
+    assert (results / "runs.jsonl").read_text() == json.dumps(line) + "\n"  # left as it was
