@@ -22,17 +22,21 @@ Decision rules (the report states them):
        evidence: whole runs shift together. (3) measures that run-to-run noise on the hardware at hand
        and asks the change to stand out from it, so the bar rises by itself on a noisy machine: a
        per-hardware, noise-aware threshold without a table of noise figures to maintain.
-  Why these choices, measured on a shared 2-core CPU (tiny Llama, 40 timed steps, 3+3 runs): run
-  medians of identical reruns differed by up to 2x with other jobs on the machine, and (1)+(2) alone,
-  or (1)+(2) plus "every run beyond every baseline run", raised alarms on identical reruns (simulated
-  with that noise: 9-33% of checks); adding (3) brought it to about 3% there and to 0 at GPU-like noise
-  (1-2% between runs), where a 10% change is still caught in 95-100% of checks with 3+3 runs.
+  Why these choices, measured on the shared 2-core CPU of development (tiny Llama, 1 process, 40 timed
+  steps, 3 runs a side, other jobs on the machine): per-step CV was about 35% and run medians of
+  identical reruns differed by up to 2x under load (24 vs 48 ms), with whole runs shifting together.
+  Over 6 identical reruns checked pairwise (30 checks), the per-step test alone gave p < 0.01 in 10
+  checks although nothing changed, while the run-level test never went below p = 0.24; with all three
+  rules: 0 alarms in 30 (tests/test_check.py::test_false_alarm_count measures it again). A simulation
+  at the worst noise seen (30% between runs) puts (1)+(2), even with "every run beyond every baseline
+  run" added, at 9% false alarms with 3+3 runs, and the three rules above at about 3%; at GPU-like noise (1-2% between runs) at 0%, with a 10% change caught in 95-100%
+  of checks with 3+3 runs. Medians, not means, so that one descheduled step moves nothing.
   The same rules in the other direction list an improvement. A side with one run is never flagged on
   timing (the report says so): without repeats nothing says whether the change is the code or the run.
 - Peak memory (torch peak reserved, max over ranks, on GPU; host RSS peak on CPU; median over runs)
   is deterministic enough for a plain threshold: flagged when it grows by more than both the relative
   and the absolute threshold (default +3% and +256 MiB), so that small cells do not trip on allocator
-  noise and big ones are still held to a few percent.
+  noise and big ones are still held to a few percent. A drop past both is listed as an improvement.
 
 Exit codes: 0 no regression, 1 at least one regression, 2 bad input (see bench.cli).
 """

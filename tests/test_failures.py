@@ -252,3 +252,39 @@ def test_sigint_mid_matrix_records_interrupted_then_resume_completes_without_dup
     ok_ids = [r.cell_id for r in records if r.status == "ok"]
     assert len(ok_ids) == len(set(ok_ids)) == 3  # every cell ran to ok exactly once
     assert records[1].cell_id in ok_ids  # the interrupted cell was run again
+
+
+# ---------------------------------------------------------------- on GPUs (the lead's machine)
+
+def cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def assert_gpus_released(record) -> None:
+    """NVML's process list after the cell holds no process of it (None only where NVML is absent)."""
+    assert record.leftover_gpu_processes is not None, "NVML should be readable on a GPU machine"
+    assert not [p for p in record.leftover_gpu_processes if p["ours"]], record.leftover_gpu_processes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(cuda_count() < 2, reason="needs 2 CUDA GPUs")
+def test_gpu_faults_oom_kill_and_stuck_nccl_collective(tmp_path):
+    plan = {"1": {"fault": "kill", "rank": 1, "signal": "SIGKILL"}, "2": {"fault": "stuck", "rank": 1}}
+    matrix = write_matrix(tmp_path, "g", device="cuda", gpus=2, grid={"seed": [0, 1, 2]},
+                          include=[{"seed": 3, "gpus": 1, "gpu_memory_gib": 0.05,
+                                    "train": {"micro_batch": 64, "seq_len": 2048}}],
+                          train={"precision": "bf16"}, limits={"collective_timeout_s": 20, "hang_s": 300})
+    proc = bench("run", str(matrix), "--results", str(tmp_path / "results"), "--worker", "fault_worker",
+                 env={"BENCH_FAULT_PLAN": json.dumps(plan)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_no_process_left(tmp_path)
+    by_seed = {r.settings["train"]["seed"]: r for r in load_records(tmp_path / "results")}
+    assert by_seed[0].status == "ok", by_seed[0].error
+    assert (by_seed[1].status, by_seed[1].error.rank) == ("crash", 1) and "SIGKILL" in by_seed[1].error.message
+    assert (by_seed[2].status, by_seed[2].error.rank) == ("hang", 1), by_seed[2].error
+    assert by_seed[2].wall_s < 250  # NCCL's shortened timeout ended it, not the 300 s hang watchdog
+    assert by_seed[3].status == "oom", by_seed[3].error  # a real CUDA OOM under a 0.05 GiB cap
+    for record in by_seed.values():
+        assert_gpus_released(record)
