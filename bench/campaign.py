@@ -20,7 +20,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from bench import envinfo, strategies
 from bench.matrix import CellSettings, Matrix, MatrixError, expand, load_matrix, select, validate_cells
 from bench.plan import WORKER_MODULE, LaunchPlan, build_plan
-from bench.results import DETERMINISTIC_FAILURES, RunRecord, append_record, check_writable, load_records
+from bench.results import (DETERMINISTIC_FAILURES, RunRecord, append_record, check_writable, load_records,
+                           save_matrix_copy)
 from bench.runner import CellInterrupted, free_port, run_plan
 
 
@@ -136,6 +137,11 @@ def run_matrix(matrix_path: str, opts: RunOptions, console: Console | None = Non
     if not plans:
         console.print("nothing to run: every cell is already recorded (use --retry-failed to rerun failures)")
         return 0
+    try:
+        if note := save_matrix_copy(Path(matrix_path), prep.results_dir):
+            console.print(f"[yellow]note[/]: {escape(note)}")
+    except OSError as e:  # informational only: never stop a run over it
+        console.print(f"[yellow]note[/]: matrix not copied into {escape(str(prep.results_dir))}: {escape(str(e))}")
     fingerprint = envinfo.fingerprint()
     hooks = CellHooks.for_matrix(prep.matrix, opts)
     with sigterm_as_interrupt():

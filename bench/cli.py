@@ -83,6 +83,16 @@ def estimate(
     raise typer.Exit(main_guard(run_estimate, matrix, device, capacity_gib, only, exclude, as_json))
 
 
+@app.command("estimate-check")
+def estimate_check(
+    results: Annotated[list[Path], typer.Argument(help="results folders of GPU runs, e.g. results/llama8b")],
+):
+    """Re-predict every ok GPU cell with the current estimator; print predicted vs measured peak (torch reserved)."""
+    from bench.estimate_check import run_check
+
+    raise typer.Exit(main_guard(run_check, results))
+
+
 @app.command()
 def env():
     """Print the environment fingerprint stored in every record."""

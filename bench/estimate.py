@@ -4,9 +4,13 @@
 bench/estimate_states.py (ZeRO accounting, bytes per parameter from the precision policy and the
 optimizer), activations from bench/estimate_activations.py, and the framework's own buffers (DDP
 gradient buckets, DeepSpeed reduce buckets and ZeRO-3 prefetch, FSDP gathered units, autocast weight
-copies, optimizer-step temporaries), times an allocator slack factor. The peak is taken over the two
-moments that can hold it: the start of backward (activations at their largest) and the optimizer step
-(all gradients plus the step's temporaries).
+copies, optimizer-step temporaries). The peak is taken over the three moments that can hold it: the
+loss's backward (the logits peak), the layers' backward (one recomputed layer, ZeRO-1/2 reduce buckets,
+gradients arriving) and the optimizer step (all gradients plus the step's temporaries). Torch reserved adds
+to that allocated peak the segments the caching allocator holds free at the peak (reserved_only_blocks:
+per-parameter build segments freed by flattening, the replaced bf16 logits, ZeRO-3's per-stream pools)
+and an allocator slack factor. Checked against H100 records by `bench estimate-check` and
+tests/test_estimate_gpu_records.py.
 
 ``predicted_oom(prediction)`` is the pre-flight decision: a cell whose requirement exceeds its capacity
 by more than the margin is recorded as ``predicted_oom`` without launching (``bench run --force`` launches
@@ -36,6 +40,7 @@ COMPONENTS = ("params", "grads", "optimizer", "master_weights", "activations", "
 # Sizes the generated DeepSpeed JSON sets (bench/plan.py), in elements.
 DS_REDUCE_BUCKET = 500_000_000
 DS_PREFETCH_BUCKET = 500_000_000
+DS_MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters (plan.py keeps it)
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,12 @@ def _per_rank_formula(bpp: BytesPerParam, sharding: Sharding, ranks: int) -> str
 
 # ---------------------------------------------------------------- activations and buffers
 
+def converts_outputs_to_fp32(cell: CellSettings, strategy: Strategy) -> bool:
+    """accelerate wraps forward in autocast + convert_outputs_to_fp32 when it runs native AMP (bf16/fp16
+    outside DeepSpeed, whose JSON owns precision): the output then holds fp32 logits."""
+    return _is_half(cell) and strategy.family != "deepspeed" and cell.device == "cuda"
+
+
 def activations_for(cell: CellSettings, shape: ModelShape, strategy: Strategy, calib: Calibration) -> ActivationBytes:
     dropout_width = rank_width = 0
     if cell.adapter.type != "none":
@@ -188,7 +199,8 @@ def activations_for(cell: CellSettings, shape: ModelShape, strategy: Strategy, c
         rank_width = targets * cell.adapter.r
     return activation_bytes(shape, cell.train.seq_len, cell.train.micro_batch, compute_bytes(cell),
                             residual_bytes(cell, strategy), cell.train.grad_checkpointing,
-                            calib.backward_temp_fraction, dropout_width, rank_width)
+                            calib.backward_temp_fraction, dropout_width, rank_width,
+                            4 if converts_outputs_to_fp32(cell, strategy) else None)
 
 
 def _unit_params(shape: ModelShape) -> tuple[int, int]:
@@ -204,9 +216,30 @@ def _gathered_weight_bytes(cell: CellSettings, states: ModelStates) -> float:
     return compute_bytes(cell)
 
 
+def _built_weight_bytes(cell: CellSettings, states: ModelStates) -> float:
+    """Bytes per parameter of the model as built on the GPU (before any strategy re-lays it out)."""
+    if states.frozen_bpp is not None:
+        return states.frozen_bpp
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[policy_for(cell).weight_dtype]
+
+
+def _zero3_gathered(cell: CellSettings, shape: ModelShape, states: ModelStates) -> float:
+    """ZeRO-3's gathered working set: parameters are kept gathered while their reuse distance is under
+    stage3_max_reuse_distance, and the backward reuses the last layers right after the forward, so the live
+    set fills up to stage3_max_live_parameters (1e9 by default; the prefetch bucket is within it). On one
+    rank the partition is the whole parameter and nothing is gathered."""
+    if cell.gpus == 1:
+        return 0.0
+    return _gathered_weight_bytes(cell, states) * min(shape.params, DS_MAX_LIVE_PARAMETERS)
+
+
 def backward_buffers(cell: CellSettings, shape: ModelShape, strategy: Strategy, states: ModelStates,
-                     calib: Calibration) -> dict[str, float]:
-    """Framework buffers alive at the start of backward, by name (bytes, one rank)."""
+                     calib: Calibration, moment: str = "layers") -> dict[str, float]:
+    """Framework buffers alive during backward, by name (bytes, one rank).
+
+    ``moment`` "loss": the loss's backward (the logits peak), before any parameter gradient exists;
+    "layers": the decoder layers' backward (recomputed under checkpointing), gradients arriving.
+    """
     out: dict[str, float] = {}
     policy = policy_for(cell)
     trained_bpp = states.base_bpp or states.adapter_bpp
@@ -216,26 +249,77 @@ def backward_buffers(cell: CellSettings, shape: ModelShape, strategy: Strategy, 
         # autocast caches a bf16 copy of every fp32 weight it casts; linears save it for backward.
         out["autocast_weight_copies"] = compute_bytes(cell) * shape.layers * shape.linear_params_per_layer
     if strategy.family == "ddp" and cell.gpus > 1:
-        # gradient_as_bucket_view=False (the default): the buckets are a second copy of the gradients.
+        # gradient_as_bucket_view=False (the default): the buckets are a second copy of the gradients,
+        # allocated when the Reducer is built.
         out["ddp_buckets"] = grad_bytes * states.trainable
     if strategy.family == "deepspeed":
         stage = strategy.zero_stage or 0
-        buffers = 1 if stage == 3 else calib.ds_overlap_buffers
-        out["zero_reduce_buckets"] = buffers * DS_REDUCE_BUCKET * grad_bytes  # allocated whole, whatever the model size
         if stage == 3:
-            w = _gathered_weight_bytes(cell, states)
-            out["zero3_gathered_params"] = w * min(shape.params, DS_PREFETCH_BUCKET + max(layer, root // 2))
-    if strategy.family in ("fsdp", "fsdp2") and (strategy.shards_params or strategy.fsdp_sharding == "SHARD_GRAD_OP"):
+            # ZeRO-3 allocates its reduce bucket when the optimizer is built: alive all along.
+            out["zero_reduce_buckets"] = DS_REDUCE_BUCKET * grad_bytes
+            out["zero3_gathered_params"] = _zero3_gathered(cell, shape, states)
+        elif moment == "layers":
+            # ZeRO-1/2 allocate their (double, with overlap_comm) reduce bucket at the first gradient
+            # hook, after the loss's backward: whole, whatever the model size.
+            out["zero_reduce_buckets"] = calib.ds_overlap_buffers * DS_REDUCE_BUCKET * grad_bytes
+    if strategy.family in ("fsdp", "fsdp2") and (strategy.shards_params or strategy.fsdp_sharding == "SHARD_GRAD_OP") \
+            and cell.gpus > 1:  # FSDP1 on one rank runs as NO_SHARD: nothing is gathered
         w = _gathered_weight_bytes(cell, states)
         resharded = strategy.reshard_after_forward is not False and strategy.fsdp_sharding != "SHARD_GRAD_OP"
-        # Resharding units hold the root (not resharded) plus the current and the prefetched layer.
-        gathered = (root + 2 * layer) if resharded else shape.params
+        # Resharding units hold the root (not resharded) plus, in the layers' backward, the current and
+        # the prefetched layer; at the loss only the root (the head) is gathered.
+        if resharded:
+            gathered = root if moment == "loss" else root + 2 * layer
+        else:
+            gathered = shape.params
         out["fsdp_gathered_params"] = w * min(shape.params, gathered)
-        if states.base_bpp is not None:
+        if states.base_bpp is not None and moment == "layers":
             out["fsdp_unsharded_grads"] = compute_bytes(cell) * (layer + shape.lm_head_params)
-    if strategy.family == "fsdp" and strategy.fsdp_sharding == "NO_SHARD" and _is_half(cell):
+    if strategy.family == "fsdp" and (strategy.fsdp_sharding == "NO_SHARD" or cell.gpus == 1) and _is_half(cell) \
+            and states.base_bpp is not None:
         out["fsdp_low_precision_params"] = compute_bytes(cell) * shape.params
     return out
+
+
+def reserved_only_blocks(cell: CellSettings, shape: ModelShape, strategy: Strategy, states: ModelStates,
+                         acts: ActivationBytes, phase: str) -> dict[str, float]:
+    """Blocks the caching allocator holds (torch reserved) but that are free at the peak, by name.
+
+    - ``released_build_blocks``: the model is built on the GPU one tensor per parameter; a strategy that
+      copies the parameters into flat buffers (FSDP1's FlatParameters, ZeRO-1/2's flat 16-bit groups)
+      frees those per-parameter segments, which stay cached and are too small for the large tensors of
+      training (logits, gathered units). Under FSDP1 the sharded layer units are allocated while the
+      originals are still alive, except where a layer's shard fits into a freed weight segment (the
+      largest linear of the layer), in which case those segments are reused by the shards. ZeRO-3 builds
+      the model partitioned on the host (zero.Init) and DDP uses the parameters in place: nothing freed.
+    - ``cached_half_logits``: under accelerate's autocast wrapper the output's bf16 logits are replaced by
+      an fp32 copy; their segment stays cached, free, and smaller than the fp32 tensors of the loss.
+    - ``zero3_gather_stream_pool`` / ``zero3_reduce_stream_pool``: ZeRO-3 (n > 1) gathers parameters and
+      reduce-scatters gradients on their own streams; the caching allocator keeps per-stream pools, so the
+      gathered working set's and the reduce bucket's segments are not reusable by compute.
+    """
+    out: dict[str, float] = {}
+    n = cell.gpus
+    built = _built_weight_bytes(cell, states)
+    if strategy.family == "fsdp":
+        released = built * shape.params
+        layer, _ = _unit_params(shape)
+        largest_linear = max(i * o for i, o in shape.layer_linear_shapes)
+        if n > 1 and strategy.fsdp_sharding != "NO_SHARD" and layer / n <= largest_linear:
+            released -= built * shape.layers * layer / n
+        out["released_build_blocks"] = released
+    elif strategy.family == "fsdp2" and n > 1:
+        out["released_build_blocks"] = built * shape.params * (1 - 1 / n)  # per-parameter shards refill them
+    elif strategy.family == "deepspeed" and (strategy.zero_stage or 0) in (1, 2):
+        out["released_build_blocks"] = built * states.trainable
+    if converts_outputs_to_fp32(cell, strategy) and phase == "backward":
+        out["cached_half_logits"] = cell.train.seq_len * cell.train.micro_batch * shape.vocab * compute_bytes(cell)
+    if strategy.family == "deepspeed" and strategy.zero_stage == 3 and n > 1:
+        out["zero3_gather_stream_pool"] = _zero3_gathered(cell, shape, states)
+        # overlap_comm: the reduce-scatter stages a bucket-sized copy on the reduction stream (its own pool).
+        trained_bpp = states.base_bpp or states.adapter_bpp
+        out["zero3_reduce_stream_pool"] = DS_REDUCE_BUCKET * trained_bpp.grads
+    return {k: v for k, v in out.items() if v}
 
 
 def step_buffers(cell: CellSettings, strategy: Strategy, states: ModelStates) -> dict[str, float]:
@@ -266,17 +350,22 @@ def _state_components(states: ModelStates, grads: float, activations: float) -> 
 
 def peak_moments(cell: CellSettings, shape: ModelShape, strategy: Strategy, states: ModelStates,
                  acts: ActivationBytes, calib: Calibration) -> dict[str, _Parts]:
-    """Bytes at the start of backward and at the optimizer step; the larger is the peak."""
+    """Bytes at the loss's backward (the logits peak), in the layers' backward (one layer's activations,
+    recomputed under checkpointing) and at the optimizer step; the largest is the peak."""
     grads = states.base.grads
     if cell.train.grad_accum > 1:
-        grads_at_backward = grads  # the previous micro-batches' gradients are still held
+        grads_at_loss = grads  # the previous micro-batches' gradients are still held
     else:
         # zero_grad(set_to_none=True): only the head's gradient exists when the logits peak.
         share = shape.lm_head_params / shape.params if shape.params else 0
-        grads_at_backward = grads * share
+        grads_at_loss = grads * share
+    kept = acts.kept
     return {
-        "backward": _Parts(_state_components(states, grads_at_backward, acts.at_backward_start),
-                           backward_buffers(cell, shape, strategy, states, calib)),
+        "backward": _Parts(_state_components(states, grads_at_loss, kept + acts.logits_peak),
+                           backward_buffers(cell, shape, strategy, states, calib, "loss")),
+        "backward (layers)": _Parts(
+            _state_components(states, grads, kept + acts.logits_kept + acts.per_layer * (1 + calib.backward_temp_fraction)),
+            backward_buffers(cell, shape, strategy, states, calib, "layers")),
         "optimizer step": _Parts(_state_components(states, grads, acts.logits_kept),
                                  step_buffers(cell, strategy, states)),
     }
@@ -294,9 +383,10 @@ def predict(cell: CellSettings, calib: Calibration = CALIBRATION, margin: float 
     moments = peak_moments(cell, shape, strategy, states, acts, calib)
     phase, parts = max(moments.items(), key=lambda kv: kv[1].allocated)
     allocated = parts.allocated
+    cached = reserved_only_blocks(cell, shape, strategy, states, acts, phase) if cell.device == "cuda" else {}
     slack = allocated * calib.allocator_slack
-    components = {**parts.components, "overhead": sum(parts.buffers.values()) + slack}
-    reserved = allocated + slack
+    components = {**parts.components, "overhead": sum(parts.buffers.values()) + sum(cached.values()) + slack}
+    reserved = allocated + sum(cached.values()) + slack
     outside = 0.0
     if cell.device == "cuda":
         outside = calib.cuda_context_gib * GIB + (calib.nccl_gib * GIB if cell.gpus > 1 else 0)
@@ -307,7 +397,8 @@ def predict(cell: CellSettings, calib: Calibration = CALIBRATION, margin: float 
         peak_reserved_gib=reserved / GIB, peak_allocated_gib=allocated / GIB,
         device_total_gib=(reserved + outside) / GIB, peak_phase=phase,
         components_gib={k: components[k] / GIB for k in COMPONENTS},
-        overhead_detail_gib={**{k: v / GIB for k, v in parts.buffers.items()}, "allocator_slack": slack / GIB},
+        overhead_detail_gib={**{k: v / GIB for k, v in parts.buffers.items()},
+                             **{f"cached:{k}": v / GIB for k, v in cached.items()}, "allocator_slack": slack / GIB},
         activations_detail_gib={k: v / GIB for k, v in acts.as_dict().items()},
         bytes_per_param=bytes_per_param_summary(states, strategy, cell.gpus),
         host_gib=cell.gpus * host_rank / GIB, host_per_rank_gib=host_rank / GIB,

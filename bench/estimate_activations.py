@@ -12,8 +12,9 @@ c = compute-dtype bytes, r = residual-stream bytes (4 under autocast with fp32 w
                   + 4 * c * I           SwiGLU: gate out, silu out, up out, down input
                   + LoRA dropout copies and masks of the targeted layers' inputs ]
 
-  logits = s*b*V*(c + 12): bf16 logits (held by the output), fp32 log-softmax saved by the loss,
-           its gradient and the fp32 gradient of the upcast, all alive at the start of backward.
+  logits = s*b*V*(o + 12): the logits the output holds (o = c, or 4 where accelerate's autocast wrapper
+           converts the outputs to fp32), fp32 log-softmax saved by the loss, its gradient and the fp32
+           gradient of the upcast, all alive at the start of backward.
 
 With gradient checkpointing (HF, per decoder layer) only each layer's input (r*s*b*h) is kept; backward
 recomputes one layer at a time, so the peak is the kept inputs plus the larger of the logits and one
@@ -68,13 +69,17 @@ def layer_bytes_per_token(shape: ModelShape, compute_bytes: int, residual_bytes:
 
 def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, compute_bytes: int,
                      residual_bytes: int, checkpointing: bool, backward_temp_fraction: float,
-                     lora_dropout_width: int = 0, lora_rank_width: int = 0) -> ActivationBytes:
+                     lora_dropout_width: int = 0, lora_rank_width: int = 0,
+                     output_logits_bytes: int | None = None) -> ActivationBytes:
+    """``output_logits_bytes``: the dtype of the logits the model output holds (accelerate's autocast
+    wrapper, convert_outputs_to_fp32, hands back fp32 logits: 4); the compute dtype when None."""
     tokens = seq_len * micro_batch
+    out_bytes = compute_bytes if output_logits_bytes is None else output_logits_bytes
     per_layer = tokens * layer_bytes_per_token(shape, compute_bytes, residual_bytes,
                                                lora_dropout_width, lora_rank_width)
     head_in = tokens * shape.hidden * (4 + residual_bytes + compute_bytes)  # final norm + lm_head input
-    logits_peak = tokens * shape.vocab * (compute_bytes + LOGITS_BYTES_OVER_COMPUTE)
-    logits_kept = tokens * shape.vocab * compute_bytes
+    logits_peak = tokens * shape.vocab * (out_bytes + LOGITS_BYTES_OVER_COMPUTE)
+    logits_kept = tokens * shape.vocab * out_bytes
     if checkpointing:
         kept = shape.layers * tokens * shape.hidden * residual_bytes + head_in
         peak = kept + max(logits_peak, per_layer * (1 + backward_temp_fraction))

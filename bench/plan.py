@@ -8,6 +8,7 @@ are for their own job.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -155,7 +156,26 @@ def _fsdp_config(strategy: Strategy, cell: CellSettings) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the plan
 
-def _launch_env(cell: CellSettings, limits: Limits, deepspeed: bool) -> dict[str, str]:
+_FROM_ENVIRON = object()  # build_plan's default: read the parent's CUDA_VISIBLE_DEVICES at call time
+
+
+def cell_visible_devices(gpus: int, parent_visible: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES for a cuda cell of ``gpus`` ranks: the first ``gpus`` of the parent's devices.
+
+    A rank must see exactly its cell's cards: torch sizes FSDP's hybrid-shard intra-node group from
+    torch.cuda.device_count(), so a 2-rank cell on a 4-GPU host asked for a group of 4 in a world of 2.
+    The parent's own list (indices or GPU-/MIG- UUIDs) is respected, cut to its first ``gpus`` entries;
+    unset, it is 0..gpus-1. These are the devices bench.gpu_state / the NVML sampler watch for the cell
+    (CUDA indices 0..gpus-1 mapped through the parent's CUDA_VISIBLE_DEVICES).
+    """
+    if parent_visible is None:
+        return ",".join(str(i) for i in range(gpus))
+    entries = [e.strip() for e in parent_visible.split(",") if e.strip()]
+    return ",".join(entries[:gpus])
+
+
+def _launch_env(cell: CellSettings, limits: Limits, deepspeed: bool,
+                parent_visible: str | None = None) -> dict[str, str]:
     env = {
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
@@ -173,11 +193,18 @@ def _launch_env(cell: CellSettings, limits: Limits, deepspeed: bool) -> dict[str
         env["CUDA_VISIBLE_DEVICES"] = ""
         # Two ranks on a 2-core machine: one thread each, or they fight over cores.
         env["OMP_NUM_THREADS"] = "1"
+    elif cell.device == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = cell_visible_devices(cell.gpus, parent_visible)
     return env
 
 
 def build_plan(cell: CellSettings, results_dir: Path, limits: Limits, repeat: int = 0,
-               worker_module: str = WORKER_MODULE, port: int = 29500) -> LaunchPlan:
+               worker_module: str = WORKER_MODULE, port: int = 29500,
+               parent_visible_devices: str | None | object = _FROM_ENVIRON) -> LaunchPlan:
+    """``parent_visible_devices``: the parent's CUDA_VISIBLE_DEVICES (None: unset); read from the
+    environment unless given, so that tests can pin it."""
+    if parent_visible_devices is _FROM_ENVIRON:
+        parent_visible_devices = os.environ.get("CUDA_VISIBLE_DEVICES")
     cell_dir = results_dir.resolve() / "cells" / (cell.cell_id + (f"-r{repeat}" if repeat else ""))
     files: dict[str, str] = {"cell.json": json.dumps(cell.model_dump(mode="json"), indent=2)}
     notes: list[str] = []
@@ -186,6 +213,12 @@ def build_plan(cell: CellSettings, results_dir: Path, limits: Limits, repeat: in
 
         # The user's files are copied as original_<name> beside the resolved ones.
         accel, ds, notes, originals = resolve_with_originals(cell, cell_dir)
+        if cell.device == "cuda" and str(accel.get("gpu_ids", "all")) != "all":
+            # accelerate would set CUDA_VISIBLE_DEVICES from gpu_ids, away from the cards bench checks
+            # and samples for the cell (see cell_visible_devices).
+            notes = [*notes, f"gpu_ids {accel['gpu_ids']!r} -> 'all': bench gives the cell its first "
+                             f"{cell.gpus} visible GPU(s) through CUDA_VISIBLE_DEVICES"]
+            accel["gpu_ids"] = "all"
         files.update(originals)
         files["resolution_notes.txt"] = "\n".join(notes) + "\n"
     else:
@@ -205,7 +238,8 @@ def build_plan(cell: CellSettings, results_dir: Path, limits: Limits, repeat: in
     ]
     if cell.device == "cpu" and accel.get("distributed_type") == "MULTI_GPU":
         argv.insert(argv.index("--config_file"), "--multi_gpu")
-    env = _launch_env(cell, limits, deepspeed=accel.get("distributed_type") == "DEEPSPEED")
+    env = _launch_env(cell, limits, deepspeed=accel.get("distributed_type") == "DEEPSPEED",
+                      parent_visible=parent_visible_devices)
     plan = LaunchPlan(cell, cell_dir, argv, env, files, limits, repeat, worker_module, notes)
     files["launch.sh"] = f"#!/usr/bin/env bash\n# Re-run this cell by hand\n{plan.shell_command()}\n"
     return plan

@@ -20,9 +20,8 @@ from bench import flops, metrics, plots
 from bench import report_tables as tables
 from bench.matrix import MatrixError, TokenBudget, load_matrix
 from bench.report_render import Plot, Section, Table, slugify, to_html, to_markdown, write_csvs
-from bench.results import RunRecord, load_records
-
-MATRIX_COPY = "matrix.yaml"  # a results folder may hold the matrix it ran; its token_budget is then used
+from bench.results import MATRIX_COPY, RunRecord, latest_runs, load_records  # noqa: F401 - MATRIX_COPY: a
+# results folder holds the matrix it last ran (bench run copies it); its token_budget is then used
 
 
 @dataclass
@@ -76,7 +75,14 @@ def resolve_budget(options: ReportOptions, results_dirs: list[Path]) -> TokenBud
 
 
 def load_all(results_dirs: list[Path]) -> list[RunRecord]:
-    records = [r for d in results_dirs for r in load_records(d)]
+    """The records the report is made of: per results folder, the last record of each (cell, repeat).
+
+    A resumed matrix appends a new record after an interrupted one, --retry-failed after a failure; the
+    earlier ones stay on file but are not what the matrix ended with (resume reads a folder the same way).
+    Folders are taken apart: the same cell id in two folders may be two machines, which
+    metrics.aggregate_repeats keeps apart (and, on one machine, it keeps the later folder's run).
+    """
+    records = [r for d in results_dirs for r in latest_runs(load_records(d))]
     if not records:
         raise FileNotFoundError(f"no records in {', '.join(map(str, results_dirs))} (looked for runs.jsonl)")
     return records
@@ -189,7 +195,10 @@ def trace_section(records: list[RunRecord], options: ReportOptions, out_dir: Pat
             return Section("NVML trace", [f"No NVML trace recorded for cell {options.trace_cell}."])
         return None
     title = f"{record.label} ({record.cell_id}, {record.status})"
-    path = plots.nvml_trace(record.nvml, record.started_at, title, out_dir / "nvml_trace.png")
+    # The trace counts from the sampler's own start (nvml.started_at), a moment before the launch
+    # (record.started_at); only a record without it falls back to the launch time.
+    nvml = {**record.nvml, "started_at": record.nvml.get("started_at") or record.started_at}
+    path = plots.nvml_trace(nvml, record.started_at, title, out_dir / "nvml_trace.png")
     section = Section("NVML trace", [f"Cell {title}; choose another with --trace-cell CELL_ID."])
     if path:
         section.items.append(Plot(path, f"NVML trace of {title}"))

@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 SCHEMA_VERSION = 1
 RUNS_FILE = "runs.jsonl"
+MATRIX_COPY = "matrix.yaml"  # the matrix a results folder was last run from (informational; the report reads
+                             # its token_budget)
 
 # What became of a run (bench/failures.py decides the launched ones):
 #   ok; oom (CUDA OOM on any rank, or the host's OOM killer); timeout (limits.timeout_s); hang (no step
@@ -148,6 +151,36 @@ def latest_runs(records: list[RunRecord]) -> list[RunRecord]:
     for r in records:
         latest[(r.cell_id, r.repeat)] = r
     return list(latest.values())
+
+
+def save_matrix_copy(matrix_path: Path, results_dir: Path) -> str | None:
+    """Copy the matrix file into the results folder as matrix.yaml, as it is now, when a run starts.
+
+    matrix.yaml is always the newest copy. A different one already there (the matrix was edited between
+    runs into the same folder) is not overwritten silently: it is kept beside as matrix.<its time>.yaml,
+    and the returned line says so. None when nothing needed saying (new or identical copy).
+    """
+    results_dir = Path(results_dir)
+    source = Path(matrix_path).read_bytes()
+    target = results_dir / MATRIX_COPY
+    results_dir.mkdir(parents=True, exist_ok=True)
+    note = None
+    if target.is_file():
+        if target.read_bytes() == source:
+            return None
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(target.stat().st_mtime))
+        kept = results_dir / f"matrix.{stamp}.yaml"
+        n = 1
+        while kept.exists():
+            n += 1
+            kept = results_dir / f"matrix.{stamp}-{n}.yaml"
+        os.replace(target, kept)
+        note = (f"{target} differed from {matrix_path}: the earlier copy is kept as {kept.name}, "
+                f"{MATRIX_COPY} is now this run's matrix")
+    tmp = target.with_name(f".{MATRIX_COPY}.tmp")
+    tmp.write_bytes(source)
+    os.replace(tmp, target)
+    return note
 
 
 def check_writable(results_dir: Path) -> str | None:

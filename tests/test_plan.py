@@ -78,10 +78,68 @@ def test_deepspeed_json(tmp_path, name, stage):
     assert accel["deepspeed_config"]["zero3_init_flag"] is (stage == 3)
 
 
-def test_every_gpu_cell_has_gpu_ids_and_the_parent_env_is_kept(tmp_path):
+def test_every_gpu_cell_has_gpu_ids_and_the_parent_env_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("NCCL_DEBUG", "WARN")
     plan = plan_for(tmp_path, "ddp")
     assert yaml.safe_load(plan.files["accelerate.yaml"])["gpu_ids"] == "all"
-    assert "CUDA_VISIBLE_DEVICES" not in plan.env  # the machine's own setting (and NCCL_*) pass through
+    assert "NCCL_DEBUG" not in plan.env  # the machine's own settings pass through (plan.env only adds)
+
+
+class UuidNvml:
+    """pynvml's index/UUID look-ups over four cards, enough for bench.gpu_state.cell_handles."""
+
+    UUIDS = ["GPU-aaaa", "GPU-bbbb", "GPU-cccc", "GPU-dddd"]
+
+    def nvmlDeviceGetCount(self):
+        return len(self.UUIDS)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        return self.UUIDS.index(uuid)
+
+    def nvmlDeviceGetIndex(self, handle):
+        return handle
+
+
+def physical(entry: str) -> int:
+    return UuidNvml.UUIDS.index(entry) if entry.startswith("GPU-") else int(entry)
+
+
+@pytest.mark.parametrize("parent,gpus,want", [
+    (None, 2, "0,1"),  # unset: a 2-rank cell on a 4-GPU host sees 2 cards, not 4
+    (None, 1, "0"),
+    ("2,3,0,1", 2, "2,3"),  # the parent's own list, in its order
+    (" 3 , 1,", 1, "3"),
+    ("GPU-cccc,GPU-aaaa,GPU-dddd", 2, "GPU-cccc,GPU-aaaa"),
+])
+def test_a_cuda_cell_sees_exactly_its_gpus_the_ones_the_parent_samples(tmp_path, monkeypatch, parent, gpus, want):
+    from bench import gpu_state
+    from bench.matrix import CellSettings, Limits
+
+    if parent is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", parent)
+    cell = CellSettings(strategy="fsdp_hybrid_shard", gpus=gpus, device="cuda", model="tiny-llama")
+    plan = build_plan(cell, tmp_path, Limits())  # reads the parent's CUDA_VISIBLE_DEVICES
+    assert plan.env["CUDA_VISIBLE_DEVICES"] == want
+    assert f"CUDA_VISIBLE_DEVICES={want}" in plan.shell_command().replace("'", "")
+    # The parent (busy check, NVML sampler) watches CUDA devices 0..gpus-1 through its own list; the
+    # ranks' CUDA devices 0..gpus-1 are the plan's list: the same physical cards, in the same order.
+    monkeypatch.setattr(gpu_state, "nvml", lambda: UuidNvml())
+    watched = [index for index, _ in gpu_state.cell_handles(gpus)]
+    assert watched == [physical(e) for e in want.split(",")]
+
+
+def test_cpu_cells_hide_every_gpu_and_the_parent_list_can_be_pinned(tmp_path):
+    from bench.matrix import CellSettings, Limits
+
+    cpu = CellSettings(strategy="ddp", gpus=2, device="cpu", model="tiny-llama")
+    assert build_plan(cpu, tmp_path, Limits(), parent_visible_devices="0,1,2,3").env["CUDA_VISIBLE_DEVICES"] == ""
+    gpu = CellSettings(strategy="zero3", gpus=4, device="cuda", model="tiny-llama")
+    assert build_plan(gpu, tmp_path, Limits(), parent_visible_devices="7,6,5,4,3").env["CUDA_VISIBLE_DEVICES"] == "7,6,5,4"
 
 
 @pytest.mark.parametrize("strategy,adapter,want", [

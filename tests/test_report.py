@@ -162,6 +162,12 @@ def test_single_process_only_folder(cpu, tmp_path):
     assert "Nothing to compare" in (out / "index.md").read_text()
 
 
+def test_bench_run_leaves_its_matrix_in_the_results_folder(cpu_results):
+    copy_ = cpu_results / "matrix.yaml"
+    assert copy_.is_file() and (cpu_results.parent / "cpu.yaml").read_text() == copy_.read_text()
+    assert report.resolve_budget(report.ReportOptions(), [cpu_results]) is None  # read, no budget in it
+
+
 def test_budget_from_matrix_file_and_bad_tokens(cpu_results, tmp_path):
     matrix = tmp_path / "m.yaml"
     matrix.write_text("name: m\ntoken_budget: {tokens: 3000000, epochs: 2}\n")
@@ -180,3 +186,41 @@ def test_duration_reads_like_speech(seconds, text):
 @pytest.mark.parametrize("text, count", [("50M", 50_000_000), ("1.5B", 1_500_000_000), ("2000", 2000), ("3k", 3000)])
 def test_parse_count(text, count):
     assert report.parse_count(text) == count
+
+
+def test_a_resumed_or_retried_cell_reports_its_last_record(cpu, tmp_path):
+    ok = cpu["tiny-llama full ddp x2proc"]
+    other = cpu["tiny-llama full ddp x1proc"]
+    interrupted = failed_copy(ok, "interrupted", message="interrupted by Ctrl-C")
+    crashed, retried = failed_copy(other, "crash", message="RuntimeError: boom"), copy.deepcopy(other)
+    folder = write_folder(tmp_path / "resumed", [interrupted, crashed, ok, retried])
+    records = report.load_all([folder])
+    assert sorted((r.cell_id, r.status) for r in records) == sorted([(ok.cell_id, "ok"), (other.cell_id, "ok")])
+    out = report.write_report([folder], tmp_path / "rep")
+    cells = pd.read_csv(out / "all_cells.csv", dtype=str, keep_default_na=False)
+    assert sorted(cells["status"]) == ["ok", "ok"] and (cells["error"] == "").all()
+    assert "2 cells" in (out / "index.md").read_text() and "interrupted" not in (out / "index.md").read_text()
+    # The other way round (an ok run, then a failed rerun of it) ends failed: the last record counts.
+    again = write_folder(tmp_path / "rerun", [ok, failed_copy(ok, "crash", message="RuntimeError: boom")])
+    assert [r.status for r in report.load_all([again])] == ["crash"]
+
+
+def test_two_folders_with_the_same_cell_on_two_machines_stay_apart(cpu, tmp_path):
+    ok = cpu["tiny-llama full ddp x2proc"]
+    a, b = as_gpu_record(ok), as_gpu_record(ok, gpu_name="NVIDIA A100-SXM4-80GB")
+    assert a.cell_id == b.cell_id
+    df = report.build([write_folder(tmp_path / "h100", [a]), write_folder(tmp_path / "a100", [b])])
+    assert sorted(df["machine"]) == sorted([a.ranks[0]["gpu_name"], b.ranks[0]["gpu_name"]])
+
+
+def test_trace_shading_counts_from_the_samplers_start(cpu, tmp_path):
+    from bench import plots
+
+    rec = as_gpu_record(cpu["tiny-llama full ddp x2proc"])
+    rec.nvml["started_at"] = rec.started_at - 2.0  # the sampler starts before the launch
+    t = rec.nvml["trace"]["t"]
+    assert plots._window_offsets(rec.nvml, rec.started_at, t) == (7.0, 14.0)  # not (5.0, 12.0)
+    rec.nvml["started_at"] = None  # a record without it: the launch time, and no crash
+    folder = write_folder(tmp_path / "trace", [rec])
+    out = report.write_report([folder], tmp_path / "rep")
+    assert (out / "nvml_trace.png").is_file()

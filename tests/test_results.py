@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from bench import failures
-from bench.results import (SCHEMA_VERSION, RunRecord, SchemaError, append_record, check_writable, latest_runs,
-                           load_records, runs_path)
+from bench.results import (MATRIX_COPY, SCHEMA_VERSION, RunRecord, SchemaError, append_record, check_writable,
+                           latest_runs, load_records, runs_path, save_matrix_copy)
 
 
 def make_record(cell_id: str = "abc", status: str = "ok", repeat: int = 0, **extra) -> RunRecord:
@@ -83,6 +83,29 @@ def test_latest_runs_keeps_the_last_record_of_each_run(tmp_path):
                make_record("a", "ok", repeat=1)]
     latest = latest_runs(records)
     assert [(r.cell_id, r.repeat, r.status) for r in latest] == [("a", 0, "ok"), ("b", 0, "ok"), ("a", 1, "ok")]
+
+
+# ---------------------------------------------------------------- the matrix copy
+
+def test_matrix_copy_is_the_newest_and_a_different_one_is_kept_beside(tmp_path):
+    results = tmp_path / "results"
+    matrix = tmp_path / "m.yaml"
+    matrix.write_text("name: m\n# first\n")
+    assert save_matrix_copy(matrix, results) is None  # new: nothing to say
+    assert (results / MATRIX_COPY).read_text() == "name: m\n# first\n"
+    assert save_matrix_copy(matrix, results) is None  # identical: left as it is, nothing kept beside
+    assert sorted(p.name for p in results.iterdir()) == [MATRIX_COPY]
+    os.utime(results / MATRIX_COPY, (1_700_000_000, 1_700_000_000))
+    matrix.write_text("name: m\n# edited\n")
+    note = save_matrix_copy(matrix, results)
+    assert (results / MATRIX_COPY).read_text() == "name: m\n# edited\n"
+    kept = [p for p in results.iterdir() if p.name != MATRIX_COPY]
+    assert len(kept) == 1 and kept[0].read_text() == "name: m\n# first\n" and kept[0].name in note
+    matrix.write_text("name: m\n# third\n")
+    os.utime(results / MATRIX_COPY, (1_700_000_000, 1_700_000_000))  # the same stamp: a second name
+    assert save_matrix_copy(matrix, results)
+    assert sorted(p.read_text() for p in results.iterdir()) == [
+        "name: m\n# edited\n", "name: m\n# first\n", "name: m\n# third\n"]
 
 
 # ---------------------------------------------------------------- writable results folder
