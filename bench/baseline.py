@@ -17,7 +17,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from bench.results import RUNS_FILE, SCHEMA_VERSION, RunRecord, SchemaError, load_records
+from bench.results import RUNS_FILE, SCHEMA_VERSION, RunRecord, SchemaError, latest_runs, load_records
 
 DEFAULT_DIR = Path("results/baselines")
 
@@ -59,14 +59,6 @@ def _read_jsonl(path: Path) -> list[RunRecord]:
                               "Fix: upgrade bench")
         records.append(RunRecord.model_validate(raw))
     return records
-
-
-def latest_runs(records: list[RunRecord]) -> list[RunRecord]:
-    """One record per (cell, repeat): the last written, since a retry or resume appends a newer one."""
-    latest: dict[tuple[str, int], RunRecord] = {}
-    for r in records:
-        latest[(r.cell_id, r.repeat)] = r
-    return list(latest.values())
 
 
 def single_hardware(records: list[RunRecord], source: str) -> str:

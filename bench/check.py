@@ -50,9 +50,9 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import mannwhitneyu, ttest_ind
 
-from bench.baseline import BaselineError, latest_runs, load_any, resolve_auto, single_hardware
+from bench.baseline import BaselineError, load_any, resolve_auto, single_hardware
 from bench.metrics import timed_step_times, tokens_per_step
-from bench.results import RunRecord
+from bench.results import RunRecord, latest_runs
 
 SOFTWARE_KEYS = ("git_sha", "python", "cuda", "nccl", "driver", "cuda_driver", "platform")
 

@@ -127,12 +127,32 @@ def _memory_figures(record: RunRecord) -> dict:
 
 
 def _prediction_figures(record: RunRecord) -> dict:
+    out = {}
+    if (current := _current_prediction_gib(record)) is not None:
+        out["current_predicted_reserved_gib"] = current
     pred = record.prediction or {}
     if pred.get("peak_reserved_gib") is None:
-        return {}
-    return {"predicted_reserved_gib": float(pred["peak_reserved_gib"]), "predicted_fits": pred.get("fits"),
+        return out
+    return {**out, "predicted_reserved_gib": float(pred["peak_reserved_gib"]), "predicted_fits": pred.get("fits"),
             "predicted_capacity_gib": pred.get("capacity_gib"),
             "predicted_device_total_gib": pred.get("device_total_gib")}  # compared with NVML used
+
+
+def _current_prediction_gib(record: RunRecord) -> float | None:
+    """What the estimator predicts now for the same GPU cell.
+
+    A record keeps the prediction made when it ran, never rewritten; the estimator improves after
+    measurements, so the report shows both and holds the current one to account.
+    """
+    if record.settings.get("device") != "cuda":
+        return None
+    from bench.estimate import predict
+
+    try:
+        prediction = predict(CellSettings.model_validate(record.settings))
+    except Exception:  # noqa: BLE001 - an unpredictable cell (unreadable user config) just has no figure
+        return None
+    return prediction.peak_reserved_gib if prediction else None
 
 
 def _energy_figures(record: RunRecord, timed_tokens: float) -> dict:

@@ -190,15 +190,24 @@ def _window_offsets(nvml: dict, started_at: float, t: list[float]) -> tuple[floa
 
 
 def prediction_errors(pred: pd.DataFrame, path: Path) -> Path | None:
-    errors = pred["error_pct"].dropna() if "error_pct" in pred else pd.Series(dtype=float)
-    if not len(errors):
+    series = {label: pred[col].dropna() for col, label in
+              (("current_error_pct", "current estimator"), ("error_pct", "at run time")) if col in pred}
+    series = {label: s for label, s in series.items() if len(s)}
+    if not series:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.hist(errors, bins=min(20, max(5, len(errors))), color="tab:blue", edgecolor="white")
+    everything = pd.concat(series.values())
+    bins = np.linspace(min(everything.min(), -10), max(everything.max(), 10), 21)
+    for (label, errors), color in zip(series.items(), ("tab:blue", "tab:gray")):
+        ax.hist(errors, bins=bins, color=color, alpha=0.6, edgecolor="white",
+                label=f"{label}: median {errors.median():+.1f}%, worst {errors.abs().max():.1f}%")
     ax.axvline(0, color="black", linewidth=1)
+    for edge in (-10, 10):
+        ax.axvline(edge, color="tab:red", linestyle=":", linewidth=1)
+    ax.legend(fontsize=8)
     ax.set_xlabel("prediction error % ((predicted - measured) / measured, torch peak reserved)")
     ax.set_ylabel("cells")
-    ax.set_title(f"Memory prediction error over {len(errors)} cells: median {errors.median():+.1f}%, "
-                 f"worst {errors.abs().max():.1f}%", fontsize=9)
+    ax.set_title(f"Memory prediction error over {len(everything.index.unique())} cells (dotted: +-10% target)",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     return _save(fig, path)

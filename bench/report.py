@@ -170,7 +170,10 @@ def prediction_section(df: pd.DataFrame, out_dir: Path) -> Section | None:
     if not len(pred):
         return None
     section = Section("Predicted vs measured peak (torch reserved)",
-                      ["Error = (predicted - measured) / measured; positive means the estimate was cautious."])
+                      ["Error = (predicted - measured) / measured; positive means the estimate was cautious. "
+                       "'At run time' is the prediction stored in the record when the cell ran (records are never "
+                       "rewritten); 'current estimator' re-predicts the same cell with this version of bench, "
+                       "which is what the +-10% target applies to."])
     section.items.append(Table("prediction", "Prediction per cell", tables.prediction_table(pred)))
     if path := plots.prediction_errors(pred, out_dir / "prediction_errors.png"):
         section.items.append(Plot(path, "Histogram of memory prediction errors"))

@@ -285,9 +285,14 @@ def prediction_frame(df: pd.DataFrame) -> pd.DataFrame:
 
     CPU cells are left out: the prediction is of GPU memory, which a CPU run does not measure.
     """
-    if "predicted_reserved_gib" not in df.columns:
+    if "predicted_reserved_gib" not in df.columns and "current_predicted_reserved_gib" not in df.columns:
         return pd.DataFrame()
-    have = df[df["predicted_reserved_gib"].notna() & (df["device"] == "cuda")].copy()
+    df = df.copy()
+    for col in ("predicted_reserved_gib", "current_predicted_reserved_gib"):
+        if col not in df.columns:
+            df[col] = np.nan
+    predicted = df["predicted_reserved_gib"].notna() | df["current_predicted_reserved_gib"].notna()
+    have = df[predicted & (df["device"] == "cuda")].copy()
     for col in ("peak_reserved_gib", "nvml_peak_used_gib", "predicted_device_total_gib"):
         if col not in have.columns:
             have[col] = np.nan
@@ -296,6 +301,8 @@ def prediction_frame(df: pd.DataFrame) -> pd.DataFrame:
     have["measured_reserved_gib"] = have["peak_reserved_gib"].where(ok)
     have["nvml_peak_used_gib"] = have["nvml_peak_used_gib"].where(ok)
     have["error_pct"] = (have["predicted_reserved_gib"] - have["measured_reserved_gib"]) / have["measured_reserved_gib"] * 100
+    have["current_error_pct"] = ((have["current_predicted_reserved_gib"] - have["measured_reserved_gib"])
+                                 / have["measured_reserved_gib"] * 100)
     have["device_error_pct"] = ((have["predicted_device_total_gib"].astype(float) - have["nvml_peak_used_gib"])
                                 / have["nvml_peak_used_gib"] * 100)
     return have
@@ -313,9 +320,13 @@ def prediction_table(pred: pd.DataFrame) -> pd.DataFrame:
         device_total = row["predicted_device_total_gib"]
         rows.append({
             "machine": row["machine"], "run": row["label"], "status": row["status"],
-            "predicted GiB": f"{row['predicted_reserved_gib']:.2f}",
+            "predicted at run time GiB": (f"{row['predicted_reserved_gib']:.2f}" if is_num(row["predicted_reserved_gib"])
+                                          else "not predicted"),
             "measured GiB": measured_text(row["measured_reserved_gib"], row),
             "error %": f"{row['error_pct']:+.1f}" if is_num(row["error_pct"]) else "n/a",
+            "current estimator GiB": (f"{row['current_predicted_reserved_gib']:.2f}"
+                                      if is_num(row["current_predicted_reserved_gib"]) else "n/a"),
+            "current error %": f"{row['current_error_pct']:+.1f}" if is_num(row["current_error_pct"]) else "n/a",
             "predicted NVML GiB": f"{device_total:.2f}" if is_num(device_total) else "not predicted",
             "NVML used GiB": measured_text(row["nvml_peak_used_gib"], row),
             "NVML error %": f"{row['device_error_pct']:+.1f}" if is_num(row["device_error_pct"]) else "n/a",
