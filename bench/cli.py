@@ -64,7 +64,7 @@ def report(
         raise typer.Exit(main_guard(_run))
     except FileNotFoundError as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
 
 @app.command()

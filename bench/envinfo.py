@@ -63,7 +63,7 @@ def _topology(pynvml, handles) -> str | None:
         level = pynvml.nvmlDeviceGetTopologyCommonAncestor(handles[0], handles[1])
         nvlinks = sum(
             1 for link in range(18)
-            if _safe(lambda: pynvml.nvmlDeviceGetNvLinkState(handles[0], link)) == 1)
+            if _safe(lambda link=link: pynvml.nvmlDeviceGetNvLinkState(handles[0], link)) == 1)
         return f"gpu0-gpu1 common ancestor level {level}, {nvlinks} active NVLinks on gpu0"
     except Exception:  # noqa: BLE001
         return None

@@ -19,7 +19,7 @@ from rich.table import Table as RichTable
 from bench import flops, metrics, plots
 from bench import report_tables as tables
 from bench.matrix import MatrixError, TokenBudget, load_matrix
-from bench.report_render import Plot, Section, Table, slugify, to_html, to_markdown, write_csvs
+from bench.report_render import Plot, Section, Table, to_html, to_markdown, write_csvs
 from bench.results import MATRIX_COPY, RunRecord, latest_runs, load_records  # noqa: F401 - MATRIX_COPY: a
 # results folder holds the matrix it last ran (bench run copies it); its token_budget is then used
 

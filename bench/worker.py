@@ -10,7 +10,6 @@ timed steps, write this rank's report. It trains nothing useful: weights are ran
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys

@@ -9,7 +9,7 @@ import pytest
 from bench.estimate import (GIB, capacity_for, model_states, predict, predicted_oom, sharding_for, step_buffers,
                             with_capacity)
 from bench.estimate_activations import activation_bytes, layer_bytes_per_token
-from bench.estimate_states import ADAM_8BIT_BYTES, NF4_BYTES
+from bench.estimate_states import NF4_BYTES
 from bench.matrix import Adapter, CellSettings, Train
 from bench.models import ModelShape
 from bench.results import load_records
