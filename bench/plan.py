@@ -149,7 +149,10 @@ def _fsdp_config(strategy: Strategy, cell: CellSettings) -> dict[str, Any]:
         "fsdp_backward_prefetch": "BACKWARD_PRE",
         "fsdp_forward_prefetch": False,
         "fsdp_sync_module_states": False,  # random init from one seed: every rank builds the same weights
-        "fsdp_use_orig_params": True,  # needed with frozen parameters (LoRA)
+        # LoRA: frozen and trainable parameters in one unit need the original parameters kept. QLoRA: the
+        # documented FSDP-QLoRA setting (PEFT guide, HF recipes) is False, because bitsandbytes rebuilds its
+        # 4-bit weight from the flat parameter's storage in forward; the adapters are their own units anyway.
+        "fsdp_use_orig_params": cell.adapter.type != "qlora",
         **common,
     }
 

@@ -167,3 +167,17 @@ def test_llama8b_matrix_is_the_issue_setting():
     assert (cell.model, a.type, a.r, a.alpha, a.dropout, a.target) == ("llama-3.1-8b", "lora", 32, 16, 0.05, "all-linear")
     assert (t.seq_len, t.micro_batch, t.precision, t.optimizer, t.grad_checkpointing) == (
         2048, 4, "bf16", "adamw_bnb_8bit", True)
+
+
+def test_fsdp1_keeps_original_params_for_lora_but_not_for_qlora(tmp_path):
+    from bench.matrix import CellSettings, Limits
+    from bench.plan import build_plan
+
+    def use_orig(adapter: str) -> bool:
+        cell = CellSettings(model="llama-3.2-1b", strategy="fsdp_full_shard", gpus=2, device="cuda",
+                            adapter={"type": adapter})
+        plan = build_plan(cell, tmp_path, Limits(), parent_visible_devices="0,1")
+        return yaml.safe_load(plan.files["accelerate.yaml"])["fsdp_config"]["fsdp_use_orig_params"]
+
+    assert use_orig("lora") is True and use_orig("none") is True
+    assert use_orig("qlora") is False
