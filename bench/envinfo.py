@@ -32,28 +32,24 @@ def git_sha() -> str | None:
 
 def gpu_info() -> dict:
     """GPU model, count, memory, driver, topology via NVML; empty on a machine without NVIDIA GPUs."""
-    try:
-        import pynvml
+    from bench.gpu_state import nvml
 
-        pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - no driver / no library: a CPU machine
+    pynvml = nvml()
+    if pynvml is None:  # no driver / no library: a CPU machine
         return {}
-    try:
-        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-        names = [pynvml.nvmlDeviceGetName(h) for h in handles]
-        info = {
-            "gpu_count": len(handles),
-            "gpu_model": names[0] if names else None,
-            "gpu_models": names,
-            "gpu_memory_bytes": [pynvml.nvmlDeviceGetMemoryInfo(h).total for h in handles],
-            "driver": pynvml.nvmlSystemGetDriverVersion(),
-            "cuda_driver": pynvml.nvmlSystemGetCudaDriverVersion(),
-            "power_limit_w": [pynvml.nvmlDeviceGetPowerManagementLimit(h) / 1000 for h in handles],
-        }
-        info["topology"] = _topology(pynvml, handles)
-        return info
-    finally:
-        pynvml.nvmlShutdown()
+    handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    names = [pynvml.nvmlDeviceGetName(h) for h in handles]
+    info = {
+        "gpu_count": len(handles),
+        "gpu_model": names[0] if names else None,
+        "gpu_models": names,
+        "gpu_memory_bytes": [pynvml.nvmlDeviceGetMemoryInfo(h).total for h in handles],
+        "driver": pynvml.nvmlSystemGetDriverVersion(),
+        "cuda_driver": pynvml.nvmlSystemGetCudaDriverVersion(),
+        "power_limit_w": [pynvml.nvmlDeviceGetPowerManagementLimit(h) / 1000 for h in handles],
+    }
+    info["topology"] = _topology(pynvml, handles)
+    return info
 
 
 def _topology(pynvml, handles) -> str | None:

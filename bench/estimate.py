@@ -39,7 +39,6 @@ PREDICTION_VERSION = 1
 COMPONENTS = ("params", "grads", "optimizer", "master_weights", "activations", "adapter", "overhead")
 # Sizes the generated DeepSpeed JSON sets (bench/plan.py), in elements.
 DS_REDUCE_BUCKET = 500_000_000
-DS_PREFETCH_BUCKET = 500_000_000
 DS_MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters (plan.py keeps it)
 
 

@@ -30,8 +30,8 @@ def policy_for(cell: CellSettings) -> PrecisionPolicy:
     half = {"bf16": "bfloat16", "fp16": "float16"}.get(cell.train.precision)
     if half is None:
         return PrecisionPolicy("fp32", "float32", "float32", True, "fp32 weights, gradients and compute")
-    family = None if strategies.is_user_config(cell.strategy) else strategies.get(cell.strategy).family
-    if family == "deepspeed" or (family is None and cell.strategy.endswith(".json")):
+    family = strategies.get(cell.strategy).family  # a user's own config is described by what it contains
+    if family == "deepspeed":
         return PrecisionPolicy("pure", half, half, True,
                                f"DeepSpeed {cell.train.precision}: {half} weights and gradients, fp32 master copy in the optimizer")
     if cell.adapter.type != "none":

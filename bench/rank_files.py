@@ -67,15 +67,3 @@ def read_json_files(folder: Path, prefix: str) -> list[dict]:
         except (OSError, json.JSONDecodeError):
             continue
     return sorted(out, key=lambda d: d.get("rank", 0))
-
-
-def last_heartbeat(folder: Path) -> float | None:
-    """Time of the newest heartbeat of any rank; None before the first."""
-    beats = read_json_files(folder, "heartbeat")
-    return max((b["time"] for b in beats), default=None)
-
-
-def slowest_progress(folder: Path) -> float | None:
-    """Time of the oldest latest heartbeat across ranks: a stuck rank holds this back."""
-    beats = read_json_files(folder, "heartbeat")
-    return min((b["time"] for b in beats), default=None)

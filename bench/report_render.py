@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import html
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,10 +29,6 @@ class Section:
     title: str
     notes: list[str] = field(default_factory=list)
     items: list[Table | Plot] = field(default_factory=list)
-
-
-def slugify(text: str, limit: int = 60) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "table"
 
 
 def write_csvs(sections: list[Section], out_dir: Path) -> None:

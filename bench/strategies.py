@@ -25,10 +25,6 @@ class Strategy:
     shards_params: bool = False  # parameters are split across ranks (ZeRO-3, FSDP full/hybrid shard)
 
     @property
-    def distributed(self) -> bool:
-        return self.family != "single"
-
-    @property
     def runs_on_cpu(self) -> bool:
         """accelerate enables FSDP only on GPUs; DDP and DeepSpeed run over gloo on CPU."""
         return self.family in ("single", "ddp", "deepspeed")
