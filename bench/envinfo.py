@@ -31,18 +31,26 @@ def git_sha() -> str | None:
 
 
 def gpu_info() -> dict:
-    """GPU model, count, memory, driver, topology via NVML; empty on a machine without NVIDIA GPUs."""
-    from bench.gpu_state import nvml
+    """Model, count, memory, driver, topology of the GPUs this run may use, via NVML; empty without NVIDIA GPUs.
 
-    pynvml = nvml()
+    The cards are those CUDA_VISIBLE_DEVICES leaves visible (all where it is unset): a run given 2 cards of
+    a 4-GPU host is a 2-GPU run, and its results are compared with other 2-GPU runs. The host's own count
+    and the NVML indices of the cards used are kept beside it.
+    """
+    from bench import gpu_state
+
+    pynvml = gpu_state.nvml()
     if pynvml is None:  # no driver / no library: a CPU machine
         return {}
-    handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    pairs = gpu_state.cell_handles(gpu_state.visible_count())
+    handles = [h for _, h in pairs]
     names = [pynvml.nvmlDeviceGetName(h) for h in handles]
     info = {
         "gpu_count": len(handles),
         "gpu_model": names[0] if names else None,
         "gpu_models": names,
+        "gpu_indices": [index for index, _ in pairs],
+        "host_gpu_count": pynvml.nvmlDeviceGetCount(),
         "gpu_memory_bytes": [pynvml.nvmlDeviceGetMemoryInfo(h).total for h in handles],
         "driver": pynvml.nvmlSystemGetDriverVersion(),
         "cuda_driver": pynvml.nvmlSystemGetCudaDriverVersion(),

@@ -258,10 +258,12 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
         sync(device)
         if phase == "timed" and window[0] is None:
             window[0] = time.time()  # wall clock, so the parent's NVML samples can be cut to it
+        started_at = time.time()  # wall clock: lines a step up with the parent's NVML samples
         t0 = time.perf_counter()
         parts = train_step(cell, model, optimizer, accelerator, batches, device)
         sync(device)
-        steps.append({"step": i, "phase": phase, "time_s": time.perf_counter() - t0, **parts})
+        steps.append({"step": i, "phase": phase, "started_at": started_at, "time_s": time.perf_counter() - t0,
+                      **parts})
         if phase == "timed":
             window[1] = time.time()
     files.heartbeat("done", total)

@@ -2,41 +2,93 @@
 # One GPU session's evidence run: install what the GPU image lacks (wheels in .whl/), print the machine,
 # then run the steps named on the command line, each logged under $OUT. This is how the GPU results
 # committed under results/ and report/ were produced.
-#   usage: benchmarks/gpu_session.sh OUT STEP [STEP ...]
-#   steps: gpu-tests, smoke, llama8b-1gpu, oom, llama8b, llama-full, nightly, 70b, overhead
+#
+#   usage: benchmarks/gpu_session.sh OUT STEP [STEP ...]     (logs in OUT, everything also in OUT.tgz)
+#   steps:
+#     gpu-tests[=PATHS]     pytest -m gpu on PATHS (comma-separated test files; default: tests), -k $PYTEST_K
+#     smoke, llama8b-1gpu, oom, llama8b, 70b, overhead
+#     nightly[=DIR]         matrices/nightly.yaml --repeats 3 into results/DIR (default results/nightly)
+#     llama-full[=ONLY]     matrices/llama-full.yaml, ONLY as --only filters joined by '@',
+#                           e.g. llama-full=model=llama-3.2-3b@gpus=1,2
+#     lane:GPUS:S1+S2+...   run steps S1, S2 ... one after the other on the cards GPUS (CUDA_VISIBLE_DEVICES,
+#                           e.g. lane:2,3:nightly=nightly-b+70b), in the background beside the other lanes
+#
+# Lanes let a 4-GPU host run two 2-GPU jobs at once: each job sees only its own pair of cards (bench narrows
+# every cell to the first N of the parent's CUDA_VISIBLE_DEVICES, and checks and samples just those).
+# They share the host's CPUs, memory and PCIe; the records say which physical cards a cell used.
+# DEADLINE_S (seconds from the start, optional) stops every step still running then with SIGINT: a bench
+# run records the cell in flight as interrupted and a later run resumes the rest.
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUT STEP...}; shift
 mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then
+if ls .whl/*.whl >/dev/null 2>&1 && [ -z "${BENCH_INSTALLED:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=/tmp/site:$PWD BENCH_INSTALLED=1
 fi
 export PYTHONUNBUFFERED=1
 bench() { python3 -m bench.cli "$@"; }
-nvidia-smi --query-gpu=name,memory.total,power.limit --format=csv > "$out/nvidia-smi.csv" 2>&1
+nvidia-smi --query-gpu=index,name,memory.total,power.limit --format=csv > "$out/nvidia-smi.csv" 2>&1
 bench env > "$out/env.json" 2>&1
+
+left() {  # seconds until DEADLINE_S, or a day without one
+  if [ -n "${DEADLINE_S:-}" ]; then echo $((DEADLINE_S - SECONDS)); else echo 86400; fi
+}
 
 step() {
   local name=$1; shift
-  echo "=== $name: $*"; local t0=$SECONDS
-  "$@" 2>&1 | tee "$out/$name.log" | tail -25
-  echo "=== $name done in $((SECONDS - t0)) s"
+  local budget; budget=$(left)
+  if [ "$budget" -le 5 ]; then echo "=== $name: skipped, deadline reached"; return; fi
+  echo "=== $name: $* (cards ${CUDA_VISIBLE_DEVICES:-all}, ${budget} s left)"; local t0=$SECONDS
+  timeout -s INT -k 30 "$budget" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  tail -25 "$out/$name.log"
+  echo "=== $name done in $((SECONDS - t0)) s, exit $rc"
 }
 
-for s in "$@"; do
+only_args() {  # "model=x@gpus=1,2" -> --only model=x --only gpus=1,2
+  local IFS='@'; for f in $1; do printf -- '--only\n%s\n' "$f"; done
+}
+
+run_step() {
+  local s=$1 arg=""
+  [[ $s == *=* ]] && { arg=${s#*=}; s=${s%%=*}; }
   case $s in
-    gpu-tests)    step gpu-tests python3 -m pytest -q -m gpu tests -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"} ;;
+    gpu-tests)
+      local paths=${arg:-tests}
+      step "gpu-tests${arg:+-$(basename "${paths%%,*}" .py)}" python3 -m pytest -q -rs -m gpu ${paths//,/ } \
+        -p no:cacheprovider --basetemp "$out/pytest-${CUDA_VISIBLE_DEVICES:-all}-$SECONDS" \
+        ${PYTEST_K:+-k "$PYTEST_K"} ;;
     smoke)        step smoke bench run matrices/smoke.yaml --device cuda --results results/smoke-gpu --only gpus=1 ;;
     llama8b-1gpu) step llama8b-1gpu bench run matrices/llama8b.yaml --only gpus=1 ;;
     oom)          step oom bench run matrices/oom.yaml --force ;;  # launch although predicted not to fit
     llama8b)      step llama8b bench run matrices/llama8b.yaml ;;
-    llama-full)   step llama-full bench run matrices/llama-full.yaml ;;
-    nightly)      step nightly bench run matrices/nightly.yaml --repeats 3 ;;
+    llama-full)
+      local only=(); [ -n "$arg" ] && mapfile -t only < <(only_args "$arg")
+      step "llama-full${arg:+-${arg//[^a-zA-Z0-9.]/_}}" bench run matrices/llama-full.yaml "${only[@]}" ;;
+    nightly)      step "${arg:-nightly}" bench run matrices/nightly.yaml --results "results/${arg:-nightly}" --repeats 3 ;;
     70b)          step 70b bench run matrices/llama70b-qlora.yaml ;;
-    overhead)     step overhead python3 benchmarks/sampler_overhead.py ;;
+    overhead)     step overhead python3 benchmarks/sampler_overhead.py --out "$out/overhead" ;;
     *) echo "unknown step $s" ;;
   esac
+}
+
+lanes=()
+for s in "$@"; do
+  if [[ $s == lane:* ]]; then
+    IFS=: read -r _ gpus steps <<< "$s"
+    (
+      export CUDA_VISIBLE_DEVICES=$gpus
+      IFS=+ read -ra list <<< "$steps"
+      for t in "${list[@]}"; do run_step "$t"; done
+    ) > "$out/lane-${gpus//,/-}.log" 2>&1 &
+    lanes+=($!)
+  else
+    run_step "$s"
+  fi
 done
-# Records, generated configs and logs come back as one archive (the rank folders are small).
-tar czf "$out/results.tgz" results report 2>/dev/null
-ls -la "$out"
+[ ${#lanes[@]} -gt 0 ] && wait "${lanes[@]}"
+for f in "$out"/lane-*.log; do [ -e "$f" ] && { echo "##### $f"; cat "$f"; }; done
+# Records, generated configs, logs and pytest folders as one archive beside OUT (the device tool brings
+# back only a few files): OUT.tgz.
+tar czf "${out%/}.tgz" results report "$out" 2>/dev/null
+ls -la "${out%/}.tgz"

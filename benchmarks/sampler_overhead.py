@@ -1,12 +1,18 @@
-"""What the NVML sampler costs in throughput: the same GPU cell with the sampler on and off, several times.
+"""What the NVML sampler costs in throughput, measured inside one long run with the sampler switched on and off.
 
-Each run is a fresh `bench run` (its own accelerate launch); on and off alternate, and the order flips
-every round, so that a drift of the machine (clocks, temperature) falls on both sides alike. Throughput
-is the worker's own figure: tokens of the timed steps over the slowest rank's timed time.
-Target: the sampler costs at most 0.5 %.
+Comparing separate launches (sampler on vs off) drowns a sub-percent effect in launch-to-launch spread
+(1-7 % on H100). So this runs ONE cell with many timed steps, with bench's own sampler off
+(BENCH_SAMPLER=0), and drives the same sampler class (bench.sampler.NvmlSampler, same cards, same
+interval, same NVML calls, from a parent-side process as in `bench run`) itself: on for WINDOW seconds,
+off for WINDOW seconds, over and over. Each step is stamped with its wall-clock start by the worker; a
+step that lies wholly inside an "on" window is an on-step, wholly inside an "off" window an off-step,
+steps across a switch are dropped. The step time of a cell is its slowest rank's.
 
-    python benchmarks/sampler_overhead.py                       # llama-3.2-1b, ddp, 1 GPU, 3 runs each
-    python benchmarks/sampler_overhead.py --gpus 2 --runs 5 --interval 0.02
+Output: mean step time on vs off, the difference with a 95 % bootstrap confidence interval, the
+Mann-Whitney p-value, the sampling rate achieved, and the card. Target: the sampler costs at most 0.5 %.
+
+    python benchmarks/sampler_overhead.py                         # llama-3.2-1b, ddp, 1 GPU, 400 timed steps
+    python benchmarks/sampler_overhead.py --gpus 2 --steps 600 --window 1.5 --out /tmp/so
 """
 
 from __future__ import annotations
@@ -14,15 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
 import yaml
+from scipy.stats import mannwhitneyu
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.sampler import NvmlSampler, interval_from_env  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -30,10 +41,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default="llama-3.2-1b")
     p.add_argument("--strategy", default="ddp")
     p.add_argument("--gpus", type=int, default=1)
-    p.add_argument("--runs", type=int, default=3, help="runs with the sampler on, and as many with it off")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    p.add_argument("--device", default="cuda", help="cpu only checks the plumbing (no NVML there)")
+    p.add_argument("--steps", type=int, default=400, help="timed steps of the one run")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--window", type=float, default=2.0, help="seconds the sampler stays on, then off")
     p.add_argument("--interval", type=float, default=None, help="sampling interval in seconds (default: bench's)")
     p.add_argument("--out", type=Path, default=None, help="keep the results here (default: a temporary folder)")
     return p.parse_args()
@@ -42,68 +54,104 @@ def parse_args() -> argparse.Namespace:
 def write_matrix(folder: Path, args: argparse.Namespace) -> Path:
     matrix = {
         "name": "sampler-overhead", "model": args.model, "strategy": args.strategy, "gpus": args.gpus,
-        "device": "cuda",
+        "device": args.device,
         "train": {"seq_len": args.seq_len, "micro_batch": args.micro_batch, "precision": "bf16",
-                  "optimizer": "adamw_torch_fused", "grad_checkpointing": True, "warmup_steps": 2,
+                  "optimizer": "adamw_torch", "grad_checkpointing": True, "warmup_steps": 3,
                   "steps": args.steps},
-        "limits": {"timeout_s": 600, "hang_s": 240, "startup_s": 300},
+        "limits": {"timeout_s": 900, "hang_s": 240, "startup_s": 300},
     }
     path = folder / "sampler-overhead.yaml"
     path.write_text(yaml.safe_dump(matrix, sort_keys=False))
     return path
 
 
-def run_once(matrix: Path, results: Path, sampler_on: bool, interval: float | None) -> dict:
-    env = {**os.environ, "BENCH_SAMPLER": "1" if sampler_on else "0"}
-    if interval is not None:
-        env["BENCH_SAMPLER_INTERVAL_S"] = str(interval)
-    proc = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(matrix), "--results", str(results)],
-                          cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"bench run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    record = json.loads((results / "runs.jsonl").read_text().splitlines()[-1])
-    if record["status"] != "ok":
-        sys.exit(f"cell not ok: {record['status']}: {record.get('error')}")
-    return record
+def toggle_sampler(proc: subprocess.Popen, gpus: int, window: float, interval: float) -> list[tuple[str, float, float]]:
+    """On/off windows (state, start, end) in wall-clock time until ``proc`` ends; also the sample counts."""
+    windows, on = [], True
+    while proc.poll() is None:
+        start = time.time()
+        sampler = NvmlSampler(gpus, interval_s=interval) if on else None
+        if sampler:
+            sampler.start()
+        deadline = time.monotonic() + window
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        if sampler:
+            sampler.stop([])
+            samples = len(sampler.traces[0].t) if sampler.traces else 0
+        end = time.time()
+        windows.append(("on" if on else "off", start, end, samples if on else 0))
+        on = not on
+    return windows
 
 
-def tokens_per_s(record: dict) -> float:
-    timed = [[s for s in r["steps"] if s["phase"] == "timed"] for r in record["ranks"]]
-    slowest = max(sum(s["time_s"] for s in steps) for steps in timed)
-    return sum(s["tokens"] for steps in timed for s in steps) / slowest
+def classify(record: dict, windows: list) -> dict[str, list[float]]:
+    """Slowest-rank time of each timed step, grouped by the window that wholly contains it."""
+    ranks = [[s for s in r["steps"] if s["phase"] == "timed"] for r in record["ranks"]]
+    out: dict[str, list[float]] = {"on": [], "off": []}
+    for steps in zip(*ranks):
+        start = min(s["started_at"] for s in steps)
+        end = max(s["started_at"] + s["time_s"] for s in steps)
+        slowest = max(s["time_s"] for s in steps)
+        for state, w0, w1, _ in windows:
+            if w0 <= start and end <= w1:
+                out[state].append(slowest)
+                break
+    return out
 
 
-def describe(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return (f"mean {statistics.mean(values):,.0f} tok/s, sd {spread:,.0f} ({100 * spread / statistics.mean(values):.2f} %), "
-            f"min {min(values):,.0f}, max {max(values):,.0f}, n={len(values)}")
+def bootstrap_ci(on: np.ndarray, off: np.ndarray, rounds: int = 10000) -> tuple[float, float]:
+    """95 % interval of (mean on - mean off) / mean off, in percent."""
+    rng = np.random.default_rng(0)
+    a = rng.choice(on, (rounds, on.size)).mean(axis=1)
+    b = rng.choice(off, (rounds, off.size)).mean(axis=1)
+    lo, hi = np.percentile(100 * (a - b) / b, [2.5, 97.5])
+    return float(lo), float(hi)
 
 
 def main() -> int:
     args = parse_args()
     folder = args.out or Path(tempfile.mkdtemp(prefix="sampler-overhead-"))
     folder.mkdir(parents=True, exist_ok=True)
+    interval = args.interval if args.interval is not None else interval_from_env()
     matrix = write_matrix(folder, args)
-    speeds: dict[bool, list[float]] = {True: [], False: []}
-    rates = []
-    for i in range(args.runs):
-        for on in ((True, False) if i % 2 == 0 else (False, True)):
-            record = run_once(matrix, folder / f"run{i}-{'on' if on else 'off'}", on, args.interval)
-            speeds[on].append(tokens_per_s(record))
-            if on:
-                rates.append(record["nvml"]["achieved_hz"])
-            print(f"round {i + 1}/{args.runs} sampler {'on ' if on else 'off'}: {speeds[on][-1]:,.0f} tok/s", flush=True)
-    on, off = speeds[True], speeds[False]
-    cost = 100 * (statistics.mean(off) - statistics.mean(on)) / statistics.mean(off)
-    # Standard error of the difference of two means, in percent of the off mean.
-    se = 100 * ((statistics.variance(on) / len(on) + statistics.variance(off) / len(off)) ** 0.5
-                / statistics.mean(off)) if args.runs > 1 else float("nan")
-    print(f"\ncell: {args.model} {args.strategy} x{args.gpus} GPU, seq {args.seq_len}, micro-batch {args.micro_batch}, "
-          f"{args.steps} timed steps per run")
-    print(f"sampler on : {describe(on)}  (sampling at {statistics.mean(rates):.1f} Hz achieved)")
-    print(f"sampler off: {describe(off)}")
-    verdict = "within" if cost <= 0.5 else "OVER"
-    print(f"sampler cost: {cost:+.2f} % of throughput (+- {se:.2f} % standard error), {verdict} the 0.5 % target")
+    env = {**os.environ, "BENCH_SAMPLER": "0"}  # bench's own sampler off: this script drives it
+    cmd = [sys.executable, "-m", "bench.cli", "run", str(matrix), "--results", str(folder / "results")]
+    with open(folder / "bench-run.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        windows = toggle_sampler(proc, args.gpus, args.window, interval)
+    if proc.returncode != 0:
+        sys.exit(f"bench run failed ({proc.returncode}): see {folder / 'bench-run.log'}")
+    record = json.loads((folder / "results" / "runs.jsonl").read_text().splitlines()[-1])
+    if record["status"] != "ok":
+        sys.exit(f"cell not ok: {record['status']}: {record.get('error')}")
+    groups = classify(record, windows)
+    on, off = np.array(groups["on"]), np.array(groups["off"])
+    if on.size < 10 or off.size < 10:
+        sys.exit(f"too few steps inside windows (on {on.size}, off {off.size}): raise --steps or --window")
+    cost = 100 * (on.mean() - off.mean()) / off.mean()
+    lo, hi = bootstrap_ci(on, off)
+    p = float(mannwhitneyu(on, off, alternative="two-sided").pvalue)
+    on_windows = [w for w in windows if w[0] == "on"]
+    hz = sum(w[3] for w in on_windows) / sum(w[2] - w[1] for w in on_windows)
+    card = record["ranks"][0].get("gpu_name")
+    summary = {
+        "card": card, "cell": f"{args.model} {args.strategy} x{args.gpus} GPU, seq {args.seq_len}, "
+                              f"micro-batch {args.micro_batch}",
+        "window_s": args.window, "interval_s": interval, "achieved_hz": hz,
+        "steps_on": int(on.size), "steps_off": int(off.size),
+        "step_s_on_mean": float(on.mean()), "step_s_off_mean": float(off.mean()),
+        "step_s_on_sd": float(on.std(ddof=1)), "step_s_off_sd": float(off.std(ddof=1)),
+        "cost_percent": float(cost), "ci95_percent": [lo, hi], "mann_whitney_p": p,
+        "target_percent": 0.5, "within_target": hi <= 0.5,
+    }
+    (folder / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"card: {card}; cell: {summary['cell']}; sampler at {hz:.1f} Hz in {args.window:g} s on/off windows")
+    print(f"step time on : {on.mean() * 1e3:.2f} ms (sd {on.std(ddof=1) * 1e3:.2f}, n={on.size})")
+    print(f"step time off: {off.mean() * 1e3:.2f} ms (sd {off.std(ddof=1) * 1e3:.2f}, n={off.size})")
+    verdict = "within the 0.5 % target" if hi <= 0.5 else ("over the 0.5 % target" if lo > 0.5 else "undecided (the interval spans 0.5 %)")
+    print(f"sampler cost: {cost:+.3f} % of step time, 95 % CI [{lo:+.3f}, {hi:+.3f}] %, Mann-Whitney p={p:.3g}: "
+          f"{verdict}")
     print(f"records: {folder}")
     return 0
 

@@ -166,9 +166,8 @@ def test_nightly_matrix_covers_strategies_and_adapters():
     cells = expand(matrix, source="nightly.yaml")
     assert {c.device for c in cells} == {"cuda"} and {c.gpus for c in cells} == {2}
     pairs = {(c.strategy, c.adapter.type) for c in cells}
-    assert pairs == {("ddp", "none"), ("ddp", "lora"), ("fsdp_full_shard", "none"), ("fsdp_full_shard", "lora"),
-                     ("zero2", "none"), ("zero3", "lora")}
-    assert len({c.cell_id for c in cells}) == 6
+    assert pairs == {("ddp", "lora"), ("fsdp_full_shard", "none"), ("zero2", "none"), ("zero3", "lora")}
+    assert len({c.cell_id for c in cells}) == 4
     assert all(c.adapter.r == 16 for c in cells if c.adapter.type == "lora")
     assert not [msg for c in cells if (msg := check_runnable(c, visible_gpus=2))]
 

@@ -127,14 +127,23 @@ def test_qlora_cell_runs_on_gpu(gpu_records, name):
     assert peak < (8 if c.get("gpu_memory_gib") else 20) * 2**30
 
 
+# llama-3.1-8b: 7.0e9 params in decoder linears (NF4: 0.5 B/param + absmax) = 3.5 GB; 1.05e9 in embeddings and
+# LM head. Bf16 whole model: 16 GB (15 GiB). One bf16 decoder layer: 0.44 GB.
+#  - FSDP: everything not 4-bit stays bf16 (one dtype per flat parameter): 3.5 + 2.1 + one layer = 6.0 GB.
+#  - ddp: peft's k-bit recipe upcasts embeddings, norms and LM head to fp32 (4.2 GB; while one is cast both
+#    copies live): 3.5 + 4.2 + 1.05 = 8.8 GB (H100: 8.25 GiB measured).
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_build_peak_stays_near_the_4bit_size():
-    """Layer by layer: the build never holds the bf16 model (llama-3.1-8b: 16 GB in bf16, ~5.5 GB built)."""
+@pytest.mark.parametrize("strategy,bound_gib", [("fsdp_full_shard", 6.5), ("ddp", 9.0)])
+def test_build_peak_stays_near_the_4bit_size(strategy, bound_gib):
+    """Layer by layer: the build never holds the bf16 model (15 GiB for llama-3.1-8b)."""
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    cell = CellSettings(model="llama-3.1-8b", strategy="ddp", device="cuda",
+    before = torch.cuda.memory_allocated()
+    cell = CellSettings(model="llama-3.1-8b", strategy=strategy, device="cuda",
                         adapter={"type": "qlora"}, train={"precision": "bf16"})
     model = _build(cell, "cuda")
-    peak = torch.cuda.max_memory_allocated()
-    assert peak < 8 * 2**30, peak / 2**30
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**30
+    print(f"{strategy}: build peak {peak:.2f} GiB")
+    assert peak < bound_gib, peak
     del model

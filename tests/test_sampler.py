@@ -190,3 +190,17 @@ def test_cuda_visible_devices_maps_cuda_index_to_nvml_index(fake, monkeypatch):
 def test_no_nvml_means_nothing_to_report(monkeypatch):
     monkeypatch.setattr(gpu_state, "nvml", lambda: None)
     assert gpu_state.compute_processes() == [] and gpu_state.busy_reason(4) is None
+
+
+def test_environment_describes_the_visible_cards_only(fake, monkeypatch):
+    """Two cards of a 4-GPU host (a lane of benchmarks/gpu_session.sh) make a 2-GPU run, compared as such."""
+    from bench import envinfo
+
+    lib = fake(count=4)
+    lib.nvmlSystemGetDriverVersion = lambda: "580.0"
+    lib.nvmlSystemGetCudaDriverVersion = lambda: 13000
+    lib.nvmlDeviceGetPowerManagementLimit = lambda h: 700_000
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    info = envinfo.gpu_info()
+    assert info["gpu_count"] == 2 and info["gpu_indices"] == [2, 3] and info["host_gpu_count"] == 4
+    assert envinfo.hardware_key(info).startswith("2x ")
