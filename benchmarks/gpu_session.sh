@@ -26,7 +26,6 @@ if ls .whl/*.whl >/dev/null 2>&1 && [ -z "${BENCH_INSTALLED:-}" ]; then
   export PYTHONPATH=/tmp/site:$PWD BENCH_INSTALLED=1
 fi
 export PYTHONUNBUFFERED=1
-bench() { python3 -m bench.cli "$@"; }
 nvidia-smi --query-gpu=index,name,memory.total,power.limit --format=csv > "$out/nvidia-smi.csv" 2>&1
 bench env > "$out/env.json" 2>&1
 
@@ -58,15 +57,15 @@ run_step() {
       step "gpu-tests${arg:+-$(basename "${paths%%,*}" .py)}" python3 -m pytest -q -rs -m gpu ${paths//,/ } \
         -p no:cacheprovider --basetemp "$out/pytest-${CUDA_VISIBLE_DEVICES:-all}-$SECONDS" \
         ${PYTEST_K:+-k "$PYTEST_K"} ;;
-    smoke)        step smoke bench run matrices/smoke.yaml --device cuda --results results/smoke-gpu --only gpus=1 ;;
-    llama8b-1gpu) step llama8b-1gpu bench run matrices/llama8b.yaml --only gpus=1 ;;
-    oom)          step oom bench run matrices/oom.yaml --force ;;  # launch although predicted not to fit
-    llama8b)      step llama8b bench run matrices/llama8b.yaml ;;
+    smoke)        step smoke python3 -m bench.cli run matrices/smoke.yaml --device cuda --results results/smoke-gpu --only gpus=1 ;;
+    llama8b-1gpu) step llama8b-1gpu python3 -m bench.cli run matrices/llama8b.yaml --only gpus=1 ;;
+    oom)          step oom python3 -m bench.cli run matrices/oom.yaml --force ;;  # launch although predicted not to fit
+    llama8b)      step llama8b python3 -m bench.cli run matrices/llama8b.yaml ;;
     llama-full)
       local only=(); [ -n "$arg" ] && mapfile -t only < <(only_args "$arg")
-      step "llama-full${arg:+-${arg//[^a-zA-Z0-9.]/_}}" bench run matrices/llama-full.yaml "${only[@]}" ;;
-    nightly)      step "${arg:-nightly}" bench run matrices/nightly.yaml --results "results/${arg:-nightly}" --repeats 3 ;;
-    70b)          step 70b bench run matrices/llama70b-qlora.yaml ;;
+      step "llama-full${arg:+-${arg//[^a-zA-Z0-9.]/_}}" python3 -m bench.cli run matrices/llama-full.yaml "${only[@]}" ;;
+    nightly)      step "${arg:-nightly}" python3 -m bench.cli run matrices/nightly.yaml --results "results/${arg:-nightly}" --repeats 3 ;;
+    70b)          step 70b python3 -m bench.cli run matrices/llama70b-qlora.yaml ;;
     overhead)     step overhead python3 benchmarks/sampler_overhead.py --out "$out/overhead" ;;
     *) echo "unknown step $s" ;;
   esac

@@ -276,7 +276,7 @@ def test_gpu_faults_oom_kill_and_stuck_nccl_collective(tmp_path):
                           include=[{"seed": 3, "gpus": 1, "gpu_memory_gib": 0.05,
                                     "train": {"micro_batch": 64, "seq_len": 2048}}],
                           train={"precision": "bf16"}, limits={"collective_timeout_s": 20, "hang_s": 300})
-    proc = bench("run", str(matrix), "--results", str(tmp_path / "results"), "--worker", "fault_worker",
+    proc = bench("run", str(matrix), "--results", str(tmp_path / "results"), "--worker", "fault_worker", "--force",
                  env={"BENCH_FAULT_PLAN": json.dumps(plan)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert_no_process_left(tmp_path)
