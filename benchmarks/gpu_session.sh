@@ -6,8 +6,10 @@
 #   usage: benchmarks/gpu_session.sh OUT STEP [STEP ...]     (logs in OUT, everything also in OUT.tgz)
 #   steps:
 #     gpu-tests[=PATHS]     pytest -m gpu on PATHS (comma-separated test files; default: tests), -k $PYTEST_K
-#     smoke, llama8b-1gpu, oom, llama8b, 70b, overhead
-#     nightly[=DIR]         matrices/nightly.yaml --repeats 3 into results/DIR (default results/nightly)
+#     smoke, llama8b-1gpu, oom, llama8b
+#     nightly[=DIR[@ONLY]]  matrices/nightly.yaml --repeats 3 into results/DIR (default results/nightly)
+#     70b[=force]           matrices/llama70b-qlora.yaml (force: launch cells predicted not to fit)
+#     overhead[=STEPS]      benchmarks/sampler_overhead.py (STEPS timed steps)
 #     llama-full[=ONLY]     matrices/llama-full.yaml, ONLY as --only filters joined by '@',
 #                           e.g. llama-full=model=llama-3.2-3b@gpus=1,2
 #     lane:GPUS:S1+S2+...   run steps S1, S2 ... one after the other on the cards GPUS (CUDA_VISIBLE_DEVICES,
@@ -64,9 +66,12 @@ run_step() {
     llama-full)
       local only=(); [ -n "$arg" ] && mapfile -t only < <(only_args "$arg")
       step "llama-full${arg:+-${arg//[^a-zA-Z0-9.]/_}}" python3 -m bench.cli run matrices/llama-full.yaml "${only[@]}" ;;
-    nightly)      step "${arg:-nightly}" python3 -m bench.cli run matrices/nightly.yaml --results "results/${arg:-nightly}" --repeats 3 ;;
-    70b)          step 70b python3 -m bench.cli run matrices/llama70b-qlora.yaml ;;
-    overhead)     step overhead python3 benchmarks/sampler_overhead.py --out "$out/overhead" ;;
+    nightly)
+      local dir=${arg%%@*} only=(); [[ $arg == *@* ]] && mapfile -t only < <(only_args "${arg#*@}")
+      step "${dir:-nightly}" python3 -m bench.cli run matrices/nightly.yaml --results "results/${dir:-nightly}" \
+        --repeats 3 "${only[@]}" ;;
+    70b)          step 70b python3 -m bench.cli run matrices/llama70b-qlora.yaml ${arg:+--$arg} ;;
+    overhead)     step overhead python3 benchmarks/sampler_overhead.py --out "$out/overhead" ${arg:+--steps $arg} ;;
     *) echo "unknown step $s" ;;
   esac
 }
