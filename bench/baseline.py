@@ -1,6 +1,7 @@
-"""Baselines: the records of one trusted run of a matrix, one file per hardware, kept in the repository.
+"""Baselines: the records of one or more trusted runs of a matrix, one file per hardware, kept in the repository.
 
     bench baseline promote results/nightly      -> results/baselines/<hardware-slug>.jsonl
+    bench baseline promote results/night-1 results/night-2 results/night-3   (several trusted runs, pooled)
     bench check results/nightly --baseline auto  -> compares against that file
 
 A baseline file is a plain runs.jsonl (the same RunRecord lines, every repeat kept, raw per-step times
@@ -91,13 +92,24 @@ def resolve_auto(results_records: list[RunRecord], source: str, directory: Path 
     return path
 
 
-def promote(results: Path, directory: Path = DEFAULT_DIR) -> tuple[Path, list[RunRecord]]:
-    """Write the latest run of every (cell, repeat) of a results folder as the baseline for its hardware.
+def promote(results: Path | list[Path], directory: Path = DEFAULT_DIR) -> tuple[Path, list[RunRecord]]:
+    """Write the latest run of every (cell, repeat) of one or more results folders as the baseline for their
+    hardware.
 
-    An existing baseline for that hardware is replaced whole; git keeps the previous one.
+    Several trusted runs (nights, or sessions on the same runner type) make a better baseline than one:
+    repeats within one run share that run's conditions (the host's other load, clocks, the card), so only
+    a baseline spanning runs lets the run-level test see how far whole runs drift apart. Each folder's
+    repeats are renumbered after the previous folder's (folder 2's repeat 0 becomes repeat 3 where folder 1
+    had 3), so that every run stays a run of its own. An existing baseline for that hardware is replaced
+    whole; git keeps the previous one.
     """
-    records = latest_runs(load_any(results))
-    hardware = single_hardware(records, str(results))
+    folders = [results] if isinstance(results, (str, Path)) else list(results)
+    records: list[RunRecord] = []
+    for folder in folders:
+        runs = latest_runs(load_any(folder))
+        offset = max((r.repeat for r in records), default=-1) + 1
+        records += [r.model_copy(update={"repeat": r.repeat + offset}) for r in runs]
+    hardware = single_hardware(records, ", ".join(map(str, folders)))
     path = baseline_path(hardware, directory)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".jsonl.tmp")
@@ -107,9 +119,9 @@ def promote(results: Path, directory: Path = DEFAULT_DIR) -> tuple[Path, list[Ru
 
 
 def describe(records: list[RunRecord]) -> str:
-    """One line: cells, runs, statuses, card, commit: what a promotion just wrote."""
+    """One line: cells, runs, statuses, card, commits: what a promotion just wrote."""
     statuses = Counter(r.status for r in records)
     cells = len({r.cell_id for r in records})
-    env = records[0].env
+    shas = sorted({str(r.env.get("git_sha")) for r in records})
     return (f"{cells} cells, {len(records)} runs ({', '.join(f'{n} {s}' for s, n in statuses.items())}) "
-            f"on {env.get('hardware')}, git {env.get('git_sha')}")
+            f"on {records[0].env.get('hardware')}, git {', '.join(shas)}")

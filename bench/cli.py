@@ -153,10 +153,11 @@ app.add_typer(baseline_app, name="baseline")
 
 @baseline_app.command("promote")
 def baseline_promote(
-    results: Annotated[Path, typer.Argument(help="results folder of a trusted run, e.g. results/nightly")],
+    results: Annotated[list[Path], typer.Argument(
+        help="results folder(s) of trusted runs, e.g. results/nightly; several are pooled, each a run of its own")],
     baselines_dir: Annotated[Path, typer.Option(help="where baselines live")] = Path("results/baselines"),
 ):
-    """Make a results folder the baseline for its hardware: <baselines-dir>/<hardware-slug>.jsonl."""
+    """Make results folder(s) the baseline for their hardware: <baselines-dir>/<hardware-slug>.jsonl."""
     from bench.baseline import describe, promote
 
     def _run() -> int:

@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 from bench import strategies
 from bench.estimate_activations import ActivationBytes, activation_bytes, lora_input_width
-from bench.estimate_states import (BytesPerParam, Sharding, StateBytes, bytes_per_frozen_param,
+from bench.estimate_states import (NF4_PACKED_BYTES, BytesPerParam, Sharding, StateBytes, bytes_per_frozen_param,
                                    bytes_per_trainable_param, frozen_states, shard_states)
 from bench.matrix import CellSettings
 from bench.models import ModelShape
@@ -150,7 +150,13 @@ def model_states(cell: CellSettings, shape: ModelShape, strategy: Strategy) -> M
     frozen_bpp = bytes_per_frozen_param(cell.adapter.type, t.precision)
     quantized = shape.layers * shape.linear_params_per_layer if cell.adapter.type == "qlora" else 0
     kept_dtype = bytes_per_frozen_param("lora", t.precision)  # QLoRA keeps embeddings, head and norms in bf16
-    a = frozen_states(quantized, frozen_bpp, sharding, n)
+    if quantized and strategy.family in ("fsdp", "fsdp2", "deepspeed"):
+        # Sharding and offload move the packed 4-bit bytes (the parameter); the quantization constants
+        # (absmax ...) are module attributes: every rank keeps all of them on its GPU.
+        a = frozen_states(quantized, NF4_PACKED_BYTES, sharding, n)
+        a = StateBytes(a.weights + (frozen_bpp - NF4_PACKED_BYTES) * quantized, 0, 0, 0, a.host)
+    else:
+        a = frozen_states(quantized, frozen_bpp, sharding, n)
     b = frozen_states(shape.params - quantized, kept_dtype, sharding, n)
     base = StateBytes(a.weights + b.weights, 0, 0, 0, a.host + b.host)
     return ModelStates(base, shard_states(adapter_count, bpp, sharding, n), adapter_count, None, bpp, frozen_bpp)
@@ -209,10 +215,24 @@ def _unit_params(shape: ModelShape) -> tuple[int, int]:
 
 
 def _gathered_weight_bytes(cell: CellSettings, states: ModelStates) -> float:
-    """Bytes per parameter of a gathered (unsharded) weight: the compute dtype, or NF4 for QLoRA's base."""
+    """Bytes per parameter of a gathered (unsharded) decoder-layer weight: the compute dtype, or the packed
+    4-bit bytes for QLoRA's base."""
     if states.frozen_bpp is not None and cell.adapter.type == "qlora":
-        return states.frozen_bpp
+        return NF4_PACKED_BYTES
     return compute_bytes(cell)
+
+
+def _built_model_bytes(cell: CellSettings, shape: ModelShape, states: ModelStates) -> float:
+    """The whole model as built on one GPU: QLoRA's 4-bit linears plus its bf16 embeddings, head and norms."""
+    if cell.adapter.type == "qlora":
+        quantized = shape.layers * shape.linear_params_per_layer
+        return states.frozen_bpp * quantized + compute_bytes(cell) * (shape.params - quantized)
+    return _built_weight_bytes(cell, states) * shape.params
+
+
+def _qlora_built_on_host(cell: CellSettings, strategy: Strategy) -> bool:
+    """bench/qlora.py moves each quantised layer to the host at once where FSDP offloads parameters."""
+    return cell.adapter.type == "qlora" and strategy.family in ("fsdp", "fsdp2") and strategy.offload_params
 
 
 def _built_weight_bytes(cell: CellSettings, states: ModelStates) -> float:
@@ -263,15 +283,19 @@ def backward_buffers(cell: CellSettings, shape: ModelShape, strategy: Strategy, 
             out["zero_reduce_buckets"] = calib.ds_overlap_buffers * DS_REDUCE_BUCKET * grad_bytes
     if strategy.family in ("fsdp", "fsdp2") and (strategy.shards_params or strategy.fsdp_sharding == "SHARD_GRAD_OP") \
             and cell.gpus > 1:  # FSDP1 on one rank runs as NO_SHARD: nothing is gathered
-        w = _gathered_weight_bytes(cell, states)
+        w, w_root = _gathered_weight_bytes(cell, states), compute_bytes(cell)
         resharded = strategy.reshard_after_forward is not False and strategy.fsdp_sharding != "SHARD_GRAD_OP"
         # Resharding units hold the root (not resharded) plus, in the layers' backward, the current and
         # the prefetched layer; at the loss only the root (the head) is gathered.
         if resharded:
-            gathered = root if moment == "loss" else root + 2 * layer
+            layers_gathered = 0 if moment == "loss" else 2
         else:
-            gathered = shape.params
-        out["fsdp_gathered_params"] = w * min(shape.params, gathered)
+            layers_gathered = shape.layers
+        out["fsdp_gathered_params"] = w_root * root + w * min(shape.layers, layers_gathered) * layer
+        if strategy.offload_params:
+            # Parameter offload: a gathered unit's own shard is first copied from the host to the GPU and
+            # stays there while the unit is unsharded (the root all along).
+            out["fsdp_offloaded_shard_copy"] = w_root * root / cell.gpus
         if states.base_bpp is not None and moment == "layers":
             out["fsdp_unsharded_grads"] = compute_bytes(cell) * (layer + shape.lm_head_params)
     if strategy.family == "fsdp" and (strategy.fsdp_sharding == "NO_SHARD" or cell.gpus == 1) and _is_half(cell) \
@@ -300,7 +324,18 @@ def reserved_only_blocks(cell: CellSettings, shape: ModelShape, strategy: Strate
     out: dict[str, float] = {}
     n = cell.gpus
     built = _built_weight_bytes(cell, states)
-    if strategy.family == "fsdp":
+    if _qlora_built_on_host(cell, strategy):
+        # Each layer is materialised in bf16 on the GPU, quantised, and sent to the host: what stays cached
+        # is one bf16 layer's segments.
+        layer, _ = _unit_params(shape)
+        out["released_build_blocks"] = compute_bytes(cell) * layer
+    elif phase == "build":
+        pass  # nothing is released yet while the model is being built
+    elif cell.adapter.type == "qlora" and (strategy.family in ("fsdp", "fsdp2") or strategy.zero_stage == 3):
+        # The whole 4-bit model is built on every GPU and then sharded (FSDP) or partitioned (ZeRO-3 cannot
+        # zero.Init a model built layer by layer into 4-bit): the built tensors' segments stay cached.
+        out["released_build_blocks"] = _built_model_bytes(cell, shape, states)
+    elif strategy.family == "fsdp":
         released = built * shape.params
         layer, _ = _unit_params(shape)
         largest_linear = max(i * o for i, o in shape.layer_linear_shapes)
@@ -367,7 +402,19 @@ def peak_moments(cell: CellSettings, shape: ModelShape, strategy: Strategy, stat
             backward_buffers(cell, shape, strategy, states, calib, "layers")),
         "optimizer step": _Parts(_state_components(states, grads, acts.logits_kept),
                                  step_buffers(cell, strategy, states)),
+        **_build_moment(cell, shape, strategy, states),
     }
+
+
+def _build_moment(cell: CellSettings, shape: ModelShape, strategy: Strategy, states: ModelStates) -> dict[str, _Parts]:
+    """QLoRA builds the whole 4-bit model on every GPU (unless FSDP offloads it to the host layer by layer),
+    one bf16 layer at a time, before any strategy shards it: under FSDP and ZeRO-3 that can be the peak."""
+    if cell.adapter.type != "qlora" or _qlora_built_on_host(cell, strategy) or cell.device != "cuda":
+        return {}
+    layer, _ = _unit_params(shape)
+    components = dict.fromkeys(("params", "grads", "optimizer", "master_weights", "activations", "adapter"), 0.0)
+    components["params"] = _built_model_bytes(cell, shape, states)
+    return {"build": _Parts(components, {"bf16_layer_being_quantised": compute_bytes(cell) * layer})}
 
 
 def predict(cell: CellSettings, calib: Calibration = CALIBRATION, margin: float = 0.10,

@@ -23,6 +23,7 @@ ADAM_32BIT_BYTES = 8  # fp32 m and v
 NF4_BLOCK = 64
 NF4_DOUBLE_QUANT_BLOCK = 256
 NF4_BYTES = 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_DOUBLE_QUANT_BLOCK)
+NF4_PACKED_BYTES = 0.5  # the 4-bit weight itself (the parameter); the rest is quantization constants
 
 
 @dataclass(frozen=True)

@@ -207,3 +207,18 @@ def test_false_alarm_count(tmp_path):
     if keep := os.environ.get("BENCH_FALSE_ALARM_KEEP"):  # a folder to keep the records in, for a look later
         shutil.copytree(tmp_path, keep, dirs_exist_ok=True)
     assert alarms == 0
+
+
+def test_promote_pools_several_trusted_runs_each_a_run_of_its_own(runs, tmp_path):
+    """Two trusted runs (base and same) make one baseline of 2 x REPEATS runs with distinct repeat numbers."""
+    proc = bench("baseline", "promote", str(runs / "base"), str(runs / "same"), "--baselines-dir", str(tmp_path),
+                 check=True)
+    path = next(tmp_path.glob("*.jsonl"))
+    pooled = load_any(path)
+    assert sorted(r.repeat for r in pooled) == list(range(2 * REPEATS))
+    started = {r.started_at for r in load_any(runs / "base")} | {r.started_at for r in load_any(runs / "same")}
+    assert {r.started_at for r in pooled} == started  # every run kept, none replaced by another
+    assert f"{2 * REPEATS} runs" in proc.stdout
+    proc, report = check(runs, "same", str(path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert report["findings"][0]["runs"] == f"{2 * REPEATS} vs {REPEATS}"  # baseline vs current
