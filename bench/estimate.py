@@ -30,6 +30,7 @@ from bench.estimate_activations import ActivationBytes, activation_bytes, lora_i
 from bench.estimate_states import (NF4_PACKED_BYTES, BytesPerParam, Sharding, StateBytes, bytes_per_frozen_param,
                                    bytes_per_trainable_param, frozen_states, shard_states)
 from bench.matrix import CellSettings
+from bench.qlora import upcasts_to_fp32 as qlora_upcasts_to_fp32
 from bench.models import ModelShape
 from bench.precision import policy_for
 from bench.strategies import Strategy
@@ -149,7 +150,10 @@ def model_states(cell: CellSettings, shape: ModelShape, strategy: Strategy) -> M
     adapter_count = shape.lora_params(cell.adapter.r, cell.adapter.target)
     frozen_bpp = bytes_per_frozen_param(cell.adapter.type, t.precision)
     quantized = shape.layers * shape.linear_params_per_layer if cell.adapter.type == "qlora" else 0
-    kept_dtype = bytes_per_frozen_param("lora", t.precision)  # QLoRA keeps embeddings, head and norms in bf16
+    # QLoRA keeps embeddings, head and norms in bf16, except where peft's k-bit recipe upcasts them to fp32
+    # (bench/qlora.py: not under FSDP, not above 20B parameters).
+    kept_dtype = 4 if cell.adapter.type == "qlora" and qlora_upcasts_to_fp32(cell) else \
+        bytes_per_frozen_param("lora", t.precision)
     if quantized and strategy.family in ("fsdp", "fsdp2", "deepspeed"):
         # Sharding and offload move the packed 4-bit bytes (the parameter); the quantization constants
         # (absmax ...) are module attributes: every rank keeps all of them on its GPU.

@@ -128,12 +128,17 @@ def build_quantised_base(cell: CellSettings, device: torch.device):
         if device.type == "cuda":
             torch.cuda.empty_cache()
     rest = device if not host else torch.device("cpu")
-    for name, child in model.named_children():
-        if name != "model":
-            _materialise(child, rest, std)  # lm_head
     for name, child in model.model.named_children():
         if name not in ("layers", "rotary_emb"):
             _materialise(child, rest, std)  # embed_tokens, norm
+    tied = model.config.tie_word_embeddings
+    for name, child in model.named_children():
+        if name != "model" and not tied:
+            _materialise(child, rest, std)  # lm_head
+    if tied:
+        # Materialising gives every module its own storage; a tied head must share the embedding's again
+        # (Llama-3.2 1B/3B), or the model holds two copies and trains a different network.
+        model.tie_weights()
     _rebuild_rotary(model, rest)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -151,11 +156,13 @@ def build_qlora_model(cell: CellSettings, device: torch.device, policy: Precisio
     # checkpointing, which is what the recipe needs.
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=cell.train.grad_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False}) if _upcast_ok(cell) else _enable_input_grads(model)
+        gradient_checkpointing_kwargs={"use_reentrant": False}) if upcasts_to_fp32(cell) else _enable_input_grads(model)
     return model
 
 
-def _upcast_ok(cell: CellSettings) -> bool:
+def upcasts_to_fp32(cell: CellSettings) -> bool:
+    """Whether peft's k-bit recipe runs, casting every parameter that is not 4-bit to fp32 (not under FSDP,
+    whose flat parameters need one dtype, nor above 20B parameters, where it costs gigabytes)."""
     return not _fsdp_family(cell) and models.ModelShape.of(cell.model).params < 20e9
 
 

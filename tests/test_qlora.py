@@ -147,3 +147,15 @@ def test_build_peak_stays_near_the_4bit_size(strategy, bound_gib):
     print(f"{strategy}: build peak {peak:.2f} GiB")
     assert peak < bound_gib, peak
     del model
+
+
+def test_tied_embeddings_stay_tied(monkeypatch):
+    """Llama-3.2 1B/3B tie the LM head to the embeddings: the 4-bit build keeps one shared tensor."""
+    from bench import models
+
+    tiny = models.config_dict("tiny-llama")
+    monkeypatch.setattr(models, "config_dict", lambda name: {**tiny, "tie_word_embeddings": True})
+    model = _build(_cell("ddp"))
+    base = model.get_base_model()
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    assert base.lm_head.weight.device.type == "cpu"
