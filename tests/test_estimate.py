@@ -87,7 +87,11 @@ def test_lora_and_qlora_bases_and_adapter():
     assert lora.adapter.gpu_total == 16 * adapter  # fp32 weights + grads + Adam m, v
     qlora = states_of(cell(adapter="qlora", strategy="ddp", gpus=1))
     linear = shape.layers * shape.linear_params_per_layer
-    assert qlora.base.weights == pytest.approx(linear * NF4_BYTES + (shape.params - linear) * 2)
+    # ddp: peft's k-bit recipe upcasts embeddings, head and norms to fp32; FSDP keeps them bf16 and shards
+    # only the packed 4 bits, every rank keeping all quantization constants.
+    assert qlora.base.weights == pytest.approx(linear * NF4_BYTES + (shape.params - linear) * 4)
+    fsdp = states_of(cell(adapter="qlora", strategy="fsdp_full_shard", gpus=2))
+    assert fsdp.base.weights == pytest.approx(linear * (0.5 / 2 + NF4_BYTES - 0.5) + (shape.params - linear) * 2 / 2)
     assert 0.5 < NF4_BYTES < 0.52  # 4 bits + double-quantized absmax
     zero3 = states_of(cell(adapter="lora", strategy="zero3", gpus=4))
     assert zero3.base.weights == pytest.approx(2 * shape.params / 4)
