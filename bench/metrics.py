@@ -115,6 +115,13 @@ def _memory_figures(record: RunRecord) -> dict:
     if reserved:
         out.update({"peak_reserved_gib": max(reserved) / 2**30,
                     "peak_reserved_rank_spread_gib": (max(reserved) - min(reserved)) / 2**30})
+    traffic = [r["host_device_traffic"] for r in record.ranks
+               if isinstance(r.get("host_device_traffic"), dict) and "htod_s" in r["host_device_traffic"]]
+    if traffic:  # offloading strategies: one profiled step per rank (bench/transfers.py); the slowest rank
+        worst = max(traffic, key=lambda t: t["htod_s"] + t["dtoh_s"])
+        out.update({"host_device_copy_s": worst["htod_s"] + worst["dtoh_s"],
+                    "host_device_gib": (worst["htod_bytes"] + worst["dtoh_bytes"]) / 2**30,
+                    "profiled_step_s": worst["step_s"]})
     totals = [r["gpu_total_bytes"] for r in record.ranks if r.get("gpu_total_bytes")]
     per_gpu = (record.nvml or {}).get("per_gpu") or []
     nvml_peaks = [g["mem_used_peak_bytes"] for g in per_gpu if g.get("mem_used_peak_bytes") is not None]

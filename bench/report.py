@@ -136,7 +136,9 @@ def memory_section(df: pd.DataFrame, out_dir: Path) -> Section:
         "torch peak allocated/reserved: max_memory_allocated/max_memory_reserved, max over ranks (the spread "
         "over ranks is shown when large). NVML used: whole-card memory including the CUDA context and NCCL "
         "buffers, max over the cell's GPUs. Host RSS: peak resident memory of a rank's process (matters for "
-        "CPU offload). On CPU the plots show host RSS."])
+        "CPU offload). On CPU the plots show host RSS. Host<->device copies (offloading strategies): time and "
+        "size of the PCIe copies of one extra, profiled step (CUPTI through torch.profiler), slowest rank, "
+        "beside that step's wall time; copies may overlap compute, so their time bounds what they cost."])
     for i, (_m, _k, title, group) in enumerate(tables.setting_groups(df), 1):
         section.items.append(Table(f"memory_{i}", title, tables.memory_table(group)))
         if path := plots.memory_bars(group, title, out_dir / f"memory_{i}.png"):

@@ -220,7 +220,13 @@ def memory_table(group: pd.DataFrame) -> pd.DataFrame:
             "host RSS GiB (max over ranks)": gib(row.get("host_rss_peak_gib"), failed),
             "capacity GiB": capacity_text(row),
         })
-    return pd.DataFrame(rows)
+        if is_num(row.get("host_device_copy_s")):
+            rows[-1]["host<->device copies per step"] = (
+                f"{row['host_device_copy_s']:.2f} s of {row['profiled_step_s']:.2f} s, {row['host_device_gib']:.1f} GiB")
+    table = pd.DataFrame(rows)
+    if "host<->device copies per step" in table:
+        table["host<->device copies per step"] = table["host<->device copies per step"].fillna("-")
+    return table
 
 
 # ---------------------------------------------------------------- efficiency

@@ -24,7 +24,7 @@ POLL_S = 0.2
 SCAN_S = 1.0  # noting the tree's members scans the process table: not so often that it costs the ranks CPU
 TERM_GRACE_S = 10.0  # SIGTERM to SIGKILL: lets torchrun and DeepSpeed tear down and free GPU memory
 GPU_RELEASE_WAIT_S = 10.0  # the driver may list a dead process for a moment while it frees its memory
-STEP_PHASES = ("warmup", "timed", "done")  # heartbeat phases of a rank past start-up
+STEP_PHASES = ("warmup", "timed", "profiled", "done")  # heartbeat phases of a rank past start-up
 
 
 def free_port() -> int:

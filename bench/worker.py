@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from bench import transfers
+from bench.estimate import describe_strategy
 from bench.matrix import CellSettings
 from bench.precision import policy_for
 from bench.rank_files import RankFiles, classify_exception
@@ -266,9 +268,16 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
                       **parts})
         if phase == "timed":
             window[1] = time.time()
+    traffic = None
+    if device.type == "cuda" and transfers.offloads(describe_strategy(cell)):
+        files.heartbeat("profiled", total)  # one extra step, not timed: see bench/transfers.py
+        traffic = transfers.measure(lambda: train_step(cell, model, optimizer, accelerator, batches, device),
+                                    lambda: sync(device))
     files.heartbeat("done", total)
-    files.write_report(rank_report(cell, accelerator, model, rank, world_size, device, steps, init_s,
-                                   window))
+    report = rank_report(cell, accelerator, model, rank, world_size, device, steps, init_s, window)
+    if traffic is not None:
+        report["host_device_traffic"] = traffic
+    files.write_report(report)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

@@ -125,6 +125,11 @@ def test_qlora_cell_runs_on_gpu(gpu_records, name):
     # The 4-bit 1B base (~0.9 GB of linears in NF4 + 1 GB bf16 embeddings/head) fits well under the bf16 2.5 GB.
     peak = max(r["torch_peak_allocated_bytes"] for r in record["ranks"])
     assert peak < (8 if c.get("gpu_memory_gib") else 20) * 2**30
+    if "offload" in c["strategy"]:  # one profiled step per rank: parameters or states crossed PCIe
+        for rank in record["ranks"]:
+            traffic = rank["host_device_traffic"]
+            assert "error" not in traffic, traffic
+            assert traffic["htod_bytes"] > 0 and 0 < traffic["htod_s"] + traffic["dtoh_s"] < traffic["step_s"] * 4
 
 
 # llama-3.1-8b: 7.0e9 params in decoder linears (NF4: 0.5 B/param + absmax) = 3.5 GB; 1.05e9 in embeddings and
