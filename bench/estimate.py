@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from bench import strategies
-from bench.estimate_activations import ActivationBytes, activation_bytes, lora_input_width
+from bench.estimate_activations import LORA_TARGET_INPUTS, ActivationBytes, activation_bytes, lora_input_width
 from bench.estimate_states import (NF4_PACKED_BYTES, BytesPerParam, Sharding, StateBytes, bytes_per_frozen_param,
                                    bytes_per_trainable_param, frozen_states, shard_states)
 from bench.matrix import CellSettings
@@ -206,10 +206,18 @@ def activations_for(cell: CellSettings, shape: ModelShape, strategy: Strategy, c
         targets = 7 if cell.adapter.target == "all-linear" else len(cell.adapter.target)
         dropout_width = width if cell.adapter.dropout > 0 else 0
         rank_width = targets * cell.adapter.r
+    # ZeRO-3's zero.Init replaces F.linear with its own autograd function (memory_efficient_linear), which
+    # saves the input whether or not the weight is trained: frozen linears keep their inputs there. (QLoRA
+    # builds without zero.Init: bench/qlora.py.)
+    zero3 = strategy.family == "deepspeed" and strategy.zero_stage == 3 and cell.adapter.type != "qlora"
+    targets = frozenset()
+    if cell.adapter.type != "none":
+        targets = frozenset(LORA_TARGET_INPUTS if cell.adapter.target == "all-linear" else cell.adapter.target)
     return activation_bytes(shape, cell.train.seq_len, cell.train.micro_batch, compute_bytes(cell),
                             residual_bytes(cell, strategy), cell.train.grad_checkpointing,
                             calib.backward_temp_fraction, dropout_width, rank_width,
-                            4 if converts_outputs_to_fp32(cell, strategy) else None)
+                            4 if converts_outputs_to_fp32(cell, strategy) else None,
+                            frozen_base=cell.adapter.type != "none" and not zero3, lora_targets=targets)
 
 
 def _unit_params(shape: ModelShape) -> tuple[int, int]:

@@ -12,6 +12,9 @@ c = compute-dtype bytes, r = residual-stream bytes (4 under autocast with fp32 w
                   + 4 * c * I           SwiGLU: gate out, silu out, up out, down input
                   + LoRA dropout copies and masks of the targeted layers' inputs ]
 
+A frozen base (LoRA, QLoRA) keeps a linear's input only where its LoRA A needs it without dropout: with
+dropout the normed states, o_proj's and down_proj's inputs are not kept (the dropped-out copies are).
+
   logits = s*b*V*(o + 12): the logits the output holds (o = c, or 4 where accelerate's autocast wrapper
            converts the outputs to fp32), fp32 log-softmax saved by the loss, its gradient and the fp32
            gradient of the upcast, all alive at the start of backward.
@@ -55,14 +58,32 @@ def lora_input_width(shape: ModelShape, target: str | tuple[str, ...]) -> int:
     return sum(widths[LORA_TARGET_INPUTS[n]] for n in names)
 
 
+def _inputs_saved(frozen_base: bool, targets: frozenset[str], dropout: bool, consumers: tuple[str, ...]) -> bool:
+    """Whether autograd keeps the input of these linears: a trained linear saves it for its weight gradient;
+    a frozen one does not, but its LoRA A saves it where there is no dropout (with dropout, A saves the
+    dropped-out copy instead, counted with the LoRA terms)."""
+    return not frozen_base or (not dropout and any(c in targets for c in consumers))
+
+
 def layer_bytes_per_token(shape: ModelShape, compute_bytes: int, residual_bytes: int,
-                          lora_dropout_width: int = 0, lora_rank_width: int = 0) -> float:
-    """Bytes one decoder layer saves for backward, per token (the formula in the module docstring)."""
+                          lora_dropout_width: int = 0, lora_rank_width: int = 0,
+                          frozen_base: bool = False, lora_targets: frozenset[str] = frozenset()) -> float:
+    """Bytes one decoder layer saves for backward, per token (the formula in the module docstring).
+
+    ``frozen_base`` (LoRA/QLoRA): the base linears' inputs are kept only where LoRA saves them (see
+    _inputs_saved): the normed hidden states feeding q/k/v and gate/up, o_proj's and down_proj's inputs.
+    """
     h, c, r = shape.hidden, compute_bytes, residual_bytes
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    norms = 2 * (4 + r + (c if c != r else 0)) * h
-    attention = c * (3 * q + 2 * kv) + 4 * shape.heads
-    mlp = 4 * c * shape.intermediate
+    dropout = lora_dropout_width > 0
+
+    def saved(*consumers: str) -> bool:
+        return _inputs_saved(frozen_base, lora_targets, dropout, consumers)
+
+    normed = r + (c if c != r else 0)  # the norm's output, and the linears' autocast copy of it
+    norms = 2 * 4 * h + normed * h * (saved("q_proj", "k_proj", "v_proj") + saved("gate_proj", "up_proj"))
+    attention = c * (2 * q + 2 * kv) + 4 * shape.heads + c * q * saved("o_proj")  # SDPA: q, k, v, out, lse
+    mlp = 3 * c * shape.intermediate + c * shape.intermediate * saved("down_proj")  # gate, silu, up; down's input
     lora = (c + 1) * lora_dropout_width + c * lora_rank_width  # dropout output + bool mask; A's output
     return norms + attention + mlp + lora
 
@@ -70,13 +91,14 @@ def layer_bytes_per_token(shape: ModelShape, compute_bytes: int, residual_bytes:
 def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, compute_bytes: int,
                      residual_bytes: int, checkpointing: bool, backward_temp_fraction: float,
                      lora_dropout_width: int = 0, lora_rank_width: int = 0,
-                     output_logits_bytes: int | None = None) -> ActivationBytes:
+                     output_logits_bytes: int | None = None, frozen_base: bool = False,
+                     lora_targets: frozenset[str] = frozenset()) -> ActivationBytes:
     """``output_logits_bytes``: the dtype of the logits the model output holds (accelerate's autocast
     wrapper, convert_outputs_to_fp32, hands back fp32 logits: 4); the compute dtype when None."""
     tokens = seq_len * micro_batch
     out_bytes = compute_bytes if output_logits_bytes is None else output_logits_bytes
     per_layer = tokens * layer_bytes_per_token(shape, compute_bytes, residual_bytes,
-                                               lora_dropout_width, lora_rank_width)
+                                               lora_dropout_width, lora_rank_width, frozen_base, lora_targets)
     head_in = tokens * shape.hidden * (4 + residual_bytes + compute_bytes)  # final norm + lm_head input
     logits_peak = tokens * shape.vocab * (out_bytes + LOGITS_BYTES_OVER_COMPUTE)
     logits_kept = tokens * shape.vocab * out_bytes

@@ -203,3 +203,22 @@ def test_run_skips_a_cell_predicted_not_to_fit_and_force_launches_it(tmp_path):
     launched = records[-1]
     assert launched.prediction["version"] == 1 and launched.prediction["predicted_oom"] is True
     assert launched.prediction["peak_reserved_gib"] > 0 and launched.ranks
+
+
+def test_frozen_linears_keep_inputs_only_where_lora_needs_them():
+    """LoRA with dropout: frozen q/k/v/gate/up, o_proj and down_proj do not keep their inputs (the dropped-out
+    copies are kept instead); without dropout LoRA A keeps them; ZeRO-3's linear keeps them anyway."""
+    shape = ModelShape.of("llama-3.2-1b")
+    all_linear = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+    full = layer_bytes_per_token(shape, 2, 2)
+    width = 6 * shape.hidden + shape.intermediate
+    lora = layer_bytes_per_token(shape, 2, 2, width, 0, frozen_base=True, lora_targets=all_linear)
+    not_kept = 2 * 2 * shape.hidden + 2 * shape.heads * shape.head_dim + 2 * shape.intermediate
+    assert lora == full - not_kept + 3 * width
+    no_dropout = layer_bytes_per_token(shape, 2, 2, 0, 0, frozen_base=True, lora_targets=all_linear)
+    assert no_dropout == full
+    only_qv = layer_bytes_per_token(shape, 2, 2, 0, 0, frozen_base=True, lora_targets=frozenset({"q_proj", "v_proj"}))
+    assert only_qv == full - 2 * shape.hidden - 2 * shape.heads * shape.head_dim - 2 * shape.intermediate
+    ddp = predict(cell("llama-3.2-1b", "ddp", 2, adapter="lora")).activations_detail_gib["per_layer"]
+    zero3 = predict(cell("llama-3.2-1b", "zero3", 2, adapter="lora")).activations_detail_gib["per_layer"]
+    assert zero3 > ddp

@@ -14,15 +14,14 @@ from bench.estimate_check import check_folder, render
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 GPU_FOLDERS = ("llama8b", "llama-full", "oom", "smoke-gpu", "nightly", "llama70b-qlora")
+# Not here: results/qlora-1b, measured before the fix that keeps Llama-3.2's tied embeddings tied in the
+# 4-bit build (its records hold a second, untied copy of the 263M-parameter embedding); re-measure first.
 TOLERANCE = 0.10
 # Cells the 10% target does not cover, with the reason.
 EXCEPTIONS = {
     # tiny-llama (a few MB of states) under plain torch: the measured 0.17 GiB is fixed overhead (cuBLAS
     # workspaces, the CUDA caching allocator's minimum segments, the data batch), not model memory.
     "tiny-llama full ddp x1gpu": "fixed overheads dominate a 0.17 GiB peak",
-    # Out of sample (measured after the calibration, not used for it): LoRA without gradient checkpointing,
-    # predicted +14% (activations over-counted by about 2 GiB); cause not found yet.
-    "llama-3.2-1b lora ddp x2gpu": "out-of-sample miss, +14%",
     # QLoRA 70B: allocated within 8% (test below), reserved under by 35-45%: the caching allocator holds
     # far more than the freed build segments modelled here after the layer-by-layer 4-bit build (8 GiB
     # under FSDP offload, 37 GiB under ZeRO-3); not explained yet.
