@@ -44,6 +44,9 @@ CELLS = {
     "fsdp_no_shard": {"strategy": "fsdp_no_shard", "gpus": 2},
     "fsdp2": {"strategy": "fsdp2", "gpus": 2},
     "fsdp2_no_reshard": {"strategy": "fsdp2_no_reshard", "gpus": 2},
+    "zero2_offload": {"strategy": "zero2_offload", "gpus": 2},
+    "zero3_offload_optimizer": {"strategy": "zero3_offload_optimizer", "gpus": 2},
+    "fsdp_full_shard_offload": {"strategy": "fsdp_full_shard_offload", "gpus": 2},
     "lora_fsdp1": {"strategy": "fsdp_full_shard", "gpus": 2, **LORA},
     "lora_fsdp1_bnb": {"strategy": "fsdp_full_shard", "gpus": 2, **LORA, "train": {"optimizer": "adamw_bnb_8bit"}},
     "lora_fsdp2": {"strategy": "fsdp2", "gpus": 2, **LORA},
@@ -130,6 +133,11 @@ def test_family_runs_and_is_measured(gpu_records, test_id):
     assert len(nvml["per_gpu"]) == CELLS[test_id]["gpus"]
     assert all(g["mem_used_peak_bytes"] > 0 and g["power_mean_w"] > 0 for g in nvml["per_gpu"])
     assert nvml["achieved_hz"] >= 10
+    if "offload" in CELLS[test_id]["strategy"]:  # host-device copies of one profiled step (bench/transfers.py)
+        for rank in r["ranks"]:
+            traffic = rank["host_device_traffic"]
+            assert "error" not in traffic, traffic
+            assert traffic["htod_bytes"] > 0 and traffic["dtoh_bytes"] > 0 and traffic["copies"] > 0
 
 
 def test_lora_trains_only_the_adapter(gpu_records):
