@@ -8,9 +8,9 @@ off for WINDOW seconds, over and over. Each step is stamped with its wall-clock 
 step that lies wholly inside an "on" window is an on-step, wholly inside an "off" window an off-step,
 steps across a switch are dropped. The step time of a cell is its slowest rank's.
 
-Output: the cost as the mean of paired differences between each on window and the off window after it
-(drift cancels in a pair) with its 95 % interval; the pooled on/off difference with a bootstrap interval and
-Mann-Whitney p-value; the sampling rate achieved, and the card. Target: the sampler costs at most 0.5 %.
+Output: the cost as the mean of the differences between each on window and its two off neighbours
+(a linear drift cancels) with its 95 % interval; the pooled on/off difference with a bootstrap interval and
+Mann-Whitney p-value; the sampling rate achieved, the sampler thread's own CPU use, and the card. Target: the sampler costs at most 0.5 %.
 
     python benchmarks/sampler_overhead.py                         # llama-3.2-1b, ddp, 1 GPU, 400 timed steps
     python benchmarks/sampler_overhead.py --gpus 2 --steps 600 --window 1.5 --out /tmp/so
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -66,11 +67,17 @@ def write_matrix(folder: Path, args: argparse.Namespace) -> Path:
     return path
 
 
-def toggle_sampler(proc: subprocess.Popen, gpus: int, window: float, interval: float) -> list[tuple[str, float, float]]:
-    """On/off windows (state, start, end) in wall-clock time until ``proc`` ends; also the sample counts."""
+def cpu_seconds() -> float:
+    """CPU time this process has used (all threads: the sampler's included)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def toggle_sampler(proc: subprocess.Popen, gpus: int, window: float, interval: float) -> list[tuple]:
+    """On/off windows (state, start, end, samples, CPU seconds of this process) until ``proc`` ends."""
     windows, on = [], True
     while proc.poll() is None:
-        start = time.time()
+        start, cpu0 = time.time(), cpu_seconds()
         sampler = NvmlSampler(gpus, interval_s=interval) if on else None
         if sampler:
             sampler.start()
@@ -81,7 +88,7 @@ def toggle_sampler(proc: subprocess.Popen, gpus: int, window: float, interval: f
             sampler.stop([])
             samples = len(sampler.traces[0].t) if sampler.traces else 0
         end = time.time()
-        windows.append(("on" if on else "off", start, end, samples if on else 0))
+        windows.append(("on" if on else "off", start, end, samples if on else 0, cpu_seconds() - cpu0))
         on = not on
     return windows
 
@@ -94,7 +101,7 @@ def classify(record: dict, windows: list) -> list[list[float]]:
         start = min(s["started_at"] for s in steps)
         end = max(s["started_at"] + s["time_s"] for s in steps)
         slowest = max(s["time_s"] for s in steps)
-        for i, (_, w0, w1, _) in enumerate(windows):
+        for i, (_, w0, w1, *_rest) in enumerate(windows):
             if w0 <= start and end <= w1:
                 out[i].append(slowest)
                 break
@@ -102,16 +109,18 @@ def classify(record: dict, windows: list) -> list[list[float]]:
 
 
 def paired_differences(windows: list, per_window: list[list[float]]) -> np.ndarray:
-    """(on - off) / off of the mean step time of each on window and the off window right after it, in percent.
+    """(on - off) / off in percent, for each on window against the mean of the off windows on both sides.
 
-    Step times drift over tens of seconds (clocks, the host's other load); a window and its neighbour see
-    the same drift, so pairing them cancels it where pooling all steps would not.
+    Step times drift over tens of seconds (clocks, the host's other load); the two neighbours straddle
+    an on window, so a drift that is linear over the three windows cancels exactly, which pooling all
+    steps would not do.
     """
     diffs = []
-    for i in range(len(windows) - 1):
-        if windows[i][0] == "on" and windows[i + 1][0] == "off" and per_window[i] and per_window[i + 1]:
-            on, off = np.mean(per_window[i]), np.mean(per_window[i + 1])
-            diffs.append(100 * (on - off) / off)
+    for i in range(1, len(windows) - 1):
+        before, now, after = per_window[i - 1], per_window[i], per_window[i + 1]
+        if windows[i][0] == "on" and windows[i - 1][0] == windows[i + 1][0] == "off" and before and now and after:
+            off = (np.mean(before) + np.mean(after)) / 2
+            diffs.append(100 * (np.mean(now) - off) / off)
     return np.array(diffs)
 
 
@@ -153,12 +162,17 @@ def main() -> int:
     pooled_lo, pooled_hi = bootstrap_ci(on, off)
     p = float(mannwhitneyu(on, off, alternative="two-sided").pvalue)
     on_windows = [w for w in windows if w[0] == "on"]
+    off_windows = [w for w in windows if w[0] == "off"]
     hz = sum(w[3] for w in on_windows) / sum(w[2] - w[1] for w in on_windows)
+    # What the sampler thread itself burns, in % of one core: this process's CPU rate on minus off.
+    cpu_share = 100 * (sum(w[4] for w in on_windows) / sum(w[2] - w[1] for w in on_windows)
+                       - sum(w[4] for w in off_windows) / max(1e-9, sum(w[2] - w[1] for w in off_windows)))
     card = record["ranks"][0].get("gpu_name")
     summary = {
         "card": card, "cell": f"{args.model} {args.strategy} x{args.gpus} GPU, seq {args.seq_len}, "
                               f"micro-batch {args.micro_batch}",
         "window_s": args.window, "interval_s": interval, "achieved_hz": hz,
+        "sampler_cpu_percent_of_one_core": cpu_share, "host_cpus": os.cpu_count(),
         "steps_on": int(on.size), "steps_off": int(off.size),
         "step_s_on_mean": float(on.mean()), "step_s_off_mean": float(off.mean()),
         "step_s_on_sd": float(on.std(ddof=1)), "step_s_off_sd": float(off.std(ddof=1)),
@@ -168,12 +182,13 @@ def main() -> int:
     }
     (folder / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"card: {card}; cell: {summary['cell']}; sampler at {hz:.1f} Hz in {args.window:g} s on/off windows")
+    print(f"sampler thread CPU: {cpu_share:.2f} % of one core ({os.cpu_count()} on this host)")
     print(f"step time on : {on.mean() * 1e3:.2f} ms (sd {on.std(ddof=1) * 1e3:.2f}, n={on.size})")
     print(f"step time off: {off.mean() * 1e3:.2f} ms (sd {off.std(ddof=1) * 1e3:.2f}, n={off.size})")
     verdict = "within the 0.5 % target" if hi <= 0.5 else ("over the 0.5 % target" if lo > 0.5 else "undecided (the interval spans 0.5 %)")
     print(f"pooled steps: {pooled:+.3f} %, 95 % bootstrap CI [{pooled_lo:+.3f}, {pooled_hi:+.3f}] %, "
           f"Mann-Whitney p={p:.3g}")
-    print(f"sampler cost (paired adjacent windows, n={len(pairs)}): {cost:+.3f} % of step time, "
+    print(f"sampler cost (on windows vs their off neighbours, n={len(pairs)}): {cost:+.3f} % of step time, "
           f"95 % CI [{lo:+.3f}, {hi:+.3f}] %: {verdict}")
     print(f"records: {folder}")
     return 0
