@@ -29,7 +29,7 @@ if ls .whl/*.whl >/dev/null 2>&1 && [ -z "${BENCH_INSTALLED:-}" ]; then
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=index,name,memory.total,power.limit --format=csv > "$out/nvidia-smi.csv" 2>&1
-bench env > "$out/env.json" 2>&1
+python3 -m bench.cli env > "$out/env.json" 2>&1
 
 left() {  # seconds until DEADLINE_S, or a day without one
   if [ -n "${DEADLINE_S:-}" ]; then echo $((DEADLINE_S - SECONDS)); else echo 86400; fi
