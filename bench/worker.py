@@ -243,12 +243,18 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     torch.manual_seed(cell.train.seed)
 
     t_build = time.time()
+    startup = {"process_to_build_s": t_build - PROCESS_START}  # imports, accelerator and process group
     model = build_model(cell, device)
     fit_fsdp1_wrap_to_adapter(cell, model, accelerator)
+    startup["build_model_s"] = time.time() - t_build
+    t = time.time()
     optimizer = make_optimizer(cell, model, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    startup["optimizer_and_prepare_s"] = time.time() - t
+    t = time.time()
     batches = make_batches(cell, model_vocab(model), rank, device)
+    startup["batches_s"] = time.time() - t
     init_s = time.time() - t_build
 
     steps, window = [], [None, None]
@@ -275,6 +281,7 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
                                     lambda: sync(device))
     files.heartbeat("done", total)
     report = rank_report(cell, accelerator, model, rank, world_size, device, steps, init_s, window)
+    report["startup_breakdown"] = startup  # where the time before the first step went
     if traffic is not None:
         report["host_device_traffic"] = traffic
     files.write_report(report)
