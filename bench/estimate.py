@@ -30,9 +30,9 @@ from bench.estimate_activations import LORA_TARGET_INPUTS, ActivationBytes, acti
 from bench.estimate_states import (NF4_PACKED_BYTES, BytesPerParam, Sharding, StateBytes, bytes_per_frozen_param,
                                    bytes_per_trainable_param, frozen_states, shard_states)
 from bench.matrix import CellSettings
-from bench.qlora import upcasts_to_fp32 as qlora_upcasts_to_fp32
 from bench.models import ModelShape
 from bench.precision import policy_for
+from bench.qlora import upcasts_to_fp32 as qlora_upcasts_to_fp32
 from bench.strategies import Strategy
 
 GIB = 2**30
