@@ -32,6 +32,7 @@ from bench.estimate_states import (NF4_PACKED_BYTES, BytesPerParam, Sharding, St
 from bench.matrix import CellSettings
 from bench.models import ModelShape
 from bench.precision import policy_for
+from bench.qlora import builds_on_host as qlora_builds_on_host
 from bench.qlora import upcasts_to_fp32 as qlora_upcasts_to_fp32
 from bench.strategies import Strategy
 
@@ -242,11 +243,6 @@ def _built_model_bytes(cell: CellSettings, shape: ModelShape, states: ModelState
     return _built_weight_bytes(cell, states) * shape.params
 
 
-def _qlora_built_on_host(cell: CellSettings, strategy: Strategy) -> bool:
-    """bench/qlora.py moves each quantised layer to the host at once where FSDP offloads parameters."""
-    return cell.adapter.type == "qlora" and strategy.family in ("fsdp", "fsdp2") and strategy.offload_params
-
-
 def _built_weight_bytes(cell: CellSettings, states: ModelStates) -> float:
     """Bytes per parameter of the model as built on the GPU (before any strategy re-lays it out)."""
     if states.frozen_bpp is not None:
@@ -336,7 +332,7 @@ def reserved_only_blocks(cell: CellSettings, shape: ModelShape, strategy: Strate
     out: dict[str, float] = {}
     n = cell.gpus
     built = _built_weight_bytes(cell, states)
-    if _qlora_built_on_host(cell, strategy):
+    if qlora_builds_on_host(cell):
         # Each layer is materialised in bf16 on the GPU, quantised, and sent to the host: what stays cached
         # is one bf16 layer's segments.
         layer, _ = _unit_params(shape)
@@ -421,7 +417,7 @@ def peak_moments(cell: CellSettings, shape: ModelShape, strategy: Strategy, stat
 def _build_moment(cell: CellSettings, shape: ModelShape, strategy: Strategy, states: ModelStates) -> dict[str, _Parts]:
     """QLoRA builds the whole 4-bit model on every GPU (unless FSDP offloads it to the host layer by layer),
     one bf16 layer at a time, before any strategy shards it: under FSDP and ZeRO-3 that can be the peak."""
-    if cell.adapter.type != "qlora" or _qlora_built_on_host(cell, strategy) or cell.device != "cuda":
+    if cell.adapter.type != "qlora" or qlora_builds_on_host(cell) or cell.device != "cuda":
         return {}
     layer, _ = _unit_params(shape)
     components = dict.fromkeys(("params", "grads", "optimizer", "master_weights", "activations", "adapter"), 0.0)

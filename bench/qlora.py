@@ -35,10 +35,11 @@ def _fsdp_family(cell: CellSettings) -> bool:
     return strategies.get(cell.strategy).family in ("fsdp", "fsdp2")
 
 
-def _host_params(cell: CellSettings) -> bool:
-    """Keep the built model on the host: FSDP with parameter offload shards it from there."""
+def builds_on_host(cell: CellSettings) -> bool:
+    """A QLoRA cell whose 4-bit model is kept on the host as it is built: FSDP with parameter offload
+    shards it from there (also what the memory estimate assumes)."""
     s = strategies.get(cell.strategy)
-    return s.family in ("fsdp", "fsdp2") and s.offload_params
+    return cell.adapter.type == "qlora" and s.family in ("fsdp", "fsdp2") and s.offload_params
 
 
 def _meta_model(cell: CellSettings):
@@ -114,7 +115,7 @@ def _rebuild_rotary(model, device: torch.device) -> None:
 def build_quantised_base(cell: CellSettings, device: torch.device):
     """The frozen 4-bit base model, built layer by layer; returns it with nothing trainable yet."""
     storage = STORAGE[cell.adapter.quant_storage]
-    host = _host_params(cell)
+    host = builds_on_host(cell)
     std = models.config_dict(cell.model).get("initializer_range", 0.02)
     model = _meta_model(cell)
     torch.manual_seed(cell.train.seed)  # every rank builds the same weights

@@ -25,6 +25,11 @@ class Strategy:
     shards_params: bool = False  # parameters are split across ranks (ZeRO-3, FSDP full/hybrid shard)
 
     @property
+    def offloads(self) -> bool:
+        """Parameters or optimizer states live on the host (ZeRO-Offload, FSDP parameter offload)."""
+        return self.offload_params or self.offload_optimizer
+
+    @property
     def runs_on_cpu(self) -> bool:
         """accelerate enables FSDP only on GPUs; DDP and DeepSpeed run over gloo on CPU."""
         return self.family in ("single", "ddp", "deepspeed")

@@ -25,9 +25,8 @@ DIRECTIONS = {"HtoD": "htod", "DtoH": "dtoh"}
 
 
 def offloads(strategy) -> bool:
-    """Whether a strategy keeps parameters or optimizer states on the host (a catalogue entry or a
-    described user config; unknown attributes count as no offload)."""
-    return bool(getattr(strategy, "offload_params", False) or getattr(strategy, "offload_optimizer", False))
+    """Whether a cell of this strategy gets the profiled step: it offloads (None: an unreadable user config)."""
+    return strategy is not None and strategy.offloads
 
 
 def summarise_memcpy(trace_events: list[dict], step_s: float) -> dict:

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from bench import transfers
-from bench.estimate import describe_strategy
 from bench.matrix import CellSettings
 from bench.precision import policy_for
 from bench.rank_files import RankFiles, classify_exception
@@ -100,18 +99,22 @@ def check_distributed_setup(strategy: str, family: str, processes: int, actual: 
                            "cell's accelerate.yaml and launch.log")
 
 
-def strategy_family(cell: CellSettings, cell_dir: Path | None = None) -> str:
-    """The cell's strategy family; a user config (.json/.yaml) is read as bench.strategies.get reads it,
-    falling back to the resolved accelerate.yaml in the cell's folder if the user's path is not readable here."""
+def cell_strategy(cell: CellSettings, cell_dir: Path | None = None):
+    """The cell's strategy; a user config (.json/.yaml) is read as bench.strategies.get reads it, falling
+    back to the resolved accelerate.yaml in the cell's folder if the user's path is not readable here."""
     from bench import strategies
     from bench.matrix import MatrixError
 
     try:
-        return strategies.get(cell.strategy).family
+        return strategies.get(cell.strategy)
     except (OSError, MatrixError):
         if cell_dir is None or not strategies.is_user_config(cell.strategy):
             raise
-        return strategies.get(str(cell_dir / "accelerate.yaml")).family
+        return strategies.get(str(cell_dir / "accelerate.yaml"))
+
+
+def strategy_family(cell: CellSettings, cell_dir: Path | None = None) -> str:
+    return cell_strategy(cell, cell_dir).family
 
 
 def guard_distributed_setup(cell: CellSettings, accelerator, world_size: int, cell_dir: Path | None = None) -> None:
@@ -275,7 +278,7 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
         if phase == "timed":
             window[1] = time.time()
     traffic = None
-    if device.type == "cuda" and transfers.offloads(describe_strategy(cell)):
+    if device.type == "cuda" and transfers.offloads(cell_strategy(cell, cell_dir)):
         files.heartbeat("profiled", total)  # one extra step, not timed: see bench/transfers.py
         traffic = transfers.measure(lambda: train_step(cell, model, optimizer, accelerator, batches, device),
                                     lambda: sync(device))
