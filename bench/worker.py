@@ -235,6 +235,27 @@ def train_step(cell: CellSettings, model, optimizer, accelerator, batches, devic
             "fwd_bwd_s": fwd_bwd_s, "optim_s": optim_s}
 
 
+def run_steps(cell: CellSettings, one_step, accelerator, device: torch.device, files: RankFiles):
+    """Warm-up then timed steps, every rank starting each together; (steps, timed window in wall clock)."""
+    steps, window = [], [None, None]
+    for i in range(cell.train.warmup_steps + cell.train.steps):
+        phase = "warmup" if i < cell.train.warmup_steps else "timed"
+        files.heartbeat(phase, i)
+        accelerator.wait_for_everyone()
+        sync(device)
+        if phase == "timed" and window[0] is None:
+            window[0] = time.time()  # wall clock, so the parent's NVML samples can be cut to it
+        started_at = time.time()  # wall clock as well: lines each step up with the NVML samples
+        t0 = time.perf_counter()
+        parts = one_step()
+        sync(device)
+        steps.append({"step": i, "phase": phase, "started_at": started_at, "time_s": time.perf_counter() - t0,
+                      **parts})
+        if phase == "timed":
+            window[1] = time.time()
+    return steps, window
+
+
 def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> None:
     accelerator = make_accelerator(cell)
     rank, world_size = world()
@@ -260,28 +281,15 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     startup["batches_s"] = time.time() - t
     init_s = time.time() - t_build
 
-    steps, window = [], [None, None]
-    total = cell.train.warmup_steps + cell.train.steps
-    for i in range(total):
-        phase = "warmup" if i < cell.train.warmup_steps else "timed"
-        files.heartbeat(phase, i)
-        accelerator.wait_for_everyone()  # every rank starts the step together
-        sync(device)
-        if phase == "timed" and window[0] is None:
-            window[0] = time.time()  # wall clock, so the parent's NVML samples can be cut to it
-        started_at = time.time()  # wall clock: lines a step up with the parent's NVML samples
-        t0 = time.perf_counter()
-        parts = train_step(cell, model, optimizer, accelerator, batches, device)
-        sync(device)
-        steps.append({"step": i, "phase": phase, "started_at": started_at, "time_s": time.perf_counter() - t0,
-                      **parts})
-        if phase == "timed":
-            window[1] = time.time()
+    def one_step() -> dict:
+        return train_step(cell, model, optimizer, accelerator, batches, device)
+
+    steps, window = run_steps(cell, one_step, accelerator, device, files)
+    total = len(steps)
     traffic = None
     if device.type == "cuda" and transfers.offloads(cell_strategy(cell, cell_dir)):
         files.heartbeat("profiled", total)  # one extra step, not timed: see bench/transfers.py
-        traffic = transfers.measure(lambda: train_step(cell, model, optimizer, accelerator, batches, device),
-                                    lambda: sync(device))
+        traffic = transfers.measure(one_step, lambda: sync(device))
     files.heartbeat("done", total)
     report = rank_report(cell, accelerator, model, rank, world_size, device, steps, init_s, window)
     report["startup_breakdown"] = startup  # where the time before the first step went
