@@ -143,7 +143,7 @@ def run_matrix(matrix_path: str, opts: RunOptions, console: Console | None = Non
     except OSError as e:  # informational only: never stop a run over it
         console.print(f"[yellow]note[/]: matrix not copied into {escape(str(prep.results_dir))}: {escape(str(e))}")
     fingerprint = envinfo.fingerprint()
-    hooks = CellHooks.for_matrix(prep.matrix, opts)
+    hooks = CellHooks(prep.matrix, opts)
     with sigterm_as_interrupt():
         return _launch_all(plans, prep, fingerprint, hooks, matrix_path, opts, console)
 
@@ -211,10 +211,6 @@ class CellHooks:
         self.matrix = matrix
         self.opts = opts
 
-    @classmethod
-    def for_matrix(cls, matrix: Matrix, opts: RunOptions) -> "CellHooks":
-        return cls(matrix, opts)
-
     def run(self, plan: LaunchPlan, matrix_name: str, fingerprint: dict) -> RunRecord:
         from bench.estimate import preflight
 
@@ -226,7 +222,7 @@ class CellHooks:
         sampler = None
         if plan.cell.device == "cuda":
             if busy := wait_for_free_gpus(plan.cell.gpus):
-                return busy_record(plan, matrix_name, fingerprint, busy)
+                return busy_record(plan, matrix_name, fingerprint, busy, info)
             from bench.sampler import NvmlSampler, sampler_enabled
 
             sampler = NvmlSampler(plan.cell.gpus) if sampler_enabled() else None
@@ -248,14 +244,14 @@ def wait_for_free_gpus(gpu_count: int, patience_s: float = 15.0) -> str | None:
     return reason
 
 
-def busy_record(plan: LaunchPlan, matrix_name: str, fingerprint: dict, reason: str) -> RunRecord:
+def busy_record(plan: LaunchPlan, matrix_name: str, fingerprint: dict, reason: str, info: dict) -> RunRecord:
     """A busy GPU is reported, not measured: numbers taken beside another tenant would mislead."""
     import time
 
     from bench.results import CellError
 
     return RunRecord(matrix=matrix_name, cell_id=plan.cell.cell_id, label=plan.cell.label, repeat=plan.repeat,
-                     settings=plan.cell.model_dump(mode="json"), strategy_info=strategy_info(plan.cell),
+                     settings=plan.cell.model_dump(mode="json"), strategy_info=info,
                      status="busy", error=CellError(kind="busy", message=f"GPU busy, not measured: {reason}"),
                      env=fingerprint, started_at=time.time(), wall_s=0.0, command=plan.shell_command())
 
