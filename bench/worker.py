@@ -130,8 +130,10 @@ def guard_distributed_setup(cell: CellSettings, accelerator, world_size: int, ce
 def apply_memory_cap(cell: CellSettings, device: torch.device) -> None:
     """Emulate a smaller card: the caching allocator refuses to grow past the cap."""
     if cell.gpu_memory_gib and device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cell.gpu_memory_gib * 2**30 / total), device)
+        # A single-process launch gets a bare "cuda" device; the cap call needs the card's index.
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cell.gpu_memory_gib * 2**30 / total), index)
 
 
 def build_model(cell: CellSettings, device: torch.device):

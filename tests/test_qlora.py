@@ -10,6 +10,8 @@ here in process; training under ddp / FSDP / ZeRO-3 needs CUDA and is in the gpu
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -141,17 +143,26 @@ def test_qlora_cell_runs_on_gpu(gpu_records, name):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("strategy,bound_gib", [("fsdp_full_shard", 6.5), ("ddp", 9.0)])
 def test_build_peak_stays_near_the_4bit_size(strategy, bound_gib):
-    """Layer by layer: the build never holds the bf16 model (15 GiB for llama-3.1-8b)."""
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    cell = CellSettings(model="llama-3.1-8b", strategy=strategy, device="cuda",
-                        adapter={"type": "qlora"}, train={"precision": "bf16"})
-    model = _build(cell, "cuda")
-    peak = (torch.cuda.max_memory_allocated() - before) / 2**30
+    """Layer by layer: the build never holds the bf16 model (15 GiB for llama-3.1-8b).
+
+    Built in a child process: a CUDA context left in the pytest process would make every later bench run
+    of the same session see its GPU as busy (another compute process) and refuse to measure it.
+    """
+    code = f"""
+import torch
+from bench.matrix import CellSettings
+from bench.model_build import build_causal_lm
+from bench.precision import policy_for
+cell = CellSettings(model="llama-3.1-8b", strategy="{strategy}", device="cuda",
+                    adapter={{"type": "qlora"}}, train={{"precision": "bf16"}})
+model = build_causal_lm(cell, torch.device("cuda"), policy_for(cell))
+print(torch.cuda.max_memory_allocated() / 2**30)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peak = float(proc.stdout.split()[-1])
     print(f"{strategy}: build peak {peak:.2f} GiB")
     assert peak < bound_gib, peak
-    del model
 
 
 def test_tied_embeddings_stay_tied(monkeypatch):
