@@ -221,12 +221,19 @@ def memory_table(group: pd.DataFrame) -> pd.DataFrame:
             "capacity GiB": capacity_text(row),
         })
         if is_num(row.get("host_device_copy_s")):
-            rows[-1]["host<->device copies per step"] = (
-                f"{row['host_device_copy_s']:.2f} s of {row['profiled_step_s']:.2f} s, {row['host_device_gib']:.1f} GiB")
+            rows[-1]["host<->device copies per step"] = copies_text(row)
     table = pd.DataFrame(rows)
     if "host<->device copies per step" in table:
         table["host<->device copies per step"] = table["host<->device copies per step"].fillna("-")
     return table
+
+
+def copies_text(row) -> str:
+    """e.g. '23.9 ms of 1.30 s, 1.03 GiB': ms and MiB where s and GiB would round a small model's copies to 0."""
+    copy_s, size = row["host_device_copy_s"], row["host_device_gib"]
+    time_text = f"{copy_s:.2f} s" if copy_s >= 1 else f"{copy_s * 1e3:.3g} ms"
+    size_text = f"{size:.2f} GiB" if size >= 0.1 else f"{size * 1024:.1f} MiB"
+    return f"{time_text} of {row['profiled_step_s']:.2f} s, {size_text}"
 
 
 # ---------------------------------------------------------------- efficiency

@@ -40,10 +40,13 @@ def test_memory_table_shows_copies_only_where_measured():
     group = pd.DataFrame([
         {**base, "strategy": "zero3_offload", "host_device_copy_s": 1.25, "profiled_step_s": 8.5,
          "host_device_gib": 70.0},
+        {**base, "strategy": "zero2_offload", "host_device_copy_s": 0.000245, "profiled_step_s": 0.08,
+         "host_device_gib": 3.5 / 1024},
         {**base, "strategy": "zero3"},
     ])
     table = memory_table(group).set_index("run")
     column = "host<->device copies per step"
-    assert table.loc["zero3_offload x2 GPU", column] == "1.25 s of 8.50 s, 70.0 GiB"
+    assert table.loc["zero3_offload x2 GPU", column] == "1.25 s of 8.50 s, 70.00 GiB"
+    assert table.loc["zero2_offload x2 GPU", column] == "0.245 ms of 0.08 s, 3.5 MiB"  # a tiny model's copies
     assert table.loc["zero3 x2 GPU", column] == "-"
     assert column not in memory_table(group.drop(columns=["host_device_copy_s"]))
