@@ -1,4 +1,4 @@
-"""The estimator against the committed GPU records (H100 80GB): re-predicted with the current code, the
+"""The estimator against the committed GPU records (H100 80GB, and H200 since session 3): re-predicted with the current code, the
 per-rank peak of torch reserved memory must be within 10% of the measured one on every ok cell.
 
 Runs on CPU: it reads results/*/runs.jsonl and predicts, nothing is launched.
@@ -13,9 +13,11 @@ import pytest
 from bench.estimate_check import check_folder, render
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
-GPU_FOLDERS = ("llama8b", "llama-full", "oom", "smoke-gpu", "nightly", "llama70b-qlora")
-# Not here: results/qlora-1b, measured before the fix that keeps Llama-3.2's tied embeddings tied in the
-# 4-bit build (its records hold a second, untied copy of the 263M-parameter embedding); re-measure first.
+GPU_FOLDERS = ("llama8b", "llama-full", "oom", "smoke-gpu", "nightly", "llama70b-qlora",  # H100
+               "nightly-rerun-3", "nightly-rerun-4", "nightly-rerun-5", "llama-full-h200", "qlora-1b-h200")  # H200
+# Not here: results/qlora-1b (H100), measured before the fix that keeps Llama-3.2's tied embeddings tied in
+# the 4-bit build (its records hold a second, untied copy of the 263M-parameter embedding); qlora-1b-h200
+# is its re-measurement. Nor the tiny-llama GPU test folders: fixed overheads are most of their memory.
 TOLERANCE = 0.10
 # Cells the 10% target does not cover, with the reason.
 EXCEPTIONS = {
@@ -28,6 +30,13 @@ EXCEPTIONS = {
     "llama-3-70b qlora fsdp_full_shard_offload x2gpu": "reserved after the 4-bit build not modelled",
     "llama-3-70b qlora fsdp_full_shard_offload x2gpu cap24G": "reserved after the 4-bit build not modelled",
     "llama-3-70b qlora zero3_offload x2gpu": "reserved after the 4-bit build not modelled",
+    # QLoRA 1B (H200, after the tie fix): 0.5-0.9 GiB off on a 4-6 GiB peak, not investigated yet. ddp under
+    # by 12% in allocated too (something of ~0.57 GiB not modelled: the fp32 upcast of the tied embedding is
+    # the first suspect); FSDP and ZeRO-3 over in reserved only (allocated within 8%).
+    "llama-3.2-1b qlora ddp x1gpu": "QLoRA 1B ddp: ~0.57 GiB not modelled",
+    "llama-3.2-1b qlora ddp x2gpu": "QLoRA 1B ddp: ~0.57 GiB not modelled",
+    "llama-3.2-1b qlora fsdp_full_shard x2gpu": "QLoRA 1B FSDP: reserved over by 0.7 GiB (allocated -2%)",
+    "llama-3.2-1b qlora zero3 x2gpu": "QLoRA 1B ZeRO-3: reserved over by 0.85 GiB (allocated -7%)",
 }
 
 
