@@ -1,0 +1,252 @@
+"""bench.meta_init on CPU: build on meta, materialise module by module, and the same under FSDP2/FSDP1 (gloo)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import socket
+
+import pytest
+import torch
+
+from bench import models
+from bench.meta_init import build_on_meta, materialise, materialise_module
+
+VOCAB = models.config_dict("tiny-llama")["vocab_size"]
+
+
+def _config(**overrides):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**{**models.config_dict("tiny-llama"), **overrides})
+    config.use_cache = False
+    return config
+
+
+def _reference(config):
+    """The same architecture built the ordinary way, on CPU, to compare what must not be random."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+
+
+def _loss_and_backward(model):
+    torch.manual_seed(1)
+    ids = torch.randint(0, VOCAB, (2, 32))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item()
+
+
+def _tensors(model):
+    return [*model.named_parameters(), *model.named_buffers()]
+
+
+def test_model_built_on_meta_has_no_storage():
+    model = build_on_meta(_config(), torch.float32, "sdpa")
+    tensors = _tensors(model)
+    assert len(tensors) > 10
+    assert all(t.is_meta for _, t in tensors), [n for n, t in tensors if not t.is_meta]
+    # The rotary buffers are non-persistent, so a checkpoint would never fill them: they must be meta too.
+    assert model.model.rotary_emb.inv_freq.is_meta
+
+
+# llama3 is the rope type of the shipped Llama 3.x configs; its inv_freq is rescaled, not just theta-based.
+LLAMA3_ROPE = models.config_dict("llama-3.2-1b")["rope_scaling"]
+
+
+@pytest.mark.parametrize("rope_scaling", [None, LLAMA3_ROPE], ids=["default-rope", "llama3-rope"])
+def test_materialise_gives_hf_style_init(rope_scaling):
+    config = _config(rope_scaling=rope_scaling)
+    torch.manual_seed(0)
+    model = build_on_meta(config, torch.float32, "sdpa")
+    materialise(model, "cpu")
+
+    tensors = _tensors(model)
+    assert not [n for n, t in tensors if t.is_meta]
+    assert all(t.device.type == "cpu" and torch.isfinite(t).all() for _, t in tensors)
+    norms = [m for m in model.modules() if "RMSNorm" in type(m).__name__]
+    assert len(norms) == 2 * config.num_hidden_layers + 1
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
+    std = config.initializer_range
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    for m in linears:
+        assert abs(m.weight.std().item() - std) < 0.15 * std, m
+        assert abs(m.weight.mean().item()) < 0.1 * std, m
+    assert abs(model.model.embed_tokens.weight.std().item() - std) < 0.1 * std
+
+    # to_empty-style allocation leaves garbage in the rotary buffers; they must equal a normal build's.
+    ref = _reference(config).model.rotary_emb
+    rotary = model.model.rotary_emb
+    torch.testing.assert_close(rotary.inv_freq, ref.inv_freq, rtol=0, atol=0)
+    torch.testing.assert_close(rotary.original_inv_freq, ref.original_inv_freq, rtol=0, atol=0)
+    if rope_scaling is not None:
+        # Guards the test itself: llama3 scaling really changes the frequencies.
+        assert not torch.allclose(ref.inv_freq, _reference(_config()).model.rotary_emb.inv_freq)
+
+    loss = _loss_and_backward(model)
+    # Near-uniform predictions at random init: cross-entropy close to ln(vocab) (7.62 for 2048).
+    assert abs(loss - math.log(VOCAB)) < 0.5, loss
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_tied_embeddings_stay_tied():
+    config = _config(tie_word_embeddings=True)
+    model = build_on_meta(config, torch.float32, "sdpa")
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # transformers ties already on meta
+    materialise(model, "cpu")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not model.lm_head.weight.is_meta
+    # One tensor, counted once: the untied model has one more vocab x hidden matrix.
+    n_unique = sum(p.numel() for p in model.parameters())
+    assert n_unique == sum(p.numel() for p in _reference(_config()).parameters()) - VOCAB * config.hidden_size
+    _loss_and_backward(model)
+    assert model.model.embed_tokens.weight.grad is not None
+
+
+def test_materialise_module_touches_only_its_own_tensors():
+    """The FSDP1 contract: called once per module, children are materialised by their own call."""
+    model = build_on_meta(_config(), torch.float32, "sdpa")
+    layer = model.model.layers[0]
+    materialise_module(layer, "cpu", model)  # a decoder layer owns no tensors itself
+    assert all(t.is_meta for _, t in _tensors(layer))
+
+    q = layer.self_attn.q_proj
+    materialise_module(q, torch.device("cpu"), model)
+    assert not q.weight.is_meta and abs(q.weight.std().item() - 0.02) < 0.003
+    assert layer.self_attn.k_proj.weight.is_meta
+
+    # A second call must not re-draw values that are already real (e.g. a tied weight seen twice).
+    before = q.weight.clone()
+    materialise_module(q, "cpu", model)
+    assert torch.equal(q.weight, before)
+
+
+# --- two processes over gloo --------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sharded_worker(rank: int, world: int, port: int, flavour: str, tie: bool, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # two ranks on two cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        config = _config(tie_word_embeddings=tie)
+        torch.manual_seed(0)  # FSDP1 builds each unit in full on every rank: the ranks must draw alike
+        model = build_on_meta(config, torch.float32, "sdpa")
+        full_numel = sum(p.numel() for p in model.parameters())  # tied weight counted once
+        n_modules = len(list(model.modules()))  # before FSDP1 inserts its wrapper modules
+        layer_cls = type(model.model.layers[0])
+        report = {"full_numel": full_numel}
+        if flavour == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.tensor import DTensor
+
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+            assert all(p.is_meta for p in model.parameters())  # sharding happened on meta
+            materialise(model, "cpu")
+            q = model.model.layers[0].self_attn.q_proj.weight
+            assert isinstance(q, DTensor)
+            report["q_local"], report["q_full"] = q.to_local().numel(), q.numel()
+            report["local_numel"] = sum(p.to_local().numel() for p in model.parameters())
+            report["norm_ones"] = bool((model.model.norm.weight.to_local() == 1).all())
+            report["tied"] = model.lm_head.weight is model.model.embed_tokens.weight
+            wrapped = model
+        else:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+            calls = []
+
+            def param_init_fn(module):
+                calls.append(module)
+                materialise_module(module, torch.device("cpu"), model)
+
+            wrapped = FullyShardedDataParallel(
+                model, param_init_fn=param_init_fn, device_id=torch.device("cpu"),
+                auto_wrap_policy=ModuleWrapPolicy({layer_cls}), use_orig_params=True)
+            # torch calls param_init_fn on every module once, not once per wrapped root.
+            report["init_calls"] = len(calls)
+            report["init_calls_unique"] = len({id(m) for m in calls})
+            report["n_modules"] = n_modules
+            report["local_numel"] = sum(p.numel() for p in wrapped.parameters())
+            report["norm_ones"] = bool((model.model.norm.weight == 1).all())
+            report["tied"] = model.lm_head.weight is model.model.embed_tokens.weight
+        report["no_meta"] = not any(t.is_meta for _, t in _tensors(wrapped))
+        report["inv_freq"] = model.model.rotary_emb.inv_freq.tolist()
+
+        optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-3)
+        report["loss"] = _loss_and_backward(wrapped)
+        optimizer.step()
+        optimizer.zero_grad()
+        report["loss_after_step"] = _loss_and_backward(wrapped)
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump(report, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+# About 10 s each on 2 cores. FSDP1 runs only tied: its BFS reaches lm_head before embed_tokens, the
+# case where replacing (rather than swapping) the parameter would split the tie.
+@pytest.mark.parametrize(("flavour", "tie"), [("fsdp2", False), ("fsdp2", True), ("fsdp1", True)],
+                         ids=["fsdp2-untied", "fsdp2-tied", "fsdp1-tied"])
+def test_sharded_materialise_on_gloo(flavour, tie, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sharded_worker, args=(2, _free_port(), flavour, tie, str(tmp_path)), nprocs=2, join=True)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ref_inv_freq = _reference(_config()).model.rotary_emb.inv_freq.tolist()
+    for rep in reports:
+        assert rep["no_meta"] and rep["norm_ones"]
+        assert rep["tied"] is tie
+        assert rep["inv_freq"] == ref_inv_freq
+        assert abs(rep["loss"] - math.log(VOCAB)) < 0.5, rep["loss"]
+        assert math.isfinite(rep["loss_after_step"]) and rep["loss_after_step"] < rep["loss"]
+        # Each rank holds about half of the (deduplicated) parameters, never the whole model.
+        assert 0.3 * rep["full_numel"] < rep["local_numel"] < 0.7 * rep["full_numel"], rep
+    assert sum(rep["local_numel"] for rep in reports) == reports[0]["full_numel"]
+    if flavour == "fsdp2":
+        # Per-parameter sharding: each rank keeps half of every weight.
+        assert all(rep["q_local"] * 2 == rep["q_full"] for rep in reports)
+    else:
+        assert all(rep["init_calls"] == rep["init_calls_unique"] == rep["n_modules"] for rep in reports)
+    # Same data, same (synchronised) weights: every rank sees the same loss.
+    assert reports[0]["loss"] == pytest.approx(reports[1]["loss"], rel=1e-5)
+
+
+def test_works_under_accelerate_tied_weights_wrapper():
+    """accelerate's FSDP1 path wraps param_init_fn in ensure_weights_retied, which uses its return value."""
+    from accelerate.utils.fsdp_utils import ensure_weights_retied
+
+    model = build_on_meta(_config(tie_word_embeddings=True), torch.float32, "sdpa")
+    init_fn = ensure_weights_retied(
+        functools.partial(materialise_module, device=torch.device("cpu"), model=model), model, torch.device("cpu"))
+    # Breadth-first like FSDP1's _get_modules_to_materialize: lm_head comes before model.embed_tokens.
+    queue = [model]
+    while queue:
+        module = queue.pop(0)
+        init_fn(module)
+        queue.extend(module.children())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not any(t.is_meta for _, t in _tensors(model))
+
+
+def test_fsdp1_style_partial_matches_signature():
+    """functools.partial(materialise_module, device=..., model=...) is the one-argument param_init_fn."""
+    model = build_on_meta(_config(), torch.float32, "sdpa")
+    init_fn = functools.partial(materialise_module, device=torch.device("cpu"), model=model)
+    for module in model.modules():
+        init_fn(module)
+    assert not any(t.is_meta for _, t in _tensors(model))
+    assert torch.isfinite(model.model.rotary_emb.inv_freq).all()
