@@ -158,7 +158,7 @@ cell = CellSettings(model="llama-3.1-8b", strategy="{strategy}", device="cuda",
 model = build_causal_lm(cell, torch.device("cuda"), policy_for(cell))
 print(torch.cuda.max_memory_allocated() / 2**30)
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     peak = float(proc.stdout.split()[-1])
     print(f"{strategy}: build peak {peak:.2f} GiB")
