@@ -250,3 +250,26 @@ def test_fsdp1_style_partial_matches_signature():
         init_fn(module)
     assert not any(t.is_meta for _, t in _tensors(model))
     assert torch.isfinite(model.model.rotary_emb.inv_freq).all()
+
+
+# ---------------------------------------------------------------- which cells the worker builds on meta
+
+@pytest.mark.parametrize("settings,built_on_meta", [
+    ({"strategy": "fsdp_full_shard"}, True),
+    ({"strategy": "fsdp_shard_grad_op"}, True),
+    ({"strategy": "fsdp2"}, True),
+    ({"strategy": "fsdp2_no_reshard"}, True),
+    ({"strategy": "fsdp_full_shard", "device": "cpu"}, False),  # accelerate's FSDP is CUDA-only
+    ({"strategy": "fsdp_full_shard_offload"}, False),
+    ({"strategy": "fsdp_full_shard", "adapter": {"type": "lora"}}, False),
+    ({"strategy": "fsdp_full_shard", "adapter": {"type": "qlora"}}, False),
+    ({"strategy": "zero3"}, False),  # zero.Init partitions at construction
+    ({"strategy": "ddp"}, False),
+])
+def test_only_full_fine_tuning_under_fsdp_is_built_on_meta(settings, built_on_meta):
+    from bench import strategies
+    from bench.matrix import CellSettings
+    from bench.model_build import builds_on_meta
+
+    cell = CellSettings(**{"device": "cuda", "gpus": 2, **settings})
+    assert builds_on_meta(cell, strategies.get(cell.strategy)) is built_on_meta
