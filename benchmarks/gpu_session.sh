@@ -12,6 +12,8 @@
 #     overhead[=STEPS]      benchmarks/sampler_overhead.py (STEPS timed steps)
 #     llama-full[=ONLY]     matrices/llama-full.yaml, ONLY as --only filters joined by '@',
 #                           e.g. llama-full=model=llama-3.2-3b@gpus=1,2
+#     run=MATRIX@DIR[@FILTER...]  matrices/MATRIX.yaml into results/DIR, FILTERs as --only, e.g.
+#                           run=llama-full@llama-full-h200@model=llama-3.2-3b@gpus=1,2
 #     lane:GPUS:S1+S2+...   run steps S1, S2 ... one after the other on the cards GPUS (CUDA_VISIBLE_DEVICES,
 #                           e.g. lane:2,3:nightly=nightly-b+70b), in the background beside the other lanes
 #
@@ -70,6 +72,10 @@ run_step() {
       local dir=${arg%%@*} only=(); [[ $arg == *@* ]] && mapfile -t only < <(only_args "${arg#*@}")
       step "${dir:-nightly}" python3 -m bench.cli run matrices/nightly.yaml --results "results/${dir:-nightly}" \
         --repeats 3 "${only[@]}" ;;
+    run)
+      local matrix=${arg%%@*} rest=${arg#*@}; local dir=${rest%%@*} only=()
+      [[ $rest == *@* ]] && mapfile -t only < <(only_args "${rest#*@}")
+      step "$dir" python3 -m bench.cli run "matrices/$matrix.yaml" --results "results/$dir" "${only[@]}" ;;
     70b)          step 70b python3 -m bench.cli run matrices/llama70b-qlora.yaml ${arg:+--$arg} ;;
     overhead)     step overhead python3 benchmarks/sampler_overhead.py --out "$out/overhead" ${arg:+--steps $arg} ;;
     *) echo "unknown step $s" ;;

@@ -181,10 +181,11 @@ def test_sampler_on_a_real_gpu_reads_energy():
     s = NvmlSampler(1)
     s.start()
     t0 = time.time()
-    x = torch.randn(4096, 4096, device="cuda")
-    for _ in range(200):
-        x = (x @ x).clamp_(-1, 1)
-    torch.cuda.synchronize()
+    # The load runs in a child: a CUDA context left in this pytest process would make later bench runs of the
+    # session see GPU 0 as busy.
+    load = ("import torch\nx = torch.randn(4096, 4096, device='cuda')\nfor _ in range(200):\n"
+            "    x = (x @ x).clamp_(-1, 1)\ntorch.cuda.synchronize()")
+    subprocess.run([sys.executable, "-c", load], check=True, timeout=300)
     t1 = time.time()
     time.sleep(0.2)
     out = s.stop([{"timed_window": [t0, t1]}])
