@@ -9,7 +9,8 @@
 #     smoke, llama8b-1gpu, oom, llama8b
 #     nightly[=DIR[@ONLY]]  matrices/nightly.yaml --repeats 3 into results/DIR (default results/nightly)
 #     70b[=force]           matrices/llama70b-qlora.yaml (force: launch cells predicted not to fit)
-#     overhead[=STEPS]      benchmarks/sampler_overhead.py (STEPS timed steps)
+#     overhead[=STEPS[@INTERVAL_S]]  benchmarks/sampler_overhead.py (STEPS timed steps; a short sampling
+#                           interval, e.g. 0.002, amplifies the cost: see the script's docstring)
 #     llama-full[=ONLY]     matrices/llama-full.yaml, ONLY as --only filters joined by '@',
 #                           e.g. llama-full=model=llama-3.2-3b@gpus=1,2
 #     run=MATRIX@DIR[@FILTER...]  matrices/MATRIX.yaml into results/DIR, FILTERs as --only, e.g.
@@ -77,7 +78,10 @@ run_step() {
       [[ $rest == *@* ]] && mapfile -t only < <(only_args "${rest#*@}")
       step "$dir" python3 -m bench.cli run "matrices/$matrix.yaml" --results "results/$dir" "${only[@]}" ;;
     70b)          step 70b python3 -m bench.cli run matrices/llama70b-qlora.yaml ${arg:+--$arg} ;;
-    overhead)     step overhead python3 benchmarks/sampler_overhead.py --out "$out/overhead" ${arg:+--steps $arg} ;;
+    overhead)  # overhead[=STEPS[@INTERVAL_S]]: INTERVAL_S well under bench's 0.05 s is an amplified run
+      local steps=${arg%%@*} interval=""; [[ $arg == *@* ]] && interval=${arg#*@}
+      step "overhead${interval:+-$interval}" python3 benchmarks/sampler_overhead.py --out "$out/overhead${interval:+-$interval}" \
+        ${steps:+--steps $steps} ${interval:+--interval $interval} ;;
     *) echo "unknown step $s" ;;
   esac
 }

@@ -43,3 +43,14 @@ def test_on_windows_against_both_neighbours_cancel_a_linear_drift():
     per_window = [[0.1 * (1 + 0.05 * i) * (1.01 if i % 2 else 1.0)] * 3 for i in range(7)]
     diffs = so.paired_differences(windows, per_window)
     assert len(diffs) == 3 and np.allclose(diffs, 1.0)
+
+
+def test_an_amplified_run_is_scaled_to_benchs_rate():
+    """Sampling 25x faster: the measured cost and its interval shrink 25x at bench's 20 Hz."""
+    proj = so.project_to_rate(2.5, (-0.5, 5.0), achieved_hz=500.0, target_hz=20.0)
+    assert proj["scale"] == pytest.approx(0.04)
+    assert proj["cost_percent"] == pytest.approx(0.1)
+    assert proj["ci95_percent"] == pytest.approx([-0.02, 0.2])
+    assert so.verdict(*proj["ci95_percent"]) == "within the 0.5 % target"
+    assert so.verdict(-0.5, 5.0).startswith("undecided")
+    assert so.verdict(0.6, 1.0) == "over the 0.5 % target"
