@@ -5,7 +5,8 @@
 #
 #   usage: benchmarks/gpu_session.sh OUT STEP [STEP ...]     (logs in OUT, everything also in OUT.tgz)
 #   steps:
-#     gpu-tests[=PATHS]     pytest -m gpu on PATHS (comma-separated test files; default: tests), -k $PYTEST_K
+#     gpu-tests[=PATHS[@K]] pytest -m gpu on PATHS (comma-separated test files; default: tests), -k K
+#                           (default $PYTEST_K), e.g. "gpu-tests=tests/test_gpu.py@fsdp or meta"
 #     smoke, llama8b-1gpu, oom, llama8b
 #     nightly[=DIR[@ONLY]]  matrices/nightly.yaml --repeats 3 into results/DIR (default results/nightly)
 #     70b[=force]           matrices/llama70b-qlora.yaml (force: launch cells predicted not to fit)
@@ -57,11 +58,11 @@ run_step() {
   local s=$1 arg=""
   [[ $s == *=* ]] && { arg=${s#*=}; s=${s%%=*}; }
   case $s in
-    gpu-tests)
-      local paths=${arg:-tests}
+    gpu-tests)  # gpu-tests[=PATHS[@K]]: K as pytest -k for this step (else $PYTEST_K)
+      local paths=${arg%%@*} k=${PYTEST_K:-}; paths=${paths:-tests}; [[ $arg == *@* ]] && k=${arg#*@}
       step "gpu-tests${arg:+-$(basename "${paths%%,*}" .py)}" python3 -m pytest -q -rs -m gpu ${paths//,/ } \
-        -p no:cacheprovider --basetemp "$out/pytest-${CUDA_VISIBLE_DEVICES:-all}-$SECONDS" \
-        ${PYTEST_K:+-k "$PYTEST_K"} ;;
+        -p no:cacheprovider --basetemp "$out/pytest-${CUDA_VISIBLE_DEVICES:-all}-$(basename "${paths%%,*}" .py)-$SECONDS" \
+        ${k:+-k "$k"} ;;
     smoke)        step smoke python3 -m bench.cli run matrices/smoke.yaml --device cuda --results results/smoke-gpu --only gpus=1 ;;
     llama8b-1gpu) step llama8b-1gpu python3 -m bench.cli run matrices/llama8b.yaml --only gpus=1 ;;
     oom)          step oom python3 -m bench.cli run matrices/oom.yaml --force ;;  # launch although predicted not to fit
