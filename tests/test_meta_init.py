@@ -277,10 +277,11 @@ def test_only_full_fine_tuning_under_fsdp_is_built_on_meta(settings, built_on_me
 
 # ---------------------------------------------------------------- the worker's path through accelerate
 
-def _accelerate_worker(rank: int, world: int, port: int, version: int, out_dir: str) -> None:
+def _accelerate_worker(rank: int, world: int, port: int, version: int, precision: str, out_dir: str) -> None:
     import os
 
     from accelerate import Accelerator
+    from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     from bench import worker
@@ -289,19 +290,24 @@ def _accelerate_worker(rank: int, world: int, port: int, version: int, out_dir: 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16" if precision == "bf16" else "no")
     # accelerate turns FSDP on only for CUDA-like devices; everything below this switch is its real code
     # (prepare, the FSDP1 param_init_fn plumbing, FSDP2's fully_shard and optimizer re-mapping).
     plugin = {1: dict(sharding_strategy="FULL_SHARD", use_orig_params=True, sync_module_states=False),
               2: dict(reshard_after_forward=True)}[version]
-    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+    fsdp_plugin = FullyShardedDataParallelPlugin(
         fsdp_version=version, auto_wrap_policy="transformer_based_wrap",
         transformer_cls_names_to_wrap=["LlamaDecoderLayer"], cpu_ram_efficient_loading=False, **plugin)
-    accelerator.state.distributed_type = DistributedType.FSDP
-    accelerator.state.device = torch.device("cpu")  # FSDP1 on CPU wants an index-free device_id
+    if precision == "bf16":
+        fsdp_plugin.set_mixed_precision("bf16")  # what accelerate does when it sets FSDP up itself
+    accelerator.state.fsdp_plugin = fsdp_plugin
+    # Both state objects: parts of prepare read accelerate's PartialState rather than AcceleratorState.
+    for state in (accelerator.state, PartialState()):
+        state.distributed_type = DistributedType.FSDP
+        state.device = torch.device("cpu")  # FSDP1 on CPU wants an index-free device_id
     device = accelerator.device
     cell = CellSettings(strategy={1: "fsdp_full_shard", 2: "fsdp2"}[version], gpus=world, device="cpu",
-                        train={"precision": "fp32", "seq_len": 32, "micro_batch": 2, "lr": 1e-3})
+                        train={"precision": precision, "seq_len": 32, "micro_batch": 2, "lr": 1e-3})
     torch.manual_seed(0)
     model = worker.build_model(cell, device, on_meta=True)
     full_numel = sum(p.numel() for p in model.parameters())
@@ -328,12 +334,13 @@ def _accelerate_worker(rank: int, world: int, port: int, version: int, out_dir: 
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("version", [1, 2], ids=["fsdp1", "fsdp2"])
-def test_worker_meta_path_through_accelerate(version, tmp_path):
+@pytest.mark.parametrize(("version", "precision"), [(1, "bf16"), (2, "bf16"), (1, "fp32")],
+                         ids=["fsdp1-bf16", "fsdp2-bf16", "fsdp1-fp32"])
+def test_worker_meta_path_through_accelerate(version, precision, tmp_path):
     """bench.worker's build_model(on_meta) + prepare_meta_model under accelerate's own FSDP prepare, 2 ranks."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_accelerate_worker, args=(2, _free_port(), version, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_accelerate_worker, args=(2, _free_port(), version, precision, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         rep = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert rep["meta_left"] == []
