@@ -27,11 +27,17 @@ def builds_on_meta(cell: CellSettings, strategy) -> bool:
 
     Only FSDP's families take a meta model (ZeRO-3 has zero.Init). Left out for now: adapters (peft's own
     init of LoRA B to zero would be redone by the base model's init), QLoRA (built layer by layer already),
-    local weights (they must be loaded), CPU (accelerate's FSDP is CUDA-only) and parameter offload.
+    local weights (they must be loaded), CPU (accelerate's FSDP is CUDA-only), parameter offload and users'
+    own accelerate configs.
     ``strategy`` is the cell's bench.strategies.Strategy (a user's config included).
     """
+    from bench.strategies import is_user_config
+
+    # A user's own accelerate config runs as written (it may load weights its own way, e.g. with
+    # cpu_ram_efficient_loading, which broadcasts rank 0's state dict and cannot start from meta).
     return (strategy.family in ("fsdp", "fsdp2") and cell.device == "cuda" and cell.adapter.type == "none"
-            and not models.has_local_weights(cell.model) and not strategy.offloads)
+            and not models.has_local_weights(cell.model) and not strategy.offloads
+            and not is_user_config(cell.strategy))
 
 
 def build_causal_lm(cell: CellSettings, device: torch.device, policy: PrecisionPolicy, on_meta: bool = False):

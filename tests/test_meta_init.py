@@ -265,6 +265,7 @@ def test_fsdp1_style_partial_matches_signature():
     ({"strategy": "fsdp_full_shard", "adapter": {"type": "qlora"}}, False),
     ({"strategy": "zero3"}, False),  # zero.Init partitions at construction
     ({"strategy": "ddp"}, False),
+    ({"strategy": "configs/accelerate_fsdp.yaml"}, False),  # a user's own config runs as written
 ])
 def test_only_full_fine_tuning_under_fsdp_is_built_on_meta(settings, built_on_meta):
     from bench import strategies
