@@ -5,8 +5,9 @@ bench/estimate_states.py (ZeRO accounting, bytes per parameter from the precisio
 optimizer), activations from bench/estimate_activations.py, and the framework's own buffers (DDP
 gradient buckets, DeepSpeed reduce buckets and ZeRO-3 prefetch, FSDP gathered units, autocast weight
 copies (QLoRA's fp32-upcast LM head under ddp included), optimizer-step temporaries). The peak is taken
-over the three moments that can hold it: the loss's backward (the logits peak), the layers' backward (one recomputed layer, ZeRO-1/2 reduce buckets,
-gradients arriving) and the optimizer step (all gradients plus the step's temporaries). Torch reserved adds
+over the three moments that can hold it: the loss's backward (the logits peak), the layers' backward
+(one recomputed layer, ZeRO-1/2 reduce buckets, gradients arriving) and the optimizer step (all
+gradients plus the step's temporaries). Torch reserved adds
 to that allocated peak the segments the caching allocator holds free at the peak (reserved_only_blocks:
 per-parameter build segments freed by flattening, the replaced bf16 logits, ZeRO-3's per-stream pools)
 and an allocator slack factor. Checked against H100 records by `bench estimate-check` and
