@@ -4,9 +4,10 @@
 bench/estimate_states.py (ZeRO accounting, bytes per parameter from the precision policy and the
 optimizer), activations from bench/estimate_activations.py, and the framework's own buffers (DDP
 gradient buckets, DeepSpeed reduce buckets and ZeRO-3 prefetch, FSDP gathered units, autocast weight
-copies, optimizer-step temporaries). The peak is taken over the three moments that can hold it: the
-loss's backward (the logits peak), the layers' backward (one recomputed layer, ZeRO-1/2 reduce buckets,
-gradients arriving) and the optimizer step (all gradients plus the step's temporaries). Torch reserved adds
+copies (QLoRA's fp32-upcast LM head under ddp included), optimizer-step temporaries). The peak is taken
+over the three moments that can hold it: the loss's backward (the logits peak), the layers' backward
+(one recomputed layer, ZeRO-1/2 reduce buckets, gradients arriving) and the optimizer step (all
+gradients plus the step's temporaries). Torch reserved adds
 to that allocated peak the segments the caching allocator holds free at the peak (reserved_only_blocks:
 per-parameter build segments freed by flattening, the replaced bf16 logits, ZeRO-3's per-stream pools)
 and an allocator slack factor. Checked against H100 records by `bench estimate-check` and
@@ -275,6 +276,12 @@ def backward_buffers(cell: CellSettings, shape: ModelShape, strategy: Strategy, 
     if policy.name == "autocast" and strategy.family in ("single", "ddp"):
         # autocast caches a bf16 copy of every fp32 weight it casts; linears save it for backward.
         out["autocast_weight_copies"] = compute_bytes(cell) * shape.layers * shape.linear_params_per_layer
+    if moment == "loss" and cell.adapter.type == "qlora" and qlora_upcasts_to_fp32(cell) \
+            and converts_outputs_to_fp32(cell, strategy):
+        # peft's k-bit recipe made the LM head fp32; under autocast its matmul runs on a half-precision copy
+        # of the weight, which autograd saves (the hidden states need their gradient) until the head's
+        # backward, right after the loss's. A frozen weight is not in autocast's cache, so only until then.
+        out["autocast_head_copy"] = compute_bytes(cell) * shape.vocab * shape.hidden
     if strategy.family == "ddp" and cell.gpus > 1:
         # gradient_as_bucket_view=False (the default): the buckets are a second copy of the gradients,
         # allocated when the Reducer is built.

@@ -222,3 +222,21 @@ def test_frozen_linears_keep_inputs_only_where_lora_needs_them():
     ddp = predict(cell("llama-3.2-1b", "ddp", 2, adapter="lora")).activations_detail_gib["per_layer"]
     zero3 = predict(cell("llama-3.2-1b", "zero3", 2, adapter="lora")).activations_detail_gib["per_layer"]
     assert zero3 > ddp
+
+
+@pytest.mark.parametrize("strategy,expected", [("ddp", True), ("fsdp_full_shard", False), ("zero3", False)])
+def test_qlora_fp32_head_costs_a_half_copy_at_the_loss_under_autocast(strategy, expected):
+    """peft upcasts the LM head to fp32 for ddp (not FSDP, one dtype per flat parameter); autocast then runs
+    the head on a bf16 copy that autograd keeps until the head's backward. DeepSpeed has no autocast."""
+    from bench.estimate import CALIBRATION, backward_buffers
+
+    cell = CellSettings(model="llama-3.2-1b", strategy=strategy, gpus=2, device="cuda",
+                        adapter=Adapter(type="qlora"), train=Train(precision="bf16"))
+    shape, strat = ModelShape.of(cell.model), strategies.get(strategy)
+    states = model_states(cell, shape, strat)
+    at_loss = backward_buffers(cell, shape, strat, states, CALIBRATION, moment="loss")
+    assert ("autocast_head_copy" in at_loss) is expected
+    if expected:
+        assert at_loss["autocast_head_copy"] == 2 * 128256 * 2048  # vocab x hidden in bf16
+        layers = backward_buffers(cell, shape, strat, states, CALIBRATION, moment="layers")
+        assert "autocast_head_copy" not in layers  # freed by the head's backward
