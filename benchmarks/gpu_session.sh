@@ -8,7 +8,7 @@
 #     gpu-tests[=PATHS[@K]] pytest -m gpu on PATHS (comma-separated test files; default: tests), -k K
 #                           (default $PYTEST_K), e.g. "gpu-tests=tests/test_gpu.py@fsdp or meta"
 #     smoke, llama8b-1gpu, oom, llama8b
-#     nightly[=DIR[@ONLY]]  matrices/nightly.yaml --repeats 3 into results/DIR (default results/nightly)
+#     nightly[=DIR[@ONLY]]  matrices/nightly.yaml (its 3 repeats) into results/DIR (default results/nightly)
 #     70b[=force]           matrices/llama70b-qlora.yaml (force: launch cells predicted not to fit)
 #     overhead[=STEPS[@INTERVAL_S]]  benchmarks/sampler_overhead.py (STEPS timed steps; a short sampling
 #                           interval, e.g. 0.002, amplifies the cost: see the script's docstring)
