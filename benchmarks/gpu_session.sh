@@ -8,7 +8,7 @@
 #     gpu-tests[=PATHS[@K]] pytest -m gpu on PATHS (comma-separated test files; default: tests), -k K
 #                           (default $PYTEST_K), e.g. "gpu-tests=tests/test_gpu.py@fsdp or meta"
 #     smoke, llama8b-1gpu, oom, llama8b
-#     nightly[=DIR[@ONLY]]  matrices/nightly.yaml --repeats 3 into results/DIR (default results/nightly)
+#     nightly[=DIR[@ONLY]]  matrices/nightly.yaml (its 3 repeats) into results/DIR (default results/nightly)
 #     70b[=force]           matrices/llama70b-qlora.yaml (force: launch cells predicted not to fit)
 #     overhead[=STEPS[@INTERVAL_S]]  benchmarks/sampler_overhead.py (STEPS timed steps; a short sampling
 #                           interval, e.g. 0.002, amplifies the cost: see the script's docstring)
@@ -60,20 +60,15 @@ run_step() {
   case $s in
     gpu-tests)  # gpu-tests[=PATHS[@K]]: K as pytest -k for this step (else $PYTEST_K)
       local paths=${arg%%@*} k=${PYTEST_K:-}; paths=${paths:-tests}; [[ $arg == *@* ]] && k=${arg#*@}
-      step "gpu-tests${arg:+-$(basename "${paths%%,*}" .py)}" python3 -m pytest -q -rs -m gpu ${paths//,/ } \
-        -p no:cacheprovider --basetemp "$out/pytest-${CUDA_VISIBLE_DEVICES:-all}-$(basename "${paths%%,*}" .py)-$SECONDS" \
-        ${k:+-k "$k"} ;;
+      local name; name=gpu-tests-$(basename "${paths%%,*}" .py)
+      step "$name" python3 -m pytest -q -rs -m gpu ${paths//,/ } -p no:cacheprovider \
+        --basetemp "$out/pytest-${CUDA_VISIBLE_DEVICES:-all}-$name-$SECONDS" ${k:+-k "$k"} ;;
     smoke)        step smoke python3 -m bench.cli run matrices/smoke.yaml --device cuda --results results/smoke-gpu --only gpus=1 ;;
     llama8b-1gpu) step llama8b-1gpu python3 -m bench.cli run matrices/llama8b.yaml --only gpus=1 ;;
     oom)          step oom python3 -m bench.cli run matrices/oom.yaml --force ;;  # launch although predicted not to fit
     llama8b)      step llama8b python3 -m bench.cli run matrices/llama8b.yaml ;;
-    llama-full)
-      local only=(); [ -n "$arg" ] && mapfile -t only < <(only_args "$arg")
-      step "llama-full${arg:+-${arg//[^a-zA-Z0-9.]/_}}" python3 -m bench.cli run matrices/llama-full.yaml "${only[@]}" ;;
-    nightly)
-      local dir=${arg%%@*} only=(); [[ $arg == *@* ]] && mapfile -t only < <(only_args "${arg#*@}")
-      step "${dir:-nightly}" python3 -m bench.cli run matrices/nightly.yaml --results "results/${dir:-nightly}" \
-        --repeats 3 "${only[@]}" ;;
+    llama-full)   run_step "run=llama-full@llama-full${arg:+@$arg}" ;;
+    nightly)      run_step "run=nightly@${arg:-nightly}" ;;  # nightly.yaml sets repeats: 3
     run)
       local matrix=${arg%%@*} rest=${arg#*@}; local dir=${rest%%@*} only=()
       [[ $rest == *@* ]] && mapfile -t only < <(only_args "${rest#*@}")
