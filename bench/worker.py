@@ -287,6 +287,25 @@ def run_steps(cell: CellSettings, one_step, accelerator, device: torch.device, f
     return steps, window
 
 
+def _process_created_at() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def import_model_code(cell: CellSettings) -> None:
+    """Import what building the model will import anyway: the architecture's transformers module (the auto
+    classes import it on first use) and peft."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from bench import models
+
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.for_model(**models.config_dict(cell.model)))]
+    if cell.adapter.type != "none":
+        import peft  # noqa: F401
+
+
 def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> None:
     accelerator = make_accelerator(cell)
     rank, world_size = world()
@@ -298,14 +317,18 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     torch.manual_seed(cell.train.seed)
 
     t_context = time.time()
-    startup = {"process_to_build_s": t_context - PROCESS_START}  # imports, accelerator and process group
-    # The CUDA context is created lazily by the first allocation; timed apart so that it is not read as
-    # the model build's cost.
+    startup = {"interpreter_and_torch_s": PROCESS_START - _process_created_at(),  # python, torch, accelerate
+               "process_to_build_s": t_context - PROCESS_START}  # the accelerator and process group
+    # The CUDA context is created lazily by the first allocation, and transformers/peft import their model
+    # code lazily on first use: both timed apart so that neither is read as the model build's cost.
     if device.type == "cuda":
         torch.zeros(1, device=device)
         sync(device)
+    t_imports = time.time()
+    startup["device_context_s"] = t_imports - t_context
+    import_model_code(cell)
     t_build = time.time()
-    startup["device_context_s"] = t_build - t_context
+    startup["model_code_imports_s"] = t_build - t_imports
     strategy = cell_strategy(cell, cell_dir)
     on_meta = builds_on_meta(cell, strategy)
     model = build_model(cell, device, on_meta)
