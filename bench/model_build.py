@@ -1,7 +1,9 @@
 """Build the model of a cell: architecture from config, random init (or local weights), adapter.
 
 Random weights are created straight on the target device in the storage dtype; an 8B model never
-passes through fp32 on the host. Under ZeRO-3 transformers builds inside deepspeed.zero.Init.
+passes through fp32 on the host. Under ZeRO-3 transformers builds inside deepspeed.zero.Init. Under FSDP
+(full fine-tuning, random init, on CUDA) the model is built on the meta device and each rank materialises
+only what FSDP leaves it (bench/meta_init.py; the worker drives it around accelerate's prepare).
 """
 
 from __future__ import annotations
@@ -20,11 +22,35 @@ def _init_device(cell: CellSettings, device: torch.device) -> torch.device:
     return torch.device("cpu") if is_deepspeed_zero3_enabled() else device
 
 
-def build_causal_lm(cell: CellSettings, device: torch.device, policy: PrecisionPolicy):
+def builds_on_meta(cell: CellSettings, strategy) -> bool:
+    """Whether the cell's model is built on the meta device and materialised per shard by FSDP.
+
+    Only FSDP's families take a meta model (ZeRO-3 has zero.Init). Left out for now: adapters (peft's own
+    init of LoRA B to zero would be redone by the base model's init), QLoRA (built layer by layer already),
+    local weights (they must be loaded), CPU (accelerate's FSDP is CUDA-only), parameter offload and users'
+    own accelerate configs.
+    ``strategy`` is the cell's bench.strategies.Strategy (a user's config included).
+    """
+    from bench.strategies import is_user_config
+
+    # A user's own accelerate config runs as written (it may load weights its own way, e.g. with
+    # cpu_ram_efficient_loading, which broadcasts rank 0's state dict and cannot start from meta).
+    return (strategy.family in ("fsdp", "fsdp2") and cell.device == "cuda" and cell.adapter.type == "none"
+            and not models.has_local_weights(cell.model) and not strategy.offloads
+            and not is_user_config(cell.strategy))
+
+
+def build_causal_lm(cell: CellSettings, device: torch.device, policy: PrecisionPolicy, on_meta: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = getattr(torch, policy.weight_dtype)
-    if cell.adapter.type == "qlora":
+    if on_meta:
+        from bench.meta_init import build_on_meta
+
+        config = AutoConfig.for_model(**models.config_dict(cell.model))
+        config.use_cache = False
+        model = build_on_meta(config, dtype, cell.train.attn_impl)
+    elif cell.adapter.type == "qlora":
         from bench.qlora import build_qlora_model
 
         model = build_qlora_model(cell, device, policy)

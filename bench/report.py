@@ -43,7 +43,8 @@ DEFINITIONS = [
     "one runs today). Efficiency = speedup / N, in brackets. Sharding optimizer state can make ZeRO/FSDP "
     "look superlinear against the plain run, and DeepSpeed's pure-bf16 mode can beat autocast at 1 GPU.",
     "A cell that did not run ok shows its status (oom, timeout, hang, crash, predicted_oom, unsupported, "
-    "skipped ...) in place of every figure.",
+    "skipped ...) in place of every figure; 'no record': the folder holds no run of that cell (left out of "
+    "the matrix, or not run yet).",
 ]
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 from bench import flops, metrics
 from bench.matrix import TokenBudget
 
-NOT_IN_MATRIX = "not in matrix"
+NO_RECORD = "no record"  # the folder holds no run of that cell: left out of the matrix, or not run (yet)
 
 
 @dataclass(frozen=True)
@@ -107,13 +107,13 @@ def scaling_table(group: pd.DataFrame) -> pd.DataFrame:
         for n in sorted(group["gpus"].unique()):
             cell = group[(group["strategy"] == strategy) & (group["gpus"] == n)]
             row = cell.iloc[-1] if len(cell) else None
-            out[f"{n} {u}: tok/s/{u}"] = throughput_text(row) if row is not None else NOT_IN_MATRIX
+            out[f"{n} {u}: tok/s/{u}"] = throughput_text(row) if row is not None else NO_RECORD
             if n > 1:
                 own = ones.loc[strategy] if strategy in ones.index else None
                 own = own.iloc[-1] if isinstance(own, pd.DataFrame) else own
                 out[f"{n} {u}: vs same strategy@1"] = (speedup_text(row, "same", own) if row is not None
-                                                        else NOT_IN_MATRIX)
-            out[f"{n} {u}: vs {plain_name}"] = speedup_text(row, "plain", plain) if row is not None else NOT_IN_MATRIX
+                                                        else NO_RECORD)
+            out[f"{n} {u}: vs {plain_name}"] = speedup_text(row, "plain", plain) if row is not None else NO_RECORD
         rows[strategy] = out
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "strategy"

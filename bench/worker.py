@@ -22,6 +22,7 @@ import torch
 
 from bench import transfers
 from bench.matrix import CellSettings
+from bench.model_build import builds_on_meta
 from bench.precision import policy_for
 from bench.rank_files import RankFiles, classify_exception
 
@@ -136,15 +137,43 @@ def apply_memory_cap(cell: CellSettings, device: torch.device) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cell.gpu_memory_gib * 2**30 / total), index)
 
 
-def build_model(cell: CellSettings, device: torch.device):
+def build_model(cell: CellSettings, device: torch.device, on_meta: bool = False):
     """Random init from the shipped config, straight on the target device in the storage dtype.
 
     Under ZeRO-3 transformers builds the model inside deepspeed.zero.Init (accelerate registered the
-    DeepSpeed config), so each rank only ever holds its own shard.
+    DeepSpeed config), so each rank only ever holds its own shard. ``on_meta``: no storage at all until
+    FSDP has sharded it (see prepare_meta_model).
     """
     from bench.model_build import build_causal_lm
 
-    return build_causal_lm(cell, device, policy_for(cell))
+    return build_causal_lm(cell, device, policy_for(cell), on_meta=on_meta)
+
+
+def prepare_meta_model(cell: CellSettings, model, accelerator, device: torch.device, family: str):
+    """Wrap a meta-device model in FSDP, each rank materialising and initialising only its own shard;
+    (model, optimizer), both prepared.
+
+    FSDP1 materialises unit by unit through the plugin's param_init_fn (accelerate replaces it when
+    sync_module_states is on, so that stays off: there is nothing to broadcast from rank 0); the optimizer
+    is made afterwards from the sharded parameters. FSDP2: accelerate prepares model and optimizer only
+    together and maps the optimizer's parameters to the sharded ones by data_ptr(), 0 for every meta
+    tensor; so the optimizer, still without state, is pointed at the materialised shards afterwards.
+    """
+    from functools import partial
+
+    from bench.meta_init import materialise, materialise_module
+
+    if family == "fsdp":
+        plugin = accelerator.state.fsdp_plugin
+        plugin.sync_module_states = False
+        plugin.param_init_fn = partial(materialise_module, device=device, model=model)
+        model = accelerator.prepare(model)
+        return model, accelerator.prepare(make_optimizer(cell, model, accelerator))
+    model, optimizer = accelerator.prepare(model, make_optimizer(cell, model, accelerator))
+    materialise(unwrap(model), device)
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps torch's
+    inner.param_groups[0]["params"] = [p for p in model.parameters() if p.requires_grad]
+    return model, optimizer
 
 
 def fit_fsdp1_wrap_to_adapter(cell: CellSettings, model, accelerator) -> None:
@@ -258,6 +287,25 @@ def run_steps(cell: CellSettings, one_step, accelerator, device: torch.device, f
     return steps, window
 
 
+def _process_created_at() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def import_model_code(cell: CellSettings) -> None:
+    """Import what building the model will import anyway: the architecture's transformers module (the auto
+    classes import it on first use) and peft."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from bench import models
+
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.for_model(**models.config_dict(cell.model)))]
+    if cell.adapter.type != "none":
+        import peft  # noqa: F401
+
+
 def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> None:
     accelerator = make_accelerator(cell)
     rank, world_size = world()
@@ -268,16 +316,34 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     apply_memory_cap(cell, device)
     torch.manual_seed(cell.train.seed)
 
+    t_context = time.time()
+    startup = {"interpreter_and_torch_s": PROCESS_START - _process_created_at(),  # python, torch, accelerate
+               "process_to_build_s": t_context - PROCESS_START}  # the accelerator and process group
+    # The CUDA context is created lazily by the first allocation, and transformers/peft import their model
+    # code lazily on first use: both timed apart so that neither is read as the model build's cost.
+    if device.type == "cuda":
+        torch.zeros(1, device=device)
+        sync(device)
+    t_imports = time.time()
+    startup["device_context_s"] = t_imports - t_context
+    import_model_code(cell)
     t_build = time.time()
-    startup = {"process_to_build_s": t_build - PROCESS_START}  # imports, accelerator and process group
-    model = build_model(cell, device)
+    startup["model_code_imports_s"] = t_build - t_imports
+    strategy = cell_strategy(cell, cell_dir)
+    on_meta = builds_on_meta(cell, strategy)
+    model = build_model(cell, device, on_meta)
     fit_fsdp1_wrap_to_adapter(cell, model, accelerator)
     startup["build_model_s"] = time.time() - t_build
     t = time.time()
-    optimizer = make_optimizer(cell, model, accelerator)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if on_meta:
+        model, optimizer = prepare_meta_model(cell, model, accelerator, device, strategy.family)
+    else:
+        optimizer = make_optimizer(cell, model, accelerator)
+        model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     startup["optimizer_and_prepare_s"] = time.time() - t
+    # What building and sharding the model held at most, before any step (meta init keeps it to a shard).
+    build_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     t = time.time()
     batches = make_batches(cell, model_vocab(model), rank, device)
     startup["batches_s"] = time.time() - t
@@ -289,12 +355,14 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     steps, window = run_steps(cell, one_step, accelerator, device, files)
     total = len(steps)
     traffic = None
-    if device.type == "cuda" and transfers.offloads(cell_strategy(cell, cell_dir)):
+    if device.type == "cuda" and transfers.offloads(strategy):
         files.heartbeat("profiled", total)  # one extra step, not timed: see bench/transfers.py
         traffic = transfers.measure(one_step, lambda: sync(device))
     files.heartbeat("done", total)
     report = rank_report(cell, accelerator, model, rank, world_size, device, steps, init_s, window)
     report["startup_breakdown"] = startup  # where the time before the first step went
+    report["model_init"] = "meta, materialised per shard" if on_meta else "on device"
+    report["peak_allocated_after_prepare_bytes"] = build_peak
     if traffic is not None:
         report["host_device_traffic"] = traffic
     files.write_report(report)

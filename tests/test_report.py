@@ -113,7 +113,7 @@ def test_failed_cells_show_status_never_blank(mixed, tmp_path):
     assert len(scalings) == 2
     cpu_table, gpu_table = scalings
     assert cpu_table.loc["zero2", "2 proc: tok/s/proc"] == "oom"
-    assert cpu_table.loc["zero2", "1 proc: tok/s/proc"] == report_tables.NOT_IN_MATRIX
+    assert cpu_table.loc["zero2", "1 proc: tok/s/proc"] == report_tables.NO_RECORD
     assert gpu_table.loc["zero3", "2 GPU: tok/s/GPU"] == "oom"
     assert gpu_table.loc["zero3", "2 GPU: vs same strategy@1"] == "oom"
     assert gpu_table.loc["zero1", "2 GPU: vs ddp@1"] == "predicted_oom"

@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# Re-run this cell by hand
+BENCH_COLLECTIVE_TIMEOUT_S=120 CUDA_VISIBLE_DEVICES=0,1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TORCH_NCCL_ASYNC_ERROR_HANDLING=1 TRANSFORMERS_OFFLINE=1 /opt/torch/.venv/bin/python3 -m accelerate.commands.launch --config_file /tmp/s/pytest-0,1-gpu-tests-test_gpu-13/test_fsdp_builds_no_whole_mode0/res/cells/657bf9114497/accelerate.yaml --main_process_port 56407 -m bench.worker --cell /tmp/s/pytest-0,1-gpu-tests-test_gpu-13/test_fsdp_builds_no_whole_mode0/res/cells/657bf9114497/cell.json --out /tmp/s/pytest-0,1-gpu-tests-test_gpu-13/test_fsdp_builds_no_whole_mode0/res/cells/657bf9114497/ranks
