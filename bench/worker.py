@@ -344,6 +344,9 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     startup["optimizer_and_prepare_s"] = time.time() - t
     # What building and sharding the model held at most, before any step (meta init keeps it to a shard).
     build_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    # What the caching allocator keeps from the build (freed build tensors stay cached): the estimator's
+    # released_build_blocks is checked against it.
+    reserved_after_build = torch.cuda.memory_reserved(device) if device.type == "cuda" else None
     t = time.time()
     batches = make_batches(cell, model_vocab(model), rank, device)
     startup["batches_s"] = time.time() - t
@@ -363,6 +366,7 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     report["startup_breakdown"] = startup  # where the time before the first step went
     report["model_init"] = "meta, materialised per shard" if on_meta else "on device"
     report["peak_allocated_after_prepare_bytes"] = build_peak
+    report["reserved_after_prepare_bytes"] = reserved_after_build
     if traffic is not None:
         report["host_device_traffic"] = traffic
     files.write_report(report)

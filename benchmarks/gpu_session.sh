@@ -23,9 +23,13 @@
 # every cell to the first N of the parent's CUDA_VISIBLE_DEVICES, and checks and samples just those).
 # They share the host's CPUs, memory and PCIe; the records say which physical cards a cell used.
 # DEADLINE_S (seconds from the start, optional) stops every step still running then with SIGINT: a bench
-# run records the cell in flight as interrupted and a later run resumes the rest.
+# run records the cell in flight as interrupted and a later run resumes the rest. To resume on the device
+# in a later call, bring the results folder back into this tree first: a folder that exists only on the
+# device machine did not survive to the next call once (2026-11-28; the tree is copied anew each call).
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUT STEP...}; shift
+# A fresh OUT per call: an old one's logs would go into this call's archive as if they were new.
+[ -e "$out" ] && { echo "$out already exists: name a new folder"; exit 2; }
 mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1 && [ -z "${BENCH_INSTALLED:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

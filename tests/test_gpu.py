@@ -128,6 +128,7 @@ def test_family_runs_and_is_measured(gpu_records, test_id):
         assert rank["timed_window"][1] > rank["timed_window"][0]
         assert all(s["fwd_bwd_s"] > 0 and s["optim_s"] > 0 for s in rank["steps"])
         assert rank["precision_policy"]
+        assert rank["reserved_after_prepare_bytes"] > 0  # cached after the build: for the estimator's check
     nvml = r["nvml"]
     assert nvml is not None and nvml["energy_timed_j"] > 0
     assert len(nvml["per_gpu"]) == CELLS[test_id]["gpus"]
