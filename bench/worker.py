@@ -306,6 +306,25 @@ def import_model_code(cell: CellSettings) -> None:
         import peft  # noqa: F401
 
 
+def start_before_build(cell: CellSettings, device: torch.device) -> dict[str, float]:
+    """Everything a rank does before building the model, each part timed (seconds).
+
+    The CUDA context is created lazily by the first allocation, and transformers/peft import their model
+    code lazily on first use: both are done here, timed apart, so that neither is read as the build's cost.
+    """
+    t_context = time.time()
+    startup = {"interpreter_and_torch_s": PROCESS_START - _process_created_at(),  # python, torch, accelerate
+               "process_to_build_s": t_context - PROCESS_START}  # the accelerator and process group
+    if device.type == "cuda":
+        torch.zeros(1, device=device)
+        sync(device)
+    t_imports = time.time()
+    startup["device_context_s"] = t_imports - t_context
+    import_model_code(cell)
+    startup["model_code_imports_s"] = time.time() - t_imports
+    return startup
+
+
 def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> None:
     accelerator = make_accelerator(cell)
     rank, world_size = world()
@@ -316,19 +335,8 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     apply_memory_cap(cell, device)
     torch.manual_seed(cell.train.seed)
 
-    t_context = time.time()
-    startup = {"interpreter_and_torch_s": PROCESS_START - _process_created_at(),  # python, torch, accelerate
-               "process_to_build_s": t_context - PROCESS_START}  # the accelerator and process group
-    # The CUDA context is created lazily by the first allocation, and transformers/peft import their model
-    # code lazily on first use: both timed apart so that neither is read as the model build's cost.
-    if device.type == "cuda":
-        torch.zeros(1, device=device)
-        sync(device)
-    t_imports = time.time()
-    startup["device_context_s"] = t_imports - t_context
-    import_model_code(cell)
+    startup = start_before_build(cell, device)
     t_build = time.time()
-    startup["model_code_imports_s"] = t_build - t_imports
     strategy = cell_strategy(cell, cell_dir)
     on_meta = builds_on_meta(cell, strategy)
     model = build_model(cell, device, on_meta)
