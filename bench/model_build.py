@@ -41,15 +41,13 @@ def builds_on_meta(cell: CellSettings, strategy) -> bool:
 
 
 def build_causal_lm(cell: CellSettings, device: torch.device, policy: PrecisionPolicy, on_meta: bool = False):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, policy.weight_dtype)
     if on_meta:
         from bench.meta_init import build_on_meta
 
-        config = AutoConfig.for_model(**models.config_dict(cell.model))
-        config.use_cache = False
-        model = build_on_meta(config, dtype, cell.train.attn_impl)
+        model = build_on_meta(models.training_config(cell.model), dtype, cell.train.attn_impl)
     elif cell.adapter.type == "qlora":
         from bench.qlora import build_qlora_model
 
@@ -58,10 +56,9 @@ def build_causal_lm(cell: CellSettings, device: torch.device, policy: PrecisionP
         model = AutoModelForCausalLM.from_pretrained(cell.model, dtype=dtype, attn_implementation=cell.train.attn_impl,
                                                      device_map=None if _init_device(cell, device).type == "cpu" else {"": device})
     else:
-        config = AutoConfig.for_model(**models.config_dict(cell.model))
-        config.use_cache = False
         with torch.device(_init_device(cell, device)):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cell.train.attn_impl)
+            model = AutoModelForCausalLM.from_config(models.training_config(cell.model), dtype=dtype,
+                                                     attn_implementation=cell.train.attn_impl)
     if cell.train.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cell.adapter.type != "none":

@@ -44,6 +44,15 @@ def config_dict(model: str) -> dict:
     return json.loads(path.read_text())
 
 
+def training_config(model: str):
+    """The transformers config of ``model`` (shipped or a local folder) as training uses it: no KV cache."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**config_dict(model))
+    config.use_cache = False
+    return config
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """The numbers that parameter, FLOP and memory arithmetic need (decoder-only, Llama-style)."""

@@ -45,11 +45,9 @@ def builds_on_host(cell: CellSettings) -> bool:
 def _meta_model(cell: CellSettings):
     """The architecture with no storage. The class is called directly, not through from_config: under
     ZeRO-3 from_config would wrap it in deepspeed.zero.Init, which cannot partition meta tensors."""
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    config = AutoConfig.for_model(**models.config_dict(cell.model))
-    config.use_cache = False
+    config = models.training_config(cell.model)
     config._attn_implementation = cell.train.attn_impl
     with torch.device("meta"):
         model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)

@@ -296,12 +296,11 @@ def _process_created_at() -> float:
 def import_model_code(cell: CellSettings) -> None:
     """Import what building the model will import anyway: the architecture's transformers module (the auto
     classes import it on first use) and peft."""
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from bench import models
 
-    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.for_model(**models.config_dict(cell.model)))]
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(models.training_config(cell.model))]
     if cell.adapter.type != "none":
         import peft  # noqa: F401
 
