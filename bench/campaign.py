@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from bench import envinfo, strategies
+from bench import bytecode, envinfo, strategies
 from bench.matrix import CellSettings, Matrix, MatrixError, expand, load_matrix, select, validate_cells
 from bench.plan import WORKER_MODULE, LaunchPlan, build_plan
 from bench.results import (DETERMINISTIC_FAILURES, RunRecord, append_record, check_writable, load_records,
@@ -143,6 +143,8 @@ def run_matrix(matrix_path: str, opts: RunOptions, console: Console | None = Non
     except OSError as e:  # informational only: never stop a run over it
         console.print(f"[yellow]note[/]: matrix not copied into {escape(str(prep.results_dir))}: {escape(str(e))}")
     fingerprint = envinfo.fingerprint()
+    if warning := bytecode.recompile_warning(fingerprint["bytecode_cache"]):
+        console.print(f"[yellow]note[/]: {escape(warning)}")
     hooks = CellHooks(prep.matrix, opts)
     with sigterm_as_interrupt():
         return _launch_all(plans, prep, fingerprint, hooks, matrix_path, opts, console)

@@ -9,6 +9,8 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
+from bench import bytecode
+
 LIBRARIES = ["torch", "transformers", "accelerate", "deepspeed", "peft", "bitsandbytes", "datasets", "nvidia-ml-py"]
 
 
@@ -107,6 +109,7 @@ def fingerprint() -> dict:
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
         "git_sha": git_sha(),
     }
+    fp["bytecode_cache"] = bytecode.cache_state()  # uncached libraries slow every rank's start
     fp.update(gpu_info())
     fp["hardware"] = hardware_key(fp)
     return fp

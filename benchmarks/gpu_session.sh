@@ -34,6 +34,10 @@ mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1 && [ -z "${BENCH_INSTALLED:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD BENCH_INSTALLED=1
+  # The image ships its libraries without bytecode and sets PYTHONDONTWRITEBYTECODE: without this, every
+  # rank of every cell compiles torch and transformers again (bench/bytecode.py; results/llama8b-startup-h100*).
+  python3 -m compileall -q -j 0 /tmp/site "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+    > "$out/compileall.log" 2>&1
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=index,name,memory.total,power.limit --format=csv > "$out/nvidia-smi.csv" 2>&1

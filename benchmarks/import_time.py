@@ -36,7 +36,7 @@ def time_group(before: list[str], code: str) -> dict:
     script = "\n".join(before) + "\nimport time, sys\nt = time.perf_counter()\nprint('@@mark', file=sys.stderr)\n" \
         + code + "\nprint('@@took', time.perf_counter() - t, file=sys.stderr)\n"
     proc = subprocess.run([sys.executable, "-X", "importtime", "-c", script], capture_output=True, text=True,
-                          env={**os.environ, **OFFLINE}, timeout=600)
+                          check=False, env={**os.environ, **OFFLINE}, timeout=600)
     if proc.returncode != 0:
         return {"error": proc.stderr[-2000:]}
     lines = proc.stderr.splitlines()
