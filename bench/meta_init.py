@@ -43,6 +43,8 @@ Through accelerate (1.15) this needs care; none of it is done here:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -103,8 +105,54 @@ def materialise_module(module: nn.Module, device: torch.device | str, model) -> 
         raise NotImplementedError(
             f"{type(module).__name__}: this transformers version does not recompute rotary inv_freq in "
             "_init_weights; materialising on meta would leave garbage frequencies")
-    model._init_weights(module)
+    adapter_init = getattr(module, LORA_INIT_ATTRIBUTE, None)
+    if adapter_init is not None:
+        adapter_init(module)
+    else:
+        model._init_weights(module)
     return module
+
+
+LORA_INIT_ATTRIBUTE = "_bench_lora_init"
+
+
+def _init_lora_a(linear: nn.Linear) -> None:
+    nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
+def _init_lora_b(linear: nn.Linear) -> None:
+    nn.init.zeros_(linear.weight)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
+def mark_lora_init(model) -> None:
+    """Give each LoRA adapter Linear of a peft model built on meta the init peft would have given it.
+
+    peft initialises adapters when it creates them (``LoraLayer.reset_lora_parameters``: with the default
+    ``init_lora_weights=True``, A as nn.Linear's default kaiming-uniform, B zero, so the adapted model starts
+    as the base model). On meta those values never exist, and the base model's ``_init_weights`` would draw B
+    from normal(0, 0.02) instead. Materialising may happen module by module inside FSDP units where the
+    owning LoraLayer is out of reach, so the rule is attached to each adapter Linear itself.
+
+    Refuses what this does not reproduce: another ``init_lora_weights`` (gaussian, PiSSA, LoftQ ...), and
+    LoRA on embeddings (adapter parameters held by the layer, not by a Linear).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    for layer in model.modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        if len(layer.lora_embedding_A) or len(layer.lora_embedding_B):
+            raise NotImplementedError(f"{type(layer).__name__}: LoRA on an embedding cannot be built on meta")
+        for name in layer.lora_A:
+            init = model.peft_config[name].init_lora_weights
+            if init is not True:
+                raise NotImplementedError(f"init_lora_weights={init!r} cannot be reproduced on meta")
+            setattr(layer.lora_A[name], LORA_INIT_ATTRIBUTE, _init_lora_a)
+            setattr(layer.lora_B[name], LORA_INIT_ATTRIBUTE, _init_lora_b)
 
 
 def materialise(model, device: torch.device | str) -> None:
@@ -122,19 +170,27 @@ def materialise(model, device: torch.device | str) -> None:
         raise RuntimeError(f"still on meta after materialise: {leftover[:5]}")
 
 
+def _root_unit_parameters(model) -> list[nn.Parameter]:
+    # named_parameters drops tied duplicates already: a tied weight counts once.
+    return [param for name, param in model.named_parameters() if ".layers." not in name]
+
+
 def root_unit_params(model) -> int:
     """Parameters outside the decoder layers (embedding, final norm, an untied LM head): the root unit
     that the transformer-layer auto-wrap leaves to FSDP's outermost wrap. Tied weights count once."""
-    seen: set[int] = set()
-    total = 0
-    for name, param in model.named_parameters(remove_duplicate=True):
-        if ".layers." not in name and id(param) not in seen:
-            seen.add(id(param))
-            total += param.numel()
-    return total
+    return sum(param.numel() for param in _root_unit_parameters(model))
 
 
-def build_peak_bytes(strategy: str, world: int, total_params: int, root_params: int, bytes_per_param: int) -> int:
+def parameter_bytes(model) -> tuple[int, int]:
+    """(whole model, root unit) in bytes, each parameter at its own dtype: a LoRA model keeps a bf16 base
+    beside fp32 adapters. Full fine-tuning's fp32 master weights are what the model holds on meta too."""
+    def size(params) -> int:
+        return sum(p.numel() * p.element_size() for p in params)
+
+    return size(model.parameters()), size(_root_unit_parameters(model))
+
+
+def build_peak_bytes(strategy: str, world: int, total_bytes: int, root_bytes: int) -> int:
     """GPU memory that building and sharding a meta model peaks at on one rank, before the first step.
 
     FSDP2 materialises only each rank's shard: the model / world. FSDP1 materialises one wrapping unit whole,
@@ -145,9 +201,8 @@ def build_peak_bytes(strategy: str, world: int, total_params: int, root_params: 
     of Llama-3.2-1B/3B at 2 and 4 ranks to within 0.1 % (tests/test_meta_init.py).
     """
     if strategy.startswith("fsdp2"):
-        params = total_params / world
-    elif strategy == "fsdp_no_shard":
-        params = total_params + root_params
-    else:  # FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD (one node: sharded over all its ranks)
-        params = (total_params - root_params) / world + root_params * (2 + 1 / world)
-    return round(params * bytes_per_param)
+        return round(total_bytes / world)
+    if strategy == "fsdp_no_shard":
+        return total_bytes + root_bytes
+    # FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD (one node: sharded over all its ranks)
+    return round((total_bytes - root_bytes) / world + root_bytes * (2 + 1 / world))

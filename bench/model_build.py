@@ -2,7 +2,7 @@
 
 Random weights are created straight on the target device in the storage dtype; an 8B model never
 passes through fp32 on the host. Under ZeRO-3 transformers builds inside deepspeed.zero.Init. Under FSDP
-(full fine-tuning, random init, on CUDA) the model is built on the meta device and each rank materialises
+(full fine-tuning or LoRA, random init, on CUDA) the model is built on the meta device and each rank materialises
 only what FSDP leaves it (bench/meta_init.py; the worker drives it around accelerate's prepare).
 """
 
@@ -25,18 +25,18 @@ def _init_device(cell: CellSettings, device: torch.device) -> torch.device:
 def builds_on_meta(cell: CellSettings, strategy) -> bool:
     """Whether the cell's model is built on the meta device and materialised per shard by FSDP.
 
-    Only FSDP's families take a meta model (ZeRO-3 has zero.Init). Left out for now: adapters (peft's own
-    init of LoRA B to zero would be redone by the base model's init), QLoRA (built layer by layer already),
-    local weights (they must be loaded), CPU (accelerate's FSDP is CUDA-only), parameter offload and users'
-    own accelerate configs.
+    Only FSDP's families take a meta model (ZeRO-3 has zero.Init): full fine-tuning, and LoRA (on linear
+    layers, all a matrix may name; the adapters get peft's own init when materialised:
+    meta_init.mark_lora_init). Left out: QLoRA (built layer by layer into 4-bit already), local weights
+    (they must be loaded), CPU (accelerate's FSDP is CUDA-only), parameter offload and users' own accelerate configs.
     ``strategy`` is the cell's bench.strategies.Strategy (a user's config included).
     """
     from bench.strategies import is_user_config
 
     # A user's own accelerate config runs as written (it may load weights its own way, e.g. with
     # cpu_ram_efficient_loading, which broadcasts rank 0's state dict and cannot start from meta).
-    return (strategy.family in ("fsdp", "fsdp2") and cell.device == "cuda" and cell.adapter.type == "none"
-            and not models.has_local_weights(cell.model) and not strategy.offloads
+    return (strategy.family in ("fsdp", "fsdp2") and cell.device == "cuda"
+            and cell.adapter.type in ("none", "lora") and not models.has_local_weights(cell.model) and not strategy.offloads
             and not is_user_config(cell.strategy))
 
 
@@ -63,6 +63,10 @@ def build_causal_lm(cell: CellSettings, device: torch.device, policy: PrecisionP
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cell.adapter.type != "none":
         model = apply_lora(cell, model)
+        if on_meta:
+            from bench.meta_init import mark_lora_init
+
+            mark_lora_init(model)
     return model
 
 

@@ -135,7 +135,7 @@ def test_family_runs_and_is_measured(gpu_records, test_id):
     assert all(g["mem_used_peak_bytes"] > 0 and g["power_mean_w"] > 0 for g in nvml["per_gpu"])
     assert nvml["achieved_hz"] >= 10
     meta = CELLS[test_id]["strategy"].startswith("fsdp") and "offload" not in CELLS[test_id]["strategy"] \
-        and cell_settings(test_id)["adapter"]["type"] == "none"
+        and cell_settings(test_id)["adapter"]["type"] in ("none", "lora")
     assert all(rank["model_init"] == ("meta, materialised per shard" if meta else "on device") for rank in r["ranks"])
     if "offload" in CELLS[test_id]["strategy"]:  # host-device copies of one profiled step (bench/transfers.py)
         for rank in r["ranks"]:
@@ -151,38 +151,41 @@ def test_lora_trains_only_the_adapter(gpu_records):
     assert lora["ranks"][0]["trainable_params_local"] < full["ranks"][0]["trainable_params_local"] / 5
 
 
-@pytest.mark.parametrize("strategy", ["fsdp_full_shard", "fsdp2"])
-def test_fsdp_builds_no_whole_model_on_a_gpu(tmp_path, strategy):
-    """Llama-3.2-1B full fine-tune, 2 ranks: built on meta, each rank materialises only its shard.
+@pytest.mark.parametrize(("strategy", "adapter"), [("fsdp_full_shard", "none"), ("fsdp2", "none"),
+                                                    ("fsdp_full_shard", "lora"), ("fsdp2", "lora")])
+def test_fsdp_builds_no_whole_model_on_a_gpu(tmp_path, strategy, adapter):
+    """Llama-3.2-1B, 2 ranks, full fine-tune or LoRA: built on meta, each rank materialises only its shard.
 
-    The fp32 model is 1.24e9 x 4 B = 4.6 GiB. FSDP2 holds half of it before the first step; FSDP1 half of
-    the layers plus 2.5 x its root unit (the 1.0 GiB embedding, materialised, flattened, its half cloned):
-    bench.meta_init.build_peak_bytes. Built whole on the GPU, the peak would be at least the whole model.
-    (The first H100 run found the FSDP1 figure at 4.26 GiB, 0.93 x the model, which a flat 0.8 x bound
-    had wrongly called a failure; the prediction now matches every H100 record: tests/test_meta_init.py.)
+    The full fine-tune's fp32 model is 1.24e9 x 4 B = 4.6 GiB (LoRA: a bf16 base and fp32 adapters). FSDP2
+    holds half of it before the first step; FSDP1 half of the layers plus 2.5 x its root unit (the
+    embedding, materialised, flattened, its half cloned): bench.meta_init.build_peak_bytes. Built whole on
+    the GPU, the peak would be at least the whole model. (The first H100 run found the FSDP1 figure at
+    4.26 GiB, 0.93 x the model, which a flat 0.8 x bound had wrongly called a failure; the prediction now
+    matches every H100 record: tests/test_meta_init.py.)
     """
-    from transformers import AutoConfig
-
-    from bench import models
-    from bench.meta_init import build_on_meta, build_peak_bytes, root_unit_params
+    from bench.matrix import CellSettings
+    from bench.meta_init import build_peak_bytes, parameter_bytes
+    from bench.worker import build_model
 
     if visible() < 2:
         pytest.skip("needs 2 GPUs")
+    settings = {"model": "llama-3.2-1b", "device": "cuda", "strategy": strategy, "gpus": 2,
+                "train": {"seq_len": 256, "micro_batch": 1, "precision": "bf16", "grad_checkpointing": True,
+                          "warmup_steps": 1, "steps": 2}}
+    if adapter == "lora":
+        settings["adapter"] = {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "target": "all-linear"}
     path = tmp_path / "meta.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "meta", "model": "llama-3.2-1b", "device": "cuda", "strategy": strategy, "gpus": 2,
-        "train": {"seq_len": 256, "micro_batch": 1, "precision": "bf16", "grad_checkpointing": True,
-                  "warmup_steps": 1, "steps": 2}}))
+    path.write_text(yaml.safe_dump({"name": "meta", **settings}))
     bench("run", str(path), "--results", str(tmp_path / "res"), check=True)
     record = json.loads((tmp_path / "res" / "runs.jsonl").read_text().splitlines()[0])
     assert record["status"] == "ok", json.dumps(record.get("error"), indent=1)[:4000]
-    meta_model = build_on_meta(AutoConfig.for_model(**models.config_dict("llama-3.2-1b")), torch.float32, "sdpa")
-    total = meta_model.num_parameters()
-    want = build_peak_bytes(strategy, 2, total, root_unit_params(meta_model), bytes_per_param=4)
+    # The same model as the worker builds it (dtypes of the cell's precision policy), on meta: no storage.
+    total, root = parameter_bytes(build_model(CellSettings(**settings), torch.device("cpu"), on_meta=True))
+    want = build_peak_bytes(strategy, 2, total, root)
     for rank in record["ranks"]:
         assert rank["model_init"] == "meta, materialised per shard"
         got = rank["peak_allocated_after_prepare_bytes"]
-        assert abs(got - want) < 0.005 * want and got < 0.95 * total * 4, (got, want, total * 4)
+        assert abs(got - want) < 0.005 * want and got < 0.95 * total, (got, want, total)
         assert 6 < rank["steps"][0]["loss"] < 14  # random init of a 128k vocabulary: about ln(128256) = 11.8
 
 

@@ -14,6 +14,7 @@ from bench import models
 from bench.meta_init import build_on_meta, materialise, materialise_module
 
 VOCAB = models.config_dict("tiny-llama")["vocab_size"]
+LORA = {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target": "all-linear"}
 
 
 def _config(**overrides):
@@ -252,6 +253,42 @@ def test_fsdp1_style_partial_matches_signature():
     assert torch.isfinite(model.model.rotary_emb.inv_freq).all()
 
 
+def _lora_on_meta(**config_overrides):
+    from peft import LoraConfig, get_peft_model
+
+    model = build_on_meta(_config(), torch.float32, "sdpa")
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **config_overrides))
+
+
+def test_lora_adapters_materialise_with_peft_init():
+    """B zero and A kaiming-uniform (peft's init_lora_weights=True), the base as Hugging Face inits it."""
+    from bench.meta_init import mark_lora_init
+
+    model = _lora_on_meta(target_modules="all-linear")
+    mark_lora_init(model)
+    materialise(model, "cpu")
+    named = dict(model.named_parameters())
+    lora_a = [t for n, t in named.items() if "lora_A" in n]
+    lora_b = [t for n, t in named.items() if "lora_B" in n]
+    assert lora_a and len(lora_a) == len(lora_b)
+    assert all(torch.count_nonzero(t) == 0 for t in lora_b)
+    for t in lora_a:  # kaiming_uniform(a=sqrt(5)) on (r, in): U(-1/sqrt(in), 1/sqrt(in))
+        bound = 1 / math.sqrt(t.shape[1])
+        assert 0.5 * bound < float(t.abs().max()) <= bound
+    base = named["base_model.model.model.layers.0.mlp.up_proj.base_layer.weight"]
+    assert abs(float(base.std()) - _config().initializer_range) < 0.2 * _config().initializer_range
+
+
+@pytest.mark.parametrize("overrides", [{"target_modules": ["q_proj", "embed_tokens"]},
+                                       {"target_modules": "all-linear", "init_lora_weights": "gaussian"}],
+                         ids=["embedding-target", "gaussian-init"])
+def test_lora_that_meta_cannot_reproduce_is_refused(overrides):
+    from bench.meta_init import mark_lora_init
+
+    with pytest.raises(NotImplementedError):
+        mark_lora_init(_lora_on_meta(**overrides))
+
+
 # ---------------------------------------------------------------- which cells the worker builds on meta
 
 @pytest.mark.parametrize("settings,built_on_meta", [
@@ -261,13 +298,14 @@ def test_fsdp1_style_partial_matches_signature():
     ({"strategy": "fsdp2_no_reshard"}, True),
     ({"strategy": "fsdp_full_shard", "device": "cpu"}, False),  # accelerate's FSDP is CUDA-only
     ({"strategy": "fsdp_full_shard_offload"}, False),
-    ({"strategy": "fsdp_full_shard", "adapter": {"type": "lora"}}, False),
+    ({"strategy": "fsdp_full_shard", "adapter": {"type": "lora"}}, True),  # all-linear: peft's init on meta
+    ({"strategy": "fsdp2", "adapter": {"type": "lora", "target": ["q_proj", "v_proj"]}}, True),
     ({"strategy": "fsdp_full_shard", "adapter": {"type": "qlora"}}, False),
     ({"strategy": "zero3"}, False),  # zero.Init partitions at construction
     ({"strategy": "ddp"}, False),
     ({"strategy": "configs/accelerate_fsdp.yaml"}, False),  # a user's own config runs as written
 ])
-def test_only_full_fine_tuning_under_fsdp_is_built_on_meta(settings, built_on_meta):
+def test_fsdp_cells_without_quantised_adapters_build_on_meta(settings, built_on_meta):
     from bench import strategies
     from bench.matrix import CellSettings
     from bench.model_build import builds_on_meta
@@ -278,7 +316,8 @@ def test_only_full_fine_tuning_under_fsdp_is_built_on_meta(settings, built_on_me
 
 # ---------------------------------------------------------------- the worker's path through accelerate
 
-def _accelerate_worker(rank: int, world: int, port: int, version: int, precision: str, out_dir: str) -> None:
+def _accelerate_worker(rank: int, world: int, port: int, version: int, precision: str, out_dir: str,
+                       adapter: str = "none") -> None:
     import os
 
     from accelerate import Accelerator
@@ -308,9 +347,11 @@ def _accelerate_worker(rank: int, world: int, port: int, version: int, precision
         state.device = torch.device("cpu")  # FSDP1 on CPU wants an index-free device_id
     device = accelerator.device
     cell = CellSettings(strategy={1: "fsdp_full_shard", 2: "fsdp2"}[version], gpus=world, device="cpu",
-                        train={"precision": precision, "seq_len": 32, "micro_batch": 2, "lr": 1e-3})
+                        train={"precision": precision, "seq_len": 32, "micro_batch": 2, "lr": 1e-3},
+                        adapter=LORA if adapter == "lora" else {"type": "none"})
     torch.manual_seed(0)
     model = worker.build_model(cell, device, on_meta=True)
+    worker.fit_fsdp1_wrap_to_adapter(cell, model, accelerator)  # as worker.run does: adapters in units apart
     full_numel = sum(p.numel() for p in model.parameters())
     model, optimizer = worker.prepare_meta_model(cell, model, accelerator, device, {1: "fsdp", 2: "fsdp2"}[version])
     params = [p for p in model.parameters() if p.requires_grad]
@@ -330,18 +371,28 @@ def _accelerate_worker(rank: int, world: int, port: int, version: int, precision
         "updated": sum(not torch.equal(b, local(p).detach()) for b, p in zip(before, params)),
         "tensors": len(params), "losses": losses,
     }
+    # peft's init as materialised, before the steps: B zero (the adapted model starts as the base one), A not.
+    initial = dict(zip([n for n, p in model.named_parameters() if p.requires_grad], before))
+    for part in ("lora_A", "lora_B"):
+        shards = [t for n, t in initial.items() if part in n and t.numel()]  # this rank's non-empty shards
+        report[f"{part}_tensors"] = len(shards)
+        report[f"{part}_max"] = max((float(t.abs().max()) for t in shards), default=None)
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump(report, f)
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize(("version", "precision"), [(1, "bf16"), (2, "bf16"), (1, "fp32")],
-                         ids=["fsdp1-bf16", "fsdp2-bf16", "fsdp1-fp32"])
-def test_worker_meta_path_through_accelerate(version, precision, tmp_path):
-    """bench.worker's build_model(on_meta) + prepare_meta_model under accelerate's own FSDP prepare, 2 ranks."""
+@pytest.mark.parametrize(("version", "precision", "adapter"),
+                         [(1, "bf16", "none"), (2, "bf16", "none"), (1, "fp32", "none"), (1, "bf16", "lora"),
+                          (2, "bf16", "lora")],
+                         ids=["fsdp1-bf16", "fsdp2-bf16", "fsdp1-fp32", "fsdp1-bf16-lora", "fsdp2-bf16-lora"])
+def test_worker_meta_path_through_accelerate(version, precision, adapter, tmp_path):
+    """bench.worker's build_model(on_meta) + prepare_meta_model under accelerate's own FSDP prepare, 2 ranks;
+    with LoRA, the adapters start as peft starts them (B zero) and are what trains."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_accelerate_worker, args=(2, _free_port(), version, precision, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_accelerate_worker, args=(2, _free_port(), version, precision, str(tmp_path), adapter), nprocs=2,
+             join=True)
     for rank in range(2):
         rep = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert rep["meta_left"] == []
@@ -349,6 +400,11 @@ def test_worker_meta_path_through_accelerate(version, precision, tmp_path):
         assert rep["optimizer_holds_model_params"]  # not the collapsed data_ptr() mapping of meta tensors
         assert rep["updated"] >= rep["tensors"] // 3, rep  # the optimizer steps reached the materialised shards
         assert all(abs(loss - math.log(VOCAB)) < 1.0 for loss in rep["losses"]), rep["losses"]
+        if adapter == "lora":
+            assert rep["lora_A_tensors"] > 0 and rep["lora_B_tensors"] > 0, rep
+            assert rep["lora_B_max"] == 0.0 and rep["lora_A_max"] > 0, rep
+        else:
+            assert rep["lora_A_tensors"] == rep["lora_B_tensors"] == 0
 
 
 # ---------------------------------------------------------------- GPU records (committed) against the prediction
@@ -373,7 +429,7 @@ def test_gpu_build_peaks_of_meta_models_match_the_fsdp_sharding_prediction():
     sharding strategy it stays below the whole fp32 model, which an on-device build would hold at least."""
     from transformers import AutoConfig
 
-    from bench.meta_init import build_peak_bytes, root_unit_params
+    from bench.meta_init import build_peak_bytes, parameter_bytes
 
     sizes = {}
     checked = set()
@@ -382,14 +438,14 @@ def test_gpu_build_peaks_of_meta_models_match_the_fsdp_sharding_prediction():
         if s["model"] not in sizes:
             config = AutoConfig.for_model(**models.config_dict(s["model"]))
             model = build_on_meta(config, torch.float32, "sdpa")
-            sizes[s["model"]] = (model.num_parameters(), root_unit_params(model))
+            sizes[s["model"]] = parameter_bytes(model)  # fp32: full fine-tuning's master weights
         total, root = sizes[s["model"]]
-        want = build_peak_bytes(s["strategy"], s["gpus"], total, root, bytes_per_param=4)
+        want = build_peak_bytes(s["strategy"], s["gpus"], total, root)
         for rank in record["ranks"]:
             got = rank["peak_allocated_after_prepare_bytes"]
             assert abs(got - want) < 0.005 * want, (name, s["model"], s["strategy"], s["gpus"], got, want)
             if s["strategy"] != "fsdp_no_shard":
-                assert got < 0.95 * total * 4, (name, s["strategy"], got)
+                assert got < 0.95 * total, (name, s["strategy"], got)
         checked.add((s["model"], s["strategy"], s["gpus"]))
     # the files hold what this test claims to cover
     assert {st for _, st, _ in checked} >= {"fsdp_full_shard", "fsdp_shard_grad_op", "fsdp_hybrid_shard",
