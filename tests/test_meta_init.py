@@ -409,7 +409,10 @@ def test_worker_meta_path_through_accelerate(version, precision, adapter, tmp_pa
 
 # ---------------------------------------------------------------- GPU records (committed) against the prediction
 GPU_RECORD_FILES = ["results/meta-init-h100/fsdp_full_shard/runs.jsonl", "results/meta-init-h100/fsdp2/runs.jsonl",
-                    "results/llama-full-h100x4/runs.jsonl", "results/llama-full-h100x4-1b-rerun/runs.jsonl"]
+                    "results/llama-full-h100x4/runs.jsonl", "results/llama-full-h100x4-1b-rerun/runs.jsonl",
+                    *(f"results/meta-init-h200/{name}/runs.jsonl"
+                      for name in ("fsdp_full_shard", "fsdp2", "fsdp_full_shard-lora", "fsdp2-lora")),
+                    "results/llama8b-meta-h200/runs.jsonl"]
 
 
 def _meta_built_records():
@@ -424,31 +427,34 @@ def _meta_built_records():
 
 
 def test_gpu_build_peaks_of_meta_models_match_the_fsdp_sharding_prediction():
-    """H100 records (Llama-3.2-1B/3B; FSDP1 x3 kinds, NO_SHARD and FSDP2 at 2 and 4 ranks): the peak that
-    building and sharding reached is the prediction of bench.meta_init.build_peak_bytes, and under every
-    sharding strategy it stays below the whole fp32 model, which an on-device build would hold at least."""
-    from transformers import AutoConfig
-
+    """H100 and H200 records (Llama-3.2-1B/3B full fine-tune: FSDP1 x3 kinds, NO_SHARD and FSDP2 at 2 and 4
+    ranks; Llama-3.2-1B and Llama-3.1-8B LoRA under FSDP1/FSDP2): the peak that building and sharding
+    reached is the prediction of bench.meta_init.build_peak_bytes, and under every sharding strategy it
+    stays below the whole model, which an on-device build would hold at least."""
+    from bench.matrix import CellSettings
     from bench.meta_init import build_peak_bytes, parameter_bytes
+    from bench.worker import build_model
 
     sizes = {}
     checked = set()
     for name, record in _meta_built_records():
         s = record["settings"]
-        if s["model"] not in sizes:
-            config = AutoConfig.for_model(**models.config_dict(s["model"]))
-            model = build_on_meta(config, torch.float32, "sdpa")
-            sizes[s["model"]] = parameter_bytes(model)  # fp32: full fine-tuning's master weights
-        total, root = sizes[s["model"]]
+        # The model as the worker built it (its precision policy's dtypes, the adapter), on meta.
+        key = json.dumps({k: s[k] for k in ("model", "adapter", "train")}, sort_keys=True)
+        if key not in sizes:
+            sizes[key] = parameter_bytes(build_model(CellSettings(**s), torch.device("cpu"), on_meta=True))
+        total, root = sizes[key]
         want = build_peak_bytes(s["strategy"], s["gpus"], total, root)
         for rank in record["ranks"]:
             got = rank["peak_allocated_after_prepare_bytes"]
             assert abs(got - want) < 0.005 * want, (name, s["model"], s["strategy"], s["gpus"], got, want)
             if s["strategy"] != "fsdp_no_shard":
                 assert got < 0.95 * total, (name, s["strategy"], got)
-        checked.add((s["model"], s["strategy"], s["gpus"]))
+        checked.add((s["model"], s["adapter"]["type"], s["strategy"], s["gpus"]))
     # the files hold what this test claims to cover
-    assert {st for _, st, _ in checked} >= {"fsdp_full_shard", "fsdp_shard_grad_op", "fsdp_hybrid_shard",
-                                            "fsdp_no_shard", "fsdp2", "fsdp2_no_reshard"}
-    assert {(m, g) for m, _, g in checked} >= {("llama-3.2-1b", 2), ("llama-3.2-1b", 4), ("llama-3.2-3b", 2),
-                                               ("llama-3.2-3b", 4)}
+    assert {st for _, _, st, _ in checked} >= {"fsdp_full_shard", "fsdp_shard_grad_op", "fsdp_hybrid_shard",
+                                               "fsdp_no_shard", "fsdp2", "fsdp2_no_reshard"}
+    assert {(m, g) for m, _, _, g in checked} >= {("llama-3.2-1b", 2), ("llama-3.2-1b", 4), ("llama-3.2-3b", 2),
+                                                  ("llama-3.2-3b", 4)}
+    assert {(m, st) for m, a, st, _ in checked if a == "lora"} >= {
+        ("llama-3.2-1b", "fsdp_full_shard"), ("llama-3.2-1b", "fsdp2"), ("llama-3.1-8b", "fsdp_full_shard")}
