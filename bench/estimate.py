@@ -7,11 +7,16 @@ gradient buckets, DeepSpeed reduce buckets and ZeRO-3 prefetch, FSDP gathered un
 copies (QLoRA's fp32-upcast LM head under ddp included), optimizer-step temporaries). The peak is taken
 over the three moments that can hold it: the loss's backward (the logits peak), the layers' backward
 (one recomputed layer, ZeRO-1/2 reduce buckets, gradients arriving) and the optimizer step (all
-gradients plus the step's temporaries). Torch reserved adds
-to that allocated peak the segments the caching allocator holds free at the peak (reserved_only_blocks:
-per-parameter build segments freed by flattening, the replaced bf16 logits, ZeRO-3's per-stream pools)
-and an allocator slack factor. Checked against H100 records by `bench estimate-check` and
-tests/test_estimate_gpu_records.py.
+gradients plus the step's temporaries).
+
+Torch reserved: for full fine-tuning on CUDA without offload (catalogue strategies), both peaks come from
+replaying the cell's allocations through a model of the caching allocator (bench/estimate_trace.py,
+bench/estimate_allocator.py), which is where the free blocks held at the peak come from (segment sizes,
+best fit, per-stream pools, the first step's states landing in the activations' blocks); the formula's
+moment at the replay's peak phase gives the breakdown, and the overhead holds the rest. Elsewhere (adapters,
+offload, users' configs) reserved is the additive model: the allocated peak plus named free blocks
+(reserved_only_blocks) plus allocator_slack, a fitted fraction. Checked against the GPU records by
+`bench estimate-check` and tests/test_estimate_gpu_records.py.
 
 ``predicted_oom(prediction)`` is the pre-flight decision: a cell whose requirement exceeds its capacity
 by more than the margin is recorded as ``predicted_oom`` without launching (``bench run --force`` launches
@@ -30,12 +35,13 @@ from bench import strategies
 from bench.estimate_activations import LORA_TARGET_INPUTS, ActivationBytes, activation_bytes, lora_input_width
 from bench.estimate_states import (NF4_PACKED_BYTES, BytesPerParam, Sharding, StateBytes, bytes_per_frozen_param,
                                    bytes_per_trainable_param, frozen_states, shard_states)
+from bench.estimate_trace import replay
 from bench.matrix import CellSettings
 from bench.models import ModelShape
 from bench.precision import policy_for
 from bench.qlora import builds_on_host as qlora_builds_on_host
 from bench.qlora import upcasts_to_fp32 as qlora_upcasts_to_fp32
-from bench.strategies import Strategy
+from bench.strategies import Strategy, is_user_config
 
 GIB = 2**30
 PREDICTION_VERSION = 1
@@ -43,13 +49,16 @@ COMPONENTS = ("params", "grads", "optimizer", "master_weights", "activations", "
 # Sizes the generated DeepSpeed JSON sets (bench/plan.py), in elements.
 DS_REDUCE_BUCKET = 500_000_000
 DS_MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters (plan.py keeps it)
+DS_SUB_GROUP = 1_000_000_000  # DeepSpeed's default zero_optimization.sub_group_size (plan.py keeps it)
 
 
 @dataclass(frozen=True)
 class Calibration:
     """The constants no formula gives; to be fitted against measured GPU peaks (torch reserved)."""
 
-    allocator_slack: float = 0.07  # torch reserved / allocated (fragmentation of the caching allocator)
+    # torch reserved / allocated - 1 where the allocations are not replayed (bench/estimate_trace.py covers
+    # full fine-tuning): a fitted stand-in for the caching allocator's free blocks
+    allocator_slack: float = 0.07
     backward_temp_fraction: float = 0.5  # a recomputed layer's backward temporaries, as a share of its activations
     cuda_context_gib: float = 0.5  # CUDA context + kernels per process: outside torch reserved
     nccl_gib: float = 0.5  # NCCL communicator buffers per process (gpus > 1): outside torch reserved
@@ -81,6 +90,10 @@ class Prediction(BaseModel):
     margin: float = 0.10
     predicted_oom: bool = False  # required > capacity * (1 + margin): not launched unless --force
     calibration: dict[str, float] = {}
+    # "replay": both peaks from replaying the cell's allocations through the caching-allocator model
+    # (bench/estimate_trace.py: full fine-tuning on CUDA without offload); "additive": the formula's
+    # allocated peak plus the named cached blocks plus allocator_slack.
+    reserved_model: str = "additive"
 
 
 @dataclass
@@ -197,8 +210,10 @@ def _per_rank_formula(bpp: BytesPerParam, sharding: Sharding, ranks: int) -> str
 
 def converts_outputs_to_fp32(cell: CellSettings, strategy: Strategy) -> bool:
     """accelerate wraps forward in autocast + convert_outputs_to_fp32 when it runs native AMP (bf16/fp16
-    outside DeepSpeed, whose JSON owns precision): the output then holds fp32 logits."""
-    return _is_half(cell) and strategy.family != "deepspeed" and cell.device == "cuda"
+    outside DeepSpeed, whose JSON owns precision): the output then holds fp32 logits. Not under FSDP2:
+    Accelerator._prepare_fsdp2 never calls prepare_model, where that wrapper is put on (accelerate 1.15);
+    FSDP2's MixedPrecisionPolicy casts the parameters and the output keeps the compute dtype."""
+    return _is_half(cell) and strategy.family not in ("deepspeed", "fsdp2") and cell.device == "cuda"
 
 
 def activations_for(cell: CellSettings, shape: ModelShape, strategy: Strategy, calib: Calibration) -> ActivationBytes:
@@ -274,8 +289,17 @@ def backward_buffers(cell: CellSettings, shape: ModelShape, strategy: Strategy, 
     grad_bytes = trained_bpp.grads
     layer, root = _unit_params(shape)
     if policy.name == "autocast" and strategy.family in ("single", "ddp"):
-        # autocast caches a bf16 copy of every fp32 weight it casts; linears save it for backward.
-        out["autocast_weight_copies"] = compute_bytes(cell) * shape.layers * shape.linear_params_per_layer
+        # autocast caches a bf16 copy of every fp32 weight it casts; linears save it for backward. Under
+        # (non-reentrant) checkpointing nothing is saved and the cache is cleared when the forward's autocast
+        # exits, before the loss's backward; the recompute casts one layer's weights, saved until its backward.
+        layers_with_copies = shape.layers
+        if cell.train.grad_checkpointing:
+            layers_with_copies = 1 if moment == "layers" else 0
+        out["autocast_weight_copies"] = compute_bytes(cell) * layers_with_copies * shape.linear_params_per_layer
+    if moment == "loss" and policy.name == "autocast" and strategy.family in ("single", "ddp"):
+        # The LM head is not checkpointed: autograd saves autocast's 16-bit copy of its fp32 weight for the
+        # head's backward, right after the loss's.
+        out["autocast_head_copy"] = compute_bytes(cell) * shape.vocab * shape.hidden
     if moment == "loss" and cell.adapter.type == "qlora" and qlora_upcasts_to_fp32(cell) \
             and converts_outputs_to_fp32(cell, strategy):
         # peft's k-bit recipe made the LM head fp32; under autocast its matmul runs on a half-precision copy
@@ -315,7 +339,10 @@ def backward_buffers(cell: CellSettings, shape: ModelShape, strategy: Strategy, 
             out["fsdp_unsharded_grads"] = compute_bytes(cell) * (layer + shape.lm_head_params)
     if strategy.family == "fsdp" and (strategy.fsdp_sharding == "NO_SHARD" or cell.gpus == 1) and _is_half(cell) \
             and states.base_bpp is not None:
-        out["fsdp_low_precision_params"] = compute_bytes(cell) * shape.params
+        # NO_SHARD's low-precision copy of a unit is made when the unit is used and freed at its reshard
+        # (FlatParamHandle.post_reshard), after its forward and after its backward: the root and, in the
+        # layers' backward, the current and the prefetched layer.
+        out["fsdp_low_precision_params"] = compute_bytes(cell) * (root + (2 * layer if moment == "layers" else 0))
     return out
 
 
@@ -378,9 +405,17 @@ def step_buffers(cell: CellSettings, strategy: Strategy, states: ModelStates) ->
     local = states.trainable / cell.gpus if sharding.optimizer else states.trainable
     if sharding.optimizer_on_host:
         return out
+    foreach = cell.train.optimizer == "adamw_torch"
     if strategy.family == "deepspeed":
+        if strategy.zero_stage == 3:
+            # stage3.step goes one optimizer sub-group at a time (sub_group_size, 1e9 elements by default)
+            local = min(local, DS_SUB_GROUP)
         out["zero_fp32_grad_partition"] = 4 * local  # the 16-bit gradient partition upcast for the step
-    if cell.train.optimizer == "adamw_torch":
+        if not foreach:
+            # step flattens the partition's 16-bit gradients before the upcast and drops the copy after it;
+            # both are gone by the time foreach AdamW makes its temporaries
+            out["zero_flat_grad_partition"] = compute_bytes(cell) * local
+    if foreach:
         out["adam_foreach_temp"] = 4 * local  # foreach AdamW materialises sqrt(v) for all tensors at once
     if strategy.family == "ddp" and cell.gpus > 1:
         trained_bpp = states.base_bpp or states.adapter_bpp
@@ -402,8 +437,15 @@ def peak_moments(cell: CellSettings, shape: ModelShape, strategy: Strategy, stat
     """Bytes at the loss's backward (the logits peak), in the layers' backward (one layer's activations,
     recomputed under checkpointing) and at the optimizer step; the largest is the peak."""
     grads = states.base.grads
+    if strategy.family == "deepspeed" and strategy.zero_stage == 1 and not is_user_config(cell.strategy):
+        # The paper's ZeRO-1 keeps whole gradients; DeepSpeed's with overlap_comm and contiguous_gradients
+        # (bench/plan.py's JSON) reduces them through the buckets during the backward and copies only its
+        # partition out, like stage 2 (stage_1_and_2.reduce_ipg_grads): the rest are views into the buckets.
+        grads = grads / cell.gpus
     if cell.train.grad_accum > 1:
         grads_at_loss = grads  # the previous micro-batches' gradients are still held
+    elif strategy.family == "deepspeed" and strategy.zero_stage == 3 and not strategy.offload_optimizer:
+        grads_at_loss = grads  # ZeRO-3 allocates its flat gradient partition at init and keeps it
     else:
         # zero_grad(set_to_none=True): only the head's gradient exists when the logits peak.
         share = shape.lm_head_params / shape.params if shape.params else 0
@@ -443,11 +485,26 @@ def predict(cell: CellSettings, calib: Calibration = CALIBRATION, margin: float 
     acts = activations_for(cell, shape, strategy, calib)
     moments = peak_moments(cell, shape, strategy, states, acts, calib)
     phase, parts = max(moments.items(), key=lambda kv: kv[1].allocated)
-    allocated = parts.allocated
-    cached = reserved_only_blocks(cell, shape, strategy, states, acts, phase) if cell.device == "cuda" else {}
-    slack = allocated * calib.allocator_slack
-    components = {**parts.components, "overhead": sum(parts.buffers.values()) + sum(cached.values()) + slack}
-    reserved = allocated + sum(cached.values()) + slack
+    rep = replay(cell, shape, strategy, calib)
+    if rep is not None:
+        # The replay through the caching-allocator model (bench/estimate_trace.py) gives both peaks; the
+        # formula's moment at the replay's peak phase gives the breakdown, and the overhead is what the
+        # replay holds beyond that moment's states and activations: buffers, the blocks the allocator keeps
+        # free at the peak, and the (small) difference between the replayed and the formula's allocated.
+        phase = rep.peak_phase if rep.peak_phase in moments else phase
+        parts = moments[phase]
+        allocated, reserved = float(rep.peak_allocated), float(rep.peak_reserved)
+        states_and_acts = sum(parts.components.values())
+        cached = {"free_blocks_at_peak": reserved - allocated,
+                  "replay_minus_formula": allocated - parts.allocated}
+        slack = 0.0
+        components = {**parts.components, "overhead": reserved - states_and_acts}
+    else:
+        allocated = parts.allocated
+        cached = reserved_only_blocks(cell, shape, strategy, states, acts, phase) if cell.device == "cuda" else {}
+        slack = allocated * calib.allocator_slack
+        components = {**parts.components, "overhead": sum(parts.buffers.values()) + sum(cached.values()) + slack}
+        reserved = allocated + sum(cached.values()) + slack
     outside = 0.0
     if cell.device == "cuda":
         outside = calib.cuda_context_gib * GIB + (calib.nccl_gib * GIB if cell.gpus > 1 else 0)
@@ -463,7 +520,7 @@ def predict(cell: CellSettings, calib: Calibration = CALIBRATION, margin: float 
         activations_detail_gib={k: v / GIB for k, v in acts.as_dict().items()},
         bytes_per_param=bytes_per_param_summary(states, strategy, cell.gpus),
         host_gib=cell.gpus * host_rank / GIB, host_per_rank_gib=host_rank / GIB,
-        margin=margin, calibration=asdict(calib),
+        margin=margin, calibration=asdict(calib), reserved_model="replay" if rep is not None else "additive",
     )
     return with_capacity(pred, capacity_gib, capacity_source)
 

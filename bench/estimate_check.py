@@ -26,6 +26,8 @@ class CheckRow:
     predicted_allocated_gib: float
     measured_allocated_gib: float
     phase: str
+    strategy: str = ""
+    reserved_model: str = ""  # "replay" (bench/estimate_trace.py) or "additive"
 
     @property
     def error(self) -> float:
@@ -59,7 +61,8 @@ def check_records(records: list[RunRecord]) -> list[CheckRow]:
         if pred is None:
             continue
         rows.append(CheckRow(record.matrix, record.label, record.cell_id, pred.peak_reserved_gib, measured[0],
-                             pred.peak_allocated_gib, measured[1], pred.peak_phase))
+                             pred.peak_allocated_gib, measured[1], pred.peak_phase, cell.strategy,
+                             pred.reserved_model))
     return rows
 
 

@@ -146,7 +146,10 @@ def test_peak_is_the_larger_moment_and_components_add_up():
 def test_sharding_lowers_the_peak_in_the_expected_order():
     peaks = {s: predict(cell("llama-3.1-8b", s, 4, grad_checkpointing=True)).peak_reserved_gib
              for s in ("ddp", "zero1", "zero2", "zero3", "fsdp_full_shard", "fsdp2")}
-    assert peaks["ddp"] > peaks["zero1"] > peaks["zero2"] > peaks["zero3"]
+    # ZeRO-1 and ZeRO-2 peak alike: with overlap_comm (bench/plan.py) stage 1 reduces its gradients through
+    # the buckets into its partition like stage 2; the H100 records measured identical peaks for the two
+    # (results/llama-full-h100x4: 1B and 3B at 2 and 4 GPUs).
+    assert peaks["ddp"] > peaks["zero1"] >= peaks["zero2"] > peaks["zero3"]
     assert peaks["fsdp2"] < peaks["ddp"] / 2
     assert sharding_for(strategies.get("fsdp_no_shard")).weights is False
 
