@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from bench.estimate_allocator import CachingAllocator
 from bench.estimate_states import optimizer_state_bytes
 from bench.matrix import CellSettings
-from bench.models import ModelShape
+from bench.models import ModelShape, has_local_weights
 from bench.precision import policy_for
 from bench.strategies import Strategy, is_user_config
 
@@ -66,10 +66,11 @@ class Replay:
 
 
 def covers(cell: CellSettings, strategy: Strategy | None) -> bool:
-    """Cells whose allocations are written down here: full fine-tuning on CUDA, no offload, catalogue
-    strategies (a user's config may set anything), ZeRO through stage 3."""
+    """Cells whose allocations are written down here: full fine-tuning on CUDA from a random init (local
+    weights load another way), no offload, catalogue strategies (a user's config may set anything)."""
     return (strategy is not None and cell.device == "cuda" and cell.adapter.type == "none"
             and not strategy.offloads and not is_user_config(cell.strategy)
+            and not has_local_weights(cell.model)
             and strategy.family in ("single", "ddp", "deepspeed", "fsdp", "fsdp2"))
 
 
