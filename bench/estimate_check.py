@@ -48,6 +48,11 @@ def measured_peaks(record: RunRecord) -> tuple[float, float] | None:
     return max(reserved) / GIB, max(allocated) / GIB
 
 
+def built_on_meta(record: RunRecord) -> bool:
+    """How the record's model was built; records from before ``model_init`` existed built on the GPU."""
+    return any(str(rank.get("model_init", "")).startswith("meta") for rank in record.ranks or [])
+
+
 def check_records(records: list[RunRecord]) -> list[CheckRow]:
     rows = []
     for record in records:
@@ -57,7 +62,7 @@ def check_records(records: list[RunRecord]) -> list[CheckRow]:
         measured = measured_peaks(record)
         if cell.device != "cuda" or measured is None:
             continue
-        pred = predict(cell)
+        pred = predict(cell, built_on_meta=built_on_meta(record))
         if pred is None:
             continue
         rows.append(CheckRow(record.matrix, record.label, record.cell_id, pred.peak_reserved_gib, measured[0],
