@@ -26,6 +26,9 @@ they are non-persistent, never in a checkpoint, and allocation leaves garbage in
 no rotary branch in ``_init_weights`` (its ``original_inv_freq`` is a plain attribute), so there we refuse
 rather than train with garbage frequencies.
 
+LoRA adapters (peft, on a meta base) are the exception: peft initialises them itself, B to zero, which
+``_init_weights`` would not; ``mark_lora_init`` attaches peft's rule to each adapter Linear.
+
 Determinism: draws come from torch's default generator in module order, so a fixed ``torch.manual_seed``,
 the same wrapping and the same world size give the same weights. They are *not* the same numbers as
 ``from_config`` on a real device (different order), and on CPU each rank draws its shard from its own
@@ -47,6 +50,9 @@ import math
 
 import torch
 from torch import nn
+
+# Set on a LoRA adapter Linear by mark_lora_init: its init, used instead of the base model's _init_weights.
+LORA_INIT_ATTRIBUTE = "_bench_lora_init"
 
 
 def build_on_meta(config, dtype: torch.dtype, attn_impl: str):
@@ -113,9 +119,6 @@ def materialise_module(module: nn.Module, device: torch.device | str, model) -> 
     return module
 
 
-LORA_INIT_ATTRIBUTE = "_bench_lora_init"
-
-
 def _init_lora_a(linear: nn.Linear) -> None:
     nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
     if linear.bias is not None:
@@ -171,14 +174,10 @@ def materialise(model, device: torch.device | str) -> None:
 
 
 def _root_unit_parameters(model) -> list[nn.Parameter]:
-    # named_parameters drops tied duplicates already: a tied weight counts once.
-    return [param for name, param in model.named_parameters() if ".layers." not in name]
-
-
-def root_unit_params(model) -> int:
     """Parameters outside the decoder layers (embedding, final norm, an untied LM head): the root unit
-    that the transformer-layer auto-wrap leaves to FSDP's outermost wrap. Tied weights count once."""
-    return sum(param.numel() for param in _root_unit_parameters(model))
+    that the transformer-layer auto-wrap leaves to FSDP's outermost wrap. named_parameters drops tied
+    duplicates: a tied weight counts once."""
+    return [param for name, param in model.named_parameters() if ".layers." not in name]
 
 
 def parameter_bytes(model) -> tuple[int, int]:
@@ -197,12 +196,13 @@ def build_peak_bytes(strategy: str, world: int, total_bytes: int, root_bytes: in
     copies it into a flat parameter and keeps a clone of this rank's slice (``FlatParamHandle.shard``),
     so a unit costs (2 + 1 / world) x its size at the moment it is sharded; the largest unit is the root
     (for Llama the embedding: 21 % of the 1B model), wrapped last, beside every layer's shard. Without
-    sharding (NO_SHARD) the flat parameter is the whole unit and no clone is made. Matches the GPU records
+    sharding (NO_SHARD, and every FSDP1 strategy on one rank) the flat parameter is the whole unit and no
+    clone is made. Matches the GPU records
     of Llama-3.2-1B/3B at 2 and 4 ranks to within 0.1 % (tests/test_meta_init.py).
     """
     if strategy.startswith("fsdp2"):
         return round(total_bytes / world)
-    if strategy == "fsdp_no_shard":
+    if strategy == "fsdp_no_shard" or world == 1:  # FSDP1 switches any strategy to NO_SHARD on one rank
         return total_bytes + root_bytes
     # FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD (one node: sharded over all its ranks)
     return round((total_bytes - root_bytes) / world + root_bytes * (2 + 1 / world))

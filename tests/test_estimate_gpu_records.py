@@ -34,7 +34,7 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 GPU_FOLDERS = ("llama8b", "llama-full", "oom", "smoke-gpu", "nightly", "llama70b-qlora",  # H100
                "llama-full-h100x4", "llama-full-h100x4-1b-rerun",  # H100 x4, FSDP built on meta
                "nightly-rerun-3", "nightly-rerun-4", "nightly-rerun-5", "llama-full-h200", "qlora-1b-h200",  # H200
-               "llama8b-meta-h200")  # H200, LoRA under FSDP built on meta (llama8b's FSDP cells were built on the GPU)
+               "llama8b-meta-h200", "llama8b-meta-h200-b")  # H200, LoRA under FSDP built on meta (llama8b's FSDP cells were built on the GPU)
 # Not here: results/qlora-1b (H100), measured before the fix that keeps Llama-3.2's tied embeddings tied in
 # the 4-bit build (its records hold a second, untied copy of the 263M-parameter embedding); qlora-1b-h200
 # is its re-measurement. Nor the tiny-llama GPU test folders: fixed overheads are most of their memory.

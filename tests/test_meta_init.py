@@ -412,7 +412,7 @@ GPU_RECORD_FILES = ["results/meta-init-h100/fsdp_full_shard/runs.jsonl", "result
                     "results/llama-full-h100x4/runs.jsonl", "results/llama-full-h100x4-1b-rerun/runs.jsonl",
                     *(f"results/meta-init-h200/{name}/runs.jsonl"
                       for name in ("fsdp_full_shard", "fsdp2", "fsdp_full_shard-lora", "fsdp2-lora")),
-                    "results/llama8b-meta-h200/runs.jsonl"]
+                    "results/llama8b-meta-h200/runs.jsonl", "results/llama8b-meta-h200-b/runs.jsonl"]
 
 
 def _meta_built_records():
@@ -448,7 +448,7 @@ def test_gpu_build_peaks_of_meta_models_match_the_fsdp_sharding_prediction():
         for rank in record["ranks"]:
             got = rank["peak_allocated_after_prepare_bytes"]
             assert abs(got - want) < 0.005 * want, (name, s["model"], s["strategy"], s["gpus"], got, want)
-            if s["strategy"] != "fsdp_no_shard":
+            if s["strategy"] != "fsdp_no_shard" and s["gpus"] > 1:  # one rank: FSDP1 runs NO_SHARD
                 assert got < 0.95 * total, (name, s["strategy"], got)
         checked.add((s["model"], s["adapter"]["type"], s["strategy"], s["gpus"]))
     # the files hold what this test claims to cover
