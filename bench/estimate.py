@@ -37,9 +37,9 @@ from bench.estimate_states import (NF4_PACKED_BYTES, BytesPerParam, Sharding, St
                                    bytes_per_trainable_param, frozen_states, shard_states)
 from bench.estimate_trace import replay
 from bench.matrix import CellSettings
+from bench.model_build import builds_on_meta
 from bench.models import ModelShape
 from bench.precision import policy_for
-from bench.model_build import builds_on_meta
 from bench.qlora import builds_on_host as qlora_builds_on_host
 from bench.qlora import upcasts_to_fp32 as qlora_upcasts_to_fp32
 from bench.strategies import Strategy, is_user_config

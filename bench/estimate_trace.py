@@ -498,11 +498,22 @@ class _Run:
     def unit_params(self, unit: str) -> list[tuple[str, int]]:
         return root_params(self.shape) if unit == "root" else layer_params(self.shape)
 
+    def unit_numel(self, unit: str) -> int:
+        return sum(k for _, k in self.unit_params(unit))
+
+    def keep_first_sharded_grad(self, unit: str, first: bool) -> None:
+        """The new fp32 gradient becomes the unit's sharded gradient on the first backward; later ones are
+        accumulated into it and dropped."""
+        if first:
+            self.mem.rename(f"grad_fp32_new:{unit}", f"grad:{unit}")
+        else:
+            self.free(f"grad_fp32_new:{unit}")
+
     def fsdp1_unshard(self, unit: str) -> None:
         """FlatParamHandle: the low-precision shard is made on the pre-unshard stream; the padded unsharded
         flat parameter is allocated on the unshard stream and all-gathered; the shard copy is then freed.
         NO_SHARD: the low-precision copy of the whole unit is the unsharded parameter (kept until reshard)."""
-        numel = sum(k for _, k in self.unit_params(unit))
+        numel = self.unit_numel(unit)
         if self.no_shard:
             if not self.mem.live(f"mp_shard:{unit}"):
                 self.alloc(f"mp_shard:{unit}", self.c * numel, "pre_unshard")
@@ -660,7 +671,7 @@ class _Run:
         the post-backward stream: reduce-scatter into a new 16-bit shard, upcast to fp32 (the sharded
         gradient, kept until the next forward), the 16-bit shard and the unsharded gradient freed; the unit is
         resharded. NO_SHARD all-reduces the unsharded gradient in place and upcasts all of it."""
-        numel = sum(k for _, k in self.unit_params(unit))
+        numel = self.unit_numel(unit)
         self.alloc(f"flat_grad:{unit}", self.c * numel)
         self.free_all(f"unit_grad:{unit}:")
         first = not self.mem.live(f"grad:{unit}")
@@ -670,10 +681,7 @@ class _Run:
             self.alloc(f"rs_out:{unit}", self.c * numel / self.n, "post_backward")
             self.alloc(f"grad_fp32_new:{unit}", 4 * numel / self.n, "post_backward")
             self.free(f"rs_out:{unit}")
-        if first:
-            self.mem.rename(f"grad_fp32_new:{unit}", f"grad:{unit}")
-        else:
-            self.free(f"grad_fp32_new:{unit}")
+        self.keep_first_sharded_grad(unit, first)
         self.defer_free(f"flat_grad:{unit}")
         if self.no_shard:
             self.defer_free(f"mp_shard:{unit}")
@@ -685,7 +693,7 @@ class _Run:
         compute stream) is kept until the next group's reduce-scatter; the output shard is made on the
         reduce-scatter stream and upcast there to fp32 (the sharded gradients, kept until zero_grad); the
         unsharded gradients and parameters are freed."""
-        numel = sum(k for _, k in self.unit_params(unit))
+        numel = self.unit_numel(unit)
         previous = self.mem.live_names("rs_input:")
         self.alloc(f"rs_input:{unit}", self.c * numel)
         self.free_all(f"unit_grad:{unit}:")
@@ -695,10 +703,7 @@ class _Run:
         self.alloc(f"rs_out:{unit}", self.c * numel / self.n, "reduce_scatter")
         self.alloc(f"grad_fp32_new:{unit}", 4 * numel / self.n, "reduce_scatter")
         self.free(f"rs_out:{unit}")
-        if first:
-            self.mem.rename(f"grad_fp32_new:{unit}", f"grad:{unit}")
-        else:
-            self.free(f"grad_fp32_new:{unit}")
+        self.keep_first_sharded_grad(unit, first)
         self.free_all(f"unsharded:{unit}.")
         if unit == "root":
             self.free_all("rs_input:")
