@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from bench import bytecode, envinfo, strategies
+from bench import bytecode, envinfo, folder_lock, strategies
 from bench.matrix import CellSettings, Matrix, MatrixError, expand, load_matrix, select, validate_cells
 from bench.plan import WORKER_MODULE, LaunchPlan, build_plan
 from bench.results import (DETERMINISTIC_FAILURES, RunRecord, append_record, check_writable, load_records,
@@ -37,6 +37,7 @@ class RunOptions:
     worker_module: str = WORKER_MODULE  # tests put a fault-injecting worker here
     device: str | None = None  # override the matrix's device (cpu/cuda)
     capacity_gib: float | None = None  # memory each rank must fit, for the pre-flight check (default: its GPU)
+    wait_for_lock: bool = False  # another run writes the results folder: wait for it instead of stopping
 
 
 def visible_gpus() -> int:
@@ -124,14 +125,28 @@ def resume_command(matrix_path: str, opts: RunOptions) -> str:
     return shlex.join(args)
 
 
+def make_plans(prep: Prepared, opts: RunOptions) -> list[LaunchPlan]:
+    return [build_plan(c, prep.results_dir, prep.matrix.limits, r, opts.worker_module, port=free_port())
+            for c, r in prep.todo]
+
+
 def run_matrix(matrix_path: str, opts: RunOptions, console: Console | None = None) -> int:
     console = console or Console()
     prep = prepare(matrix_path, opts)
-    plans = [build_plan(c, prep.results_dir, prep.matrix.limits, r, opts.worker_module, port=free_port())
-             for c, r in prep.todo]
     if opts.dry_run:
-        print_dry_run(console, plans)
+        print_dry_run(console, make_plans(prep, opts))
         return 0
+    with folder_lock.hold(prep.results_dir, wait=opts.wait_for_lock,
+                          on_wait=lambda who: console.print(f"waiting for the results folder, held by {escape(who)}"),
+                          on_takeover=lambda who: console.print(
+                              f"[yellow]note[/]: took over the results folder's lock left by a run that ended "
+                              f"without releasing it ({escape(who)})")):
+        # Again under the lock: a run that held the folder meanwhile may have recorded cells.
+        return _run_locked(matrix_path, prepare(matrix_path, opts), opts, console)
+
+
+def _run_locked(matrix_path: str, prep: Prepared, opts: RunOptions, console: Console) -> int:
+    plans = make_plans(prep, opts)
     if prep.skipped_done:
         console.print(f"resuming: {prep.skipped_done} run(s) already recorded in {prep.results_dir} are skipped")
     if not plans:

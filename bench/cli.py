@@ -27,10 +27,13 @@ def run(
     worker: Annotated[str, typer.Option(hidden=True)] = "bench.worker",
     capacity_gib: Annotated[Optional[float], typer.Option(
         min=0.0, help="memory (GiB) each rank must fit for the pre-flight check; default its GPU or gpu_memory_gib")] = None,
+    wait_for_lock: Annotated[bool, typer.Option(
+        "--wait-for-lock", help="if another run is writing the results folder, wait for it instead of stopping")] = False,
 ):
     """Run every cell of a matrix as a real `accelerate launch` and append one record per run."""
     opts = RunOptions(results_dir=results, only=only, exclude=exclude, dry_run=dry_run, retry_failed=retry_failed,
-                      force=force, repeats=repeats, worker_module=worker, device=device, capacity_gib=capacity_gib)
+                      force=force, repeats=repeats, worker_module=worker, device=device, capacity_gib=capacity_gib,
+                      wait_for_lock=wait_for_lock)
     raise typer.Exit(main_guard(run_matrix, matrix, opts))
 
 
