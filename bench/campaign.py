@@ -238,12 +238,29 @@ class CellHooks:
             return not_launched
         sampler = None
         if plan.cell.device == "cuda":
+            plan = with_deepspeed_arch_list(plan)
+            if plan.notes:  # what was decided for this launch (a user config's resolution, the arch list)
+                info = {**info, "launch_notes": plan.notes}
             if busy := wait_for_free_gpus(plan.cell.gpus):
                 return busy_record(plan, matrix_name, fingerprint, busy, info)
             from bench.sampler import NvmlSampler, sampler_enabled
 
             sampler = NvmlSampler(plan.cell.gpus) if sampler_enabled() else None
         return run_plan(plan, matrix_name, fingerprint, sampler=sampler, strategy_info=info, prediction=prediction)
+
+
+def with_deepspeed_arch_list(plan: LaunchPlan) -> LaunchPlan:
+    """A DeepSpeed cell on CUDA gets a TORCH_CUDA_ARCH_LIST its JIT op builder can read (bench/cuda_arch.py);
+    the value and why are in the cell's command, launch.sh and plan notes."""
+    import os
+
+    from bench import cuda_arch
+    from bench.plan import with_env
+
+    if "deepspeed.json" not in plan.files:
+        return plan
+    fix = cuda_arch.jit_arch_fix(os.environ.get("TORCH_CUDA_ARCH_LIST"), cuda_arch.capabilities_of(plan.cell.gpus))
+    return with_env(plan, "TORCH_CUDA_ARCH_LIST", fix.value, fix.note) if fix else plan
 
 
 def wait_for_free_gpus(gpu_count: int, patience_s: float = 15.0) -> str | None:

@@ -11,7 +11,7 @@ import json
 import os
 import shlex
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -244,8 +244,21 @@ def build_plan(cell: CellSettings, results_dir: Path, limits: Limits, repeat: in
     env = _launch_env(cell, limits, deepspeed=accel.get("distributed_type") == "DEEPSPEED",
                       parent_visible=parent_visible_devices)
     plan = LaunchPlan(cell, cell_dir, argv, env, files, limits, repeat, worker_module, notes)
-    files["launch.sh"] = f"#!/usr/bin/env bash\n# Re-run this cell by hand\n{plan.shell_command()}\n"
+    files["launch.sh"] = _launch_script(plan)
     return plan
+
+
+def with_env(plan: LaunchPlan, key: str, value: str, note: str) -> LaunchPlan:
+    """The plan with one more environment variable (decided at launch time, from the machine), its
+    launch.sh and notes saying so."""
+    env = {**plan.env, key: value}
+    changed = replace(plan, env=env, notes=[*plan.notes, note], files=dict(plan.files))
+    changed.files["launch.sh"] = _launch_script(changed)
+    return changed
+
+
+def _launch_script(plan: LaunchPlan) -> str:
+    return f"#!/usr/bin/env bash\n# Re-run this cell by hand\n{plan.shell_command()}\n"
 
 
 def write_plan_files(plan: LaunchPlan) -> None:

@@ -226,3 +226,29 @@ def test_busy_gpu_is_reported_not_measured(tmp_path):
     finally:
         hog.kill()
         hog.wait()
+
+
+def test_user_json_with_deepspeeds_own_fused_adam_runs(tmp_path):
+    """A user's DeepSpeed JSON with its own "optimizer" block: DeepSpeed JIT-builds FusedAdam on CUDA.
+
+    On the H200 image TORCH_CUDA_ARCH_LIST names an arch DeepSpeed's builder cannot parse ('9.0a'); the cell
+    then gets its GPU's compute capability (bench/cuda_arch.py) and says so in its record.
+    """
+    import os
+
+    from bench.cuda_arch import deepspeed_can_parse
+    from conftest import REPO
+
+    path = tmp_path / "fused.yaml"
+    path.write_text(yaml.safe_dump({"name": "fused", "model": "tiny-llama", "device": "cuda",
+                                    "strategy": str(REPO / "configs" / "ds_zero2_auto.json"), "gpus": 1,
+                                    "train": {"seq_len": 128, "steps": 3, "warmup_steps": 1, "precision": "bf16"}}))
+    bench("run", str(path), "--results", str(tmp_path / "res"), check=True)
+    record = json.loads((tmp_path / "res" / "runs.jsonl").read_text().splitlines()[0])
+    assert record["status"] == "ok", record.get("error")
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    notes = record["strategy_info"].get("launch_notes", [])
+    if arch is None or not deepspeed_can_parse(arch):
+        assert any("TORCH_CUDA_ARCH_LIST" in n for n in notes) and "TORCH_CUDA_ARCH_LIST=" in record["command"]
+    log = (tmp_path / "res" / "cells" / record["cell_id"] / "launch.log").read_text()
+    assert "fused_adam" in log.lower() or "FusedAdam" in log, "the JSON's optimizer should be DeepSpeed's FusedAdam"
