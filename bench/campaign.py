@@ -89,7 +89,11 @@ def strategy_info(cell: CellSettings) -> dict:
     from bench.precision import policy_for
 
     info = {"precision_policy": policy_for(cell).description}
-    if not strategies.is_user_config(cell.strategy):
+    if strategies.is_user_config(cell.strategy):
+        from bench.user_configs import deepspeed_own_blocks
+
+        info.update(deepspeed_own_blocks(cell))
+    else:
         s = strategies.get(cell.strategy)
         info.update(family=s.family, summary=s.summary)
     return info

@@ -4,7 +4,11 @@ Files as HF Trainer and axolotl ship them hold ``"auto"`` values; the Trainer fi
 TrainingArguments and the model (``HfTrainerDeepSpeedConfig.trainer_config_process`` / ``_finalize``).
 Here the cell's settings play the part of the TrainingArguments, with the same rules: an ``"auto"`` is
 filled, an explicit value that disagrees with the cell is an error (as the Trainer raises on a mismatch),
-anything else is left exactly as the user wrote it. The plan writes the resolved files into the cell's
+anything else is left exactly as the user wrote it. DeepSpeed accepts two spellings of some ZeRO-3 keys
+(``stage3_prefetch_bucket_size`` and ``prefetch_bucket_size``): the Trainer's rules fill either. An "auto"
+no rule fills is dropped, as DeepSpeed's own config models drop it to keep their default; the notes say
+which default. A JSON's own optimizer and scheduler blocks are kept (DeepSpeed builds them) and the
+record's strategy_info says so. The plan writes the resolved files into the cell's
 folder beside a copy of the original (``original_<name>``).
 """
 
@@ -177,8 +181,11 @@ def resolve_deepspeed(ds: dict, cell: CellSettings, source: str) -> tuple[dict, 
     hidden = models.config_dict(cell.model)["hidden_size"]
     f.fill_only("zero_optimization.reduce_bucket_size", hidden * hidden, f"hidden_size^2, hidden_size {hidden}")
     if int((f.config.get("zero_optimization") or {}).get("stage", 0)) == 3:
-        f.fill_only("zero_optimization.stage3_prefetch_bucket_size", int(0.9 * hidden * hidden), "0.9 * hidden_size^2")
-        f.fill_only("zero_optimization.stage3_param_persistence_threshold", 10 * hidden, "10 * hidden_size")
+        # DeepSpeed reads both spellings (stage3_x is the alias of x); the Trainer's rule applies to either.
+        for key in ("stage3_prefetch_bucket_size", "prefetch_bucket_size"):
+            f.fill_only(f"zero_optimization.{key}", int(0.9 * hidden * hidden), "0.9 * hidden_size^2")
+        for key in ("stage3_param_persistence_threshold", "param_persistence_threshold"):
+            f.fill_only(f"zero_optimization.{key}", 10 * hidden, "10 * hidden_size")
     total = t.warmup_steps + t.steps
     f.fill_match("scheduler.params.total_num_steps", total, "train.warmup_steps + train.steps")
     # The benchmark has no learning-rate warm-up; DeepSpeed >= 0.19.6 rejects 0, the Trainer fills max(1, 0).
@@ -187,11 +194,36 @@ def resolve_deepspeed(ds: dict, cell: CellSettings, source: str) -> tuple[dict, 
         raise MatrixError(f"strategy {source!r}: values that disagree with the cell's settings:\n    "
                           + "\n    ".join(f.mismatches)
                           + "\n  Fix: set these keys to \"auto\" in the file, or change the matrix to match")
-    left = _autos_left(f.config)
-    if left:
-        raise MatrixError(f"strategy {source!r}: \"auto\" values the Trainer's rules do not fill: {', '.join(left)}. "
-                          "Fix: give them explicit values in the file")
-    return f.config, [f"filled {x}" for x in f.filled]
+    defaulted = [_drop_auto(f.config, dotted) for dotted in _autos_left(f.config)]
+    return f.config, [f"filled {x}" for x in f.filled] + defaulted
+
+
+def _drop_auto(config: dict, dotted: str) -> str:
+    """Remove an "auto" no fill rule covers, as DeepSpeed's config models do (they drop "auto" values and
+    keep their own default); the note names that default where DeepSpeed's model declares it."""
+    *parents, leaf = dotted.split(".")
+    node = config
+    for key in parents:
+        node = node[key]
+    del node[leaf]
+    default = _deepspeed_default(parents, leaf)
+    shown = f" ({default!r})" if default is not None else ""
+    return f"{dotted}: \"auto\" left to DeepSpeed's own default{shown}, as DeepSpeed does with an \"auto\" no rule fills"
+
+
+def _deepspeed_default(parents: list[str], leaf: str):
+    """DeepSpeed's default for a ZeRO key (by name or its stage3_ alias); None where not known here."""
+    if parents != ["zero_optimization"]:
+        return None
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    except ImportError:
+        return None
+    for name, field in DeepSpeedZeroConfig.model_fields.items():
+        if leaf in (name, field.alias):
+            default = field.default  # DeepSpeed's pp_int prints with thousands separators: show a plain int
+            return int(default) if isinstance(default, int) and not isinstance(default, bool) else default
+    return None
 
 
 def _autos_left(d: Any, prefix: str = "") -> list[str]:
@@ -300,6 +332,19 @@ def resolve_with_originals(cell: CellSettings, cell_dir: Path) -> tuple[dict, di
     ds, notes = resolve_deepspeed(load_user_config(path), cell, path)
     accel = accelerate_config(describe_user_config(path), cell, cell_dir / "deepspeed.json")
     return accel, ds, [f"DeepSpeed JSON {path} used as the cell's deepspeed.json"] + notes, originals
+
+
+def deepspeed_own_blocks(cell: CellSettings) -> dict[str, str]:
+    """What a user's DeepSpeed JSON brings of its own: its optimizer and scheduler blocks replace the cell's
+    train.optimizer (DeepSpeed builds them; the worker hands accelerate a DummyOptim). For the record."""
+    _, ds, _, _ = resolve_with_originals(cell, Path("cell"))
+    own = {}
+    if ds and isinstance(ds.get("optimizer"), dict):
+        own["optimizer"] = (f"DeepSpeed {ds['optimizer'].get('type')} from the JSON's optimizer block "
+                            f"(train.optimizer {cell.train.optimizer!r} not used)")
+    if ds and isinstance(ds.get("scheduler"), dict):
+        own["scheduler"] = f"DeepSpeed {ds['scheduler'].get('type')} from the JSON's scheduler block"
+    return own
 
 
 def check_user_config(cell: CellSettings) -> str | None:

@@ -58,6 +58,9 @@ def test_trainer_style_zero2_json_runs_on_two_cpu_processes(tmp_path):
     accel = yaml.safe_load((cell_dir / "accelerate.yaml").read_text())
     assert accel["distributed_type"] == "DEEPSPEED"
     assert accel["deepspeed_config"]["deepspeed_config_file"] == str(cell_dir / "deepspeed.json")
+    # The JSON's own optimizer and scheduler blocks ran, and the record says so.
+    assert record["strategy_info"]["optimizer"].startswith("DeepSpeed AdamW from the JSON's optimizer block")
+    assert record["strategy_info"]["scheduler"] == "DeepSpeed WarmupDecayLR from the JSON's scheduler block"
 
 
 def test_user_accelerate_yaml_ddp_runs_with_the_cells_process_count(tmp_path):
@@ -94,6 +97,26 @@ def test_zero3_offload_autos_follow_the_trainer():
     assert accel["deepspeed_config"]["zero3_init_flag"] is True
     s = describe_user_config(path)
     assert (s.family, s.zero_stage, s.offload_optimizer, s.offload_params) == ("deepspeed", 3, True, True)
+
+
+def test_unprefixed_zero3_autos_follow_the_trainer_and_the_rest_get_deepspeeds_defaults(tmp_path):
+    """A ZeRO-3 JSON as a popular fine-tuning project ships it: DeepSpeed reads the un-prefixed keys as the
+    stage3_ ones, and drops any other "auto" to keep its own default. Both are resolved, with notes."""
+    ds = json.loads((CONFIGS / "ds_zero3_offload_auto.json").read_text())
+    z = ds["zero_optimization"]
+    for key in ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+        z.pop(key, None)
+    z.update(prefetch_bucket_size="auto", param_persistence_threshold="auto", stage3_max_live_parameters="auto")
+    path = tmp_path / "zero3.json"
+    path.write_text(json.dumps(ds))
+    _, out, notes = resolve_user_config(_cell(str(path)), Path("/x"))
+    h = 4096
+    z = out["zero_optimization"]
+    assert (z["prefetch_bucket_size"], z["param_persistence_threshold"]) == (int(0.9 * h * h), 10 * h)
+    assert "stage3_max_live_parameters" not in z  # DeepSpeed then keeps its own default
+    assert any(n.startswith("filled zero_optimization.prefetch_bucket_size") and "0.9 * hidden_size^2" in n
+               for n in notes)
+    assert any("stage3_max_live_parameters" in n and "DeepSpeed's own default (1000000000)" in n for n in notes)
 
 
 def test_accelerate_yaml_pointing_at_a_json_is_resolved_too():
