@@ -71,3 +71,25 @@ def test_results_file_from_a_newer_schema(tmp_path, version):
     assert_refused(tmp_path, write_matrix(tmp_path), "newer bench", f"schema {version}", "upgrade bench",
                    results=results)
     assert (results / "runs.jsonl").read_text() == json.dumps(line) + "\n"  # left as it was
+
+
+def test_binary_matrix_file_is_refused_not_a_traceback(tmp_path):
+    path = tmp_path / "model.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary")
+    assert_refused(tmp_path, path, "not a text file", "Fix:")
+
+
+@pytest.mark.parametrize("train, words", [
+    ({"learning_rate": 1e-4}, ["train.learning_rate", "did you mean 'lr'"]),
+    ({"seqlen": 64}, ["did you mean 'seq_len'"]),
+    ({"gradient_accumulation_steps": 2}, ["did you mean 'grad_accum'"]),
+])
+def test_a_misspelt_or_habitual_key_is_answered_with_the_right_one(tmp_path, train, words):
+    assert_refused(tmp_path, write_matrix(tmp_path, train=train), *words)
+
+
+def test_fixes_add_information_not_repeat_the_error(tmp_path):
+    err = assert_refused(tmp_path, write_matrix(tmp_path, gpus=0), "gpus", "Fix: give a value > 0")
+    assert "e.g. gpus: 1" in err
+    err = assert_refused(tmp_path, write_matrix(tmp_path, train={"seq_len": "long"}), "train.seq_len")
+    assert "e.g. seq_len: 512" in err
