@@ -164,6 +164,8 @@ def _run_locked(matrix_path: str, prep: Prepared, opts: RunOptions, console: Con
     fingerprint = envinfo.fingerprint()
     if warning := bytecode.recompile_warning(fingerprint["bytecode_cache"]):
         console.print(f"[yellow]note[/]: {escape(warning)}")
+    if warning := oversubscription_warning([plan.cell for plan in plans]):
+        console.print(f"[yellow]warning[/]: {escape(warning)}")
     hooks = CellHooks(prep.matrix, opts)
     with sigterm_as_interrupt():
         return _launch_all(plans, prep, fingerprint, hooks, matrix_path, opts, console)
@@ -208,7 +210,26 @@ def _launch_all(plans, prep, fingerprint, hooks, matrix_path, opts, console) -> 
             progress.advance(task)
     summary = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
     console.print(f"recorded {len(plans)} run(s) in {prep.results_dir / 'runs.jsonl'}: {summary}")
+    if any(plan.cell.device == "cpu" for plan in plans):
+        console.print(f"[yellow]note[/]: {CPU_CAVEAT}")
     return 0
+
+
+# Said wherever CPU figures are shown: they look like findings and are not.
+CPU_CAVEAT = ("CPU cells show that the path works, not how strategies compare: processes share this machine's "
+              "cores, so speedups and efficiencies measure the harness. Compare strategies on GPU runs.")
+
+
+def oversubscription_warning(cells: list[CellSettings]) -> str | None:
+    """CPU cells with more processes than the machine has cores time each other, not the strategy."""
+    import os
+
+    cores = os.cpu_count() or 1
+    over = sorted({c.gpus for c in cells if c.device == "cpu" and c.gpus > cores})
+    if not over:
+        return None
+    return (f"CPU cells with {', '.join(map(str, over))} processes on a machine with {cores} core(s): the processes "
+            "share cores and their times say nothing about the strategy. Fix: --only gpus=<n <= cores>")
 
 
 def print_outcome(console: Console, plan: LaunchPlan, record: RunRecord) -> None:

@@ -54,5 +54,6 @@ def cpu_results(tmp_path_factory) -> Path:
     """Records from real CPU runs, made once per session: ddp and zero3 at 1 and 2 processes."""
     folder = tmp_path_factory.mktemp("cpu_results")
     matrix = write_matrix(folder, "cpu", grid={"strategy": ["ddp", "zero3"], "gpus": [1, 2]})
-    bench("run", str(matrix), "--results", str(folder / "results"), check=True)
+    proc = bench("run", str(matrix), "--results", str(folder / "results"), check=True)
+    (folder / "run-console.txt").write_text(proc.stdout)  # what the user saw, for tests of the console
     return folder / "results"

@@ -1,0 +1,23 @@
+"""CPU figures are labelled as such: the caveat in the console, a warning when processes exceed cores."""
+
+from __future__ import annotations
+
+import os
+
+from bench.campaign import CPU_CAVEAT, oversubscription_warning
+from bench.matrix import CellSettings
+
+
+def test_more_processes_than_cores_is_warned_about():
+    cores = os.cpu_count() or 1
+    too_many = CellSettings(device="cpu", gpus=cores + 1)
+    fits = CellSettings(device="cpu", gpus=1)
+    warning = oversubscription_warning([fits, too_many])
+    assert warning and f"{cores + 1} processes" in warning and f"{cores} core(s)" in warning
+    assert oversubscription_warning([fits]) is None
+    assert oversubscription_warning([CellSettings(device="cuda", gpus=cores + 1)]) is None
+
+
+def test_cpu_run_ends_with_the_caveat(cpu_results):
+    console = " ".join((cpu_results.parent / "run-console.txt").read_text().split())
+    assert " ".join(CPU_CAVEAT.split()) in console
