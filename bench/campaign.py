@@ -78,11 +78,20 @@ def prepare(matrix_path: str, opts: RunOptions) -> Prepared:
 def finished_runs(records: list[RunRecord], retry_failed: bool, force: bool = False) -> set[tuple[str, int]]:
     """Runs that resume skips: ok ones, and deterministic failures unless --retry-failed.
 
-    --force launches cells predicted not to fit, so their predicted_oom records are not final then."""
+    --force launches cells predicted not to fit, so their predicted_oom records are not final then; nor is
+    one made by another version of the estimator: the cell is predicted again (and launched if it fits)."""
+    from bench.estimate import ESTIMATOR_VERSION
+
     keep = {"ok"} if retry_failed else {"ok"} | DETERMINISTIC_FAILURES
     if force:
         keep = keep - {"predicted_oom"}
-    return {(r.cell_id, r.repeat) for r in records if r.status in keep}
+
+    def final(r: RunRecord) -> bool:
+        if r.status == "predicted_oom":
+            return (r.prediction or {}).get("estimator_version") == ESTIMATOR_VERSION
+        return True
+
+    return {(r.cell_id, r.repeat) for r in records if r.status in keep and final(r)}
 
 
 def strategy_info(cell: CellSettings) -> dict:

@@ -88,12 +88,31 @@ def estimate(
 
 @app.command("estimate-check")
 def estimate_check(
-    results: Annotated[list[Path], typer.Argument(help="results folders of GPU runs, e.g. results/llama8b")],
+    results: Annotated[list[Path], typer.Argument(
+        help="results folders of GPU runs (default: every tuning and judge folder under results/)")] = [],
+    tolerance: Annotated[float, typer.Option(min=0.0, help="largest |error| allowed on a judged out-of-sample cell")] = 0.10,
 ):
-    """Re-predict every ok GPU cell with the current estimator; print predicted vs measured peak (torch reserved)."""
+    """Re-predict every ok GPU cell with the current estimator; in-sample and out-of-sample errors apart.
+    Exit 1 when a judged out-of-sample cell is off by more than --tolerance, 2 on bad input."""
     from bench.estimate_check import run_check
 
-    raise typer.Exit(main_guard(run_check, results))
+    raise typer.Exit(main_guard(run_check, results, tolerance))
+
+
+@app.command("estimate-margins")
+def estimate_margins(
+    results_root: Annotated[Path, typer.Option(help="where the judge folders are")] = Path("results"),
+):
+    """Recompute the pre-flight margins per framework from the judge folders' out-of-sample errors
+    into bench/estimate_margins.json (commit it)."""
+    from bench.estimate_margins import MARGINS_FILE, write
+
+    data = write(results_root)
+    typer.echo(f"{MARGINS_FILE}: {len(data['folders'])} judge folder(s), "
+               f"{(data['pooled'] or {}).get('cells', 0)} judged cells")
+    for fw, e in data["frameworks"].items():
+        typer.echo(f"  {fw}: {e['cells']} cells, fit +{e['fit']:.1%}, skip +{e['skip']:.1%}")
+    raise typer.Exit(0)
 
 
 @app.command()

@@ -15,12 +15,14 @@ bench/estimate_allocator.py), which is where the free blocks held at the peak co
 best fit, per-stream pools, the first step's states landing in the activations' blocks); the formula's
 moment at the replay's peak phase gives the breakdown, and the overhead holds the rest. Elsewhere (adapters,
 offload, users' configs) reserved is the additive model: the allocated peak plus named free blocks
-(reserved_only_blocks) plus allocator_slack, a fitted fraction. Checked against the GPU records by
-`bench estimate-check` and tests/test_estimate_gpu_records.py.
+(reserved_only_blocks) plus allocator_slack, a fraction chosen by hand (no fit). Judged against GPU records by
+`bench estimate-check`, in-sample and out-of-sample apart (bench/estimate_protocol.py, results/ESTIMATOR.md).
 
 ``predicted_oom(prediction)`` is the pre-flight decision: a cell whose requirement exceeds its capacity
-by more than the margin is recorded as ``predicted_oom`` without launching (``bench run --force`` launches
-it anyway). Every record stores its prediction (``prediction_dict``); the schema is versioned.
+by more than the skip margin is recorded as ``predicted_oom`` without launching (``bench run --force``
+launches it anyway); it "fits" only with the fit margin to spare. Both margins come per framework from the
+measured out-of-sample errors (bench/estimate_margins.py). Every record stores its prediction
+(``prediction_dict``) with ``ESTIMATOR_VERSION``; the schema is versioned apart (``PREDICTION_VERSION``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,11 @@ from bench.qlora import upcasts_to_fp32 as qlora_upcasts_to_fp32
 from bench.strategies import Strategy, is_user_config
 
 GIB = 2**30
-PREDICTION_VERSION = 1
+PREDICTION_VERSION = 1  # the stored form's schema
+# The estimator's own version: bump it with every change that can move a prediction. A predicted_oom record
+# made by another version is re-evaluated on resume (bench/campaign.py), reports show the version that made
+# each stored prediction, and the margins file must be regenerated (bench estimate-margins).
+ESTIMATOR_VERSION = 2
 COMPONENTS = ("params", "grads", "optimizer", "master_weights", "activations", "adapter", "overhead")
 # Sizes the generated DeepSpeed JSON sets (bench/plan.py), in elements.
 DS_REDUCE_BUCKET = 500_000_000
@@ -55,10 +61,11 @@ DS_SUB_GROUP = 1_000_000_000  # DeepSpeed's default zero_optimization.sub_group_
 
 @dataclass(frozen=True)
 class Calibration:
-    """The constants no formula gives; to be fitted against measured GPU peaks (torch reserved)."""
+    """The constants no formula gives, chosen by hand while reading the in-sample GPU records
+    (bench/estimate_protocol.py TUNING_FOLDERS); none is the output of a fit."""
 
     # torch reserved / allocated - 1 where the allocations are not replayed (bench/estimate_trace.py covers
-    # full fine-tuning): a fitted stand-in for the caching allocator's free blocks
+    # full fine-tuning): a stand-in for the caching allocator's free blocks
     allocator_slack: float = 0.07
     backward_temp_fraction: float = 0.5  # a recomputed layer's backward temporaries, as a share of its activations
     cuda_context_gib: float = 0.5  # CUDA context + kernels per process: outside torch reserved
@@ -74,6 +81,7 @@ class Prediction(BaseModel):
     """Stored in RunRecord.prediction (as a dict). All sizes in GiB, per rank unless named host."""
 
     version: int = PREDICTION_VERSION
+    estimator_version: int | None = None  # ESTIMATOR_VERSION of the code that predicted; absent in old records
     peak_reserved_gib: float  # what torch.cuda.max_memory_reserved should read: the sum of components_gib
     peak_allocated_gib: float  # the same without the allocator slack
     device_total_gib: float  # reserved + CUDA context + NCCL: what NVML should read
@@ -87,8 +95,10 @@ class Prediction(BaseModel):
     capacity_gib: float | None = None
     capacity_source: str | None = None  # "gpu_memory_gib", "device", "--capacity-gib"
     required_gib: float | None = None  # what is compared with the capacity
-    fits: bool = True  # required <= capacity (True when the capacity is unknown)
-    margin: float = 0.10
+    fits: bool = True  # required * (1 + fit_margin) <= capacity (True when the capacity is unknown)
+    margin: float = 0.10  # the skip margin
+    fit_margin: float = 0.0  # room kept for the estimator's under-prediction (bench/estimate_margins.py)
+    margin_source: str | None = None  # where both margins come from
     predicted_oom: bool = False  # required > capacity * (1 + margin): not launched unless --force
     calibration: dict[str, float] = {}
     # "replay": both peaks from replaying the cell's allocations through the caching-allocator model
@@ -480,13 +490,14 @@ def _build_moment(cell: CellSettings, shape: ModelShape, strategy: Strategy, sta
     return {"build": _Parts(components, {"bf16_layer_being_quantised": compute_bytes(cell) * layer})}
 
 
-def predict(cell: CellSettings, calib: Calibration = CALIBRATION, margin: float = 0.10,
+def predict(cell: CellSettings, calib: Calibration = CALIBRATION, margin: float | None = None,
             capacity_gib: float | None = None, capacity_source: str | None = None,
             built_on_meta: bool | None = None) -> Prediction | None:
     """Peak memory per rank of ``cell``; None when its strategy cannot be described (an unreadable user config).
 
     ``built_on_meta``: None for the way bench builds the cell now (model_build.builds_on_meta); a record's
     check passes the way that record was built (``model_init``), as older records built FSDP+LoRA on the GPU.
+    ``margin``: the skip margin; None takes the framework's from the margins file, as does the fit margin.
     """
     strategy = describe_strategy(cell)
     if strategy is None:
@@ -534,12 +545,23 @@ def predict(cell: CellSettings, calib: Calibration = CALIBRATION, margin: float 
         activations_detail_gib={k: v / GIB for k, v in acts.as_dict().items()},
         bytes_per_param=bytes_per_param_summary(states, strategy, cell.gpus),
         host_gib=cell.gpus * host_rank / GIB, host_per_rank_gib=host_rank / GIB,
-        margin=margin, calibration=asdict(calib), reserved_model="replay" if rep is not None else "additive",
+        calibration=asdict(calib), reserved_model="replay" if rep is not None else "additive",
+        estimator_version=ESTIMATOR_VERSION, **_margins(strategy, margin),
     )
     return with_capacity(pred, capacity_gib, capacity_source)
 
 
 # ---------------------------------------------------------------- capacity and the pre-flight decision
+
+def _margins(strategy: Strategy, skip: float | None) -> dict[str, Any]:
+    """The framework's margins (bench/estimate_margins.py); an explicit skip margin (a matrix's
+    estimate_margin) replaces the measured one."""
+    from bench.estimate_margins import margin_for
+
+    m = margin_for(strategy)
+    source = m.source if skip is None else f"skip {skip:.0%} set by the matrix (estimate_margin); fit from {m.source}"
+    return {"margin": m.skip if skip is None else skip, "fit_margin": m.fit, "margin_source": source}
+
 
 def with_capacity(pred: Prediction, capacity_gib: float | None, source: str | None) -> Prediction:
     """Fill in the fit fields. A memory cap limits torch's allocator only, so it is compared with the
@@ -550,7 +572,8 @@ def with_capacity(pred: Prediction, capacity_gib: float | None, source: str | No
     required = pred.peak_reserved_gib if source == "gpu_memory_gib" else pred.device_total_gib
     return pred.model_copy(update={
         "capacity_gib": capacity_gib, "capacity_source": source, "required_gib": required,
-        "fits": required <= capacity_gib, "predicted_oom": predicted_oom(required, capacity_gib, pred.margin)})
+        "fits": required * (1 + pred.fit_margin) <= capacity_gib,
+        "predicted_oom": predicted_oom(required, capacity_gib, pred.margin)})
 
 
 def predicted_oom(required_gib: float, capacity_gib: float | None, margin: float) -> bool:
@@ -585,7 +608,7 @@ def _device_total_bytes(gpus: int) -> int | None:
         return None
 
 
-def predict_for_run(cell: CellSettings, margin: float, capacity_override_gib: float | None = None,
+def predict_for_run(cell: CellSettings, margin: float | None, capacity_override_gib: float | None = None,
                     calib: Calibration = CALIBRATION) -> Prediction | None:
     capacity, source = capacity_for(cell, capacity_override_gib)
     return predict(cell, calib, margin, capacity, source)
@@ -612,7 +635,7 @@ def oom_message(pred: Prediction) -> str:
             f"{pred.margin:.0%}; not launched. Use --force to launch it anyway")
 
 
-def preflight(plan, matrix_name: str, fingerprint: dict, margin: float, force: bool,
+def preflight(plan, matrix_name: str, fingerprint: dict, margin: float | None, force: bool,
               capacity_override_gib: float | None, strategy_info: dict):
     """(prediction dict for the record, a predicted_oom RunRecord when the cell must not launch, else None)."""
     from bench.results import CellError, RunRecord

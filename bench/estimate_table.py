@@ -60,8 +60,9 @@ def render_table(rows: list[tuple[CellSettings, Prediction | None]], console: Co
     console.print(table)
     console.print("[dim]B/param per rank: weights + grads + (master + optimizer) in the ZeRO paper's notation, "
                   "/N = sharded over N ranks. +ctx adds the CUDA context and NCCL buffers (outside torch). "
-                  "host: all ranks together (offloaded states + processes). verdict: skip = predicted_oom "
-                  "(over capacity by more than estimate_margin), launched anyway with --force.[/]")
+                  "host: all ranks together (offloaded states + processes). verdict: fits = within capacity with the "
+                  "framework's fit margin to spare; tight = not so; skip = predicted_oom (over capacity by more than "
+                  "the skip margin), launched anyway with --force. Margins: bench/estimate_margins.json.[/]")
 
 
 def verdict(pred: Prediction) -> str:

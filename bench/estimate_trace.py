@@ -67,11 +67,17 @@ class Replay:
 
 def covers(cell: CellSettings, strategy: Strategy | None) -> bool:
     """Cells whose allocations are written down here: full fine-tuning on CUDA from a random init (local
-    weights load another way), no offload, catalogue strategies (a user's config may set anything)."""
+    weights load another way), no offload but ZeRO-1/2's optimizer offload, catalogue strategies (a user's
+    config may set anything)."""
     return (strategy is not None and cell.device == "cuda" and cell.adapter.type == "none"
-            and not strategy.offloads and not is_user_config(cell.strategy)
+            and (not strategy.offloads or zero12_optimizer_offload(strategy)) and not is_user_config(cell.strategy)
             and not has_local_weights(cell.model)
             and strategy.family in ("single", "ddp", "deepspeed", "fsdp", "fsdp2"))
+
+
+def zero12_optimizer_offload(strategy: Strategy) -> bool:
+    return (strategy.family == "deepspeed" and (strategy.zero_stage or 0) < 3 and strategy.offload_optimizer
+            and not strategy.offload_params)
 
 
 def replay(cell: CellSettings, shape: ModelShape, strategy: Strategy, calib=None) -> Replay | None:
@@ -171,6 +177,7 @@ class _Run:
         self.family = strategy.family
         self.ds = self.family == "deepspeed"
         self.stage = strategy.zero_stage or 0
+        self.ds_offload = zero12_optimizer_offload(strategy)  # fp32 master, states, gradients and step on the host
         self.fsdp1 = self.family == "fsdp"
         self.no_shard = self.fsdp1 and (strategy.fsdp_sharding == "NO_SHARD" or self.n == 1)
         self.checkpointing = cell.train.grad_checkpointing
@@ -261,11 +268,17 @@ class _Run:
         """DeepSpeed ZeRO-1/2 optimizer init (stage_1_and_2.py): empty_cache, then the 16-bit parameters
         flattened into one buffer on the GPU (torch.cat while the originals live; the parameters become
         views and the originals are freed), the fp32 master partition (a 16-bit clone upcast), and
-        initialize_optimizer_states' zeroed fp32 gradient partition, dropped at once."""
+        initialize_optimizer_states' zeroed fp32 gradient partition, dropped at once.
+        With cpu_offload the master partition, its gradient and the optimizer live on the host; the GPU
+        keeps temp_grad_buffer_for_gpu_offload instead, a 16-bit buffer of the largest parameter's size
+        through which each gradient goes to the host."""
         self.owners, self.mine, self.bucket = self.partition_owners(), self.partition_pieces(), []
         self.mem.empty_cache()
         self.alloc("ds_flat_params", self.c * self.shape.params)
         self.free_all("param:")
+        if self.ds_offload:
+            self.alloc("ds_offload_grad_staging", self.c * max(k for _, k in model_params(self.shape)))
+            return
         part = self.partition()
         self.alloc("ds_clone", self.c * part)
         self.alloc("ds_fp32_partition", 4 * part)
@@ -731,9 +744,23 @@ class _Run:
         if len({r for key, _ in self.bucket for r in self.owners[key]}) > 1:
             self.alloc("ds_allreduce_flat", self.c * sum(k for _, k in self.bucket), "reduction")
             self.free("ds_allreduce_flat")
-        if any(key in self.mine for key, _ in self.bucket) and not self.mem.live("ds_grads_in_partition"):
+        if self.ds_offload:
+            self.zero12_offload_grads()
+        elif any(key in self.mine for key, _ in self.bucket) and not self.mem.live("ds_grads_in_partition"):
             self.alloc("ds_grads_in_partition", self.c * self.partition(), "reduction")
         self.bucket = []
+
+    def zero12_offload_grads(self) -> None:
+        """copy_grads_in_partition under cpu_offload, on the reduction stream, one parameter of this rank's
+        partition at a time: set_norm_for_param_grad_in_gpu takes the norm of its slice upcast to fp64
+        (.double()), then async_inplace_copy_grad_to_fp32_buffer_from_gpu upcasts it to fp32 (.float()) and
+        copies that to the host's fp32 gradient; both temporaries are dropped at once."""
+        for key, _ in self.bucket:
+            if key in self.mine:
+                self.alloc("ds_offload_norm_fp64", 8 * self.mine[key], "reduction")
+                self.free("ds_offload_norm_fp64")
+                self.alloc("ds_offload_fp32_grad", 4 * self.mine[key], "reduction")
+                self.free("ds_offload_fp32_grad")
 
     def zero12_epilogue(self) -> None:
         """independent_gradient_partition_epilogue: the last bucket reduced, the buckets released (the
@@ -790,7 +817,11 @@ class _Run:
     def zero12_step(self) -> None:
         """stage_1_and_2.step: the gradient norm (each of this rank's gradients upcast to fp64 one at a time,
         get_grad_norm_direct: the largest is what counts; rank 0 holds the embedding's), the partition's gradients flattened to one 16-bit tensor and upcast
-        to fp32, the 16-bit copies freed, the optimizer (states at its first step), the fp32 gradient freed."""
+        to fp32, the 16-bit copies freed, the optimizer (states at its first step), the fp32 gradient freed.
+        Offloaded: the norm and the step run on the host, and the fp32 result is copied into the 16-bit
+        parameters (copy_ converts on the host): nothing on the GPU."""
+        if self.ds_offload:
+            return
         self.alloc("ds_norm_fp64", 8 * max(self.mine.values()))
         self.free("ds_norm_fp64")
         part = self.partition()

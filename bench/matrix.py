@@ -141,7 +141,9 @@ class Matrix(_Strict):
     limits: Limits = Limits()
     repeats: int = Field(1, gt=0)
     token_budget: TokenBudget | None = None
-    estimate_margin: float = Field(0.10, ge=0, description="skip a cell predicted above capacity by this fraction")
+    # skip a cell predicted above capacity by this fraction; null: the framework's measured margin
+    # (bench/estimate_margins.py, from the estimator's out-of-sample errors)
+    estimate_margin: float | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _grid_lists_not_empty(self):

@@ -141,22 +141,21 @@ def _prediction_figures(record: RunRecord) -> dict:
     if pred.get("peak_reserved_gib") is None:
         return out
     return {**out, "predicted_reserved_gib": float(pred["peak_reserved_gib"]), "predicted_fits": pred.get("fits"),
+            "predicted_estimator_version": pred.get("estimator_version"),
             "predicted_capacity_gib": pred.get("capacity_gib"),
             "predicted_device_total_gib": pred.get("device_total_gib")}  # compared with NVML used
 
 
 def _current_prediction_gib(record: RunRecord) -> float | None:
-    """What the estimator predicts now for the same GPU cell.
+    """What the estimator predicts now for the same GPU cell, by the path `bench estimate-check` takes.
 
     A record keeps the prediction made when it ran, never rewritten; the estimator improves after
     measurements, so the report shows both and holds the current one to account.
     """
-    if record.settings.get("device") != "cuda":
-        return None
-    from bench.estimate import predict
+    from bench.estimate_check import predict_for_record
 
     try:
-        prediction = predict(CellSettings.model_validate(record.settings))
+        prediction = predict_for_record(record)
     except Exception:  # noqa: BLE001 - an unpredictable cell (unreadable user config) just has no figure
         return None
     return prediction.peak_reserved_gib if prediction else None

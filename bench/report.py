@@ -169,18 +169,40 @@ def energy_section(df: pd.DataFrame) -> Section:
 
 
 def prediction_section(df: pd.DataFrame, out_dir: Path) -> Section | None:
+    from bench.estimate import ESTIMATOR_VERSION
+
     pred = tables.prediction_frame(df)
     if not len(pred):
         return None
     section = Section("Predicted vs measured peak (torch reserved)",
                       ["Error = (predicted - measured) / measured; positive means the estimate was cautious. "
                        "'At run time' is the prediction stored in the record when the cell ran (records are never "
-                       "rewritten); 'current estimator' re-predicts the same cell with this version of bench, "
-                       "which is what the +-10% target applies to."])
+                       "rewritten), made by the estimator version shown; 'current estimator' re-predicts the same "
+                       f"cell with this version of bench (estimator v{ESTIMATOR_VERSION}, the path `bench "
+                       "estimate-check` takes), which is what the +-10% target applies to.",
+                       margins_text()])
     section.items.append(Table("prediction", "Prediction per cell", tables.prediction_table(pred)))
     if path := plots.prediction_errors(pred, out_dir / "prediction_errors.png"):
         section.items.append(Plot(path, "Histogram of memory prediction errors"))
     return section
+
+
+def margins_text() -> str:
+    """The pre-flight margins in force and why (bench/estimate_margins.py)."""
+    from bench.estimate_margins import DEFAULT_FIT, DEFAULT_SKIP, load, margin_for_framework
+
+    data = load()
+    why = ("A cell 'fits' only if its predicted need plus the fit margin is within capacity (room for the "
+           "estimator's under-prediction, the costly error); `bench run` skips it as predicted_oom only if the "
+           "need exceeds capacity by more than the skip margin (room for over-prediction).")
+    if not data or not data.get("pooled"):
+        return (f"{why} Margins in force: the stated defaults, fit +{DEFAULT_FIT:.0%} and skip +{DEFAULT_SKIP:.0%}, "
+                "as no out-of-sample judge record exists yet (results/ESTIMATOR.md).")
+    per_fw = "; ".join(f"{fw}: {margin_for_framework(fw, data).describe()}" for fw in data["frameworks"])
+    return (f"{why} Margins in force (bench/estimate_margins.json, estimator v{data['estimator_version']}, from "
+            f"{', '.join(data['folders'])}): the {data['coverage']:.0%} quantile of the out-of-sample errors per "
+            f"framework: {per_fw}. Other frameworks: fit +{data['pooled']['fit']:.1%}, skip "
+            f"+{data['pooled']['skip']:.1%} (all judged cells).")
 
 
 def pick_trace_record(records: list[RunRecord], cell_id: str | None) -> RunRecord | None:

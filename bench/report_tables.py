@@ -327,7 +327,18 @@ def measured_text(value, row: pd.Series) -> str:
     return f"not measured ({row['status']})" if row["status"] != "ok" else "not reported"
 
 
+def run_time_version(row: pd.Series) -> str:
+    """The estimator version that made the stored prediction; records from before versions were stored
+    predate version 2."""
+    if not is_num(row.get("predicted_reserved_gib")):
+        return "-"
+    version = row.get("predicted_estimator_version")
+    return f"v{int(version)}" if is_num(version) else "v1 (before versions)"
+
+
 def prediction_table(pred: pd.DataFrame) -> pd.DataFrame:
+    from bench.estimate import ESTIMATOR_VERSION
+
     rows = []
     for _, row in pred.iterrows():
         device_total = row["predicted_device_total_gib"]
@@ -335,10 +346,11 @@ def prediction_table(pred: pd.DataFrame) -> pd.DataFrame:
             "machine": row["machine"], "run": row["label"], "status": row["status"],
             "predicted at run time GiB": (f"{row['predicted_reserved_gib']:.2f}" if is_num(row["predicted_reserved_gib"])
                                           else "not predicted"),
+            "run-time estimator": run_time_version(row),
             "measured GiB": measured_text(row["measured_reserved_gib"], row),
             "error %": f"{row['error_pct']:+.1f}" if is_num(row["error_pct"]) else "n/a",
-            "current estimator GiB": (f"{row['current_predicted_reserved_gib']:.2f}"
-                                      if is_num(row["current_predicted_reserved_gib"]) else "n/a"),
+            f"current estimator (v{ESTIMATOR_VERSION}) GiB": (f"{row['current_predicted_reserved_gib']:.2f}"
+                                                             if is_num(row["current_predicted_reserved_gib"]) else "n/a"),
             "current error %": f"{row['current_error_pct']:+.1f}" if is_num(row["current_error_pct"]) else "n/a",
             "predicted NVML GiB": f"{device_total:.2f}" if is_num(device_total) else "not predicted",
             "NVML used GiB": measured_text(row["nvml_peak_used_gib"], row),

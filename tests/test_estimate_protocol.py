@@ -1,0 +1,147 @@
+"""The estimator's protocol: in-sample vs out-of-sample, `bench estimate-check` exit codes, margins computed
+from judge records (never typed in), the estimator version in records and resume (bench/estimate_protocol.py,
+bench/estimate_margins.py, bench/estimate_check.py, results/ESTIMATOR.md). CPU only: records are copied and
+edited, nothing is launched."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench import estimate_margins
+from bench.campaign import finished_runs
+from bench.estimate import ESTIMATOR_VERSION, predict
+from bench.estimate_check import check_folder, misses, predict_for_record, run_check
+from bench.estimate_protocol import TOLERANCE, framework_of, judge_folders, sample_of
+from bench.matrix import Adapter, CellSettings, Train
+from bench.results import RunRecord, load_records
+from bench.strategies import get as get_strategy
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+def _judge_copy(root: Path, name: str, scale: float, source: str = "llama-full-h200") -> Path:
+    """A judge folder made of a committed folder's records with every measured torch peak scaled."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    lines = []
+    for line in (RESULTS / source / "runs.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        for rank in rec.get("ranks") or []:
+            for key in ("torch_peak_reserved_bytes", "torch_peak_allocated_bytes"):
+                if rank.get(key) is not None:
+                    rank[key] = int(rank[key] * scale)
+        lines.append(json.dumps(rec))
+    (folder / "runs.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_committed_folders_are_in_sample_and_new_ones_out_of_sample(tmp_path):
+    assert sample_of(RESULTS / "llama-full-h200") == "in-sample"
+    assert sample_of(RESULTS / "estimate-judge-h200") == "out-of-sample"
+    assert sample_of(tmp_path / "results" / "nightly-h200" / "2026-12-01") == "out-of-sample"
+    judge = _judge_copy(tmp_path / "results", "estimate-judge-h200", 1.0)
+    _judge_copy(tmp_path / "results", "llama-full", 1.0)  # a tuning folder's name never judges
+    assert judge_folders(tmp_path / "results") == [judge]
+
+
+def test_estimate_check_exit_codes_name_the_missed_cell(tmp_path, capsys):
+    assert run_check([RESULTS / "llama-full-h200"]) == 0  # in-sample misses never fail the check
+    judge = _judge_copy(tmp_path / "results", "estimate-judge-h200", 1.0)
+    assert run_check([judge]) == 0  # the same records, out of sample: all within 10 % today
+    capsys.readouterr()
+    under = _judge_copy(tmp_path / "results2", "estimate-judge-h200", 1.25)  # measured 25 % above: under-predicted
+    assert run_check([under]) == 1
+    out = capsys.readouterr().out
+    assert "MISS" in out and "llama-3.2-1b full ddp x2gpu" in out and "out-of-sample" in out
+    assert run_check([under], tolerance=0.5) == 0
+    assert run_check([tmp_path / "no-such-folder"]) == 2
+
+
+def test_estimate_check_cli_exit_code(tmp_path):
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    under = _judge_copy(tmp_path / "results", "estimate-judge-h200", 1.25)
+    result = CliRunner().invoke(app, ["estimate-check", str(under), "--tolerance", "0.1"])
+    assert result.exit_code == 1, result.output
+    assert CliRunner().invoke(app, ["estimate-check", str(tmp_path / "none")]).exit_code == 2
+
+
+def test_margins_come_from_the_judged_errors(tmp_path):
+    """Measured 25 % above every prediction: the fit margin covers it (at least 95 % of cells right)."""
+    _judge_copy(tmp_path, "estimate-judge-h200", 1.25)
+    data = estimate_margins.compute(tmp_path)
+    rows = check_folder(tmp_path / "estimate-judge-h200")
+    for fw, entry in data["frameworks"].items():
+        group = [r for r in rows if r.framework == fw]
+        assert entry["cells"] == len(group)
+        right = [r for r in group if r.measured_reserved_gib <= r.predicted_reserved_gib * (1 + entry["fit"]) + 1e-9]
+        assert len(right) >= 0.95 * len(group)
+        assert entry["skip"] == 0.0  # nothing over-predicted
+    m = estimate_margins.margin_for_framework("fsdp2", data)
+    assert m.fit > 0.2 and "judged cells" in m.source
+
+
+def test_margins_default_without_judge_records(tmp_path):
+    data = estimate_margins.compute(tmp_path)
+    m = estimate_margins.margin_for_framework("deepspeed", data)
+    assert (m.fit, m.skip) == (estimate_margins.DEFAULT_FIT, estimate_margins.DEFAULT_SKIP)
+    assert "default" in m.source
+
+
+def test_committed_margins_file_is_what_the_command_computes():
+    """bench/estimate_margins.json is generated (bench estimate-margins), never edited by hand; regenerate it
+    after a change of ESTIMATOR_VERSION or new judge records."""
+    assert estimate_margins.load() == json.loads(json.dumps(estimate_margins.compute(RESULTS), sort_keys=True))
+
+
+def test_prediction_carries_the_version_and_both_margins():
+    cell = CellSettings(model="llama-3.2-1b", strategy="zero2_offload", gpus=2, device="cuda",
+                        train=Train(seq_len=1024, micro_batch=4, grad_checkpointing=True))
+    pred = predict(cell, capacity_gib=80.0, capacity_source="--capacity-gib")
+    assert pred.estimator_version == ESTIMATOR_VERSION
+    assert pred.margin_source and pred.fit_margin >= 0
+    assert framework_of(get_strategy("zero2_offload")) == "deepspeed_offload"
+    # "fits" keeps the fit margin to spare: a capacity just above the requirement is not enough
+    tight = predict(cell, capacity_gib=pred.required_gib * 1.01, capacity_source="--capacity-gib")
+    assert tight.fit_margin > 0.01 and not tight.fits and not tight.predicted_oom
+
+
+def test_report_and_check_share_one_prediction_path():
+    """The report's current-estimator figure is the check's: same record, same build path."""
+    from bench.metrics import _current_prediction_gib
+
+    for folder in ("llama8b-meta-h200", "llama8b"):
+        for record in load_records(RESULTS / folder):
+            if record.status == "ok":
+                assert _current_prediction_gib(record) == predict_for_record(record).peak_reserved_gib
+
+
+def _predicted_oom_record(version) -> RunRecord:
+    prediction = {"peak_reserved_gib": 99.0, "predicted_oom": True}
+    if version is not None:
+        prediction["estimator_version"] = version
+    return RunRecord(matrix="m", cell_id="abc", label="x", repeat=0, settings={}, status="predicted_oom",
+                     env={}, prediction=prediction, started_at=0.0, wall_s=0.0)
+
+
+@pytest.mark.parametrize("version,final", [(ESTIMATOR_VERSION, True), (ESTIMATOR_VERSION - 1, False), (None, False)])
+def test_resume_repredicts_a_predicted_oom_of_another_estimator_version(version, final):
+    done = finished_runs([_predicted_oom_record(version)], retry_failed=False)
+    assert (("abc", 0) in done) is final
+
+
+def test_zero2_offload_is_replayed():
+    """ZeRO-2 optimizer offload goes through the allocation replay, with the host-bound gradient temporaries."""
+    cell = CellSettings(model="llama-3.2-1b", strategy="zero2_offload", gpus=2, device="cuda",
+                        train=Train(seq_len=1024, micro_batch=4, grad_checkpointing=True,
+                                    optimizer="adamw_torch_fused"))
+    pred = predict(cell)
+    assert pred.reserved_model == "replay"
+    plain = predict(cell.model_copy(update={"strategy": "zero2"}))
+    assert pred.peak_allocated_gib < plain.peak_allocated_gib  # no fp32 master, states or gradient partition
