@@ -179,8 +179,10 @@ def resolve_deepspeed(ds: dict, cell: CellSettings, source: str) -> tuple[dict, 
     if int((f.config.get("zero_optimization") or {}).get("stage", 0)) == 3:
         f.fill_only("zero_optimization.stage3_prefetch_bucket_size", int(0.9 * hidden * hidden), "0.9 * hidden_size^2")
         f.fill_only("zero_optimization.stage3_param_persistence_threshold", 10 * hidden, "10 * hidden_size")
-    total = t.warmup_steps + t.steps
-    f.fill_match("scheduler.params.total_num_steps", total, "train.warmup_steps + train.steps")
+    # The timed steps' number is decided while running (bench/timing.py): the schedule spans the most a cell
+    # may take, so that the learning rate never reaches its end inside the timed window.
+    total = t.warmup_steps + t.timing.max_steps
+    f.fill_match("scheduler.params.total_num_steps", total, "train.warmup_steps + train.timing.max_steps")
     # The benchmark has no learning-rate warm-up; DeepSpeed >= 0.19.6 rejects 0, the Trainer fills max(1, 0).
     f.fill_match("scheduler.params.warmup_num_steps", 1, "no lr warm-up (Trainer fills max(1, warmup))")
     if f.mismatches:

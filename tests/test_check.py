@@ -28,7 +28,7 @@ STREAMS = {
     "slow": {**STEADY, "BENCH_SLOWDOWN": "0.10", "BENCH_EXTRA_RSS_MIB": "400"},
 }
 REPEATS = 3
-CELL = {"train": {"seq_len": 16, "micro_batch": 1, "warmup_steps": 2, "steps": 10},
+CELL = {"train": {"seq_len": 16, "micro_batch": 1, "warmup_steps": 2, "steps": 10, "timing": {"max_steps": 10}},
         "grid": {"strategy": ["ddp"], "gpus": [1]}}
 
 
@@ -190,7 +190,7 @@ def test_false_alarm_count(tmp_path):
     """Identical reruns of the real, unpadded worker, each checked against the first: count the alarms."""
     reruns = int(os.environ["BENCH_FALSE_ALARM_RERUNS"])
     matrix = write_matrix(tmp_path, "noise", train={"seq_len": 64, "micro_batch": 2, "warmup_steps": 3,
-                                                    "steps": 40}, grid={"strategy": ["ddp"], "gpus": [1]})
+                                                    "steps": 40, "timing": {"max_steps": 40}}, grid={"strategy": ["ddp"], "gpus": [1]})
     folders = [tmp_path / f"run{i}" for i in range(reruns + 1)]
     for folder in folders:
         bench("run", str(matrix), "--results", str(folder), "--repeats", str(REPEATS), check=True)

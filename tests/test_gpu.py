@@ -60,7 +60,7 @@ CELLS = {
     "ddp_accum_no_ckpt": {"strategy": "ddp", "gpus": 2, "train": {"grad_accum": 2, "grad_checkpointing": False}},
 }
 BASE_TRAIN = {"seq_len": 256, "micro_batch": 4, "grad_accum": 1, "precision": "bf16", "optimizer": "adamw_torch",
-              "grad_checkpointing": True, "warmup_steps": 1, "steps": 3}
+              "grad_checkpointing": True, "warmup_steps": 1, "steps": 3, "timing": {"max_steps": 3}}
 
 
 def cell_settings(test_id: str) -> dict:
@@ -100,11 +100,12 @@ def gpu_records(request, tmp_path_factory) -> dict[str, dict]:
 
 
 def _same(settings: dict, want: dict) -> bool:
+    """Every value ``want`` gives (nested sections compared by the fields given) is the record's."""
     for key, value in want.items():
         if isinstance(value, dict):
-            if any(settings[key].get(k) != v for k, v in value.items()):
+            if not isinstance(settings.get(key), dict) or not _same(settings[key], value):
                 return False
-        elif settings[key] != value:
+        elif settings.get(key) != value:
             return False
     return True
 
@@ -171,7 +172,7 @@ def test_fsdp_builds_no_whole_model_on_a_gpu(tmp_path, strategy, adapter):
         pytest.skip("needs 2 GPUs")
     settings = {"model": "llama-3.2-1b", "device": "cuda", "strategy": strategy, "gpus": 2,
                 "train": {"seq_len": 256, "micro_batch": 1, "precision": "bf16", "grad_checkpointing": True,
-                          "warmup_steps": 1, "steps": 2}}
+                          "warmup_steps": 1, "steps": 2, "timing": {"max_steps": 2}}}
     if adapter == "lora":
         settings["adapter"] = {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "target": "all-linear"}
     path = tmp_path / "meta.yaml"
