@@ -130,6 +130,15 @@ def test_family_runs_and_is_measured(gpu_records, test_id):
         assert all(s["fwd_bwd_s"] > 0 and s["optim_s"] > 0 for s in rank["steps"])
         assert rank["precision_policy"]
         assert rank["reserved_after_prepare_bytes"] > 0  # cached after the build: for the estimator's check
+        # build and training peaks apart (statistics reset after prepare); torch_peak_* the whole run's
+        build = (rank["peak_allocated_after_prepare_bytes"], rank["peak_reserved_after_prepare_bytes"])
+        train = (rank["training_peak_allocated_bytes"], rank["training_peak_reserved_bytes"])
+        assert 0 < build[0] <= build[1] and 0 < train[0] <= train[1]
+        assert rank["torch_peak_allocated_bytes"] == max(build[0], train[0])
+        assert rank["torch_peak_reserved_bytes"] == max(build[1], train[1])
+        timing = rank["timing"]
+        assert timing == r["ranks"][0]["timing"] and timing["timed_steps"] >= cell_settings(test_id)["train"]["steps"]
+        assert rank["gc"]["collections_in_window"] == 0, rank["gc"]
     nvml = r["nvml"]
     assert nvml is not None and nvml["energy_timed_j"] > 0
     assert len(nvml["per_gpu"]) == CELLS[test_id]["gpus"]
