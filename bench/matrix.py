@@ -250,6 +250,9 @@ def format_validation_error(source: str, exc: ValidationError, where: str = "") 
     lines = [f"{source}: invalid matrix{where}"]
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "value_error" and "Fix:" in err["msg"]:  # a validator's own message names the fix
+            lines.append(f"  {key}: {err['msg'].removeprefix('Value error, ')}")
+            continue
         got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
         lines.append(f"  {key}: {err['msg']}{got}. Fix: {_fix_for(err)}")
     return "\n".join(lines)
