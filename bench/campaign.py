@@ -18,7 +18,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from bench import bytecode, envinfo, folder_lock, strategies
-from bench.matrix import CellSettings, Matrix, MatrixError, expand, load_matrix, select, validate_cells
+from bench.matrix import (CellSettings, Matrix, MatrixError, check_time_budget, expand, load_matrix, select,
+                          validate_cells)
 from bench.plan import WORKER_MODULE, LaunchPlan, build_plan
 from bench.results import (DETERMINISTIC_FAILURES, RunRecord, append_record, check_writable, load_records,
                            save_matrix_copy)
@@ -66,6 +67,7 @@ def prepare(matrix_path: str, opts: RunOptions) -> Prepared:
     if not cells:
         raise MatrixError(f"{matrix_path}: no cell left after --only/--exclude. Fix: loosen the selection")
     validate_cells(cells, matrix_path, visible_gpus())
+    check_time_budget(cells, matrix.limits, matrix_path)
     results_dir = Path(opts.results_dir or Path("results") / matrix.name)
     if msg := check_writable(results_dir):
         raise MatrixError(msg)

@@ -50,6 +50,21 @@ class Adapter(_Strict):
         return tuple(v)
 
 
+class Timing(_Strict):
+    """When a cell stops timing (bench/timing.py): the median step time's interval within ±ci_target, or a cap.
+
+    Defaults sized for the 10-cell Llama-3.1-8B LoRA matrix on 2 H200 (about 1.2 s a step, 13-20 s of
+    start-up a launch, 2 warm-up steps) to finish within 15 minutes: 10 x (~25 s start-up, warm-up and
+    teardown + at most 60 s timed + one step past the cap) ~ 14.5 min. At 1.2 s a step the time cap binds
+    (~50 steps); max_steps binds for fast steps (a 1B model at ~0.16 s: 300 steps ~ 48 s).
+    """
+
+    ci_target: float = Field(0.01, gt=0, lt=1, description="relative half-width of the median's interval to stop at")
+    confidence: float = Field(0.95, ge=0.5, lt=1, description="confidence of that interval")
+    max_steps: int = Field(300, gt=0, description="timed steps at most (train.steps is the minimum)")
+    max_timed_s: float = Field(60.0, gt=0, description="timed seconds at most, once train.steps are done")
+
+
 class Train(_Strict):
     seq_len: int = Field(512, gt=0)
     micro_batch: int = Field(1, gt=0)
@@ -62,8 +77,16 @@ class Train(_Strict):
     grad_checkpointing: bool = False
     attn_impl: Literal["sdpa", "eager"] = "sdpa"
     warmup_steps: int = Field(2, ge=0)
-    steps: int = Field(5, gt=0)
+    steps: int = Field(5, gt=0, description="timed steps at least; timing goes on until train.timing stops it")
+    timing: Timing = Timing()
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _step_caps_in_order(self):
+        if self.timing.max_steps < self.steps:
+            raise ValueError(f"train.timing.max_steps ({self.timing.max_steps}) is below train.steps ({self.steps}), "
+                             "the minimum of timed steps. Fix: raise train.timing.max_steps or lower train.steps")
+        return self
 
 
 class Data(_Strict):
@@ -155,27 +178,35 @@ class Matrix(_Strict):
 
 # ---------------------------------------------------------------- key resolution
 
-_SECTIONS = {"adapter": Adapter, "train": Train, "data": Data}
+def _submodels(model: type[BaseModel], prefix: str = "") -> dict[str, type[BaseModel]]:
+    """Dotted path -> model class of every nested settings model: train, train.timing, adapter, data."""
+    out = {}
+    for name, field in model.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            out[f"{prefix}{name}"] = kind
+            out.update(_submodels(kind, f"{prefix}{name}."))
+    return out
+
+
+_SECTIONS = _submodels(CellSettings)
 _TOP = [f for f in CellSettings.model_fields if f not in _SECTIONS]
+_PATHS = _TOP + [f"{s}.{f}" for s, m in _SECTIONS.items() for f in m.model_fields]  # every setting, nested too
 
 
 def resolve_key(key: str) -> str:
-    """Map a grid/include/exclude key to its dotted path: ``seq_len`` -> ``train.seq_len``."""
-    if key in CellSettings.model_fields:
+    """Map a grid/include/exclude key to its dotted path: ``seq_len`` -> ``train.seq_len``,
+    ``max_timed_s`` or ``timing.max_timed_s`` -> ``train.timing.max_timed_s``; ambiguous or unknown: KeyError."""
+    if key in _PATHS or key in _SECTIONS:
         return key
-    if "." in key:
-        section, field = key.split(".", 1)
-        if section in _SECTIONS and field in _SECTIONS[section].model_fields:
-            return key
-        raise KeyError(key)
-    owners = [s for s, m in _SECTIONS.items() if key in m.model_fields]
+    owners = [p for p in _PATHS if p.endswith("." + key)]
     if len(owners) == 1:
-        return f"{owners[0]}.{key}"
+        return owners[0]
     raise KeyError(key)
 
 
 def known_keys() -> list[str]:
-    return _TOP + [f"{s}.{f}" for s, m in _SECTIONS.items() for f in m.model_fields] + list(_SECTIONS)
+    return _PATHS + [s for s in _SECTIONS if s not in _PATHS]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -189,14 +220,14 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _set_path(d: dict, path: str, value: Any) -> None:
-    if "." not in path:
-        if path in _SECTIONS and isinstance(value, dict):
-            d[path] = {**d.get(path, {}), **value}
-        else:
-            d[path] = value
-        return
-    section, field = path.split(".", 1)
-    d.setdefault(section, {})[field] = value
+    """Set a dotted setting; a whole section given as a mapping is merged into what is there."""
+    *parents, last = path.split(".")
+    for part in parents:
+        d = d.setdefault(part, {})
+    if path in _SECTIONS and isinstance(value, dict):
+        d[last] = {**d.get(last, {}), **value}
+    else:
+        d[last] = value
 
 
 # ---------------------------------------------------------------- loading and errors
@@ -264,6 +295,9 @@ def format_validation_error(source: str, exc: ValidationError, where: str = "") 
     lines = [f"{source}: invalid matrix{where}"]
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "value_error" and "Fix:" in err["msg"]:  # a validator's own message names the fix
+            lines.append(f"  {key}: {err['msg'].removeprefix('Value error, ')}")
+            continue
         got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
         lines.append(f"  {key}: {err['msg']}{got}. Fix: {_fix_for(err)}")
     return "\n".join(lines)
@@ -324,8 +358,8 @@ def _base_settings(matrix: Matrix, device: str) -> dict[str, Any]:
 def _matches(flat: dict[str, Any], rule: dict[str, Any]) -> bool:
     for key, want in rule.items():
         path = resolve_key(key)
-        if path in _SECTIONS:  # a whole section compared by the fields given
-            if any(flat.get(f"{path}.{k}") != v for k, v in want.items()):
+        if path in _SECTIONS and isinstance(want, dict):  # a whole section compared by the fields given
+            if any(flat.get(k) != v for k, v in _flatten(want, f"{path}.").items()):
                 return False
         elif flat.get(path) != want:
             return False
@@ -415,6 +449,26 @@ def validate_cells(cells: list[CellSettings], source: str, visible_gpus: int) ->
             problems.append(f"  cell {cell.cell_id} ({cell.label}): {msg}")
     if problems:
         raise MatrixError(f"{source}: {len(problems)} cell(s) cannot run on this machine\n" + "\n".join(problems))
+
+
+def check_time_budget(cells: list[CellSettings], limits: Limits, source: str) -> None:
+    """The runner must not stop a cell for taking the time its settings allow.
+
+    A cell may take up to limits.startup_s before its first step and then time up to
+    train.timing.max_timed_s (plus one step past the cap, warm-up and teardown, which a timeout should
+    leave room for): both must fit inside limits.timeout_s, else a slow start and a noisy card turn a cell
+    that stops on its time cap into a timeout.
+    """
+    if not cells:
+        return
+    worst = max(cells, key=lambda c: c.train.timing.max_timed_s)
+    need = limits.startup_s + worst.train.timing.max_timed_s
+    if need > limits.timeout_s:
+        raise MatrixError(
+            f"{source}: limits.timeout_s ({limits.timeout_s:g} s) is below limits.startup_s ({limits.startup_s:g} s) + "
+            f"train.timing.max_timed_s ({worst.train.timing.max_timed_s:g} s, cell {worst.label}) = {need:g} s: a cell "
+            f"that starts slowly and times up to its cap would be stopped as a timeout. Fix: raise limits.timeout_s "
+            f"to at least {need:g}, or lower limits.startup_s or train.timing.max_timed_s")
 
 
 # ---------------------------------------------------------------- selection (--only / --exclude)

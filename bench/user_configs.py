@@ -186,8 +186,10 @@ def resolve_deepspeed(ds: dict, cell: CellSettings, source: str) -> tuple[dict, 
             f.fill_only(f"zero_optimization.{key}", int(0.9 * hidden * hidden), "0.9 * hidden_size^2")
         for key in ("stage3_param_persistence_threshold", "param_persistence_threshold"):
             f.fill_only(f"zero_optimization.{key}", 10 * hidden, "10 * hidden_size")
-    total = t.warmup_steps + t.steps
-    f.fill_match("scheduler.params.total_num_steps", total, "train.warmup_steps + train.steps")
+    # The timed steps' number is decided while running (bench/timing.py): the schedule spans the most a cell
+    # may take, so that the learning rate never reaches its end inside the timed window.
+    total = t.warmup_steps + t.timing.max_steps
+    f.fill_match("scheduler.params.total_num_steps", total, "train.warmup_steps + train.timing.max_steps")
     # The benchmark has no learning-rate warm-up; DeepSpeed >= 0.19.6 rejects 0, the Trainer fills max(1, 0).
     f.fill_match("scheduler.params.warmup_num_steps", 1, "no lr warm-up (Trainer fills max(1, warmup))")
     if f.mismatches:

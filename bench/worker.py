@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 
 from bench import transfers
+from bench.gc_window import GcWindow
 from bench.matrix import CellSettings
 from bench.model_build import builds_on_meta
 from bench.precision import policy_for
 from bench.rank_files import RankFiles, classify_exception
+from bench.timing import StoppingRule
 
 PROCESS_START = time.time()
 
@@ -266,25 +268,59 @@ def train_step(cell: CellSettings, model, optimizer, accelerator, batches, devic
             "fwd_bwd_s": fwd_bwd_s, "optim_s": optim_s}
 
 
+def slowest_rank(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise MAX of ``values`` over all ranks (gloo or NCCL); the values themselves at one process.
+
+    Every rank then holds the slowest rank's figures and, evaluating the same rule on the same numbers,
+    stops at the same step: a rank that stopped alone would leave the others waiting in a collective.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def run_steps(cell: CellSettings, one_step, accelerator, device: torch.device, files: RankFiles):
-    """Warm-up then timed steps, every rank starting each together; (steps, timed window in wall clock)."""
-    steps, window = [], [None, None]
-    for i in range(cell.train.warmup_steps + cell.train.steps):
-        phase = "warmup" if i < cell.train.warmup_steps else "timed"
-        files.heartbeat(phase, i)
-        accelerator.wait_for_everyone()
-        sync(device)
-        if phase == "timed" and window[0] is None:
-            window[0] = time.time()  # wall clock, so the parent's NVML samples can be cut to it
-        started_at = time.time()  # wall clock as well: lines each step up with the NVML samples
-        t0 = time.perf_counter()
-        parts = one_step()
-        sync(device)
-        steps.append({"step": i, "phase": phase, "started_at": started_at, "time_s": time.perf_counter() - t0,
-                      **parts})
-        if phase == "timed":
-            window[1] = time.time()
-    return steps, window
+    """Warm-up, then timed steps until the stopping rule (bench/timing.py) says so.
+
+    Every rank starts each step together; after each timed step, outside its timed region, the ranks
+    agree on the slowest rank's step time and timed seconds, so the rule sees one series everywhere.
+    The garbage collector is kept out of the timed window (bench/gc_window.py).
+    Returns (steps, timed window in wall clock, timing summary on the slowest-rank series, gc record).
+    """
+    rule = StoppingRule.from_train(cell.train)
+    steps, window, slowest = [], [None, None], []
+    collector = GcWindow()
+    reason, timed_s, window_t0, i = None, 0.0, 0.0, 0
+    try:
+        while reason is None:
+            phase = "warmup" if i < cell.train.warmup_steps else "timed"
+            if phase == "timed" and window[0] is None:
+                collector.open()  # before the barrier: every rank enters the window collected and frozen
+            files.heartbeat(phase, i)  # the runner's hang watchdog reads it: one per step
+            accelerator.wait_for_everyone()
+            sync(device)
+            if phase == "timed" and window[0] is None:
+                window[0] = time.time()  # wall clock, so the parent's NVML samples can be cut to it
+                window_t0 = time.perf_counter()
+            started_at = time.time()  # wall clock as well: lines each step up with the NVML samples
+            t0 = time.perf_counter()
+            parts = one_step()
+            sync(device)
+            step_s = time.perf_counter() - t0
+            steps.append({"step": i, "phase": phase, "started_at": started_at, "time_s": step_s, **parts})
+            if phase == "timed":
+                window[1] = time.time()
+                slowest_s, timed_s = slowest_rank([step_s, time.perf_counter() - window_t0], device)
+                slowest.append(slowest_s)
+                reason = rule.stop_reason(slowest, timed_s)
+            i += 1
+    finally:
+        collector.close()
+    return steps, window, rule.summary(slowest, timed_s, reason), collector.record()
 
 
 def _process_created_at() -> float:
@@ -349,11 +385,7 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
         model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     startup["optimizer_and_prepare_s"] = time.time() - t
-    # What building and sharding the model held at most, before any step (meta init keeps it to a shard).
-    build_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    # What the caching allocator keeps from the build (freed build tensors stay cached): the estimator's
-    # released_build_blocks is checked against it.
-    reserved_after_build = torch.cuda.memory_reserved(device) if device.type == "cuda" else None
+    build_memory = build_memory_and_reset(device)
     t = time.time()
     batches = make_batches(cell, model_vocab(model), rank, device)
     startup["batches_s"] = time.time() - t
@@ -362,7 +394,7 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     def one_step() -> dict:
         return train_step(cell, model, optimizer, accelerator, batches, device)
 
-    steps, window = run_steps(cell, one_step, accelerator, device, files)
+    steps, window, timing, collector = run_steps(cell, one_step, accelerator, device, files)
     total = len(steps)
     traffic = None
     if device.type == "cuda" and transfers.offloads(strategy):
@@ -370,15 +402,47 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
         traffic = transfers.measure(one_step, lambda: sync(device))
     files.heartbeat("done", total)
     report = rank_report(cell, accelerator, model, rank, world_size, device, steps, init_s, window)
+    report["timing"] = timing  # the stopping rule, why it stopped, the interval reached (slowest-rank series)
+    report["gc"] = collector
     report["startup_breakdown"] = startup  # where the time before the first step went
     report["model_init"] = "meta, materialised per shard" if on_meta else "on device"
-    report["peak_allocated_after_prepare_bytes"] = build_peak
-    report["reserved_after_prepare_bytes"] = reserved_after_build
+    report.update(build_memory)
+    report.update(training_memory(device, build_memory))
     if traffic is not None:
         report["host_device_traffic"] = traffic
     files.write_report(report)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+
+
+def build_memory_and_reset(device: torch.device) -> dict:
+    """What building and preparing the model held, then the peak statistics reset so that the steps'
+    own peak is read apart (FSDP LoRA built on the GPU held 48.5 GiB where training needs 37.6).
+
+    ``peak_allocated_after_prepare_bytes``: the build's allocated peak (meta init keeps it to a shard);
+    ``reserved_after_prepare_bytes``: what the caching allocator keeps from the build (freed build tensors
+    stay cached; the estimator's released_build_blocks is checked against it); ``peak_reserved_after_
+    prepare_bytes``: the most it reserved up to then. None on CPU.
+    """
+    if device.type != "cuda":
+        return {"peak_allocated_after_prepare_bytes": None, "reserved_after_prepare_bytes": None,
+                "peak_reserved_after_prepare_bytes": None}
+    out = {"peak_allocated_after_prepare_bytes": torch.cuda.max_memory_allocated(device),
+           "reserved_after_prepare_bytes": torch.cuda.memory_reserved(device),
+           "peak_reserved_after_prepare_bytes": torch.cuda.max_memory_reserved(device)}
+    torch.cuda.reset_peak_memory_stats(device)
+    return out
+
+
+def training_memory(device: torch.device, build: dict) -> dict:
+    """The steps' peaks (warm-up, timed and any profiled step) since the reset, and the whole run's peaks
+    (``torch_peak_*``: the larger of build and training, what the memory estimator is judged against)."""
+    if device.type != "cuda":
+        return {}
+    allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    return {"training_peak_allocated_bytes": allocated, "training_peak_reserved_bytes": reserved,
+            "torch_peak_allocated_bytes": max(allocated, build["peak_allocated_after_prepare_bytes"]),
+            "torch_peak_reserved_bytes": max(reserved, build["peak_reserved_after_prepare_bytes"])}
 
 
 def model_vocab(model) -> int:
@@ -416,8 +480,6 @@ def rank_report(cell, accelerator, model, rank, world_size, device, steps, init_
     }
     if device.type == "cuda":
         report.update({
-            "torch_peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
-            "torch_peak_reserved_bytes": torch.cuda.max_memory_reserved(device),
             "gpu_name": torch.cuda.get_device_name(device),
             "gpu_total_bytes": torch.cuda.get_device_properties(device).total_memory,
         })

@@ -46,6 +46,19 @@ def test_unknown_key_is_named_with_the_allowed_ones(tmp_path):
     assert_refused(tmp_path, write_matrix(tmp_path, train={"seqlen": 64}), "train.seqlen", "seq_len", "Fix:")
 
 
+def test_timing_key_misspelt_or_caps_out_of_order(tmp_path):
+    assert_refused(tmp_path, write_matrix(tmp_path, train={"timing": {"max_step": 10}}),
+                   "train.timing.max_step", "max_steps", "max_timed_s", "Fix:")
+    assert_refused(tmp_path, write_matrix(tmp_path, train={"steps": 30, "timing": {"max_steps": 10}}),
+                   "train.timing.max_steps (10) is below train.steps (30)", "Fix:")
+
+
+def test_timeout_too_short_for_start_up_and_timed_cap(tmp_path):
+    matrix = write_matrix(tmp_path, train={"timing": {"max_timed_s": 100}}, limits={"timeout_s": 200, "startup_s": 150})
+    assert_refused(tmp_path, matrix, "limits.timeout_s (200 s)", "limits.startup_s (150 s)",
+                   "train.timing.max_timed_s (100 s", "at least 250")
+
+
 def test_impossible_combination(tmp_path):
     matrix = write_matrix(tmp_path, adapter={"type": "qlora"})  # bitsandbytes 4-bit on a CPU cell
     assert_refused(tmp_path, matrix, "qlora", "Fix:")

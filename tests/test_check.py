@@ -28,7 +28,8 @@ STREAMS = {
     "slow": {**STEADY, "BENCH_SLOWDOWN": "0.10", "BENCH_EXTRA_RSS_MIB": "400"},
 }
 REPEATS = 3
-CELL = {"train": {"seq_len": 16, "micro_batch": 1, "warmup_steps": 2, "steps": 10},
+CELL = {"train": {"seq_len": 16, "micro_batch": 1, "warmup_steps": 2, "steps": 10,
+                  "timing": {"max_steps": 10, "max_timed_s": 30}},
         "grid": {"strategy": ["ddp"], "gpus": [1]}}
 
 
@@ -189,8 +190,9 @@ def test_workflows_run_the_check_and_the_tests():
 def test_false_alarm_count(tmp_path):
     """Identical reruns of the real, unpadded worker, each checked against the first: count the alarms."""
     reruns = int(os.environ["BENCH_FALSE_ALARM_RERUNS"])
-    matrix = write_matrix(tmp_path, "noise", train={"seq_len": 64, "micro_batch": 2, "warmup_steps": 3,
-                                                    "steps": 40}, grid={"strategy": ["ddp"], "gpus": [1]})
+    matrix = write_matrix(tmp_path, "noise", train={"seq_len": 64, "micro_batch": 2, "warmup_steps": 3, "steps": 40,
+                                                    "timing": {"max_steps": 40, "max_timed_s": 30}},
+                          grid={"strategy": ["ddp"], "gpus": [1]})
     folders = [tmp_path / f"run{i}" for i in range(reruns + 1)]
     for folder in folders:
         bench("run", str(matrix), "--results", str(folder), "--repeats", str(REPEATS), check=True)

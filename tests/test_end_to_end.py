@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
+
+from bench.metrics import timed_step_times
 from bench.results import load_records
+from bench.timing import STOP_REASONS
 from conftest import bench, write_matrix
 
 
@@ -23,6 +28,14 @@ def test_records_of_real_cpu_runs(cpu_results):
             timed = [s for s in rank["steps"] if s["phase"] == "timed"]
             assert len(timed) == 3 and all(s["time_s"] > 0 and s["tokens"] == 2 * 64 for s in timed)
             assert rank["host_rss_peak_bytes"] > 0
+            # how timing stopped, decided on one series for all ranks; the collector kept out of the window
+            timing = rank["timing"]
+            assert timing == r.ranks[0]["timing"] and timing["stop_reason"] in STOP_REASONS
+            assert timing["timed_steps"] == len(timed) >= r.settings["train"]["steps"]
+            assert timing["median_s"] == pytest.approx(float(np.median(timed_step_times(r))))
+            assert rank["gc"]["collections_in_window"] == 0 and rank["gc"]["frozen_objects"] > 0
+            # CPU: no CUDA peaks of the build or of training
+            assert rank["peak_allocated_after_prepare_bytes"] is None and "training_peak_allocated_bytes" not in rank
             # steps are stamped with their wall-clock start, in order, inside the timed window
             starts = [s["started_at"] for s in timed]
             assert starts == sorted(starts) and rank["timed_window"][0] <= starts[0] <= rank["timed_window"][1]
@@ -38,6 +51,26 @@ def test_records_of_real_cpu_runs(cpu_results):
     ds = json.loads(open(f"{cell_dir}/deepspeed.json").read())
     assert ds["zero_optimization"]["stage"] == 3
     assert "distributed_type: DEEPSPEED" in open(f"{cell_dir}/accelerate.yaml").read()
+
+
+def test_timing_goes_past_the_minimum_until_the_rule_stops_it(tmp_path):
+    """Two gloo ranks under the default-style rule with CPU-sized caps: at least train.steps timed steps,
+    and the reason recorded agrees with the interval, the step count and the time reached."""
+    timing = {"ci_target": 0.05, "max_steps": 40, "max_timed_s": 8}
+    matrix = write_matrix(tmp_path, "adaptive", gpus=2, train={"steps": 6, "timing": timing})
+    bench("run", str(matrix), "--results", str(tmp_path / "res"), check=True)
+    (record,) = load_records(tmp_path / "res")
+    assert record.status == "ok", record.error
+    t = record.ranks[0]["timing"]
+    assert t == record.ranks[1]["timing"]
+    assert 6 <= t["timed_steps"] <= 40 and t["timed_steps"] == len(timed_step_times(record))
+    assert t["median_s"] == pytest.approx(float(np.median(timed_step_times(record))))
+    if t["stop_reason"] == "converged":
+        assert t["ci_rel_half_width"] <= 0.05
+    elif t["stop_reason"] == "max_steps":
+        assert t["timed_steps"] == 40 and t["ci_rel_half_width"] > 0.05
+    else:
+        assert t["stop_reason"] == "max_timed_s" and t["timed_s"] >= 8 and t["ci_rel_half_width"] > 0.05
 
 
 def test_report_prints_speedup_table(cpu_results, tmp_path):

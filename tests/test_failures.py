@@ -157,8 +157,10 @@ def test_resume_skips_deterministic_failures_unless_retry_failed(faulted):
     assert seed1 == ["oom", "ok"]
 
 
-def run_faulty(tmp_path: Path, fault: str, *, limits: dict | None = None, gpus=(2, 1), **env) -> dict[str, list]:
-    matrix = write_matrix(tmp_path, "f", grid={"strategy": ["ddp"], "gpus": list(gpus)}, limits=limits or {})
+def run_faulty(tmp_path: Path, fault: str, *, limits: dict | None = None, gpus=(2, 1), train: dict | None = None,
+               **env) -> dict[str, list]:
+    matrix = write_matrix(tmp_path, "f", grid={"strategy": ["ddp"], "gpus": list(gpus)}, limits=limits or {},
+                          **({"train": train} if train else {}))
     proc = bench("run", str(matrix), "--results", str(tmp_path / "results"), "--worker", "fault_worker",
                  env={"BENCH_FAULT": fault, **env})
     assert proc.returncode == 0, f"failures are results, exit 0 expected\n{proc.stdout}\n{proc.stderr}"
@@ -176,13 +178,18 @@ def only_record(by_label: dict, label: str):
 
 # ---------------------------------------------------------------- the watchdog and the process tree
 
-def test_one_second_cell_timeout_records_timeout_for_every_cell(tmp_path):
-    by_label = run_faulty(tmp_path, "", limits={"timeout_s": 1})
+def test_cell_timeout_records_timeout_for_every_cell(tmp_path):
+    # bench refuses a timeout_s shorter than startup_s + train.timing.max_timed_s (tested in
+    # test_bad_input), so the timeout is reached the way a real cell reaches it: a step that never ends
+    # (every rank sleeps in its first timed step), within the start-up allowance and before hang_s.
+    by_label = run_faulty(tmp_path, "slow", limits={"timeout_s": 45, "startup_s": 44, "hang_s": 120},
+                          train={"timing": {"max_steps": 3, "max_timed_s": 1}},
+                          BENCH_FAULT_RANK="all", BENCH_FAULT_SLEEP_S="600")
     for label in (FAULTY, HEALTHY):
         record = only_record(by_label, label)
         assert record.status == "timeout", record.error
         assert "limits.timeout_s" in record.error.message
-        assert record.wall_s < 60
+        assert record.wall_s < 45 + runner.TERM_GRACE_S + 15
 
 
 def test_hang_with_ranks_that_ignore_sigterm_ends_in_sigkill_of_the_whole_tree(tmp_path):

@@ -60,7 +60,7 @@ CELLS = {
     "ddp_accum_no_ckpt": {"strategy": "ddp", "gpus": 2, "train": {"grad_accum": 2, "grad_checkpointing": False}},
 }
 BASE_TRAIN = {"seq_len": 256, "micro_batch": 4, "grad_accum": 1, "precision": "bf16", "optimizer": "adamw_torch",
-              "grad_checkpointing": True, "warmup_steps": 1, "steps": 3}
+              "grad_checkpointing": True, "warmup_steps": 1, "steps": 3, "timing": {"max_steps": 3}}
 
 
 def cell_settings(test_id: str) -> dict:
@@ -100,11 +100,12 @@ def gpu_records(request, tmp_path_factory) -> dict[str, dict]:
 
 
 def _same(settings: dict, want: dict) -> bool:
+    """Every value ``want`` gives (nested sections compared by the fields given) is the record's."""
     for key, value in want.items():
         if isinstance(value, dict):
-            if any(settings[key].get(k) != v for k, v in value.items()):
+            if not isinstance(settings.get(key), dict) or not _same(settings[key], value):
                 return False
-        elif settings[key] != value:
+        elif settings.get(key) != value:
             return False
     return True
 
@@ -129,6 +130,15 @@ def test_family_runs_and_is_measured(gpu_records, test_id):
         assert all(s["fwd_bwd_s"] > 0 and s["optim_s"] > 0 for s in rank["steps"])
         assert rank["precision_policy"]
         assert rank["reserved_after_prepare_bytes"] > 0  # cached after the build: for the estimator's check
+        # build and training peaks apart (statistics reset after prepare); torch_peak_* the whole run's
+        build = (rank["peak_allocated_after_prepare_bytes"], rank["peak_reserved_after_prepare_bytes"])
+        train = (rank["training_peak_allocated_bytes"], rank["training_peak_reserved_bytes"])
+        assert 0 < build[0] <= build[1] and 0 < train[0] <= train[1]
+        assert rank["torch_peak_allocated_bytes"] == max(build[0], train[0])
+        assert rank["torch_peak_reserved_bytes"] == max(build[1], train[1])
+        timing = rank["timing"]
+        assert timing == r["ranks"][0]["timing"] and timing["timed_steps"] >= cell_settings(test_id)["train"]["steps"]
+        assert rank["gc"]["collections_in_window"] == 0, rank["gc"]
     nvml = r["nvml"]
     assert nvml is not None and nvml["energy_timed_j"] > 0
     assert len(nvml["per_gpu"]) == CELLS[test_id]["gpus"]
@@ -171,7 +181,7 @@ def test_fsdp_builds_no_whole_model_on_a_gpu(tmp_path, strategy, adapter):
         pytest.skip("needs 2 GPUs")
     settings = {"model": "llama-3.2-1b", "device": "cuda", "strategy": strategy, "gpus": 2,
                 "train": {"seq_len": 256, "micro_batch": 1, "precision": "bf16", "grad_checkpointing": True,
-                          "warmup_steps": 1, "steps": 2}}
+                          "warmup_steps": 1, "steps": 2, "timing": {"max_steps": 2}}}
     if adapter == "lora":
         settings["adapter"] = {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "target": "all-linear"}
     path = tmp_path / "meta.yaml"

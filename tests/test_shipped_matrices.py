@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.matrix import check_runnable, expand, load_matrix
+from bench.matrix import check_runnable, check_time_budget, expand, load_matrix
 
 MATRICES = sorted((Path(__file__).resolve().parent.parent / "matrices").glob("*.yaml"))
 
@@ -24,3 +24,4 @@ def test_matrix_validates_and_expands(path):
     # Validated as on a machine with plenty of GPUs: only combinations that can never run fail here.
     problems = [f"{c.label}: {msg}" for c in cells if (msg := check_runnable(c, visible_gpus=8))]
     assert not problems, "\n".join(problems)
+    check_time_budget(cells, matrix.limits, str(path))  # the longest start-up and timed phase fit the timeout

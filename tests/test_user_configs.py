@@ -93,7 +93,7 @@ def test_zero3_offload_autos_follow_the_trainer():
         h * h, int(0.9 * h * h), 10 * h)
     assert ds["train_batch_size"] == 2 * 4 * 2 and ds["gradient_accumulation_steps"] == 2
     assert ds["optimizer"]["params"] == {"lr": 2e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
-    assert ds["scheduler"]["params"]["total_num_steps"] == 7 and ds["bf16"]["enabled"] is True
+    assert ds["scheduler"]["params"]["total_num_steps"] == 2 + 300 and ds["bf16"]["enabled"] is True
     assert accel["deepspeed_config"]["zero3_init_flag"] is True
     s = describe_user_config(path)
     assert (s.family, s.zero_stage, s.offload_optimizer, s.offload_params) == ("deepspeed", 3, True, True)
