@@ -82,7 +82,8 @@ run_step() {
     run)
       local matrix=${arg%%@*} rest=${arg#*@}; local dir=${rest%%@*} only=()
       [[ $rest == *@* ]] && mapfile -t only < <(only_args "${rest#*@}")
-      step "$dir" python3 -m bench.cli run "matrices/$matrix.yaml" --results "results/$dir" "${only[@]}" ;;
+      # BENCH_RUN_ARGS: more options for every bench run of the session, e.g. "--repeats 1"
+      step "$dir" python3 -m bench.cli run "matrices/$matrix.yaml" --results "results/$dir" "${only[@]}" ${BENCH_RUN_ARGS:-} ;;
     70b)          step 70b python3 -m bench.cli run matrices/llama70b-qlora.yaml ${arg:+--$arg} ;;
     overhead)  # overhead[=STEPS[@INTERVAL_S]]: INTERVAL_S well under bench's 0.05 s is an amplified run
       local steps=${arg%%@*} interval=""; [[ $arg == *@* ]] && interval=${arg#*@}
@@ -110,5 +111,7 @@ done
 for f in "$out"/lane-*.log; do [ -e "$f" ] && { echo "##### $f"; cat "$f"; }; done
 # Records, generated configs, logs and pytest folders as one archive beside OUT (the device tool brings
 # back only a few files): OUT.tgz.
-tar czf "${out%/}.tgz" results report "$out" 2>/dev/null
+# Only the results folders this call wrote (the rest is in the tree already): the device tool brings back
+# files of at most 16 MiB.
+tar czf "${out%/}.tgz" $(find results -mindepth 1 -maxdepth 1 -type d -newer "$out/env.json") "$out" 2>/dev/null
 ls -la "${out%/}.tgz"

@@ -252,7 +252,8 @@ def test_user_json_with_deepspeeds_own_fused_adam_runs(tmp_path):
     path = tmp_path / "fused.yaml"
     path.write_text(yaml.safe_dump({"name": "fused", "model": "tiny-llama", "device": "cuda",
                                     "strategy": str(REPO / "configs" / "ds_zero2_auto.json"), "gpus": 1,
-                                    "train": {"seq_len": 128, "steps": 3, "warmup_steps": 1, "precision": "bf16"}}))
+                                    "train": {"seq_len": 128, "steps": 3, "warmup_steps": 1, "precision": "bf16",
+                                              "timing": {"max_steps": 5, "max_timed_s": 10}}}))
     bench("run", str(path), "--results", str(tmp_path / "res"), check=True)
     record = json.loads((tmp_path / "res" / "runs.jsonl").read_text().splitlines()[0])
     assert record["status"] == "ok", record.get("error")
