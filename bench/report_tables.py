@@ -72,7 +72,7 @@ def basis_text(row: pd.Series) -> str:
         return f"{row['repeats_ok']} launches"
     coverage = row.get("step_time_ci_coverage")
     if is_num(coverage) and coverage < 0.95:
-        return f"1 launch, {row.get('timed_steps', 0):.0f} steps: min-max, {coverage:.0%} CI"
+        return f"1 launch, {row.get('timed_steps', 0):.0f} steps: {coverage:.0%} CI"
     return "1 launch"
 
 
