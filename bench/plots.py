@@ -6,6 +6,7 @@ when there is nothing to draw (no ok cell, no NVML trace ...), so that the repor
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +15,7 @@ matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402 - matplotlib's own dependency
 
 from bench import metrics  # noqa: E402
 from bench.report_tables import is_num, run_name, unit  # noqa: E402
@@ -22,9 +24,14 @@ DPI = 100  # small files: the HTML embeds every PNG
 
 
 def _save(fig, path: Path) -> Path:
+    """A PNG of 128 colours: a line plot needs no more, and the file is about a quarter of a full-colour one
+    (the HTML report embeds every plot, and the committed reports travel with the tree)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=DPI, format="png")
     plt.close(fig)
+    buffer.seek(0)
+    Image.open(buffer).convert("RGB").quantize(colors=128).save(path, optimize=True)
     return path
 
 
