@@ -54,8 +54,10 @@ def timed_step_times(record: RunRecord) -> list[float]:
 
 
 def tokens_per_step(record: RunRecord, real: bool = False) -> float:
+    """Tokens of one step over all ranks (median per rank); ``real``: without padding (a step that does not
+    say how many were real had none: synthetic data)."""
     key = "real_tokens" if real else "tokens"
-    per_rank = [[s[key] for s in r["steps"] if s["phase"] == "timed"] for r in record.ranks]
+    per_rank = [[s.get(key, s["tokens"]) for s in r["steps"] if s["phase"] == "timed"] for r in record.ranks]
     return float(sum(median(p) for p in per_rank if p))
 
 
@@ -301,7 +303,8 @@ def add_flop_rates(df: pd.DataFrame) -> pd.DataFrame:
     df["model_tflops_per_gpu"] = df["real_tokens_per_s_per_gpu"] * df["model_flops_per_token"] / 1e12
     df["hardware_tflops_per_gpu"] = df["tokens_per_s_per_gpu"] * df["hardware_flops_per_token"] / 1e12
     df["mfu"] = df["model_tflops_per_gpu"] / df["peak_tflops"]
-    df["mfu_full_attn"] = df["real_tokens_per_s_per_gpu"] * df["model_flops_per_token_full_attn"] / 1e12 / df["peak_tflops"]
+    full_attn_tflops = df["real_tokens_per_s_per_gpu"] * df["model_flops_per_token_full_attn"] / 1e12
+    df["mfu_full_attn"] = full_attn_tflops / df["peak_tflops"]
     df["hfu"] = df["hardware_tflops_per_gpu"] / df["peak_tflops"]
     return df
 

@@ -148,7 +148,7 @@ def verdict_table(group: pd.DataFrame) -> pd.DataFrame:
         fastest = v.fastest
         rows.append({
             u + "s": v.gpus,
-            "fastest that fits (tok/s/" + u + " [95% CI])": _verdict_entry(fastest) if fastest is not None else "none fits",
+            f"fastest that fits (tok/s/{u} [95% CI])": _verdict_entry(fastest) if fastest is not None else "none fits",
             "indistinguishable from it (intervals overlap)": ("; ".join(_verdict_entry(r) for r in v.indistinguishable)
                                                               or ("none" if fastest is not None else "-")),
             "lowest peak memory": _memory_entry(v.lowest_memory) if v.lowest_memory is not None else "-",
@@ -166,7 +166,8 @@ def _verdict_entry(row: pd.Series) -> str:
 def _memory_entry(row: pd.Series) -> str:
     column = verdict.memory_column(row["device"])
     what = "GiB reserved" if row["device"] == "cuda" else "GiB host RSS"
-    return f"{row['strategy']} ({policy(row)}): {row[column]:.1f} {what}, {row['real_tokens_per_s_per_gpu']:,.0f} {interval_text(row)}"
+    speed = f"{row['real_tokens_per_s_per_gpu']:,.0f} {interval_text(row)}"
+    return f"{row['strategy']} ({policy(row)}): {row[column]:.1f} {what}, {speed}"
 
 
 def _why_not(row: pd.Series) -> str:

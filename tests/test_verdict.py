@@ -253,3 +253,13 @@ def test_verdict_comes_first_in_the_report(llama8b, tmp_path):
     assert "p10-p90" not in pd.read_csv(out / "scaling_1.csv").to_string()  # the step spread is no error bar
     html = (out / "index.html").read_text()
     assert html.index("Verdict") < html.index("Scaling")
+
+
+def test_training_peak_beside_the_whole_run_peak(llama8b):
+    rec = copy.deepcopy(llama8b["llama-3.1-8b lora fsdp_full_shard x1gpu"])  # built on the GPU: 48.5 GiB whole run
+    for rank in rec.ranks:
+        rank.update({"training_peak_allocated_bytes": 30 * 2**30, "training_peak_reserved_bytes": 37 * 2**30,
+                     "gc": {"frozen_objects": 123, "collections_in_window": 0}})
+    table = report_tables.memory_table(build([rec])).iloc[0]
+    assert table["torch peak reserved GiB (whole run)"] == "48.46"
+    assert table["torch peak reserved GiB (training steps)"] == "37.00"
