@@ -1,14 +1,23 @@
 """Derived figures, always recomputed from the raw per-rank, per-step records.
 
 Definitions (the report states them):
-- step time: wall time of one optimizer step, synchronised; per step the slowest rank counts; the
-  median over timed steps is reported, with p10-p90 spread.
-- throughput: tokens per step over all ranks / step time; per GPU = that / number of processes.
-- speedup at N: throughput over a 1-process cell of the same model and training settings on the same
-  kind of GPU (or CPU), against two baselines: the same strategy at 1 process, and the plain 1-process
-  run (``single``, or ``ddp`` at 1 process, which wraps nothing); efficiency = speedup / N.
+- step time: wall time of one optimizer step, synchronised; per step the slowest rank counts; a launch's
+  figure is the median over its timed steps, with the 95 % interval of that median (the worker's ``timing``
+  when the record has it, else order statistics of the steps: bench/intervals.py).
+- launches are the unit: a cell's figure is the median over its ok launches (repeats), with a 95 %
+  t-interval of the launch figures on the log scale (2+ launches); one launch keeps its within-launch
+  interval and says so. The p10-p90 spread of the steps stays a separate, named figure.
+- throughput: real (non-padding) tokens per step over all ranks / step time; per GPU = that / number of
+  processes. ``tokens_per_s`` counts every computed token, padding included (what HFU uses).
+- speedup at N: throughput over a 1-process cell of the same model and training settings, on the same kind
+  of GPU (or CPU) and under the same precision policy: the same strategy at 1 first, else a plain run of
+  that policy, else another strategy of its family, else any 1-process cell of that policy. The ratio
+  to the plain 1-process run (``single``/``ddp``) is kept beside it and flagged when the policies differ.
 - model TFLOP/s and MFU: see bench/flops.py for the FLOP convention and the peak table.
-- energy per token: NVML energy over the timed window / (tokens per step x timed steps).
+- energy per token: NVML energy over the timed window / (real tokens per step x timed steps).
+- card state: mean SM clock over the timed window (mean over the cell's GPUs) and the share of timed
+  samples under a power or thermal throttle (the most throttled GPU); older records keep only which
+  reasons were seen, not how often.
 """
 
 from __future__ import annotations
@@ -19,14 +28,20 @@ from statistics import median
 import numpy as np
 import pandas as pd
 
-from bench import flops
+from bench import flops, intervals, sampler, strategies
 from bench.matrix import CellSettings
+from bench.precision import policy_for
 from bench.results import RunRecord
 
-PLAIN_STRATEGIES = ("single", "ddp")  # at one process neither wraps the model: what a user runs today
-# Throughput-like figures that are medians over repeats (one repeat = one fresh launch of the cell).
-REPEAT_MEDIAN_COLUMNS = ("tokens_per_s", "tokens_per_s_per_gpu", "real_tokens_per_s", "step_time_s",
-                         "joules_per_token", "power_mean_w")
+PLAIN_FAMILIES = ("single", "ddp")  # at one process neither wraps the model: what a user runs today
+# Figures that are medians over launches (one repeat = one fresh launch of the cell).
+REPEAT_MEDIAN_COLUMNS = ("tokens_per_s", "tokens_per_s_per_gpu", "real_tokens_per_s", "real_tokens_per_s_per_gpu",
+                         "step_time_s", "joules_per_token", "power_mean_w", "util_mean_pct", "sm_clock_mean_mhz",
+                         "throttled_share", "energy_timed_j")
+# Memory: the worst launch, since it is what has to fit.
+REPEAT_MAX_COLUMNS = ("peak_allocated_gib", "peak_reserved_gib", "training_peak_allocated_gib",
+                      "training_peak_reserved_gib", "nvml_peak_used_gib", "host_rss_peak_gib")
+THROUGHPUT = "real_tokens_per_s"  # the headline: real (non-padding) tokens
 
 
 def timed_step_times(record: RunRecord) -> list[float]:
@@ -39,8 +54,10 @@ def timed_step_times(record: RunRecord) -> list[float]:
 
 
 def tokens_per_step(record: RunRecord, real: bool = False) -> float:
+    """Tokens of one step over all ranks (median per rank); ``real``: without padding (a step that does not
+    say how many were real had none: synthetic data)."""
     key = "real_tokens" if real else "tokens"
-    per_rank = [[s[key] for s in r["steps"] if s["phase"] == "timed"] for r in record.ranks]
+    per_rank = [[s.get(key, s["tokens"]) for s in r["steps"] if s["phase"] == "timed"] for r in record.ranks]
     return float(sum(median(p) for p in per_rank if p))
 
 
@@ -55,13 +72,35 @@ def gpu_name(record: RunRecord) -> str | None:
     return record.env.get("gpu_model")
 
 
+def precision_policy(record: RunRecord, cell: CellSettings) -> str:
+    """The policy the ranks reported, else the one bench.precision assigns the cell (failed, older records)."""
+    for rank in record.ranks:
+        if rank.get("precision_policy"):
+            return rank["precision_policy"]
+    try:
+        return policy_for(cell).name
+    except Exception:  # noqa: BLE001 - an unreadable user config: say so rather than guess
+        return "unknown"
+
+
+def strategy_family(record: RunRecord, cell: CellSettings) -> str:
+    family = (record.strategy_info or {}).get("family")
+    if family:
+        return family
+    try:
+        return strategies.get(cell.strategy).family
+    except Exception:  # noqa: BLE001 - an unreadable user config
+        return "unknown"
+
+
 def figures(record: RunRecord) -> dict:
-    """One row of derived figures for a record (empty figures for failed runs)."""
+    """One row of derived figures for a record (one launch); empty figures for failed runs."""
     cell = CellSettings.model_validate(record.settings)
     card = gpu_name(record)
     row = {
         "cell_id": record.cell_id, "repeat": record.repeat, "label": record.label, "status": record.status,
         "model": cell.model, "adapter": cell.adapter.type, "strategy": cell.strategy, "gpus": cell.gpus,
+        "family": strategy_family(record, cell), "precision_policy": precision_policy(record, cell),
         "device": cell.device, "setting_key": cell.setting_key, "gpu_memory_gib": cell.gpu_memory_gib,
         "hardware": record.env.get("hardware", "unknown"), "gpu_model": card,
         # what must match for two cells to be compared: the card (1 GPU of a 1- or 8-GPU host alike) or the CPU
@@ -71,34 +110,83 @@ def figures(record: RunRecord) -> dict:
     }
     row.update(_memory_figures(record))
     row.update(_prediction_figures(record))
-    row.update(_flop_figures(record, card))
+    row.update(_card_figures(record))
     times = timed_step_times(record)
     if record.status != "ok" or not times:
+        row.update(_flop_figures(record, card, None, None))
         return row
-    tokens = tokens_per_step(record)
+    tokens, real = tokens_per_step(record), tokens_per_step(record, real=True)
     arr = np.asarray(times)
     step = float(np.median(arr))
+    low, high, coverage, source = _launch_interval(record, times, step)
     row.update({
         "step_time_s": step,
+        "step_time_ci_low_s": low, "step_time_ci_high_s": high, "step_time_ci_coverage": coverage,
+        "launch_interval_source": source,
         "step_time_p10_s": float(np.percentile(arr, 10)),
         "step_time_p90_s": float(np.percentile(arr, 90)),
         "step_time_cv": float(arr.std() / arr.mean()) if len(arr) > 1 else 0.0,
         "timed_steps": len(arr),
         "tokens_per_step": tokens,
-        "real_tokens_per_step": tokens_per_step(record, real=True),
+        "real_tokens_per_step": real,
         "tokens_per_s": tokens / step,
-        "real_tokens_per_s": tokens_per_step(record, real=True) / step,
         "tokens_per_s_per_gpu": tokens / step / cell.gpus,
-        # throughput spread from the step-time spread (slow steps give the low end)
-        "tokens_per_s_p10": tokens / float(np.percentile(arr, 90)),
-        "tokens_per_s_p90": tokens / float(np.percentile(arr, 10)),
-        "tokens_per_s_per_gpu_p10": tokens / float(np.percentile(arr, 90)) / cell.gpus,
-        "tokens_per_s_per_gpu_p90": tokens / float(np.percentile(arr, 10)) / cell.gpus,
-        "samples_per_s": tokens / step / cell.train.seq_len,
+        "real_tokens_per_s": real / step,
+        "real_tokens_per_s_per_gpu": real / step / cell.gpus,
+        # the slow end of the step-time interval gives the low end of the throughput interval
+        "real_tokens_per_s_ci_low": real / high, "real_tokens_per_s_ci_high": real / low,
+        "samples_per_s": real / step / cell.train.seq_len,
         "final_loss": record.ranks[0]["steps"][-1]["loss"],
     })
-    row.update(_energy_figures(record, tokens * len(arr)))
+    row.update(_timing_figures(record))
+    sequences = cell.gpus * cell.train.micro_batch * cell.train.grad_accum
+    row.update(_flop_figures(record, card, real / sequences, tokens / sequences))
+    row.update(_energy_figures(record, real * len(arr)))
     return row
+
+
+def _launch_interval(record: RunRecord, times: list[float], step: float) -> tuple[float, float, float, str]:
+    """95 % interval of one launch's median step time: the worker's, else order statistics of the steps.
+
+    The worker times each rank; the slowest rank sets the pace, so its relative interval is laid around
+    the median recomputed here (per step the slowest rank), which it matches to within the ranks' skew.
+    """
+    timings = [r.get("timing") for r in record.ranks]
+    if timings and all(isinstance(t, dict) and _positive(t.get("median_s")) and _positive(t.get("ci_low_s"))
+                       and _positive(t.get("ci_high_s")) for t in timings):
+        slowest = max(timings, key=lambda t: t["median_s"])
+        return (step * slowest["ci_low_s"] / slowest["median_s"], step * slowest["ci_high_s"] / slowest["median_s"],
+                float(slowest.get("confidence") or intervals.CONFIDENCE), "timing")
+    interval = intervals.median_interval(times)
+    return interval.low, interval.high, interval.coverage, "order statistics"
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and value > 0
+
+
+def _timing_figures(record: RunRecord) -> dict:
+    """Why the adaptive timing stopped (absent in records from before it)."""
+    timings = [r["timing"] for r in record.ranks if isinstance(r.get("timing"), dict)]
+    if not timings:
+        return {}
+    reasons = sorted({str(t.get("stop_reason")) for t in timings if t.get("stop_reason")})
+    return {"timing_stop_reason": ", ".join(reasons) if reasons else None}
+
+
+def _card_figures(record: RunRecord) -> dict:
+    """Mean SM clock over the timed window and the share of timed samples under a power/thermal throttle."""
+    per_gpu = (record.nvml or {}).get("per_gpu") or []
+    clocks = [g["sm_clock_mean_mhz"] for g in per_gpu if _positive(g.get("sm_clock_mean_mhz"))]
+    if not clocks:
+        return {}
+    seen = sorted({name for g in per_gpu for name in g.get("throttle_reasons") or []
+                   if name in sampler.THROTTLE_REASONS})
+    shares = [g.get("throttled_share") for g in per_gpu]
+    out = {"sm_clock_mean_mhz": float(np.mean(clocks)), "throttle_reasons_seen": ", ".join(seen)}
+    if all(isinstance(v, (int, float)) for v in shares):  # older records: the union of reasons only
+        out["throttled_share"] = float(max(shares))
+    return out
 
 
 def _memory_figures(record: RunRecord) -> dict:
@@ -115,6 +203,11 @@ def _memory_figures(record: RunRecord) -> dict:
     if reserved:
         out.update({"peak_reserved_gib": max(reserved) / 2**30,
                     "peak_reserved_rank_spread_gib": (max(reserved) - min(reserved)) / 2**30})
+    for kind in ("allocated", "reserved"):  # the timed steps alone, build and prepare left out (newer records)
+        training = [r[f"training_peak_{kind}_bytes"] for r in record.ranks
+                    if _positive(r.get(f"training_peak_{kind}_bytes"))]
+        if training:
+            out[f"training_peak_{kind}_gib"] = max(training) / 2**30
     traffic = [r["host_device_traffic"] for r in record.ranks
                if isinstance(r.get("host_device_traffic"), dict) and "htod_s" in r["host_device_traffic"]]
     if traffic:  # offloading strategies: one profiled step per rank (bench/transfers.py); the slowest rank
@@ -180,11 +273,18 @@ def _energy_figures(record: RunRecord, timed_tokens: float) -> dict:
     return out
 
 
-def _flop_figures(record: RunRecord, card: str | None) -> dict:
-    count = flops.flops_for_settings(record.settings)
+def _flop_figures(record: RunRecord, card: str | None, real_length: float | None,
+                  computed_length: float | None) -> dict:
+    """FLOPs per real token at the real mean sequence length (causal headline, full matrix beside it), and
+    per computed token at the computed (padded) length for HFU; the configured seq_len without steps."""
+    count = flops.flops_for_settings(record.settings, causal=True, seq_len=real_length)
     if count is None:
         return {}
-    out = {"model_flops_per_token": count.model_per_token, "hardware_flops_per_token": count.hardware_per_token}
+    full = flops.flops_for_settings(record.settings, causal=False, seq_len=real_length)
+    computed = flops.flops_for_settings(record.settings, causal=True, seq_len=computed_length)
+    out = {"model_flops_per_token": count.model_per_token, "model_flops_per_token_full_attn": full.model_per_token,
+           "hardware_flops_per_token": computed.hardware_per_token,
+           "attention_length": real_length if real_length is not None else float(record.settings["train"]["seq_len"])}
     peak = flops.gpu_peak(card)
     if peak:
         out.update({"peak_tflops": peak.tflops, "peak_source": f"{peak.model}: {peak.tflops:g} TFLOP/s, {peak.source}"})
@@ -192,14 +292,18 @@ def _flop_figures(record: RunRecord, card: str | None) -> dict:
 
 
 def add_flop_rates(df: pd.DataFrame) -> pd.DataFrame:
-    """Model/hardware TFLOP/s per GPU and MFU/HFU from the (repeat-median) throughput."""
+    """Model TFLOP/s per GPU and MFU on real tokens (causal, and full-matrix attention); hardware TFLOP/s
+    and HFU on every computed token (padding included), all from the launch-median throughput."""
     df = df.copy()
-    for col in ("model_flops_per_token", "hardware_flops_per_token", "peak_tflops", "tokens_per_s_per_gpu"):
+    for col in ("model_flops_per_token", "model_flops_per_token_full_attn", "hardware_flops_per_token",
+                "peak_tflops", "tokens_per_s_per_gpu", "real_tokens_per_s_per_gpu"):
         if col not in df.columns:
             df[col] = np.nan
-    df["model_tflops_per_gpu"] = df["tokens_per_s_per_gpu"] * df["model_flops_per_token"] / 1e12
+    df["model_tflops_per_gpu"] = df["real_tokens_per_s_per_gpu"] * df["model_flops_per_token"] / 1e12
     df["hardware_tflops_per_gpu"] = df["tokens_per_s_per_gpu"] * df["hardware_flops_per_token"] / 1e12
     df["mfu"] = df["model_tflops_per_gpu"] / df["peak_tflops"]
+    full_attn_tflops = df["real_tokens_per_s_per_gpu"] * df["model_flops_per_token_full_attn"] / 1e12
+    df["mfu_full_attn"] = full_attn_tflops / df["peak_tflops"]
     df["hfu"] = df["hardware_tflops_per_gpu"] / df["peak_tflops"]
     return df
 
@@ -214,7 +318,7 @@ def latest_per_cell(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def aggregate_repeats(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell and machine: median figures over ok repeats with their min-max; ok if any repeat was.
+    """One row per cell and machine: median figures over ok launches with their 95 % interval; ok if any was.
 
     A cell id does not name the machine: the same matrix run on two kinds of GPU gives two cells here.
     """
@@ -226,47 +330,108 @@ def aggregate_repeats(df: pd.DataFrame) -> pd.DataFrame:
         row["repeats"] = len(group)
         row["repeats_ok"] = len(ok)
         if len(ok) > 1:
-            for col in REPEAT_MEDIAN_COLUMNS:
-                if col in ok.columns:
-                    row[col] = float(ok[col].median())
-            tps = ok["tokens_per_s_per_gpu"]
-            row["tokens_per_s_per_gpu_repeat_min"] = float(tps.min())
-            row["tokens_per_s_per_gpu_repeat_max"] = float(tps.max())
-            row["tokens_per_s_repeat_cv"] = float(tps.std() / tps.mean())
+            row.update(_across_launches(ok))
+        elif len(ok) == 1:
+            row["interval_basis"] = "1 launch"
         rows.append(row)
     return pd.DataFrame(rows)
 
 
+def _across_launches(ok: pd.DataFrame) -> dict:
+    """Median over the launches; the 95 % t-interval of their figures on the log scale (bench/intervals.py)."""
+    out = {col: float(ok[col].median()) for col in REPEAT_MEDIAN_COLUMNS if col in ok.columns and ok[col].notna().any()}
+    out.update({col: float(ok[col].max()) for col in REPEAT_MAX_COLUMNS if col in ok.columns and ok[col].notna().any()})
+    gpus = int(ok["gpus"].iloc[0])
+    tps = ok[THROUGHPUT].to_numpy(dtype=float)
+    if (through := intervals.across_launches(tps)) is not None:
+        out.update({"real_tokens_per_s_ci_low": through.low, "real_tokens_per_s_ci_high": through.high})
+    if (step := intervals.across_launches(ok["step_time_s"].to_numpy(dtype=float))) is not None:
+        out.update({"step_time_ci_low_s": step.low, "step_time_ci_high_s": step.high,
+                    "step_time_ci_coverage": step.coverage})
+    out.update({"interval_basis": f"{len(ok)} launches", "launch_interval_source": "across launches",
+                "real_tokens_per_s_repeat_min": float(tps.min()), "real_tokens_per_s_repeat_max": float(tps.max()),
+                "real_tokens_per_s_repeat_cv": float(tps.std(ddof=1) / tps.mean()),
+                "timed_steps": int(ok["timed_steps"].min())})  # the shortest launch
+    out["real_tokens_per_s_per_gpu"] = out[THROUGHPUT] / gpus
+    return out
+
+
+def per_gpu_interval(row) -> tuple[float, float] | None:
+    """The cell's 95 % throughput interval, per GPU (per process on CPU); None without one."""
+    low, high = row.get("real_tokens_per_s_ci_low"), row.get("real_tokens_per_s_ci_high")
+    if not (_positive(low) and _positive(high)):
+        return None
+    return low / row["gpus"], high / row["gpus"]
+
+
+def _families(group: pd.DataFrame) -> pd.Series:
+    return group["family"] if "family" in group.columns else group["strategy"]
+
+
 def plain_baseline(group: pd.DataFrame) -> pd.Series | None:
     """The plain 1-process run of a setting group (what a user runs today), ok or not; None if absent."""
-    ones = group[(group["gpus"] == 1) & group["strategy"].isin(PLAIN_STRATEGIES)]
+    ones = group[(group["gpus"] == 1) & _families(group).isin(PLAIN_FAMILIES)]
     if not len(ones):
         return None
     ok = ones[ones["status"] == "ok"]
     # prefer `single` (no wrapper at all), then ddp at 1, each only if it ran
-    return (ok if len(ok) else ones).sort_values("strategy", key=lambda s: s != "single").iloc[0]
+    pick = ok if len(ok) else ones
+    return pick.sort_values("strategy", key=lambda s: _families(pick) != "single", kind="stable").iloc[0]
+
+
+def same_policy_baseline(row: pd.Series, group: pd.DataFrame) -> pd.Series | None:
+    """The ok 1-process cell of ``row``'s precision policy it is measured against; None if there is none.
+
+    Order: the same strategy at 1; a plain run (single/ddp) of that policy; another strategy of its family
+    (DeepSpeed against DeepSpeed at one GPU); any other 1-process cell of that policy, by name.
+    """
+    ones = group[(group["gpus"] == 1) & (group["status"] == "ok")]
+    if "precision_policy" in ones.columns:
+        ones = ones[ones["precision_policy"] == row.get("precision_policy")]
+    if not len(ones):
+        return None
+    families = _families(ones)
+    rank = np.select([ones["strategy"] == row["strategy"], families.isin(PLAIN_FAMILIES),
+                      families == row.get("family", row["strategy"])], [0, 1, 2], default=3)
+    order = ones.assign(_rank=rank).sort_values(["_rank", "strategy"], kind="stable")
+    return ones.loc[order.index[0]]
 
 
 def add_speedups(df: pd.DataFrame) -> pd.DataFrame:
-    """Speedup and efficiency against (a) the same strategy at 1 process, (b) the plain 1-process run."""
+    """Speedup and efficiency against the same-policy 1-process baseline (named in ``baseline``), the
+    same strategy at 1, and the plain 1-process run (``plain_cross_policy`` where its policy differs)."""
     df = df.copy()
-    for col in ("speedup_vs_same_1", "efficiency_vs_same_1", "speedup_vs_plain_1", "efficiency_vs_plain_1"):
+    for col in ("speedup", "efficiency", "speedup_vs_same_1", "efficiency_vs_same_1", "speedup_vs_plain_1",
+                "efficiency_vs_plain_1"):
         df[col] = np.nan
-    if "tokens_per_s" not in df.columns:  # nothing ran ok anywhere
+    df["baseline"] = None
+    df["plain_cross_policy"] = None
+    if THROUGHPUT not in df.columns:  # nothing ran ok anywhere
         return df
     for _key, group in df.groupby(["machine", "setting_key"], sort=False):
         ok = group[group["status"] == "ok"]
-        ones = ok[ok["gpus"] == 1]
         plain = plain_baseline(group)
-        plain_tps = float(plain["tokens_per_s"]) if plain is not None and plain["status"] == "ok" else np.nan
+        plain_ok = plain is not None and plain["status"] == "ok"
         for idx, row in ok.iterrows():
-            same = ones[ones["strategy"] == row["strategy"]]
-            if len(same):
-                df.loc[idx, "speedup_vs_same_1"] = row["tokens_per_s"] / float(same["tokens_per_s"].iloc[0])
-            df.loc[idx, "speedup_vs_plain_1"] = row["tokens_per_s"] / plain_tps
-        df.loc[ok.index, "efficiency_vs_same_1"] = df.loc[ok.index, "speedup_vs_same_1"] / ok["gpus"]
-        df.loc[ok.index, "efficiency_vs_plain_1"] = df.loc[ok.index, "speedup_vs_plain_1"] / ok["gpus"]
+            if (base := same_policy_baseline(row, group)) is not None:
+                df.loc[idx, "speedup"] = row[THROUGHPUT] / base[THROUGHPUT]
+                df.loc[idx, "baseline"] = f"{base['strategy']} x1"
+            if base is not None and base["strategy"] == row["strategy"]:
+                df.loc[idx, "speedup_vs_same_1"] = df.loc[idx, "speedup"]
+            if plain_ok:
+                df.loc[idx, "speedup_vs_plain_1"] = row[THROUGHPUT] / plain[THROUGHPUT]
+                df.loc[idx, "plain_cross_policy"] = row.get("precision_policy") != plain.get("precision_policy")
+        for which in ("", "_vs_same_1", "_vs_plain_1"):
+            df.loc[ok.index, f"efficiency{which}"] = df.loc[ok.index, f"speedup{which}"] / ok["gpus"]
     return df
+
+
+def clock_spread(rows: pd.DataFrame) -> tuple[float, float] | None:
+    """(lowest, highest) mean SM clock among the ok rows that have one; None with fewer than two."""
+    if "sm_clock_mean_mhz" not in rows.columns:
+        return None
+    clocks = rows.loc[rows["status"] == "ok", "sm_clock_mean_mhz"].dropna()
+    return (float(clocks.min()), float(clocks.max())) if len(clocks) > 1 else None
 
 
 def setting_title(setting_key: str) -> str:

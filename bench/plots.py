@@ -6,6 +6,7 @@ when there is nothing to draw (no ok cell, no NVML trace ...), so that the repor
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +15,7 @@ matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402 - matplotlib's own dependency
 
 from bench import metrics  # noqa: E402
 from bench.report_tables import is_num, run_name, unit  # noqa: E402
@@ -22,9 +24,14 @@ DPI = 100  # small files: the HTML embeds every PNG
 
 
 def _save(fig, path: Path) -> Path:
+    """A PNG of 128 colours: a line plot needs no more, and the file is about a quarter of a full-colour one
+    (the HTML report embeds every plot, and the committed reports travel with the tree)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=DPI, format="png")
     plt.close(fig)
+    buffer.seek(0)
+    Image.open(buffer).convert("RGB").quantize(colors=128).save(path, optimize=True)
     return path
 
 
@@ -39,7 +46,8 @@ def _wrap(title: str, width: int = 70) -> str:
 
 
 def scaling_curves(group: pd.DataFrame, title: str, path: Path) -> Path | None:
-    """tokens/s (all ranks) vs process count per strategy, p10-p90 bars, ideal linear line from plain 1."""
+    """Real tokens/s (all ranks) vs process count per strategy, 95 % interval bars, and a dotted ideal line
+    from each strategy's own 1-process point (same strategy, same precision policy)."""
     ok = group[group["status"] == "ok"]
     if not len(ok):
         return None
@@ -48,26 +56,28 @@ def scaling_curves(group: pd.DataFrame, title: str, path: Path) -> Path | None:
     counts = sorted(group["gpus"].unique())
     for strategy, rows in ok.groupby("strategy", sort=False):
         rows = rows.sort_values("gpus")
-        y = rows["tokens_per_s"].to_numpy()
-        lo = rows["tokens_per_s_per_gpu_p10"].to_numpy() * rows["gpus"].to_numpy()
-        hi = rows["tokens_per_s_per_gpu_p90"].to_numpy() * rows["gpus"].to_numpy()
+        y = rows[metrics.THROUGHPUT].to_numpy()
+        bounds = [metrics.per_gpu_interval(r) or (r["real_tokens_per_s_per_gpu"],) * 2 for _, r in rows.iterrows()]
+        lo = np.array([b[0] for b in bounds]) * rows["gpus"].to_numpy()
+        hi = np.array([b[1] for b in bounds]) * rows["gpus"].to_numpy()
         yerr = np.vstack([np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)])
-        ax.errorbar(rows["gpus"], y, yerr=yerr, marker="o", capsize=3, label=strategy)
-    plain = metrics.plain_baseline(group)
-    if plain is not None and plain["status"] == "ok":
-        ideal = [plain["tokens_per_s"] * n for n in counts]
-        ax.plot(counts, ideal, "k--", linewidth=1, label=f"ideal linear from {plain['strategy']} x1")
+        line = ax.errorbar(rows["gpus"], y, yerr=yerr, marker="o", capsize=3,
+                           label=f"{strategy} ({rows['precision_policy'].iloc[0]})")
+        one = rows[rows["gpus"] == 1]
+        if len(one) and len(counts) > 1:
+            ax.plot(counts, [float(one[metrics.THROUGHPUT].iloc[0]) * n for n in counts], ":", linewidth=0.8,
+                    color=line[0].get_color())
     failed = group[group["status"] != "ok"]
     for k, (_, row) in enumerate(failed.iterrows()):  # failed cells: marked on the x axis with their status
         ax.annotate(f"{row['strategy']}: {row['status']}", (row["gpus"], 0), xytext=(0, 8 + 10 * (k % 4)),
                     textcoords="offset points", fontsize=7, color="firebrick", ha="center")
     ax.set_xticks(counts)
     ax.set_xlabel(f"number of {u}s")
-    ax.set_ylabel("tokens/s (all ranks)")
+    ax.set_ylabel("real tokens/s (all ranks), 95% CI")
     ax.set_ylim(bottom=0)
-    ax.set_title(_wrap(f"Scaling: {title}"), fontsize=9)
+    ax.set_title(_wrap(f"Scaling (dotted: linear from the same strategy at 1): {title}"), fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -137,15 +147,15 @@ def throughput_vs_memory(group: pd.DataFrame, title: str, path: Path) -> Path | 
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for gpus, rows in ok.groupby("gpus"):
-        ax.scatter(rows[column], rows["tokens_per_s_per_gpu"], s=40, label=f"{gpus} {unit(rows['device'].iloc[0])}")
+        ax.scatter(rows[column], rows["real_tokens_per_s_per_gpu"], s=40, label=f"{gpus} {unit(rows['device'].iloc[0])}")
         for _, row in rows.iterrows():
-            ax.annotate(run_name(row), (row[column], row["tokens_per_s_per_gpu"]), xytext=(4, 4),
+            ax.annotate(run_name(row), (row[column], row["real_tokens_per_s_per_gpu"]), xytext=(4, 4),
                         textcoords="offset points", fontsize=7)
     cap, cap_label = capacity_gib(group)
     if cap is not None:
         ax.axvline(cap, color="firebrick", linestyle="--", linewidth=1, label=cap_label)
     ax.set_xlabel(label)
-    ax.set_ylabel(f"tokens/s per {unit(group['device'].iloc[0])}")
+    ax.set_ylabel(f"real tokens/s per {unit(group['device'].iloc[0])}")
     ax.set_title(_wrap(f"Throughput vs peak memory: {title}"), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table as RichTable
 
-from bench import flops, metrics, plots
+from bench import flops, metrics, plots, verdict
 from bench import report_tables as tables
 from bench.matrix import MatrixError, TokenBudget, load_matrix
 from bench.report_render import Plot, Section, Table, to_html, to_markdown, write_csvs
@@ -34,14 +34,22 @@ class ReportOptions:
 
 
 DEFINITIONS = [
-    "Step time: wall time of one optimizer step, the slowest rank counting; median over timed steps "
-    "(warm-up steps excluded). Throughput: tokens per step over all ranks / step time; per GPU (per "
-    "process on CPU) = that / N. '±x%' after a throughput is half the p10-p90 range of timed steps "
-    "relative to the median; '(k runs a-b)' is the range over k repeats (fresh launches), whose median is shown.",
-    "Speedup at N against two baselines of the same setting on the same kind of device: the same strategy at "
-    "1 (how the strategy scales) and the plain 1-process run (single, or ddp at 1, which wraps nothing: what "
-    "one runs today). Efficiency = speedup / N, in brackets. Sharding optimizer state can make ZeRO/FSDP "
-    "look superlinear against the plain run, and DeepSpeed's pure-bf16 mode can beat autocast at 1 GPU.",
+    "Step time: wall time of one optimizer step, the slowest rank counting; a launch's figure is the median over "
+    "its timed steps (warm-up excluded). Throughput: real (non-padding) tokens per step over all ranks / step "
+    "time; per GPU (per process on CPU) = that / N.",
+    "Launches (fresh `accelerate launch`es of a cell, its repeats) are the unit: a cell's figure is the median "
+    "over its ok launches, and '[a-b]' its 95 % interval: with 2+ launches a t-interval of the launch figures "
+    "on the log scale (across launches); with one launch the 95 % interval of that launch's median from its "
+    "timed steps (the worker's adaptive timing where the record has it, else order statistics), marked "
+    "'(1 launch)': it leaves launch-to-launch variation out, often the larger part. The p10-p90 "
+    "spread of the steps is shown apart, named as such, and is not an error bar.",
+    "Like for like: every table names each cell's precision policy (autocast, fsdp-mixed, pure = DeepSpeed "
+    "bf16 weights with fp32 master copy, frozen-base = LoRA/QLoRA, fp32). A speedup is against a 1-GPU "
+    "baseline of the same setting, card and precision policy: the same strategy at 1 first, else a plain "
+    "(single/ddp) run of that policy, else another strategy of its family (DeepSpeed against DeepSpeed), "
+    "named where it is not the same strategy. Efficiency = speedup / N, in brackets. The ratio to the plain "
+    "1-process run is shown apart and labelled 'cross-policy' where the policies differ: it then mixes the "
+    "precision policy into the parallel speedup (DeepSpeed's bf16 mode can beat autocast at 1 GPU).",
     "A cell that did not run ok shows its status (oom, timeout, hang, crash, predicted_oom, unsupported, "
     "skipped ...) in place of every figure; 'no record': the folder holds no run of that cell (left out of "
     "the matrix, or not run yet).",
@@ -98,44 +106,68 @@ def build(results_dirs: list[Path], records: list[RunRecord] | None = None) -> p
 
 # ---------------------------------------------------------------- sections
 
-def scaling_section(df: pd.DataFrame, out_dir: Path) -> Section:
-    section = Section("Scaling", ["Rows: strategies; columns per process count: tokens/s per GPU (per process "
-                                  "on CPU), speedup (efficiency) against the same strategy at 1 and against "
-                                  "the plain 1-process run, each named in its column."])
+def verdict_section(df: pd.DataFrame) -> Section:
+    section = Section("Verdict: which strategy to use", [
+        "Per setting and process count: the fastest strategy that fits (ran ok, within the cap and the card), "
+        "the strategies statistically indistinguishable from it (their 95 % throughput intervals overlap its "
+        "interval), and the one with the lowest peak memory (torch reserved, the worst launch; host RSS on "
+        "CPU), each as real tokens/s per GPU [95 % interval] under its own precision policy. "
+        "'Intervals from' says whether they span launches or only one launch (see Definitions)."])
     for i, (_m, _k, title, group) in enumerate(tables.setting_groups(df), 1):
-        section.items.append(Table(f"scaling_{i}", title, tables.scaling_table(group)))
+        section.items.append(Table(f"verdict_{i}", title, tables.verdict_table(group), tables.warnings_for(group)))
+    return section
+
+
+def definitions_section() -> Section:
+    return Section("Definitions", list(DEFINITIONS))
+
+
+def scaling_section(df: pd.DataFrame, out_dir: Path) -> Section:
+    section = Section("Scaling", ["Rows: strategies, with their precision policy; columns per process count: "
+                                  "real tokens/s per GPU (per process on CPU) [95 % interval] (launches), the "
+                                  "speedup (efficiency) against the same-policy 1-process baseline, and the "
+                                  "ratio to the plain 1-process run, labelled cross-policy where the policies "
+                                  "differ (never a parallel speedup then)."])
+    for i, (_m, _k, title, group) in enumerate(tables.setting_groups(df), 1):
+        section.items.append(Table(f"scaling_{i}", title, tables.scaling_table(group), tables.warnings_for(group)))
         if path := plots.scaling_curves(group, title, out_dir / f"scaling_{i}.png"):
             section.items.append(Plot(path, f"Scaling curves, {title}"))
     return section
 
 
 def head_to_head_section(df: pd.DataFrame, options: tables.TableOptions) -> Section:
-    notes = ["The plain 1-process run against each strategy at the compared process count. Peak memory: torch "
-             "reserved (max over ranks) on GPU, host RSS (max over ranks) on CPU. Compared process count "
+    notes = ["Each strategy at the compared process count beside its same-policy 1-process baseline (listed "
+             "first, '(a baseline)'). Peak memory: torch reserved (max over ranks, the worst launch) on GPU, "
+             "host RSS (max over ranks) on CPU. Compared process count "
              f"{options.compare_gpus or '2, or the smallest above 1'} (--compare-gpus)"
              f"{'; strategies ' + ', '.join(options.compare) if options.compare else ''} (--compare STRATEGY)."]
     if options.budget:
         total = options.budget.tokens * options.budget.epochs
         notes.append(f"Projected time to train {tables.tokens_text(options.budget.tokens)} tokens x "
                      f"{options.budget.epochs:g} epochs = {tables.tokens_text(total)} tokens at the measured real "
-                     "(non-padding) token throughput, excluding start-up, evaluation and checkpointing.")
+                     "(non-padding) token throughput, the same-policy baseline's first, excluding start-up, "
+                     "evaluation and checkpointing.")
     else:
         notes.append("No token budget given: pass --tokens 50M --epochs 4 (or token_budget in the matrix, "
                      "with --matrix) to project the time to train.")
-    section = Section("Head-to-head: plain 1 vs N", notes)
+    section = Section("Head-to-head: same-policy 1 vs N", notes)
     for i, (_m, _k, title, group) in enumerate(tables.setting_groups(df), 1):
         table = tables.head_to_head(group, options)
         if table is not None:
-            section.items.append(Table(f"head_to_head_{i}", title, table))
+            n = tables.compare_count(group, options.compare_gpus)
+            compared = group[(group["gpus"] == n) | (group["gpus"] == 1)]
+            section.items.append(Table(f"head_to_head_{i}", title, table, tables.warnings_for(compared)))
     if not section.items:
-        section.notes.append("Nothing to compare: no setting has both a plain 1-process run and a run at N > 1.")
+        section.notes.append("Nothing to compare: no setting has both a 1-process baseline and a run at N > 1.")
     return section
 
 
 def memory_section(df: pd.DataFrame, out_dir: Path) -> Section:
     section = Section("Memory", [
         "torch peak allocated/reserved: max_memory_allocated/max_memory_reserved, max over ranks (the spread "
-        "over ranks is shown when large). NVML used: whole-card memory including the CUDA context and NCCL "
+        "over ranks is shown when large), the worst launch; 'whole run' includes building and preparing the "
+        "model, 'training steps' is the peak after prepare (records from before it was kept apart say so). "
+        "NVML used: whole-card memory including the CUDA context and NCCL "
         "buffers, max over the cell's GPUs. Host RSS: peak resident memory of a rank's process (matters for "
         "CPU offload). On CPU the plots show host RSS. Host<->device copies (offloading strategies): time and "
         "size of the PCIe copies of one extra, profiled step (CUPTI through torch.profiler), slowest rank, "
@@ -152,8 +184,10 @@ def memory_section(df: pd.DataFrame, out_dir: Path) -> Section:
 def efficiency_section(df: pd.DataFrame) -> Section:
     section = Section("Efficiency (model FLOPs, MFU)", [
         f"Convention: {flops.CONVENTION}",
-        "MFU = model TFLOP/s per GPU / peak; HFU counts the recomputation as well. An unknown GPU or a CPU "
-        "leaves MFU empty rather than guessing a peak. Tokens counted include padding (they are computed)."])
+        "MFU = model TFLOP/s per GPU (real tokens) / peak, with causal attention (the headline) and with the "
+        "full attention matrix beside it; HFU counts the recomputation and every computed token, padding "
+        "included. Attention length: the mean real tokens per sequence (the configured length for synthetic "
+        "or packed data). An unknown GPU or a CPU leaves MFU empty rather than guessing a peak."])
     for i, (_m, _k, title, group) in enumerate(tables.setting_groups(df), 1):
         section.items.append(Table(f"efficiency_{i}", title, tables.efficiency_table(group)))
     section.items.append(Table("gpu_peaks", "Peak figures used (dense, no sparsity)", tables.peak_table()))
@@ -162,9 +196,25 @@ def efficiency_section(df: pd.DataFrame) -> Section:
 
 def energy_section(df: pd.DataFrame) -> Section:
     section = Section("Energy", ["NVML energy counter over the timed steps, all the cell's GPUs together; "
-                                 "J per token = that / (tokens per step x timed steps). CPU runs have no NVML."])
+                                 "J per real token = that / (real tokens per step x timed steps), the median "
+                                 "over launches. CPU runs have no NVML."])
     for i, (_m, _k, title, group) in enumerate(tables.setting_groups(df), 1):
         section.items.append(Table(f"energy_{i}", title, tables.energy_table(group)))
+    return section
+
+
+def card_state_section(df: pd.DataFrame) -> Section | None:
+    if "sm_clock_mean_mhz" not in df.columns or df["sm_clock_mean_mhz"].isna().all():
+        return None
+    section = Section("Card state", [
+        "Mean SM clock over the timed window (mean over the cell's GPUs, median over launches) and the share of "
+        "the timed NVML samples under a power or thermal throttle (sw_power_cap, hw_slowdown, "
+        "sw_thermal_slowdown, hw_thermal_slowdown, hw_power_brake_slowdown; the most throttled GPU). Records "
+        "from before the share was kept only say which reasons were seen. A table whose cells ran at mean "
+        f"clocks more than {tables.CLOCK_TOLERANCE:.0%} apart carries a warning: the card, not the strategy, "
+        "may account for part of the difference."])
+    for i, (_m, _k, title, group) in enumerate(tables.setting_groups(df), 1):
+        section.items.append(Table(f"card_state_{i}", title, tables.card_state_table(group), tables.warnings_for(group)))
     return section
 
 
@@ -236,9 +286,14 @@ def trace_section(records: list[RunRecord], options: ReportOptions, out_dir: Pat
 def all_cells_table(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, row in df.iterrows():
+        ok = row["status"] == "ok"
+        stop = row.get("timing_stop_reason")
         rows.append({"cell": row["cell_id"], "run": row["label"], "machine": row["machine"], "status": row["status"],
-                     "tok/s/GPU": tables.throughput_text(row),
+                     tables.POLICY: tables.policy(row),
+                     "tok/s/GPU [95% CI]": tables.throughput_text(row),
                      "step s": f"{row['step_time_s']:.3g}" if tables.is_num(row.get("step_time_s")) else row["status"],
+                     "timed steps": f"{row['timed_steps']:.0f}" if ok and tables.is_num(row.get("timed_steps")) else "",
+                     "timing stopped": stop if isinstance(stop, str) else ("fixed steps (older record)" if ok else ""),
                      "wall s": f"{row['wall_s']:.1f}",
                      "error": row["error"] if isinstance(row.get("error"), str) else ""})
     return pd.DataFrame(rows)
@@ -260,22 +315,26 @@ def write_report(results_dirs: list[Path], out_dir: Path, console: Console | Non
     out_dir.mkdir(parents=True, exist_ok=True)
     table_options = tables.TableOptions(budget=resolve_budget(options, results_dirs), compare=tuple(options.compare),
                                         compare_gpus=options.compare_gpus)
-    sections = [scaling_section(df, out_dir), head_to_head_section(df, table_options), memory_section(df, out_dir),
-                efficiency_section(df), energy_section(df)]
-    sections += [s for s in (prediction_section(df, out_dir), trace_section(records, options, out_dir)) if s]
+    sections = [verdict_section(df), definitions_section(), scaling_section(df, out_dir),
+                head_to_head_section(df, table_options), memory_section(df, out_dir), efficiency_section(df),
+                energy_section(df)]
+    optional = (card_state_section(df), prediction_section(df, out_dir), trace_section(records, options, out_dir))
+    sections += [s for s in optional if s]
     sections.append(Section("All cells", ["Raw figures of every cell: cells.csv."],
                             [Table("all_cells", "Every cell", all_cells_table(df))]))
     title = f"bench report: {', '.join(d.name for d in results_dirs)}"
     intro = [f"{len(df)} cells from {', '.join(map(str, results_dirs))} on "
-             f"{', '.join(df['machine'].unique())}: {status_summary(df)}.", *DEFINITIONS]
+             f"{', '.join(df['machine'].unique())}: {status_summary(df)}."]
     write_csvs(sections, out_dir)
     df.drop(columns=["setting_key"]).to_csv(out_dir / "cells.csv", index=False)
     (out_dir / "index.md").write_text(to_markdown(title, intro, sections, out_dir))
     (out_dir / "index.html").write_text(to_html(title, intro, sections))
-    for section in sections[:2]:  # the tables that answer the question: scaling and head-to-head
+    for section in (sections[0], sections[2], sections[3]):  # the answer, then scaling and head-to-head
         for item in section.items:
             if isinstance(item, Table):
                 print_table(console, f"{section.title}: {item.title}", item.frame)
+                for warning in item.warnings:
+                    console.print(f"[bold red]{escape(warning)}[/]")
     console.print(f"report written to {out_dir}/index.md and index.html")
     return out_dir
 

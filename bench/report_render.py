@@ -16,6 +16,7 @@ class Table:
     slug: str  # file stem of its CSV
     title: str
     frame: pd.DataFrame
+    warnings: list[str] = field(default_factory=list)  # shown right above the table (e.g. clocks differ)
 
 
 @dataclass
@@ -51,7 +52,9 @@ def to_markdown(title: str, intro: list[str], sections: list[Section], out_dir: 
         for item in section.items:
             if isinstance(item, Table):
                 frame = item.frame.map(_md_cell)
-                lines += [f"### {item.title}", "", frame.to_markdown(index=False), "",
+                lines += [f"### {item.title}", ""]
+                lines += [p for text in item.warnings for p in (f"> **{text}**", "")]
+                lines += [frame.to_markdown(index=False), "",
                           f"CSV: [{item.slug}.csv]({item.slug}.csv)", ""]
             else:
                 rel = item.path.relative_to(out_dir).as_posix()
@@ -68,6 +71,7 @@ th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0 1.5em; }
 h2 { border-bottom: 2px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
 p.note { color: #444; max-width: 70em; }
+p.warn { color: #8a1c00; background: #fff3e0; border-left: 4px solid #e65100; padding: 0.3em 0.6em; max-width: 70em; }
 """
 
 
@@ -86,7 +90,9 @@ def to_html(title: str, intro: list[str], sections: list[Section]) -> str:
         parts += [f"<p class='note'>{html.escape(text)}</p>" for text in section.notes]
         for item in section.items:
             if isinstance(item, Table):
-                parts += [f"<h3>{html.escape(item.title)}</h3>", item.frame.to_html(index=False, border=0)]
+                parts.append(f"<h3>{html.escape(item.title)}</h3>")
+                parts += [f"<p class='warn'>{html.escape(text)}</p>" for text in item.warnings]
+                parts.append(item.frame.to_html(index=False, border=0))
             else:
                 parts.append(_img_tag(item))
     parts.append("</body></html>")

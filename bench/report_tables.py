@@ -2,7 +2,8 @@
 
 Every table cell is text so that a failed or skipped run shows its status (oom, timeout, predicted_oom,
 ...) instead of a blank or a zero; the CSV files next to the report carry the same text, and
-``cells.csv`` the raw numbers.
+``cells.csv`` the raw numbers. Every comparing table names each cell's precision policy; speedups are
+against a 1-GPU baseline of the same policy, and a ratio across policies says so.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from bench import flops, metrics
+from bench import flops, metrics, verdict
 from bench.matrix import TokenBudget
 
 NO_RECORD = "no record"  # the folder holds no run of that cell: left out of the matrix, or not run (yet)
+CLOCK_TOLERANCE = 0.03  # compared cells whose mean SM clocks differ by more get a warning
+POLICY = "precision policy"
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,11 @@ def run_name(row: pd.Series) -> str:
     return f"{row['strategy']} x{row['gpus']} {unit(row['device'])}"
 
 
+def policy(row: pd.Series) -> str:
+    value = row.get("precision_policy")
+    return value if isinstance(value, str) else "unknown"
+
+
 def duration(seconds: float) -> str:
     """1 h 40 min, 52 min, 3.2 s, 2 d 4 h: as one would say it."""
     if seconds < 60:
@@ -58,34 +66,55 @@ def gib(value, missing: str) -> str:
     return f"{value:.2f}" if is_num(value) else missing
 
 
+def basis_text(row: pd.Series) -> str:
+    """Where the interval comes from: '3 launches', or '1 launch' (within it: launch-to-launch left out)."""
+    if row.get("repeats_ok", 1) > 1:
+        return f"{row['repeats_ok']} launches"
+    coverage = row.get("step_time_ci_coverage")
+    if is_num(coverage) and coverage < 0.95:
+        return f"1 launch, {row.get('timed_steps', 0):.0f} steps: {coverage:.0%} CI"
+    return "1 launch"
+
+
+def interval_text(row: pd.Series) -> str:
+    """'[7,077-7,433]': the 95 % interval of tokens/s per GPU (per process on CPU)."""
+    bounds = metrics.per_gpu_interval(row)
+    return f"[{bounds[0]:,.0f}-{bounds[1]:,.0f}]" if bounds else "[no interval]"
+
+
 def throughput_text(row: pd.Series) -> str:
-    """tokens/s per GPU with its spread: ± half the p10-p90 range of timed steps, and the repeats' range."""
+    """Real tokens/s per GPU, its 95 % interval and what the interval is across, e.g. '7,381 [7,077-7,433] (1 launch)'."""
     if row["status"] != "ok":
         return row["status"]
-    value = row["tokens_per_s_per_gpu"]
-    text = f"{value:,.0f}"
-    lo, hi = row.get("tokens_per_s_per_gpu_p10"), row.get("tokens_per_s_per_gpu_p90")
-    if is_num(lo) and is_num(hi):
-        text += f" ±{(hi - lo) / 2 / value:.0%}"
-    if row.get("repeats_ok", 1) > 1 and is_num(row.get("tokens_per_s_per_gpu_repeat_min")):
-        text += (f" ({row['repeats_ok']} runs {row['tokens_per_s_per_gpu_repeat_min']:,.0f}"
-                 f"-{row['tokens_per_s_per_gpu_repeat_max']:,.0f})")
+    return f"{row['real_tokens_per_s_per_gpu']:,.0f} {interval_text(row)} ({basis_text(row)})"
+
+
+def speedup_text(row: pd.Series) -> str:
+    """Against the same-policy 1-GPU baseline: '2.01x (100%)', naming the baseline where it is another strategy."""
+    if row["status"] != "ok":
+        return row["status"]
+    value = row.get("speedup")
+    if not is_num(value):
+        return f"no 1-{unit(row['device'])} baseline in {policy(row)}"
+    text = f"{value:.2f}x ({row['efficiency']:.0%})"
+    return text if row.get("baseline") == f"{row['strategy']} x1" else f"{text} vs {row['baseline']}"
+
+
+def plain_text(row: pd.Series, plain: pd.Series | None) -> str:
+    """Against the plain 1-process run; labelled cross-policy where the policies differ."""
+    if row["status"] != "ok":
+        return row["status"]
+    if plain is None:
+        return "no plain 1-proc run" if row["device"] == "cpu" else "no plain 1-GPU run"
+    if plain["status"] != "ok":
+        return f"baseline {plain['status']}"
+    text = f"{row['speedup_vs_plain_1']:.2f}x ({row['efficiency_vs_plain_1']:.0%})"
+    if row.get("plain_cross_policy"):
+        text += f" cross-policy: {policy(row)} vs {policy(plain)}"
     return text
 
 
-def speedup_text(row: pd.Series, which: str, base: pd.Series | None) -> str:
-    """'1.85x (93%)'; the run's own status if it failed; why there is no number otherwise."""
-    if row["status"] != "ok":
-        return row["status"]
-    value = row.get(f"speedup_vs_{which}_1")
-    if is_num(value):
-        return f"{value:.2f}x ({row[f'efficiency_vs_{which}_1']:.0%})"
-    if base is None:
-        return "no 1-proc baseline" if row["device"] == "cpu" else "no 1-GPU baseline"
-    return f"baseline {base['status']}"
-
-
-# ---------------------------------------------------------------- grouping
+# ---------------------------------------------------------------- grouping and warnings
 
 def setting_groups(df: pd.DataFrame):
     """(machine, setting_key, title, rows) for each group of comparable cells, in the order first seen."""
@@ -93,27 +122,99 @@ def setting_groups(df: pd.DataFrame):
         yield machine, key, f"{metrics.setting_title(key)} on {machine}", group
 
 
+def clock_warning(rows: pd.DataFrame) -> str | None:
+    """A warning when the compared ok cells ran at mean SM clocks more than 3 % apart; None otherwise."""
+    spread = metrics.clock_spread(rows)
+    if spread is None or spread[1] <= spread[0] * (1 + CLOCK_TOLERANCE):
+        return None
+    ok = rows[(rows["status"] == "ok") & rows["sm_clock_mean_mhz"].notna()]
+    slow, fast = ok.loc[ok["sm_clock_mean_mhz"].idxmin()], ok.loc[ok["sm_clock_mean_mhz"].idxmax()]
+    return (f"Warning: the cells compared here ran at mean SM clocks {spread[1] / spread[0] - 1:.1%} apart "
+            f"({spread[0]:.0f} MHz {run_name(slow)} to {spread[1]:.0f} MHz {run_name(fast)}); part of a speed "
+            "difference may be the card's clock (power cap or heat, see Card state), not the strategy.")
+
+
+def warnings_for(rows: pd.DataFrame) -> list[str]:
+    return [w for w in (clock_warning(rows),) if w]
+
+
+# ---------------------------------------------------------------- verdict
+
+def verdict_table(group: pd.DataFrame) -> pd.DataFrame:
+    """Per process count: the fastest strategy that fits, those indistinguishable from it, the leanest."""
+    u = unit(group["device"].iloc[0])
+    rows = []
+    for v in verdict.verdicts(group):
+        fastest = v.fastest
+        rows.append({
+            u + "s": v.gpus,
+            f"fastest that fits (tok/s/{u} [95% CI])": _verdict_entry(fastest) if fastest is not None else "none fits",
+            "indistinguishable from it (intervals overlap)": ("; ".join(_verdict_entry(r) for r in v.indistinguishable)
+                                                              or ("none" if fastest is not None else "-")),
+            "lowest peak memory": _memory_entry(v.lowest_memory) if v.lowest_memory is not None else "-",
+            "intervals from": _bases(v),
+            "did not fit": "; ".join(f"{r['strategy']}: {_why_not(r)}" for r in v.not_fitting) or "-",
+            "mean SM clock MHz": _clock_range(group[group["gpus"] == v.gpus]),
+        })
+    return pd.DataFrame(rows)
+
+
+def _verdict_entry(row: pd.Series) -> str:
+    return f"{row['strategy']} ({policy(row)}): {row['real_tokens_per_s_per_gpu']:,.0f} {interval_text(row)}"
+
+
+def _memory_entry(row: pd.Series) -> str:
+    column = verdict.memory_column(row["device"])
+    what = "GiB reserved" if row["device"] == "cuda" else "GiB host RSS"
+    speed = f"{row['real_tokens_per_s_per_gpu']:,.0f} {interval_text(row)}"
+    return f"{row['strategy']} ({policy(row)}): {row[column]:.1f} {what}, {speed}"
+
+
+def _why_not(row: pd.Series) -> str:
+    if row["status"] != "ok":
+        return row["status"]
+    return "over the cap" if is_num(row.get("gpu_memory_gib")) else "over the card"
+
+
+def _bases(v: verdict.Verdict) -> str:
+    rows = [r for r in (v.fastest, *v.indistinguishable, v.lowest_memory) if r is not None]
+    bases = sorted({basis_text(r) for r in rows})
+    if not bases:
+        return "-"
+    text = ", ".join(bases)
+    if any(b.startswith("1 launch") for b in bases):
+        text += " (within one launch: launch-to-launch variation not covered)"
+    return text
+
+
+def _clock_range(rows: pd.DataFrame) -> str:
+    spread = metrics.clock_spread(rows)
+    if spread is None:
+        clocks = rows["sm_clock_mean_mhz"].dropna() if "sm_clock_mean_mhz" in rows.columns else []
+        return f"{clocks.iloc[0]:.0f}" if len(clocks) else "n/a"
+    text = f"{spread[0]:.0f}-{spread[1]:.0f}"
+    return text + f" (differ {spread[1] / spread[0] - 1:.1%}: warning)" if clock_warning(rows) else text
+
+
 # ---------------------------------------------------------------- scaling
 
 def scaling_table(group: pd.DataFrame) -> pd.DataFrame:
-    """Rows strategies, per process count: tokens/s per GPU, speedup vs the same strategy at 1 and vs plain 1."""
+    """Rows strategies; per process count: tokens/s per GPU with its interval, speedup against the same-policy
+    1-GPU baseline, and the ratio to the plain 1-process run (labelled cross-policy where it is)."""
     u = unit(group["device"].iloc[0])
     plain = metrics.plain_baseline(group)
     plain_name = f"{plain['strategy']}@1" if plain is not None else "plain@1"
-    ones = group[group["gpus"] == 1].set_index("strategy")
     rows = {}
     for strategy in dict.fromkeys(group["strategy"]):
-        out = {}
+        mine = group[group["strategy"] == strategy]
+        out = {POLICY: policy(mine.iloc[-1])}
         for n in sorted(group["gpus"].unique()):
-            cell = group[(group["strategy"] == strategy) & (group["gpus"] == n)]
+            cell = mine[mine["gpus"] == n]
             row = cell.iloc[-1] if len(cell) else None
-            out[f"{n} {u}: tok/s/{u}"] = throughput_text(row) if row is not None else NO_RECORD
+            out[f"{n} {u}: tok/s/{u} [95% CI]"] = throughput_text(row) if row is not None else NO_RECORD
             if n > 1:
-                own = ones.loc[strategy] if strategy in ones.index else None
-                own = own.iloc[-1] if isinstance(own, pd.DataFrame) else own
-                out[f"{n} {u}: vs same strategy@1"] = (speedup_text(row, "same", own) if row is not None
-                                                        else NO_RECORD)
-            out[f"{n} {u}: vs {plain_name}"] = speedup_text(row, "plain", plain) if row is not None else NO_RECORD
+                out[f"{n} {u}: vs same-policy 1 {u}"] = speedup_text(row) if row is not None else NO_RECORD
+            out[f"{n} {u}: vs {plain_name} (plain)"] = plain_text(row, plain) if row is not None else NO_RECORD
         rows[strategy] = out
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "strategy"
@@ -130,51 +231,57 @@ def compare_count(group: pd.DataFrame, wanted: int | None) -> int | None:
 
 
 def head_to_head(group: pd.DataFrame, options: TableOptions) -> pd.DataFrame | None:
-    """The plain 1-GPU run against each chosen strategy at N GPUs; None when the group has nothing to compare."""
-    plain = metrics.plain_baseline(group)
+    """Each chosen strategy at N beside its same-policy 1-GPU baseline; None when nothing compares."""
     n = compare_count(group, options.compare_gpus)
-    if plain is None or n is None:
+    if n is None:
         return None
     others = group[group["gpus"] == n]
     if options.compare:
         others = others[others["strategy"].isin(options.compare)]
     if not len(others):
         return None
-    rows = [head_to_head_row(plain, plain, options.budget)]
-    rows += [head_to_head_row(row, plain, options.budget) for _, row in others.iterrows()]
+    pairs = [(row, metrics.same_policy_baseline(row, group)) for _, row in others.iterrows()]
+    bases = {b["cell_id"]: b for _, b in pairs if b is not None}
+    if not bases:
+        return None
+    rows = [head_to_head_row(b, b, options.budget) for b in bases.values()]
+    rows += [head_to_head_row(row, base, options.budget) for row, base in pairs]
     return pd.DataFrame(rows)
 
 
-def head_to_head_row(row: pd.Series, plain: pd.Series, budget: TokenBudget | None) -> dict:
+def head_to_head_row(row: pd.Series, base: pd.Series | None, budget: TokenBudget | None) -> dict:
     ok = row["status"] == "ok"
-    memory_col = "peak_reserved_gib" if row["device"] == "cuda" else "host_rss_peak_gib"
+    memory_col = verdict.memory_column(row["device"])
     memory_name = "peak reserved GiB" if row["device"] == "cuda" else "peak host RSS GiB"
+    is_base = base is not None and row["cell_id"] == base["cell_id"]
     out = {
-        "run": run_name(row),
-        "step time s (p10-p90)": (f"{row['step_time_s']:.3g} ({row['step_time_p10_s']:.3g}-{row['step_time_p90_s']:.3g})"
-                                  if ok else row["status"]),
-        "tokens/s (all)": f"{row['tokens_per_s']:,.0f}" if ok else row["status"],
-        f"tok/s/{unit(row['device'])}": throughput_text(row),
-        f"speedup vs {run_name(plain)}": speedup_text(row, "plain", plain),
+        "run": run_name(row), POLICY: policy(row),
+        "baseline (same policy)": "(a baseline)" if is_base else (run_name(base) if base is not None else "none"),
+        "step time s [95% CI]": (f"{row['step_time_s']:.3g} [{row['step_time_ci_low_s']:.3g}-{row['step_time_ci_high_s']:.3g}]"
+                                 if ok else row["status"]),
+        "step time p10-p90 of steps (within a launch)": (f"{row['step_time_p10_s']:.3g}-{row['step_time_p90_s']:.3g}"
+                                                         if ok else row["status"]),
+        f"tok/s/{unit(row['device'])} [95% CI]": throughput_text(row),
+        "speedup vs baseline": "1.00x" if is_base and ok else speedup_text(row),
         memory_name: gib(row.get(memory_col), row["status"] if not ok else "n/a"),
     }
     if budget is not None:
         total = budget.tokens * budget.epochs
         out[f"time for {tokens_text(total)} tokens"] = (duration(total / row["real_tokens_per_s"]) if ok
                                                          else row["status"])
-        out["plain -> this"] = projection_text(row, plain, total)
+        out["baseline -> this"] = projection_text(row, base, total)
     return out
 
 
-def projection_text(row: pd.Series, plain: pd.Series, total_tokens: float) -> str:
-    """'1 h 40 min -> 52 min': the plain run's time to train, then this run's."""
-    if row["cell_id"] == plain["cell_id"]:
+def projection_text(row: pd.Series, base: pd.Series | None, total_tokens: float) -> str:
+    """'8 h 43 min -> 4 h 20 min': the same-policy baseline's time to train, then this run's."""
+    if base is not None and row["cell_id"] == base["cell_id"]:
         return "(the baseline)"
     if row["status"] != "ok":
         return row["status"]
-    if plain["status"] != "ok":
-        return f"baseline {plain['status']}"
-    return f"{duration(total_tokens / plain['real_tokens_per_s'])} -> {duration(total_tokens / row['real_tokens_per_s'])}"
+    if base is None:
+        return "no same-policy baseline"
+    return f"{duration(total_tokens / base['real_tokens_per_s'])} -> {duration(total_tokens / row['real_tokens_per_s'])}"
 
 
 def tokens_text(count: float) -> str:
@@ -207,14 +314,24 @@ def peak_with_spread(row: pd.Series, kind: str) -> str:
     return text
 
 
+def training_peak_text(row: pd.Series) -> str:
+    value = row.get("training_peak_reserved_gib")
+    if is_num(value):
+        return f"{value:.2f}"
+    if row["device"] == "cpu":
+        return "n/a (CPU)"
+    return row["status"] if row["status"] != "ok" else "not recorded (older record)"
+
+
 def memory_table(group: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, row in group.sort_values(["strategy", "gpus"], kind="stable").iterrows():
         failed = row["status"] if row["status"] != "ok" else "not reported"
         rows.append({
-            "run": run_name(row), "status": row["status"],
+            "run": run_name(row), POLICY: policy(row), "status": row["status"],
             "torch peak allocated GiB": peak_with_spread(row, "allocated"),
-            "torch peak reserved GiB": peak_with_spread(row, "reserved"),
+            "torch peak reserved GiB (whole run)": peak_with_spread(row, "reserved"),
+            "torch peak reserved GiB (training steps)": training_peak_text(row),
             "NVML peak used GiB per GPU (max)": gib(row.get("nvml_peak_used_gib"),
                                                      "n/a (no NVML)" if row["device"] == "cpu" else failed),
             "host RSS GiB (max over ranks)": gib(row.get("host_rss_peak_gib"), failed),
@@ -250,19 +367,25 @@ def mfu_text(row: pd.Series, column: str) -> str:
     return f"n/a (no peak figure for {name})"
 
 
+def _rate(row: pd.Series, column: str) -> str:
+    ok = row["status"] == "ok"
+    return f"{row[column]:.3g}" if ok and is_num(row.get(column)) else row["status"] if not ok else "n/a"
+
+
 def efficiency_table(group: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, row in group.sort_values(["strategy", "gpus"], kind="stable").iterrows():
-        ok = row["status"] == "ok"
         rows.append({
-            "run": run_name(row),
+            "run": run_name(row), POLICY: policy(row),
             "device": row["gpu_model"] if isinstance(row.get("gpu_model"), str) else "CPU",
-            "model GFLOP/token": (f"{row['model_flops_per_token'] / 1e9:.3g}"
-                                  if is_num(row.get("model_flops_per_token")) else "unknown model shape"),
-            "model TFLOP/s per GPU": f"{row['model_tflops_per_gpu']:.3g}" if ok and is_num(row.get("model_tflops_per_gpu")) else row["status"] if not ok else "n/a",
-            "MFU": mfu_text(row, "mfu"),
-            "hardware TFLOP/s per GPU": f"{row['hardware_tflops_per_gpu']:.3g}" if ok and is_num(row.get("hardware_tflops_per_gpu")) else row["status"] if not ok else "n/a",
-            "HFU (recompute counted)": mfu_text(row, "hfu"),
+            "attention length": f"{row['attention_length']:.0f}" if is_num(row.get("attention_length")) else "unknown",
+            "model GFLOP/real token (causal)": (f"{row['model_flops_per_token'] / 1e9:.3g}"
+                                                if is_num(row.get("model_flops_per_token")) else "unknown model shape"),
+            "model TFLOP/s per GPU": _rate(row, "model_tflops_per_gpu"),
+            "MFU (causal attn.)": mfu_text(row, "mfu"),
+            "MFU (full attn.)": mfu_text(row, "mfu_full_attn"),
+            "hardware TFLOP/s per GPU": _rate(row, "hardware_tflops_per_gpu"),
+            "HFU (recompute, padding counted)": mfu_text(row, "hfu"),
             "peak used (source)": row.get("peak_source") if isinstance(row.get("peak_source"), str) else "none",
         })
     return pd.DataFrame(rows)
@@ -274,7 +397,7 @@ def peak_table() -> pd.DataFrame:
                           "source": p.source} for p in flops.GPU_PEAKS])
 
 
-# ---------------------------------------------------------------- energy
+# ---------------------------------------------------------------- energy and card state
 
 def energy_table(group: pd.DataFrame) -> pd.DataFrame:
     rows = []
@@ -282,11 +405,32 @@ def energy_table(group: pd.DataFrame) -> pd.DataFrame:
         ok = row["status"] == "ok"
         missing = row["status"] if not ok else ("n/a (no NVML)" if not is_num(row.get("power_mean_w")) else "n/a")
         rows.append({
-            "run": run_name(row),
+            "run": run_name(row), POLICY: policy(row),
             "mean power W (all GPUs)": f"{row['power_mean_w']:.0f}" if ok and is_num(row.get("power_mean_w")) else missing,
             "mean GPU util %": f"{row['util_mean_pct']:.0f}" if ok and is_num(row.get("util_mean_pct")) else missing,
             "energy J (timed steps)": f"{row['energy_timed_j']:.4g}" if ok and is_num(row.get("energy_timed_j")) else missing,
-            "J per token": f"{row['joules_per_token']:.3g}" if ok and is_num(row.get("joules_per_token")) else missing,
+            "J per real token": f"{row['joules_per_token']:.3g}" if ok and is_num(row.get("joules_per_token")) else missing,
+        })
+    return pd.DataFrame(rows)
+
+
+def throttle_text(row: pd.Series) -> str:
+    seen = row.get("throttle_reasons_seen")
+    seen = seen if isinstance(seen, str) else ""
+    if is_num(row.get("throttled_share")):
+        return f"{row['throttled_share']:.0%}" + (f" ({seen})" if seen else "")
+    return f"unknown share (older record; seen: {seen})" if seen else "unknown share (older record; none seen)"
+
+
+def card_state_table(group: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for _, row in group.sort_values(["strategy", "gpus"], kind="stable").iterrows():
+        measured = row["status"] == "ok" and is_num(row.get("sm_clock_mean_mhz"))
+        missing = row["status"] if row["status"] != "ok" else "n/a (no NVML)"
+        rows.append({
+            "run": run_name(row), POLICY: policy(row),
+            "mean SM clock MHz (timed window)": f"{row['sm_clock_mean_mhz']:.0f}" if measured else missing,
+            "timed samples throttled (power/thermal)": throttle_text(row) if measured else missing,
         })
     return pd.DataFrame(rows)
 

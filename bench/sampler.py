@@ -31,6 +31,12 @@ REASON_NAMES = {
     0x80: "hw_power_brake_slowdown", 0x100: "display_clock_setting",
 }
 
+# The reasons that mean the card ran below the clock it would otherwise hold: a power cap or a thermal
+# limit (sync_boost, idle and application-clock settings are not a throttle of the work under way).
+THROTTLE_REASONS = ("sw_power_cap", "hw_slowdown", "sw_thermal_slowdown", "hw_thermal_slowdown",
+                    "hw_power_brake_slowdown")
+THROTTLE_MASK = sum(bit for bit, name in REASON_NAMES.items() if name in THROTTLE_REASONS)
+
 
 def reason_names(mask: int) -> list[str]:
     return [name for bit, name in REASON_NAMES.items() if mask & bit]
@@ -232,8 +238,20 @@ def gpu_summary(trace: GpuTrace, window: tuple[float, float] | None) -> dict:
         "energy_timed_j": energy,
         "energy_method": method,
         "sm_clock_mean_mhz": _mean(trace.sm_clock_mhz[i] for i in idx),
-        "throttle_reasons": reason_names(mask),
+        "throttle_reasons": reason_names(mask),  # union over the window's samples
+        **throttle_shares([trace.reasons[i] for i in idx]),
     }
+
+
+def throttle_shares(masks: list[int]) -> dict:
+    """Share of the samples under a power or thermal throttle (any, and per reason seen)."""
+    if not masks:
+        return {}
+    per_reason = {name: sum(1 for m in masks if m & bit) / len(masks)
+                  for bit, name in REASON_NAMES.items() if name in THROTTLE_REASONS}
+    return {"throttled_share": sum(1 for m in masks if m & THROTTLE_MASK) / len(masks),
+            "throttle_share_by_reason": {k: v for k, v in per_reason.items() if v > 0},
+            "window_samples": len(masks)}
 
 
 def downsample(n: int, limit: int = TRACE_POINTS) -> list[int]:

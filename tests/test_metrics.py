@@ -69,7 +69,11 @@ def test_figures_recomputed_from_steps(records):
     assert row["step_time_s"] == pytest.approx(float(np.median(steps)))
     assert row["tokens_per_s"] == pytest.approx(row["tokens_per_step"] / row["step_time_s"])
     assert row["tokens_per_s_per_gpu"] == pytest.approx(row["tokens_per_s"] / 2)
-    assert row["tokens_per_s_per_gpu_p10"] <= row["tokens_per_s_per_gpu"] <= row["tokens_per_s_per_gpu_p90"]
+    assert row["real_tokens_per_s"] == pytest.approx(row["real_tokens_per_step"] / row["step_time_s"])
+    # one launch: the order-statistic interval of its median (3 steps: min-max), around the median
+    assert row["step_time_ci_low_s"] == min(steps) and row["step_time_ci_high_s"] == max(steps)
+    assert row["real_tokens_per_s_ci_low"] <= row["real_tokens_per_s"] <= row["real_tokens_per_s_ci_high"]
+    assert row["launch_interval_source"] == "order statistics" and row["precision_policy"] == "fp32"
     assert row["machine"] == rec.env["hardware"] and row["gpu_model"] is None
     # a CPU run: host memory, a FLOP count, but no CUDA peaks, no NVML, no peak figure
     assert row["host_rss_peak_gib"] > 0.05
@@ -89,7 +93,7 @@ def test_speedups_against_both_baselines(records):
     assert ddp1["speedup_vs_plain_1"] == pytest.approx(1.0)
 
 
-def test_repeats_give_median_and_range_failed_repeats_ignored(records):
+def test_repeats_give_median_and_an_interval_across_launches_failed_repeats_ignored(records):
     base = records["tiny-llama full ddp x1proc"]
     slow, failed = copy.deepcopy(base), copy.deepcopy(base)
     slow.repeat, failed.repeat, failed.status = 1, 2, "crash"
@@ -101,11 +105,16 @@ def test_repeats_give_median_and_range_failed_repeats_ignored(records):
     df = metrics.aggregate_repeats(metrics.frame([base, slow, failed, third]))
     assert len(df) == 1
     row = df.iloc[0]
-    one = metrics.figures(base)["tokens_per_s_per_gpu"]
+    one = metrics.figures(base)["real_tokens_per_s_per_gpu"]
     assert (row["repeats"], row["repeats_ok"]) == (4, 3)
-    assert row["tokens_per_s_per_gpu"] == pytest.approx(one / 2)  # median of (1, 1/2, 1/2)
-    assert row["tokens_per_s_per_gpu_repeat_max"] == pytest.approx(one)
-    assert row["tokens_per_s_per_gpu_repeat_min"] == pytest.approx(one / 2)
+    assert row["real_tokens_per_s_per_gpu"] == pytest.approx(one / 2)  # median of (1, 1/2, 1/2)
+    assert row["interval_basis"] == "3 launches" and row["launch_interval_source"] == "across launches"
+    # the t-interval of log(1, 1/2, 1/2): mean log(1/2)*2/3, sd log(2)/sqrt(3), t(0.975, 2) = 4.303
+    logs = np.log([one, one / 2, one / 2])
+    half = 4.302652729911275 * logs.std(ddof=1) / np.sqrt(3)
+    low, high = metrics.per_gpu_interval(row)
+    assert (low, high) == pytest.approx((np.exp(logs.mean() - half), np.exp(logs.mean() + half)))
+    assert low < one / 2 and high > one  # wider than the launches' range: three launches say little
 
 
 def test_same_cell_on_two_machines_stays_apart(records):
@@ -115,6 +124,7 @@ def test_same_cell_on_two_machines_stays_apart(records):
     df = metrics.add_speedups(metrics.aggregate_repeats(metrics.frame([a, b])))
     assert sorted(df["machine"]) == sorted([a.env["hardware"], "cpu Other CPU x64"])
     assert (df["speedup_vs_plain_1"] == 1.0).all()  # each against its own machine's baseline
+    assert (df["speedup"] == 1.0).all() and (df["baseline"] == "ddp x1").all()
 
 
 def test_plain_baseline_prefers_single_then_ok_runs():
@@ -134,14 +144,14 @@ def test_gpu_record_energy_memory_and_mfu(records):
     rec = as_gpu_record(records["tiny-llama full zero3 x2proc"], energy_j=1000.0, reserved_gib=10.0)
     df = metrics.add_flop_rates(metrics.aggregate_repeats(metrics.frame([rec])))
     row = df.iloc[0]
-    timed_tokens = row["tokens_per_step"] * row["timed_steps"]
+    timed_tokens = row["real_tokens_per_step"] * row["timed_steps"]
     assert row["joules_per_token"] == pytest.approx(1000.0 / timed_tokens)
     assert row["power_mean_w"] == pytest.approx(1000.0)  # two GPUs at 500 W
     assert row["peak_reserved_gib"] == pytest.approx(10.0)
     assert row["peak_allocated_rank_spread_gib"] == pytest.approx(1.0, abs=1e-6)
     assert row["nvml_peak_used_gib"] == pytest.approx(11.5)
     assert row["gpu_total_gib"] == pytest.approx(80.0)
-    expected_tflops = row["tokens_per_s_per_gpu"] * flops.flops_for_settings(rec.settings).model_per_token / 1e12
+    expected_tflops = row["real_tokens_per_s_per_gpu"] * flops.flops_for_settings(rec.settings).model_per_token / 1e12
     assert row["model_tflops_per_gpu"] == pytest.approx(expected_tflops)
     assert row["mfu"] == pytest.approx(expected_tflops / 989.4)
     unknown = metrics.add_flop_rates(metrics.frame([as_gpu_record(rec, gpu_name="NVIDIA A10G")]))

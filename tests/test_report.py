@@ -86,14 +86,19 @@ def test_cli_report_from_real_cpu_runs(cpu_results, tmp_path):
     tables = csv_tables(out)
     scaling = tables["scaling_1"].set_index("strategy")
     assert list(scaling.index) == ["ddp", "zero3"]
-    assert re.fullmatch(r"[\d,]+ ±\d+%", scaling.loc["zero3", "2 proc: tok/s/proc"])
-    assert re.fullmatch(r"\d+\.\d\dx \(\d+%\)", scaling.loc["zero3", "2 proc: vs ddp@1"])
-    assert scaling.loc["ddp", "1 proc: vs ddp@1"] == "1.00x (100%)"
-    h2h = tables["head_to_head_1"]
-    assert h2h["plain -> this"].iloc[0] == "(the baseline)"
-    assert all(re.fullmatch(r".+ -> .+", v) for v in h2h["plain -> this"].iloc[1:])
-    assert (tables["energy_1"]["J per token"] == "n/a (no NVML)").all()
-    assert tables["efficiency_1"]["MFU"].str.startswith("n/a (CPU").all()
+    assert re.fullmatch(r"[\d,]+ \[[\d,]+-[\d,]+\] \(1 launch.*\)", scaling.loc["zero3", "2 proc: tok/s/proc [95% CI]"])
+    assert re.fullmatch(r"\d+\.\d\dx \(\d+%\)", scaling.loc["zero3", "2 proc: vs same-policy 1 proc"])
+    assert re.fullmatch(r"\d+\.\d\dx \(\d+%\)", scaling.loc["zero3", "2 proc: vs ddp@1 (plain)"])  # fp32 both
+    assert scaling.loc["ddp", "1 proc: vs ddp@1 (plain)"] == "1.00x (100%)"
+    assert (scaling["precision policy"] == "fp32").all()
+    h2h = tables["head_to_head_1"].set_index("run")
+    assert h2h.loc["ddp x1 proc", "baseline -> this"] == "(the baseline)"
+    assert h2h.loc["zero3 x2 proc", "baseline (same policy)"] == "zero3 x1 proc"
+    assert re.fullmatch(r".+ -> .+", h2h.loc["zero3 x2 proc", "baseline -> this"])
+    assert (tables["energy_1"]["J per real token"] == "n/a (no NVML)").all()
+    assert tables["efficiency_1"]["MFU (causal attn.)"].str.startswith("n/a (CPU").all()
+    verdict = tables["verdict_1"].set_index("procs")
+    assert verdict.loc["2", "fastest that fits (tok/s/proc [95% CI])"].split(" ")[0] in ("ddp", "zero3")
     md = (out / "index.md").read_text()
     assert "Predicted vs measured" not in md and "NVML trace" not in md  # no predictions, no NVML on CPU
     assert re.search(r"^\|[-:| ]+\|$", md, flags=re.M)  # standard pipe tables
@@ -112,14 +117,18 @@ def test_failed_cells_show_status_never_blank(mixed, tmp_path):
     scalings = [t.set_index("strategy") for n, t in sorted(tables.items()) if n.startswith("scaling_")]
     assert len(scalings) == 2
     cpu_table, gpu_table = scalings
-    assert cpu_table.loc["zero2", "2 proc: tok/s/proc"] == "oom"
-    assert cpu_table.loc["zero2", "1 proc: tok/s/proc"] == report_tables.NO_RECORD
-    assert gpu_table.loc["zero3", "2 GPU: tok/s/GPU"] == "oom"
-    assert gpu_table.loc["zero3", "2 GPU: vs same strategy@1"] == "oom"
-    assert gpu_table.loc["zero1", "2 GPU: vs ddp@1"] == "predicted_oom"
+    assert cpu_table.loc["zero2", "2 proc: tok/s/proc [95% CI]"] == "oom"
+    assert cpu_table.loc["zero2", "1 proc: tok/s/proc [95% CI]"] == report_tables.NO_RECORD
+    assert gpu_table.loc["zero3", "2 GPU: tok/s/GPU [95% CI]"] == "oom"
+    assert gpu_table.loc["zero3", "2 GPU: vs same-policy 1 GPU"] == "oom"
+    assert gpu_table.loc["zero1", "2 GPU: vs ddp@1 (plain)"] == "predicted_oom"
     memory = tables["memory_2"].set_index("run")
-    assert memory.loc["zero3 x2 GPU", "torch peak reserved GiB"] == "oom"
-    assert memory.loc["ddp x2 GPU", "torch peak reserved GiB"] == "10.00"
+    assert memory.loc["zero3 x2 GPU", "torch peak reserved GiB (whole run)"] == "oom"
+    assert memory.loc["ddp x2 GPU", "torch peak reserved GiB (whole run)"] == "10.00"
+    assert memory.loc["ddp x2 GPU", "torch peak reserved GiB (training steps)"] == "not recorded (older record)"
+    gpu_verdict = tables["verdict_2"].set_index("GPUs")
+    assert "zero3: oom" in gpu_verdict.loc["2", "did not fit"] and "zero1: predicted_oom" in gpu_verdict.loc["2", "did not fit"]
+    assert gpu_verdict.loc["2", "fastest that fits (tok/s/GPU [95% CI])"].startswith("ddp (fp32): ")
     assert memory.loc["ddp x2 GPU", "torch peak allocated GiB"] == "9.00 (ranks differ by 1.00)"
     assert memory.loc["ddp x1 GPU", "capacity GiB"] == "80.0 (card)"
 
@@ -128,12 +137,15 @@ def test_gpu_sections_mfu_energy_prediction_trace(mixed, tmp_path):
     out = report.write_report([mixed], tmp_path / "rep", options=report.ReportOptions())
     tables = csv_tables(out)
     eff = tables["efficiency_2"].set_index("run")
-    mfu = eff.loc["ddp x1 GPU", "MFU"]
+    mfu = eff.loc["ddp x1 GPU", "MFU (causal attn.)"]
     assert re.fullmatch(r"[\d.e-]+%", mfu) and float(mfu[:-1]) > 0
     assert "989.4" in eff.loc["ddp x1 GPU", "peak used (source)"] and "datasheet" in eff.loc["ddp x1 GPU", "peak used (source)"]
     energy = tables["energy_2"].set_index("run")
-    assert float(energy.loc["ddp x2 GPU", "J per token"]) > 0
-    assert energy.loc["zero3 x2 GPU", "J per token"] == "oom"
+    assert float(energy.loc["ddp x2 GPU", "J per real token"]) > 0
+    assert energy.loc["zero3 x2 GPU", "J per real token"] == "oom"
+    card = tables["card_state_2"].set_index("run")
+    assert card.loc["ddp x2 GPU", "mean SM clock MHz (timed window)"] == "1980"
+    assert card.loc["ddp x2 GPU", "timed samples throttled (power/thermal)"] == "unknown share (older record; none seen)"
     pred = tables["prediction"].set_index("run")
     assert pred.loc["tiny-llama full ddp x1gpu", "error %"] == "+10.0"
     assert pred.loc["tiny-llama full ddp x2gpu", "error %"] == "-10.0"
@@ -158,7 +170,8 @@ def test_single_process_only_folder(cpu, tmp_path):
                               options=report.ReportOptions(budget=TokenBudget(tokens=10**6)))
     assert_self_contained(out)
     scaling = csv_tables(out)["scaling_1"]
-    assert list(scaling.columns) == ["strategy", "1 proc: tok/s/proc", "1 proc: vs ddp@1"]
+    assert list(scaling.columns) == ["strategy", "precision policy", "1 proc: tok/s/proc [95% CI]",
+                                     "1 proc: vs ddp@1 (plain)"]
     assert "Nothing to compare" in (out / "index.md").read_text()
 
 

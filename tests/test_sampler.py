@@ -114,6 +114,22 @@ def test_window_means_and_reasons_ignore_samples_outside_it():
     assert g["mem_used_mean_bytes"] == pytest.approx(25.0)  # samples 20..30
 
 
+def test_throttle_share_counts_the_windows_power_and_thermal_samples():
+    tr = trace_of(100)
+    # inside the window (samples 20..30): power cap on 4 of 11 samples, one of them also thermal; sync boost
+    # (not a throttle of the work) on the rest; outside, a power cap everywhere that must not count
+    for i in range(100):
+        tr.reasons[i] = 0x4 if not 20 <= i <= 30 else 0x10
+    for i in (20, 21, 22):
+        tr.reasons[i] = 0x4
+    tr.reasons[23] = 0x4 | 0x20
+    g = summarise([tr], 0.1, 1000.0, (1002.0, 1003.0))["per_gpu"][0]
+    assert g["window_samples"] == 11
+    assert g["throttled_share"] == pytest.approx(4 / 11)
+    assert g["throttle_share_by_reason"] == pytest.approx({"sw_power_cap": 4 / 11, "sw_thermal_slowdown": 1 / 11})
+    assert "sync_boost" in g["throttle_reasons"]  # the union keeps every reason, as before
+
+
 def test_no_window_gives_no_energy_but_keeps_peaks():
     out = summarise([trace_of(10)], 0.1, 1000.0, None)
     assert out["energy_timed_j"] is None and out["per_gpu"][0]["energy_method"] == "no_timed_window"

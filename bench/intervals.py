@@ -1,0 +1,61 @@
+"""95 % intervals for the report's figures: one launch's median step time, and a cell's figure across launches.
+
+Fresh launches are the unit of repetition: a launch's timed steps share its process placement, allocator
+state, clocks and neighbours, so their spread says little about what the next launch will measure.
+- Across launches (2 or more): the launches' figures on the log scale, mean +- t(0.975, k-1) x sd / sqrt(k),
+  exponentiated: a t-interval for the geometric mean, on the ratio scale that speeds are compared on.
+  Two launches give a wide interval (t = 12.7): that is what two launches can tell.
+- Within one launch: the distribution-free interval of the median from order statistics: the timed steps
+  sorted, [x_(j), x_(k)] with j and k from the binomial(n, 1/2) distribution, coverage >= 95 %. Fewer than
+  6 steps admit no such pair; [min, max] is then given with the coverage it has (1 - 2 x 0.5^n).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Interval:
+    low: float
+    high: float
+    coverage: float  # the confidence the interval actually has (below CONFIDENCE only for very short series)
+
+
+def median_interval(values, confidence: float = CONFIDENCE) -> Interval | None:
+    """Order-statistic interval of the median of ``values``; None for an empty series."""
+    x = np.sort(np.asarray(values, dtype=float))
+    n = len(x)
+    if n == 0:
+        return None
+    # [x_(c), x_(n-1-c)] (0-based) misses the median when at most c steps lie below it, or at most c above:
+    # coverage 1 - 2 P(B <= c), B ~ binomial(n, 1/2). Take the largest c that keeps coverage >= confidence.
+    alpha = 1 - confidence
+    c = int(stats.binom.ppf(alpha / 2, n, 0.5))  # smallest c with P(B <= c) >= alpha / 2
+    if stats.binom.cdf(c, n, 0.5) > alpha / 2:
+        c -= 1
+    c = max(c, 0)  # too few steps for the confidence asked: [min, max], with the coverage it has
+    coverage = 1 - 2 * float(stats.binom.cdf(c, n, 0.5))
+    return Interval(float(x[c]), float(x[n - 1 - c]), coverage)
+
+
+def across_launches(values, confidence: float = CONFIDENCE) -> Interval | None:
+    """t-interval on the log scale of per-launch figures (all > 0); None with fewer than 2 launches."""
+    x = np.log(np.asarray(values, dtype=float))
+    k = len(x)
+    if k < 2 or not np.all(np.isfinite(x)):
+        return None
+    half = float(stats.t.ppf(0.5 + confidence / 2, k - 1)) * float(x.std(ddof=1)) / math.sqrt(k)
+    centre = float(x.mean())
+    return Interval(math.exp(centre - half), math.exp(centre + half), confidence)
+
+
+def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Two closed intervals share a point."""
+    return a[0] <= b[1] and b[0] <= a[1]
