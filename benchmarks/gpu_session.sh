@@ -113,5 +113,6 @@ for f in "$out"/lane-*.log; do [ -e "$f" ] && { echo "##### $f"; cat "$f"; }; do
 # back only a few files): OUT.tgz.
 # Only the results folders this call wrote (the rest is in the tree already): the device tool brings back
 # files of at most 16 MiB.
-tar czf "${out%/}.tgz" $(find results -mindepth 1 -maxdepth 1 -type d -newer "$out/env.json") "$out" 2>/dev/null
+# A folder counts as written when a runs.jsonl in it changed (a resumed folder's own mtime does not).
+tar czf "${out%/}.tgz" $(find results -mindepth 2 -maxdepth 3 -name runs.jsonl -newer "$out/env.json" -printf '%h\n' | sort -u) "$out" 2>/dev/null
 ls -la "${out%/}.tgz"
