@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench import transfers
+from bench import slowdown, transfers
 from bench.matrix import CellSettings
 from bench.model_build import builds_on_meta
 from bench.precision import policy_for
@@ -362,6 +362,7 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     def one_step() -> dict:
         return train_step(cell, model, optimizer, accelerator, batches, device)
 
+    one_step = slowdown.from_env(one_step, cell.train.warmup_steps, device)  # --slow-step only: bench/slowdown.py
     steps, window = run_steps(cell, one_step, accelerator, device, files)
     total = len(steps)
     traffic = None
@@ -372,6 +373,8 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     report = rank_report(cell, accelerator, model, rank, world_size, device, steps, init_s, window)
     report["startup_breakdown"] = startup  # where the time before the first step went
     report["model_init"] = "meta, materialised per shard" if on_meta else "on device"
+    if injected := slowdown.describe(one_step):
+        report["injected_slowdown"] = injected  # this launch was slowed on purpose
     report["peak_allocated_after_prepare_bytes"] = build_peak
     report["reserved_after_prepare_bytes"] = reserved_after_build
     if traffic is not None:
