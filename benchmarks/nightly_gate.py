@@ -13,7 +13,7 @@ Each folder is one night. Three parts:
 2. Variance components per cell from all the nights (log scale): between-night s.d. (sqrt of ``between``),
    within-night s.d. (s_w), and the smallest detectable step-time change if all of them were the baseline.
 3. What more nights would give, for a baseline of k nights with the spreads of part 2 (simulated: nights
-   drawn from a normal model with those components, 3 launches each, 20000 draws): the false-alarm rate per
+   drawn from a normal model with those components, 3 launches each, 5000 draws by default): the false-alarm rate per
    cell and the detection rate of the same slowdown. A projection from measured spreads, not a measurement.
 """
 
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("nights", nargs="+", type=Path, help="night folders (3 or more), one hardware")
     p.add_argument("--slowdown", type=float, default=1.10, help="step-time factor of the synthetic slowdown")
-    p.add_argument("--draws", type=int, default=20000, help="simulated nights per cell and baseline size")
+    p.add_argument("--draws", type=int, default=5000, help="simulated nights per cell and baseline size")
     args = p.parse_args(argv)
     t = Thresholds()
     print("\n".join(leave_one_out(args.nights, args.slowdown, t)))
