@@ -93,7 +93,8 @@ def resolve_auto(results_records: list[RunRecord], source: str, directory: Path 
         have = sorted(p.name for p in Path(directory).glob("*.jsonl")) if Path(directory).is_dir() else []
         raise BaselineError(f"no baseline for hardware {hardware!r}: {path} does not exist "
                             f"(baselines present: {', '.join(have) or 'none'}). "
-                            f"Fix: promote one from a trusted run with `bench baseline promote {source}`")
+                            f"Fix: record 3 or more nights on that machine (`bench nightly MATRIX --no-verdict`), "
+                            f"then `bench baseline promote NIGHT_DIR...`")
     return path
 
 

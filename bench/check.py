@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import t as student_t
 
-from bench.baseline import (BaselineError, load_any, load_nights, night_of, resolve_auto, single_hardware,
+from bench.baseline import (MIN_NIGHTS, BaselineError, load_any, load_nights, night_of, resolve_auto, single_hardware,
                             validate_nights)
 from bench.metrics import timed_step_times, tokens_per_step
 from bench.results import RunRecord, latest_runs
@@ -76,7 +76,7 @@ class Thresholds:
     memory: float = 0.03  # relative growth ...
     memory_mib: float = 256.0  # ... and absolute growth, both exceeded
     alpha: float = 0.05  # 1 - coverage of the two-sided prediction interval for a new night
-    min_nights: int = 3  # baseline nights a check needs
+    min_nights: int = MIN_NIGHTS  # baseline nights a check needs
 
 
 @dataclass
@@ -449,7 +449,7 @@ def to_json(result: CheckResult) -> dict:
 # ---------------------------------------------------------------- entry points for the CLI
 
 def parse_thresholds(items: list[str], alpha: float = 0.05, memory_mib: float = 256.0,
-                     min_nights: int = 3) -> Thresholds:
+                     min_nights: int = MIN_NIGHTS) -> Thresholds:
     """``["step_time=3", "memory=5"]`` (percent) -> Thresholds; unknown metric names are bad input."""
     values = {"alpha": alpha, "memory_mib": memory_mib, "min_nights": min_nights}
     names = ("step_time", "tokens_per_s", "memory")
