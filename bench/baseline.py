@@ -1,13 +1,16 @@
-"""Baselines: the records of one or more trusted runs of a matrix, one file per hardware, kept in the repository.
+"""Baselines: the records of several trusted nights of a matrix, one file per hardware, kept in the repository.
 
-    bench baseline promote results/nightly      -> results/baselines/<hardware-slug>.jsonl
-    bench baseline promote results/night-1 results/night-2 results/night-3   (several trusted runs, pooled)
-    bench check results/nightly --baseline auto  -> compares against that file
+    bench nightly matrices/nightly.yaml --no-verdict        (3 or more times: each run is one night)
+    bench baseline promote results/nightly/<hw>/<night-1> <night-2> <night-3>
+                                                         -> results/baselines/<hardware-slug>.jsonl
+    bench check RESULTS --baseline auto                    -> compares against that file
 
-A baseline file is a plain runs.jsonl (the same RunRecord lines, every repeat kept, raw per-step times
-included) so that ``bench check`` re-derives every figure from it exactly as from fresh results. The
-file is named after the hardware the records were measured on (``env.hardware``: GPU model and count,
-or the CPU), so one repository can hold a baseline per CI runner type and ``auto`` picks the right one.
+A baseline file is a plain runs.jsonl (the same RunRecord lines, every launch kept, raw per-step times
+included) so that ``bench check`` re-derives every figure from it exactly as from fresh results; each line
+also carries ``night``: the name of the folder (one night) it was promoted from, because the gate compares
+tonight with the spread between nights (bench/check.py). The file is named after the hardware the records
+were measured on (``env.hardware``: GPU model and count, or the CPU), so one repository can hold a baseline
+per CI runner type and ``auto`` picks the right one.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from collections import Counter
 from pathlib import Path
 
 from bench.results import RUNS_FILE, SCHEMA_VERSION, RunRecord, SchemaError, latest_runs, load_records
+from bench.slowdown import injected_slowdown
 
 DEFAULT_DIR = Path("results/baselines")
+MIN_NIGHTS = 3  # fewer nights cannot say how far nights wander (t with nights-1 degrees of freedom)
 
 
 class BaselineError(Exception):
@@ -88,28 +93,63 @@ def resolve_auto(results_records: list[RunRecord], source: str, directory: Path 
         have = sorted(p.name for p in Path(directory).glob("*.jsonl")) if Path(directory).is_dir() else []
         raise BaselineError(f"no baseline for hardware {hardware!r}: {path} does not exist "
                             f"(baselines present: {', '.join(have) or 'none'}). "
-                            f"Fix: promote one from a trusted run with `bench baseline promote {source}`")
+                            f"Fix: record 3 or more nights on that machine (`bench nightly MATRIX --no-verdict`), "
+                            f"then `bench baseline promote NIGHT_DIR...`")
     return path
 
 
-def promote(results: Path | list[Path], directory: Path = DEFAULT_DIR) -> tuple[Path, list[RunRecord]]:
-    """Write the latest run of every (cell, repeat) of one or more results folders as the baseline for their
-    hardware.
+def night_of(record: RunRecord) -> str | None:
+    """The night a baseline record came from (absent in records not promoted, and in old baselines)."""
+    return getattr(record, "night", None)
 
-    Several trusted runs (nights, or sessions on the same runner type) make a better baseline than one:
-    repeats within one run share that run's conditions (the host's other load, clocks, the card), so only
-    a baseline spanning runs lets the run-level test see how far whole runs drift apart. Each folder's
-    repeats are renumbered after the previous folder's (folder 2's repeat 0 becomes repeat 3 where folder 1
-    had 3), so that every run stays a run of its own. An existing baseline for that hardware is replaced
-    whole; git keeps the previous one.
-    """
-    folders = [results] if isinstance(results, (str, Path)) else list(results)
+
+def load_nights(paths: list[Path]) -> list[RunRecord]:
+    """Records of several nights, each record carrying its ``night``, the latest run of each (cell, repeat)
+    of each night: a results folder is one night named after the folder; a baseline file keeps the nights
+    its records carry (a file without them counts as one night, named after the file)."""
     records: list[RunRecord] = []
-    for folder in folders:
-        runs = latest_runs(load_any(folder))
-        offset = max((r.repeat for r in records), default=-1) + 1
-        records += [r.model_copy(update={"repeat": r.repeat + offset}) for r in runs]
-    hardware = single_hardware(records, ", ".join(map(str, folders)))
+    names: set[str] = set()
+    for path in map(Path, paths):
+        name = path.name if path.name not in names else str(path)
+        names.add(name)
+        by_night: dict[str, list[RunRecord]] = {}
+        for r in load_any(path):
+            by_night.setdefault(night_of(r) or name, []).append(r)
+        for night, runs in by_night.items():
+            records += [RunRecord.model_validate({**r.model_dump(), "night": night}) for r in latest_runs(runs)]
+    return records
+
+
+def validate_nights(records: list[RunRecord], source: str, min_nights: int = MIN_NIGHTS) -> list[str]:
+    """The nights of a baseline; too few, or a night slowed on purpose (--slow-step), is bad input."""
+    nights = sorted({night_of(r) or "" for r in records})
+    if len(nights) < min_nights:
+        raise BaselineError(
+            f"{source}: {len(nights)} night(s) ({', '.join(n or '<unnamed>' for n in nights)}); a baseline needs "
+            f"at least {min_nights} to tell a change from the spread between nights. Fix: record more nights on "
+            f"this machine (`bench nightly MATRIX --no-verdict`), then `bench baseline promote NIGHT1 NIGHT2 "
+            f"NIGHT3 ...` (each folder one night)")
+    slowed = sorted({night_of(r) or "" for r in records if injected_slowdown(r)})
+    if slowed:
+        raise BaselineError(f"{source}: night(s) {', '.join(slowed)} were slowed on purpose (--slow-step) and "
+                            "cannot be a baseline. Fix: promote nights run without --slow-step")
+    return nights
+
+
+def promote(nights: Path | list[Path], directory: Path = DEFAULT_DIR,
+            min_nights: int = MIN_NIGHTS) -> tuple[Path, list[RunRecord]]:
+    """Write the latest run of every (cell, repeat) of each night folder as the baseline for their hardware.
+
+    Each record keeps its night (the folder's name) so that the check can tell the spread between nights
+    from the spread between launches of one night. Repeats are renumbered after the previous night's (night
+    2's repeat 0 becomes repeat 3 where night 1 had 3), so that every launch stays one of its own. An existing
+    baseline for that hardware is replaced whole; git keeps the previous one.
+    """
+    folders = [nights] if isinstance(nights, (str, Path)) else list(nights)
+    source = ", ".join(map(str, folders))
+    records = _renumber(load_nights(folders))
+    hardware = single_hardware(records, source)
+    validate_nights(records, source, min_nights)
     path = baseline_path(hardware, directory)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".jsonl.tmp")
@@ -118,10 +158,24 @@ def promote(results: Path | list[Path], directory: Path = DEFAULT_DIR) -> tuple[
     return path, records
 
 
+def _renumber(records: list[RunRecord]) -> list[RunRecord]:
+    """Repeats made unique over nights, in order: each night's after the previous night's highest."""
+    out: list[RunRecord] = []
+    offset, night, top = 0, object(), -1
+    for r in records:
+        if night_of(r) != night:
+            night, offset = night_of(r), top + 1
+        out.append(r.model_copy(update={"repeat": r.repeat + offset}))
+        top = max(top, r.repeat + offset)
+    return out
+
+
 def describe(records: list[RunRecord]) -> str:
     """One line: cells, runs, statuses, card, commits: what a promotion just wrote."""
     statuses = Counter(r.status for r in records)
     cells = len({r.cell_id for r in records})
     shas = sorted({str(r.env.get("git_sha")) for r in records})
-    return (f"{cells} cells, {len(records)} runs ({', '.join(f'{n} {s}' for s, n in statuses.items())}) "
-            f"on {records[0].env.get('hardware')}, git {', '.join(shas)}")
+    nights = sorted({str(night_of(r)) for r in records})
+    return (f"{len(nights)} nights ({', '.join(nights)}), {cells} cells, {len(records)} runs "
+            f"({', '.join(f'{n} {s}' for s, n in statuses.items())}) on {records[0].env.get('hardware')}, "
+            f"git {', '.join(shas)}")

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from bench import bytecode, envinfo, folder_lock, strategies
+from bench import bytecode, envinfo, folder_lock, slowdown, strategies
 from bench.matrix import (CellSettings, Matrix, MatrixError, check_time_budget, expand, load_matrix, select,
                           validate_cells)
 from bench.plan import WORKER_MODULE, LaunchPlan, build_plan
@@ -39,6 +39,7 @@ class RunOptions:
     device: str | None = None  # override the matrix's device (cpu/cuda)
     capacity_gib: float | None = None  # memory each rank must fit, for the pre-flight check (default: its GPU)
     wait_for_lock: bool = False  # another run writes the results folder: wait for it instead of stopping
+    slow_step: float | None = None  # make every timed step this fraction slower on purpose (bench/slowdown.py)
 
 
 def visible_gpus() -> int:
@@ -71,10 +72,27 @@ def prepare(matrix_path: str, opts: RunOptions) -> Prepared:
     results_dir = Path(opts.results_dir or Path("results") / matrix.name)
     if msg := check_writable(results_dir):
         raise MatrixError(msg)
-    finished = finished_runs(load_records(results_dir), opts.retry_failed, opts.force)
+    records = load_records(results_dir)
+    refuse_foreign_records(records, results_dir)
+    finished = finished_runs(records, opts.retry_failed, opts.force)
     repeats = opts.repeats or matrix.repeats
     todo = [(c, r) for c in cells for r in range(repeats) if (c.cell_id, r) not in finished]
     return Prepared(matrix, cells, results_dir, todo, len(cells) * repeats - len(todo))
+
+
+def refuse_foreign_records(records: list[RunRecord], results_dir: Path) -> None:
+    """Resume reuses only records this machine and this code wrote: records of other hardware or another git
+    commit in the folder would be skipped as done and mixed with tonight's. Raises MatrixError naming them."""
+    if not records:
+        return
+    here = envinfo.fingerprint()
+    mine = (here.get("hardware"), here.get("git_sha"))
+    foreign = {(r.env.get("hardware"), r.env.get("git_sha")) for r in records} - {mine}
+    if foreign:
+        listed = "; ".join(f"{hw} at git {sha}" for hw, sha in sorted(foreign, key=str))
+        raise MatrixError(f"{results_dir} holds records measured on {listed}; this run is {mine[0]} at git "
+                          f"{mine[1]}. Resuming would reuse records it did not write. Fix: run into a fresh folder "
+                          f"(--results {results_dir}-<date>), or move that folder away")
 
 
 def finished_runs(records: list[RunRecord], retry_failed: bool, force: bool = False) -> set[tuple[str, int]]:
@@ -135,14 +153,17 @@ def resume_command(matrix_path: str, opts: RunOptions) -> str:
         args += ["--repeats", str(opts.repeats)]
     if opts.retry_failed:
         args.append("--retry-failed")
+    if opts.slow_step:
+        args += ["--slow-step", str(opts.slow_step)]
     if opts.worker_module != WORKER_MODULE:
         args += ["--worker", opts.worker_module]
     return shlex.join(args)
 
 
 def make_plans(prep: Prepared, opts: RunOptions) -> list[LaunchPlan]:
-    return [build_plan(c, prep.results_dir, prep.matrix.limits, r, opts.worker_module, port=free_port())
-            for c, r in prep.todo]
+    extra_env = slowdown.launch_env(opts.slow_step)
+    return [build_plan(c, prep.results_dir, prep.matrix.limits, r, opts.worker_module, port=free_port(),
+                       extra_env=extra_env) for c, r in prep.todo]
 
 
 def run_matrix(matrix_path: str, opts: RunOptions, console: Console | None = None) -> int:

@@ -1,42 +1,50 @@
-"""Baseline comparison for nightly CI: which cells got slower, bigger or started failing.
+"""The nightly gate: is tonight's run of a matrix slower, bigger or failing more often than the baseline nights
+of the same hardware?
 
-Cells are matched by id (a hash of all their settings) and only like is compared with like: both sides
-must come from the same hardware (``env.hardware``: GPU model and count, or the CPU); anything else is
-refused (exit 2), never compared. A differing software fingerprint (library versions, CUDA, NCCL,
-driver, git sha) is not refused but shown beside the verdict, since it is usually what is under test.
+Cells are matched by id (a hash of all their settings) and only like is compared with like: both sides must
+come from the same hardware (``env.hardware``: GPU model and count, or the CPU); anything else is refused
+(exit 2), never compared. A differing software fingerprint (library versions, CUDA, NCCL, driver, git sha)
+is not refused but shown beside the verdict, since it is usually what is under test.
 
-Decision rules (the report states them):
+The night is the unit. Launches of one night share its conditions (the host's other load, clocks, the
+cards, the allocator's luck), so they are not independent evidence: whole nights drift together. A baseline
+is therefore a set of nights (at least 3, each record carrying its ``night``), and tonight is one more.
 
-- Status: a failure status (oom, timeout, hang, crash, ...) that the baseline's runs of a cell did
-  not have is always a regression; a failure that is gone is an improvement. A baseline cell missing
-  from the results is a regression too (the nightly run lost it); a new cell is listed without verdict.
-- Step time and throughput (per timed step: tokens of all ranks / the slowest rank's step time) are
-  flagged only when all three hold:
-    1. size: the median over all timed steps of all runs moved by more than the metric's threshold
-       (default 5%);
-    2. steps: a two-sided Mann-Whitney U test on the per-step values pooled over runs gives p < alpha
-       (default 0.01). Rank-based, so the heavy tail of step times (a descheduled step) does not drive it;
-    3. runs: a Welch t-test on the log of each run's median gives p < run_alpha (default 0.05), which
-       needs at least 2 runs per side (nightly: 3). Steps of one run share its machine state (load,
-       clocks, placement, allocator layout), so they are not independent and (2) alone overstates the
-       evidence: whole runs shift together. (3) measures that run-to-run noise on the hardware at hand
-       and asks the change to stand out from it, so the bar rises by itself on a noisy machine: a
-       per-hardware, noise-aware threshold without a table of noise figures to maintain.
-  Why these choices, measured on the shared 2-core CPU of development (tiny Llama, 1 process, 40 timed
-  steps, 3 runs a side, other jobs on the machine): per-step CV was about 35% and run medians of
-  identical reruns differed by up to 2x under load (24 vs 48 ms), with whole runs shifting together.
-  Over 6 identical reruns checked pairwise (30 checks), the per-step test alone gave p < 0.01 in 10
-  checks although nothing changed, while the run-level test never went below p = 0.24; with all three
-  rules: 0 alarms in 30 (tests/test_check.py::test_false_alarm_count measures it again). A simulation
-  at the worst noise seen (30% between runs) puts (1)+(2), even with "every run beyond every baseline
-  run" added, at 9% false alarms with 3+3 runs, and the three rules above at about 3%; at GPU-like noise (1-2% between runs) at 0%, with a 10% change caught in 95-100%
-  of checks with 3+3 runs. Medians, not means, so that one descheduled step moves nothing.
-  The same rules in the other direction list an improvement. A side with one run is never flagged on
-  timing (the report says so): without repeats nothing says whether the change is the code or the run.
-- Peak memory (torch peak reserved, max over ranks, on GPU; host RSS peak on CPU; median over runs)
-  is deterministic enough for a plain threshold: flagged when it grows by more than both the relative
-  and the absolute threshold (default +3% and +256 MiB), so that small cells do not trip on allocator
-  noise and big ones are still held to a few percent. A drop past both is listed as an improvement.
+Timing rule, per cell, for step time and for throughput on real (non-padding) tokens, on the log scale:
+
+    x_jl = log of launch l's figure in baseline night j: its median over timed steps of the step time (the
+           slowest rank per step), or real tokens per step (all ranks) / that median step time
+    y_j  = median over l of x_jl: night j's figure (j = 1..k, the nights with an ok launch of the cell);
+           n_j launches, N = sum n_j, n_h = their harmonic mean
+    c    = mean of y_j                                  the baseline's centre
+    s_b2 = sample variance of y_j (ddof 1)              spread between nights (their launch noise included)
+    s_w2 = sum_j sum_l (x_jl - mean_l x_jl)^2 / (N - k) spread between launches of one night (0 if N = k)
+    between = max(0, s_b2 - s_w2 / n_h)                 what nights add beyond their own launch noise
+    V    = between + s_w2 / m + s_b2 / k                variance of tonight's figure (m launches) minus c
+    h    = t(1 - alpha/2, k - 1) * sqrt(V)              half-width of the prediction interval, log scale
+
+  With m = n_h this is the textbook interval for one new observation, t * s_b * sqrt(1 + 1/k); the split
+  lets a night with another launch count be judged fairly. (The within-night term treats the median of m
+  launches as their mean, a mild approximation.) With alpha = 0.05 and nights that behave like the baseline
+  nights, tonight falls outside ``c +- h`` in 5 % of nights, 2.5 % on the slow side.
+  A cell is flagged when tonight's figure y lies outside the interval AND the change exp(y - c) - 1 is past
+  the metric's threshold (default 5 %): a slowdown is a regression, a speed-up an improvement. The smallest
+  change the gate can detect on this cell and hardware is max(threshold, exp(h) - 1); the report prints it
+  per cell, so a 5 % threshold on a cell whose nights wander 20 % is seen to be nominal.
+  A cell with fewer than ``min_nights`` baseline nights with ok launches is not judged on timing (said so).
+
+Failures: a launch is failed when its status is a failure (crash, oom, hang, timeout, unsupported,
+predicted_oom); busy, interrupted and skipped launches measured nothing and are left out of both counts. A
+higher failure fraction tonight than over all baseline launches is a regression (1 crash in 9 baseline
+launches, 3 in 3 tonight: regression), a lower one an improvement. A baseline cell that tonight did not
+measure at all is a regression (``missing``); a new cell is listed without verdict.
+
+Peak memory (torch peak reserved, max over ranks, on GPU; host RSS peak on CPU; median over ok launches)
+is deterministic enough for a plain threshold: flagged when it grows by more than both the relative and the
+absolute threshold (default +3 % and +256 MiB). A drop past both is listed as an improvement.
+
+A night slowed on purpose (``--slow-step``, bench/slowdown.py) is named as such in the output; a baseline
+holding such a night is refused.
 
 Exit codes: 0 no regression, 1 at least one regression, 2 bad input (see bench.cli).
 """
@@ -48,23 +56,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import mannwhitneyu, ttest_ind
+from scipy.stats import t as student_t
 
-from bench.baseline import BaselineError, load_any, resolve_auto, single_hardware
+from bench.baseline import (MIN_NIGHTS, BaselineError, load_any, load_nights, night_of, resolve_auto, single_hardware,
+                            validate_nights)
 from bench.metrics import timed_step_times, tokens_per_step
 from bench.results import RunRecord, latest_runs
+from bench.slowdown import injected_slowdown
 
 SOFTWARE_KEYS = ("git_sha", "python", "cuda", "nccl", "driver", "cuda_driver", "platform")
+FAILED = {"crash", "oom", "hang", "timeout", "unsupported", "predicted_oom"}
+NOT_MEASURED = {"busy", "interrupted", "skipped"}
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    step_time: float = 0.05  # relative change of the median
+    step_time: float = 0.05  # relative change of the night's figure
     tokens_per_s: float = 0.05
     memory: float = 0.03  # relative growth ...
     memory_mib: float = 256.0  # ... and absolute growth, both exceeded
-    alpha: float = 0.01  # Mann-Whitney U significance level on per-step values
-    run_alpha: float = 0.05  # Welch t-test significance level on run medians
+    alpha: float = 0.05  # 1 - coverage of the two-sided prediction interval for a new night
+    min_nights: int = MIN_NIGHTS  # baseline nights a check needs
 
 
 @dataclass
@@ -73,14 +85,14 @@ class Finding:
 
     cell_id: str
     label: str
-    metric: str  # status | step_time_s | tokens_per_s | peak_memory_bytes
-    verdict: str  # regression | improvement | unchanged | new | missing
-    baseline: float | str | None = None
-    current: float | str | None = None
+    metric: str  # status | step_time_s | real_tokens_per_s | peak_memory_bytes
+    verdict: str  # regression | improvement | unchanged | unjudged | new | missing
+    baseline: float | str | None = None  # timing: the centre of the baseline nights (geometric mean)
+    current: float | str | None = None  # timing: tonight's figure
     change: float | None = None  # relative, (current - baseline) / baseline
-    p_value: float | None = None  # Mann-Whitney U over steps
-    p_runs: float | None = None  # Welch t-test over run medians
-    runs: str = ""  # e.g. "3 vs 3"
+    interval: tuple[float, float] | None = None  # timing: prediction interval for a new night
+    detectable: float | None = None  # timing: smallest relative change the gate can flag on this cell
+    nights: str = ""  # e.g. "3 nights x 3 launches vs 3 launches"
     why: str = ""
 
 
@@ -91,6 +103,8 @@ class CheckResult:
     hardware: str
     software_diff: dict[str, tuple]
     thresholds: Thresholds
+    baseline_nights: list[str] = field(default_factory=list)
+    slowed: dict | None = None  # tonight's injected slowdown, if any (bench/slowdown.py)
     findings: list[Finding] = field(default_factory=list)
 
     def by_verdict(self, verdict: str) -> list[Finding]:
@@ -101,133 +115,199 @@ class CheckResult:
         return 1 if self.by_verdict("regression") or self.by_verdict("missing") else 0
 
 
+# ---------------------------------------------------------------- per-launch figures
+
+def has_real_tokens(record: RunRecord) -> bool:
+    return all("real_tokens" in s for rank in record.ranks for s in rank["steps"] if s["phase"] == "timed")
+
+
+def launch_step_time(record: RunRecord) -> float:
+    return float(np.median(timed_step_times(record)))
+
+
+def launch_throughput(record: RunRecord) -> float | None:
+    """Real (non-padding) tokens per step of all ranks / the launch's median step time; None for records
+    written before steps counted real tokens."""
+    return tokens_per_step(record, real=True) / launch_step_time(record) if has_real_tokens(record) else None
+
+
+def launch_peak_memory(record: RunRecord) -> tuple[float, str]:
+    reserved = [k["torch_peak_reserved_bytes"] for k in record.ranks if "torch_peak_reserved_bytes" in k]
+    if reserved:
+        return float(max(reserved)), "torch peak reserved"
+    return float(max(k.get("host_rss_peak_bytes", 0) for k in record.ranks)), "host RSS peak"
+
+
+def is_timed_ok(record: RunRecord) -> bool:
+    return record.status == "ok" and bool(timed_step_times(record))
+
+
+# ---------------------------------------------------------------- the prediction interval
+
+@dataclass
+class Interval:
+    centre: float  # log scale
+    half_width: float  # log scale
+    nights: int
+
+    def contains(self, y: float) -> bool:
+        return abs(y - self.centre) <= self.half_width
+
+    @property
+    def detectable(self) -> float:
+        """The relative slowdown at the interval's edge."""
+        return float(np.expm1(self.half_width))
+
+
+def prediction_interval(nights: list[list[float]], tonight_launches: int, alpha: float) -> Interval:
+    """``nights``: per baseline night, its launches' figures (log scale). See the module docstring."""
+    k = len(nights)
+    y = np.array([np.median(x) for x in nights])
+    n = np.array([len(x) for x in nights])
+    s_b2 = float(np.var(y, ddof=1))
+    df_w = int(n.sum()) - k
+    s_w2 = sum(float(((np.asarray(x) - np.mean(x)) ** 2).sum()) for x in nights) / df_w if df_w else 0.0
+    n_h = k / float((1 / n).sum())
+    between = max(0.0, s_b2 - s_w2 / n_h)
+    variance = between + s_w2 / tonight_launches + s_b2 / k
+    return Interval(float(y.mean()), float(student_t.ppf(1 - alpha / 2, k - 1) * np.sqrt(variance)), k)
+
+
 # ---------------------------------------------------------------- per-cell data
 
 @dataclass
-class CellRuns:
-    """The runs of one cell on one side: latest record per repeat."""
+class CellNights:
+    """One cell's launches on one side, grouped by night (tonight: one night)."""
 
-    records: list[RunRecord]
-
-    @property
-    def label(self) -> str:
-        return self.records[0].label
+    label: str
+    by_night: dict[str, list[RunRecord]]
 
     @property
-    def ok(self) -> list[RunRecord]:
-        return [r for r in self.records if r.status == "ok" and timed_step_times(r)]
+    def records(self) -> list[RunRecord]:
+        return [r for rs in self.by_night.values() for r in rs]
+
+    def measured(self) -> list[RunRecord]:
+        return [r for r in self.records if r.status not in NOT_MEASURED]
 
     def failures(self) -> Counter:
-        return Counter(r.status for r in self.records if r.status != "ok")
+        return Counter(r.status for r in self.measured() if r.status in FAILED)
 
-    def step_times(self) -> list[np.ndarray]:
-        return [np.asarray(timed_step_times(r)) for r in self.ok]
-
-    def throughputs(self) -> list[np.ndarray]:
-        return [tokens_per_step(r) / np.asarray(timed_step_times(r)) for r in self.ok]
+    def figures(self, metric: str) -> list[list[float]]:
+        """Per night with ok launches: each launch's figure, log scale (throughput: those that count real tokens)."""
+        per_night = []
+        for records in self.by_night.values():
+            values = [launch_step_time(r) if metric == "step_time_s" else launch_throughput(r)
+                      for r in records if is_timed_ok(r)]
+            values = [np.log(v) for v in values if v is not None and v > 0]
+            if values:
+                per_night.append(values)
+        return per_night
 
     def peak_memory(self) -> tuple[float | None, str]:
-        """Median over ok runs of the max-over-ranks peak: torch reserved on GPU, host RSS otherwise."""
-        per_run, kind = [], "host RSS peak"
-        for r in self.ok:
-            reserved = [k["torch_peak_reserved_bytes"] for k in r.ranks if "torch_peak_reserved_bytes" in k]
-            if reserved:
-                per_run.append(max(reserved))
-                kind = "torch peak reserved"
-            else:
-                per_run.append(max(k.get("host_rss_peak_bytes", 0) for k in r.ranks))
-        return (float(np.median(per_run)) if per_run else None), kind
+        peaks = [launch_peak_memory(r) for r in self.records if is_timed_ok(r)]
+        if not peaks:
+            return None, ""
+        return float(np.median([p for p, _ in peaks])), peaks[0][1]
 
 
-def group_by_cell(records: list[RunRecord]) -> dict[str, CellRuns]:
-    cells: dict[str, list[RunRecord]] = {}
-    for r in sorted(latest_runs(records), key=lambda r: r.repeat):
-        cells.setdefault(r.cell_id, []).append(r)
-    return {cid: CellRuns(rs) for cid, rs in cells.items()}
+def group_cells(records: list[RunRecord], night: str | None = None) -> dict[str, CellNights]:
+    """Cells of one side; ``night`` names the night of every record (tonight), else each record's ``night``."""
+    cells: dict[str, CellNights] = {}
+    by_night: dict[str, list[RunRecord]] = {}
+    for r in records:
+        by_night.setdefault(night or night_of(r) or "", []).append(r)
+    for name, rs in by_night.items():
+        for r in sorted(latest_runs(rs), key=lambda r: r.repeat):
+            cell = cells.setdefault(r.cell_id, CellNights(r.label, {}))
+            cell.by_night.setdefault(name, []).append(r)
+    return cells
 
 
 # ---------------------------------------------------------------- comparisons
 
-def run_level_p(base: list[np.ndarray], cur: list[np.ndarray]) -> float | None:
-    """Welch t-test on the log of each run's median: is the change larger than run-to-run noise?"""
-    if len(base) < 2 or len(cur) < 2:
+WORSE_IS_HIGHER = {"step_time_s": True, "real_tokens_per_s": False}
+
+
+def compare_timing(cell_id: str, base: CellNights, cur: CellNights, metric: str, threshold: float,
+                   t: Thresholds) -> Finding | None:
+    nights, tonight = base.figures(metric), cur.figures(metric)
+    if not tonight or not nights:
         return None
-    log_b = np.log([np.median(x) for x in base])
-    log_c = np.log([np.median(x) for x in cur])
-    if np.ptp(log_b) == 0 and np.ptp(log_c) == 0:  # identical runs (a copied file): no spread to test
-        return 0.0 if log_b[0] != log_c[0] else 1.0
-    return float(ttest_ind(log_c, log_b, equal_var=False).pvalue)
-
-
-def compare_timing(cell_id: str, label: str, metric: str, base: list[np.ndarray], cur: list[np.ndarray],
-                   threshold: float, t: Thresholds, worse_is_higher: bool) -> Finding:
-    pooled_b, pooled_c = np.concatenate(base), np.concatenate(cur)
-    mb, mc = float(np.median(pooled_b)), float(np.median(pooled_c))
-    change = (mc - mb) / mb
-    p_steps = float(mannwhitneyu(pooled_c, pooled_b, alternative="two-sided").pvalue)
-    p_runs = run_level_p(base, cur)
-    finding = Finding(cell_id, label, metric, "unchanged", mb, mc, change, p_value=p_steps, p_runs=p_runs,
-                      runs=f"{len(base)} vs {len(cur)}")
-    if abs(change) <= threshold:
-        finding.why = f"within {threshold:.0%}"
-    elif p_steps >= t.alpha:
-        finding.why = f"not significant over steps (Mann-Whitney p={p_steps:.2g} >= {t.alpha:g})"
-    elif p_runs is None:
-        finding.why = "one run on a side: run-to-run noise unknown, not flagged (use --repeats 3)"
-    elif p_runs >= t.run_alpha:
-        finding.why = f"within run-to-run noise (Welch p={p_runs:.2g} >= {t.run_alpha:g})"
+    launches = sum(len(x) for x in nights)
+    finding = Finding(cell_id, cur.label, metric, "unjudged", current=float(np.exp(np.median(tonight[0]))),
+                      nights=f"{len(nights)} nights, {launches} launches vs {len(tonight[0])} launches")
+    if len(nights) < t.min_nights:
+        finding.why = (f"only {len(nights)} baseline night(s) with ok launches of this cell "
+                       f"(needs {t.min_nights}): not judged on timing")
+        return finding
+    interval = prediction_interval(nights, len(tonight[0]), t.alpha)
+    y = float(np.median(tonight[0]))
+    finding.baseline = float(np.exp(interval.centre))
+    finding.change = float(np.expm1(y - interval.centre))
+    finding.interval = (float(np.exp(interval.centre - interval.half_width)),
+                        float(np.exp(interval.centre + interval.half_width)))
+    finding.detectable = max(threshold, interval.detectable)
+    nominal = " (the threshold is nominal here)" if interval.detectable > threshold else ""
+    coverage = f"{1 - t.alpha:.0%}"
+    if interval.contains(y):
+        finding.verdict = "unchanged"
+        finding.why = f"inside the {coverage} interval of a new night; detectable: {finding.detectable:.1%}{nominal}"
+    elif abs(finding.change) <= threshold:
+        finding.verdict = "unchanged"
+        finding.why = f"outside the interval but within {threshold:.0%}"
     else:
-        worse = change > 0 if worse_is_higher else change < 0
+        worse = finding.change > 0 if WORSE_IS_HIGHER[metric] else finding.change < 0
         finding.verdict = "regression" if worse else "improvement"
-        finding.why = (f"{abs(change):.1%} > {threshold:.0%}, steps: Mann-Whitney p={p_steps:.2g}, "
-                       f"runs: Welch p={p_runs:.2g}")
+        finding.why = (f"{finding.change:+.1%}: outside the {coverage} interval of a new night and past "
+                       f"{threshold:.0%}; detectable: {finding.detectable:.1%}{nominal}")
     return finding
 
 
-def compare_memory(cell_id: str, label: str, base: CellRuns, cur: CellRuns, t: Thresholds) -> Finding | None:
+def compare_memory(cell_id: str, base: CellNights, cur: CellNights, t: Thresholds) -> Finding | None:
     (mb, kind), (mc, _) = base.peak_memory(), cur.peak_memory()
     if mb is None or mc is None or mb <= 0:
         return None
     delta, change = mc - mb, (mc - mb) / mb
-    finding = Finding(cell_id, label, "peak_memory_bytes", "unchanged", mb, mc, change,
-                      runs=f"{len(base.ok)} vs {len(cur.ok)}", why=kind)
-    big = abs(change) > t.memory and abs(delta) > t.memory_mib * 2**20
-    if big:
+    finding = Finding(cell_id, cur.label, "peak_memory_bytes", "unchanged", mb, mc, change, why=kind,
+                      nights=f"median of {len([r for r in base.records if is_timed_ok(r)])} vs "
+                             f"{len([r for r in cur.records if is_timed_ok(r)])} launches")
+    if abs(change) > t.memory and abs(delta) > t.memory_mib * 2**20:
         finding.verdict = "regression" if delta > 0 else "improvement"
         finding.why = f"{kind}: {delta / 2**20:+.0f} MiB ({change:+.1%}), over {t.memory:.0%} and {t.memory_mib:g} MiB"
     return finding
 
 
-def compare_status(cell_id: str, label: str, base: CellRuns, cur: CellRuns) -> Finding | None:
-    fb, fc = base.failures(), cur.failures()
-    new, gone = set(fc) - set(fb), set(fb) - set(fc)
-    if not new and not gone and not fb:
+def _failure_summary(cell: CellNights) -> str:
+    measured, failures = len(cell.measured()), cell.failures()
+    parts = [f"ok {measured - sum(failures.values())}/{measured}"]
+    return ", ".join(parts + [f"{s} {k}/{measured}" for s, k in sorted(failures.items())])
+
+
+def compare_failures(cell_id: str, base: CellNights, cur: CellNights) -> Finding | None:
+    """Failure fractions: tonight's failed launches over its measured ones against the baseline's."""
+    nb, nc = len(base.measured()), len(cur.measured())
+    if nc == 0:
+        return Finding(cell_id, cur.label, "status", "missing", _failure_summary(base), "not measured",
+                       why="no launch of this cell measured anything tonight "
+                           f"({', '.join(sorted({r.status for r in cur.records}))})")
+    fb = sum(base.failures().values()) / nb if nb else 0.0
+    fc = sum(cur.failures().values()) / nc
+    if fb == 0 and fc == 0:
         return None
-
-    def summary(runs: CellRuns, failures: Counter) -> str:
-        n = len(runs.records)
-        parts = [f"ok {n - sum(failures.values())}/{n}"] if sum(failures.values()) < n else []
-        return ", ".join(parts + [f"{s} {k}/{n}" for s, k in failures.items()])
-
-    verdict = "regression" if new else "improvement" if gone else "unchanged"
-    why = (f"new failure: {', '.join(sorted(new))}" if new
-           else f"failure gone: {', '.join(sorted(gone))}" if gone else "same failure as the baseline")
-    return Finding(cell_id, label, "status", verdict, summary(base, fb), summary(cur, fc), why=why,
-                   runs=f"{len(base.records)} vs {len(cur.records)}")
+    verdict = "regression" if fc > fb else "improvement" if fc < fb else "unchanged"
+    why = {"regression": "more failed launches than the baseline",
+           "improvement": "fewer failed launches than the baseline",
+           "unchanged": "same failure fraction as the baseline"}[verdict]
+    return Finding(cell_id, cur.label, "status", verdict, _failure_summary(base), _failure_summary(cur),
+                   change=fc - fb, why=f"{why} ({fc:.0%} vs {fb:.0%})", nights=f"{nb} vs {nc} launches")
 
 
-def compare_cell(cell_id: str, base: CellRuns, cur: CellRuns, t: Thresholds) -> list[Finding]:
-    label = cur.label
-    findings = [f for f in [compare_status(cell_id, label, base, cur)] if f]
-    if not base.ok or not cur.ok:
-        return findings
-    findings.append(compare_timing(cell_id, label, "step_time_s", base.step_times(), cur.step_times(),
-                                   t.step_time, t, worse_is_higher=True))
-    findings.append(compare_timing(cell_id, label, "tokens_per_s", base.throughputs(), cur.throughputs(),
-                                   t.tokens_per_s, t, worse_is_higher=False))
-    if memory := compare_memory(cell_id, label, base, cur, t):
-        findings.append(memory)
-    return findings
+def compare_cell(cell_id: str, base: CellNights, cur: CellNights, t: Thresholds) -> list[Finding]:
+    findings = [compare_failures(cell_id, base, cur),
+                compare_timing(cell_id, base, cur, "step_time_s", t.step_time, t),
+                compare_timing(cell_id, base, cur, "real_tokens_per_s", t.tokens_per_s, t),
+                compare_memory(cell_id, base, cur, t)]
+    return [f for f in findings if f is not None]
 
 
 # ---------------------------------------------------------------- whole check
@@ -250,21 +330,25 @@ def check_hardware(base: list[RunRecord], cur: list[RunRecord], base_src: str, c
         raise BaselineError(
             f"hardware mismatch: the baseline {base_src} was measured on {hb!r}, the results {cur_src} on "
             f"{hc!r}. Timings from different hardware are not comparable, so nothing was compared. "
-            f"Fix: use the baseline for {hc!r} (--baseline auto), or promote one from a trusted run on "
-            f"that machine with `bench baseline promote {cur_src}`")
+            f"Fix: use the baseline for {hc!r} (--baseline auto), or make one on that machine: 3 or more "
+            f"nights of `bench nightly MATRIX --no-verdict`, then `bench baseline promote NIGHT...`")
     return hb
 
 
 def run_check(current: list[RunRecord], baseline: list[RunRecord], thresholds: Thresholds = Thresholds(),
               current_src: str = "results", baseline_src: str = "baseline") -> CheckResult:
-    """Compare results with a baseline. Raises BaselineError on input that must not be compared."""
+    """Compare tonight's records (one night) with baseline records (each carrying its night).
+    Raises BaselineError on input that must not be compared."""
     hardware = check_hardware(baseline, current, baseline_src, current_src)
-    result = CheckResult(current_src, baseline_src, hardware, software_diff(baseline, current), thresholds)
-    base_cells, cur_cells = group_by_cell(baseline), group_by_cell(current)
+    nights = validate_nights(baseline, baseline_src, thresholds.min_nights)
+    slowed = next((s for r in current if (s := injected_slowdown(r))), None)
+    result = CheckResult(current_src, baseline_src, hardware, software_diff(baseline, current), thresholds,
+                         nights, slowed)
+    base_cells, cur_cells = group_cells(baseline), group_cells(current, night="tonight")
     for cell_id, base in base_cells.items():
         if cell_id not in cur_cells:
             result.findings.append(Finding(cell_id, base.label, "status", "missing",
-                                           why="in the baseline, not in the results"))
+                                           why="in the baseline, not run tonight"))
             continue
         result.findings += compare_cell(cell_id, base, cur_cells[cell_id], thresholds)
     for cell_id, cur in cur_cells.items():
@@ -280,7 +364,7 @@ def _fmt(metric: str, value) -> str:
         return value or ""
     if metric == "step_time_s":
         return f"{value * 1000:.1f} ms"
-    if metric == "tokens_per_s":
+    if metric == "real_tokens_per_s":
         return f"{value:,.0f} tok/s"
     if metric == "peak_memory_bytes":
         return f"{value / 2**30:.2f} GiB"
@@ -288,11 +372,28 @@ def _fmt(metric: str, value) -> str:
 
 
 def _table(findings: list[Finding]) -> list[str]:
-    lines = ["| cell | metric | baseline | current | change | runs | why |", "|---|---|---|---|---|---|---|"]
+    lines = ["| cell | metric | baseline | tonight | change | interval for a new night | detectable | nights | why |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for f in findings:
         change = f"{f.change:+.1%}" if f.change is not None else ""
+        interval = f"{_fmt(f.metric, f.interval[0])} .. {_fmt(f.metric, f.interval[1])}" if f.interval else ""
+        detectable = f"{f.detectable:.1%}" if f.detectable is not None else ""
         lines.append(f"| {f.label} `{f.cell_id}` | {f.metric} | {_fmt(f.metric, f.baseline)} | "
-                     f"{_fmt(f.metric, f.current)} | {change} | {f.runs} | {f.why} |")
+                     f"{_fmt(f.metric, f.current)} | {change} | {interval} | {detectable} | {f.nights} | {f.why} |")
+    return lines
+
+
+def _detectable_lines(result: CheckResult) -> list[str]:
+    """Per cell: the smallest step-time change this baseline lets the gate flag on this hardware."""
+    rows = [f for f in result.findings if f.metric == "step_time_s" and f.detectable is not None]
+    if not rows:
+        return []
+    lines = ["", "### Smallest detectable step-time change per cell", "",
+             "| cell | detectable | threshold | nights |", "|---|---|---|---|"]
+    for f in rows:
+        note = " (nominal)" if f.detectable > result.thresholds.step_time else ""
+        lines.append(f"| {f.label} `{f.cell_id}` | {f.detectable:.1%} | {result.thresholds.step_time:.0%}{note} | "
+                     f"{f.nights} |")
     return lines
 
 
@@ -302,24 +403,29 @@ def to_markdown(result: CheckResult) -> str:
     improvements = result.by_verdict("improvement")
     verdict = f"REGRESSION ({len(regressions)})" if regressions else "no regression"
     lines = [f"## bench check: {verdict}", "",
-             f"- results: `{result.results}`; baseline: `{result.baseline}`",
+             f"- tonight: `{result.results}`; baseline: `{result.baseline}` ({len(result.baseline_nights)} nights: "
+             f"{', '.join(result.baseline_nights)})",
              f"- hardware: {result.hardware} (same on both sides)"]
+    if result.slowed:
+        lines.append(f"- **tonight was slowed on purpose** (--slow-step): {result.slowed}")
     if result.software_diff:
         diffs = "; ".join(f"{k} {b} -> {c}" for k, (b, c) in result.software_diff.items())
         lines.append(f"- software differs from the baseline: {diffs}")
     else:
         lines.append("- software: same fingerprint as the baseline")
-    lines.append(f"- rules: step time / throughput flagged when the median moves more than "
-                 f"{t.step_time:.0%} / {t.tokens_per_s:.0%}, Mann-Whitney U on per-step values pooled over "
-                 f"runs gives p < {t.alpha:g}, and a Welch t-test on run medians p < {t.run_alpha:g} (2+ runs "
-                 f"per side); peak memory "
-                 f"when it grows more than {t.memory:.0%} and {t.memory_mib:g} MiB; any new failure status.")
+    lines.append(f"- rules: per cell, tonight's figure (median over launches of each launch's median) is flagged "
+                 f"when it lies outside the {1 - t.alpha:.0%} prediction interval for a new night that the "
+                 f"baseline nights give (between- and within-night spread, log scale, t with nights-1 df) and "
+                 f"moves more than {t.step_time:.0%} (step time) / {t.tokens_per_s:.0%} (throughput on real "
+                 f"tokens); a higher failure fraction than the baseline's; peak memory growing more than "
+                 f"{t.memory:.0%} and {t.memory_mib:g} MiB.")
     for title, items in (("Regressions", regressions), ("Improvements", improvements)):
         lines += ["", f"### {title} ({len(items)})"]
         lines += _table(items) if items else ["none"]
     new = result.by_verdict("new")
     if new:
         lines += ["", f"New cells without a baseline: {', '.join(f.label for f in new)}"]
+    lines += _detectable_lines(result)
     lines += ["", "<details><summary>all comparisons</summary>", "", *_table(result.findings), "", "</details>"]
     return "\n".join(lines) + "\n"
 
@@ -330,7 +436,9 @@ def to_json(result: CheckResult) -> dict:
         "exit_code": result.exit_code,
         "results": result.results,
         "baseline": result.baseline,
+        "baseline_nights": result.baseline_nights,
         "hardware": result.hardware,
+        "injected_slowdown": result.slowed,
         "software_diff": {k: list(v) for k, v in result.software_diff.items()},
         "thresholds": asdict(result.thresholds),
         "counts": dict(Counter(f.verdict for f in result.findings)),
@@ -340,9 +448,10 @@ def to_json(result: CheckResult) -> dict:
 
 # ---------------------------------------------------------------- entry points for the CLI
 
-def parse_thresholds(items: list[str], alpha: float, run_alpha: float, memory_mib: float) -> Thresholds:
+def parse_thresholds(items: list[str], alpha: float = 0.05, memory_mib: float = 256.0,
+                     min_nights: int = MIN_NIGHTS) -> Thresholds:
     """``["step_time=3", "memory=5"]`` (percent) -> Thresholds; unknown metric names are bad input."""
-    values = {"alpha": alpha, "run_alpha": run_alpha, "memory_mib": memory_mib}
+    values = {"alpha": alpha, "memory_mib": memory_mib, "min_nights": min_nights}
     names = ("step_time", "tokens_per_s", "memory")
     for item in items:
         name, _, pct = item.partition("=")
@@ -352,13 +461,17 @@ def parse_thresholds(items: list[str], alpha: float, run_alpha: float, memory_mi
             values[name] = float(pct) / 100
         except ValueError:
             raise BaselineError(f"--threshold {item!r}: give a percentage, e.g. {name}=5") from None
+    if not 0 < alpha < 1:
+        raise BaselineError(f"--alpha {alpha}: give a probability between 0 and 1, e.g. 0.05")
     return Thresholds(**values)
 
 
-def check_paths(results: Path, baseline: str, thresholds: Thresholds, baselines_dir: Path) -> CheckResult:
-    """Load both sides (``baseline='auto'`` picks the file for the results' hardware) and compare."""
+def check_paths(results: Path, baselines: list[str], thresholds: Thresholds, baselines_dir: Path) -> CheckResult:
+    """Load both sides and compare. ``baselines``: ['auto'] (the file for the results' hardware), one baseline
+    file, or several results folders (each one night)."""
     current = load_any(results)
     if not current:
         raise BaselineError(f"{results}: no records to check. Fix: run the matrix first")
-    base_path = resolve_auto(current, str(results), baselines_dir) if baseline == "auto" else Path(baseline)
-    return run_check(current, load_any(base_path), thresholds, str(results), str(base_path))
+    if baselines == ["auto"]:
+        baselines = [str(resolve_auto(current, str(results), baselines_dir))]
+    return run_check(current, load_nights([Path(b) for b in baselines]), thresholds, str(results), ", ".join(baselines))

@@ -13,6 +13,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Benchmark ways of spreading LLM training over GPUs (DDP, DeepSpeed ZeRO, FSDP).")
 
 
+SLOW_STEP_HELP = ("make every timed step this fraction slower on purpose with real device work (e.g. 0.10), "
+                  "named in the record: proves the nightly gate; off by default")
+
+
 @app.command()
 def run(
     matrix: Annotated[str, typer.Argument(help="matrix YAML, e.g. matrices/smoke.yaml")],
@@ -29,11 +33,12 @@ def run(
         min=0.0, help="memory (GiB) each rank must fit for the pre-flight check; default its GPU or gpu_memory_gib")] = None,
     wait_for_lock: Annotated[bool, typer.Option(
         "--wait-for-lock", help="if another run is writing the results folder, wait for it instead of stopping")] = False,
+    slow_step: Annotated[Optional[float], typer.Option(min=0.0, max=10.0, help=SLOW_STEP_HELP)] = None,
 ):
     """Run every cell of a matrix as a real `accelerate launch` and append one record per run."""
     opts = RunOptions(results_dir=results, only=only, exclude=exclude, dry_run=dry_run, retry_failed=retry_failed,
                       force=force, repeats=repeats, worker_module=worker, device=device, capacity_gib=capacity_gib,
-                      wait_for_lock=wait_for_lock)
+                      wait_for_lock=wait_for_lock, slow_step=slow_step or None)
     raise typer.Exit(main_guard(run_matrix, matrix, opts))
 
 
@@ -137,27 +142,32 @@ def _bad_input_exits_2(fn) -> int:
         return 2
 
 
+THRESHOLD_HELP = "METRIC=PERCENT for step_time, tokens_per_s (real tokens), memory (defaults 5, 5, 3); repeatable"
+ALPHA_HELP = "1 - coverage of the prediction interval for a new night (0.05: 95 %)"
+
+
 @app.command()
 def check(
-    results: Annotated[Path, typer.Argument(help="results folder (or .jsonl) to check, e.g. results/nightly")],
-    baseline: Annotated[str, typer.Option(help="baseline .jsonl or results folder, or 'auto': "
-                                               "<baselines-dir>/<hardware>.jsonl for the results' hardware")],
-    threshold: Annotated[list[str], typer.Option(help="METRIC=PERCENT for step_time, tokens_per_s, memory "
-                                                      "(defaults 5, 5, 3); repeatable")] = [],
+    results: Annotated[Path, typer.Argument(help="one night's results folder (or .jsonl) to check")],
+    baseline: Annotated[list[str], typer.Option(help="'auto' (<baselines-dir>/<hardware>.jsonl for the results' "
+                                                     "hardware), a baseline .jsonl, or night folders (repeat the "
+                                                     "option: each folder one night)")],
+    threshold: Annotated[list[str], typer.Option(help=THRESHOLD_HELP)] = [],
     memory_mib: Annotated[float, typer.Option(help="peak memory must also grow by more than this (MiB)")] = 256,
-    alpha: Annotated[float, typer.Option(help="significance level of the per-step Mann-Whitney U test")] = 0.01,
-    run_alpha: Annotated[float, typer.Option(help="significance level of the Welch t-test on run medians")] = 0.05,
+    alpha: Annotated[float, typer.Option(help=ALPHA_HELP)] = 0.05,
+    min_nights: Annotated[int, typer.Option(min=2, help="baseline nights needed (fewer than 3: very wide intervals)")] = 3,
     markdown: Annotated[Optional[Path], typer.Option(help="also write the markdown summary here")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the findings as JSON here")] = None,
     baselines_dir: Annotated[Path, typer.Option(help="where --baseline auto looks")] = Path("results/baselines"),
 ):
-    """Compare results with a baseline: exit 0 clean, 1 regression, 2 bad input (e.g. other hardware)."""
+    """Judge one night against baseline nights of the same hardware: exit 0 clean, 1 regression, 2 bad input."""
     import json
 
     from bench.check import check_paths, parse_thresholds, to_json, to_markdown
 
     def _run() -> int:
-        result = check_paths(results, baseline, parse_thresholds(threshold, alpha, run_alpha, memory_mib), baselines_dir)
+        result = check_paths(results, baseline, parse_thresholds(threshold, alpha, memory_mib, min_nights),
+                             baselines_dir)
         text = to_markdown(result)
         typer.echo(text)
         if markdown:
@@ -169,6 +179,35 @@ def check(
     raise typer.Exit(_bad_input_exits_2(_run))
 
 
+@app.command()
+def nightly(
+    matrix: Annotated[str, typer.Argument(help="matrix YAML, e.g. matrices/nightly.yaml")],
+    root: Annotated[Optional[Path], typer.Option(help="where night folders go (default results/nightly/<hardware>)")] = None,
+    launches: Annotated[Optional[int], typer.Option(min=1, help="fresh launches per cell (default the matrix's repeats)")] = None,
+    no_verdict: Annotated[bool, typer.Option("--no-verdict", help="record the night without a check: how the "
+                                                                  "first nights of a new baseline are made")] = False,
+    slow_step: Annotated[Optional[float], typer.Option(min=0.0, max=10.0, help=SLOW_STEP_HELP)] = None,
+    threshold: Annotated[list[str], typer.Option(help=THRESHOLD_HELP)] = [],
+    memory_mib: Annotated[float, typer.Option(help="peak memory must also grow by more than this (MiB)")] = 256,
+    alpha: Annotated[float, typer.Option(help=ALPHA_HELP)] = 0.05,
+    baselines_dir: Annotated[Path, typer.Option(help="where this hardware's baseline is looked for")] = Path("results/baselines"),
+    device: Annotated[Optional[str], typer.Option(help="override the matrix's device: cpu or cuda")] = None,
+    worker: Annotated[str, typer.Option(hidden=True)] = "bench.worker",
+):
+    """One night: run the matrix into a fresh folder, check it against this hardware's baseline, write check.md,
+    check.json and the report there. Exit 0 clean, 1 regression (or nothing measured), 2 bad input."""
+    from bench.check import parse_thresholds
+    from bench.nightly import NightOptions, run_night
+
+    def _run() -> int:
+        opts = NightOptions(root=root, launches=launches, slow_step=slow_step or None, no_verdict=no_verdict,
+                            baselines_dir=baselines_dir, thresholds=parse_thresholds(threshold, alpha, memory_mib),
+                            device=device, worker_module=worker)
+        return main_guard(run_night, matrix, opts)  # bad matrix: 2; a baseline refused: 2 (below)
+
+    raise typer.Exit(_bad_input_exits_2(_run))
+
+
 baseline_app = typer.Typer(no_args_is_help=True, help="Baselines kept in the repository, one per hardware.")
 app.add_typer(baseline_app, name="baseline")
 
@@ -176,10 +215,10 @@ app.add_typer(baseline_app, name="baseline")
 @baseline_app.command("promote")
 def baseline_promote(
     results: Annotated[list[Path], typer.Argument(
-        help="results folder(s) of trusted runs, e.g. results/nightly; several are pooled, each a run of its own")],
+        help="night folders of trusted nights (3 or more), e.g. results/nightly/<hardware>/<night>; each one night")],
     baselines_dir: Annotated[Path, typer.Option(help="where baselines live")] = Path("results/baselines"),
 ):
-    """Make results folder(s) the baseline for their hardware: <baselines-dir>/<hardware-slug>.jsonl."""
+    """Make 3 or more nights the baseline for their hardware: <baselines-dir>/<hardware-slug>.jsonl."""
     from bench.baseline import describe, promote
 
     def _run() -> int:

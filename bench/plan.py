@@ -203,9 +203,11 @@ def _launch_env(cell: CellSettings, limits: Limits, deepspeed: bool,
 
 def build_plan(cell: CellSettings, results_dir: Path, limits: Limits, repeat: int = 0,
                worker_module: str = WORKER_MODULE, port: int = 29500,
-               parent_visible_devices: str | None | object = _FROM_ENVIRON) -> LaunchPlan:
+               parent_visible_devices: str | None | object = _FROM_ENVIRON,
+               extra_env: dict[str, str] | None = None) -> LaunchPlan:
     """``parent_visible_devices``: the parent's CUDA_VISIBLE_DEVICES (None: unset); read from the
-    environment unless given, so that tests can pin it."""
+    environment unless given, so that tests can pin it. ``extra_env``: added to the launch's environment
+    (``--slow-step``: bench/slowdown.py)."""
     if parent_visible_devices is _FROM_ENVIRON:
         parent_visible_devices = os.environ.get("CUDA_VISIBLE_DEVICES")
     cell_dir = results_dir.resolve() / "cells" / (cell.cell_id + (f"-r{repeat}" if repeat else ""))
@@ -243,6 +245,7 @@ def build_plan(cell: CellSettings, results_dir: Path, limits: Limits, repeat: in
         argv.insert(argv.index("--config_file"), "--multi_gpu")
     env = _launch_env(cell, limits, deepspeed=accel.get("distributed_type") == "DEEPSPEED",
                       parent_visible=parent_visible_devices)
+    env.update(extra_env or {})
     plan = LaunchPlan(cell, cell_dir, argv, env, files, limits, repeat, worker_module, notes)
     files["launch.sh"] = _launch_script(plan)
     return plan

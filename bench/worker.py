@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench import transfers
+from bench import slowdown, transfers
 from bench.gc_window import GcWindow
 from bench.matrix import CellSettings
 from bench.model_build import builds_on_meta
@@ -394,6 +394,7 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     def one_step() -> dict:
         return train_step(cell, model, optimizer, accelerator, batches, device)
 
+    one_step = slowdown.from_env(one_step, cell.train.warmup_steps, device)  # --slow-step only: bench/slowdown.py
     steps, window, timing, collector = run_steps(cell, one_step, accelerator, device, files)
     total = len(steps)
     traffic = None
@@ -408,6 +409,8 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     report["model_init"] = "meta, materialised per shard" if on_meta else "on device"
     report.update(build_memory)
     report.update(training_memory(device, build_memory))
+    if injected := slowdown.describe(one_step):
+        report["injected_slowdown"] = injected  # this launch was slowed on purpose
     if traffic is not None:
         report["host_device_traffic"] = traffic
     files.write_report(report)

@@ -8,7 +8,9 @@
 #     gpu-tests[=PATHS[@K]] pytest -m gpu on PATHS (comma-separated test files; default: tests), -k K
 #                           (default $PYTEST_K), e.g. "gpu-tests=tests/test_gpu.py@fsdp or meta"
 #     smoke, llama8b-1gpu, oom, llama8b
-#     nightly[=DIR[@ONLY]]  matrices/nightly.yaml (its 3 repeats) into results/DIR (default results/nightly)
+#     nightly[=DIR[@ONLY]]  matrices/nightly.yaml (its repeats) into results/DIR (default results/nightly)
+#     night=ROOT[@FLAG...]  one night of the gate: bench nightly matrices/nightly.yaml --root results/ROOT FLAGs,
+#                           e.g. night=nightly-h200@--no-verdict, night=nightly-h200-slowed@--slow-step@0.10
 #     70b[=force]           matrices/llama70b-qlora.yaml (force: launch cells predicted not to fit)
 #     overhead[=STEPS[@INTERVAL_S]]  benchmarks/sampler_overhead.py (STEPS timed steps; a short sampling
 #                           interval, e.g. 0.002, amplifies the cost: see the script's docstring)
@@ -78,7 +80,10 @@ run_step() {
     oom)          step oom python3 -m bench.cli run matrices/oom.yaml --force ;;  # launch although predicted not to fit
     llama8b)      step llama8b python3 -m bench.cli run matrices/llama8b.yaml ;;
     llama-full)   run_step "run=llama-full@llama-full${arg:+@$arg}" ;;
-    nightly)      run_step "run=nightly@${arg:-nightly}" ;;  # nightly.yaml sets repeats: 3
+    nightly)      run_step "run=nightly@${arg:-nightly}" ;;  # the matrix's repeats, into one folder (not a night)
+    night)  # night=ROOT[@FLAG...]: one `bench nightly` night into results/ROOT/<date>-<commit>[-n]/
+      local root=${arg%%@*} flags=(); [[ $arg == *@* ]] && IFS=@ read -ra flags <<< "${arg#*@}"
+      step "night-$root-$SECONDS" python3 -m bench.cli nightly matrices/nightly.yaml --root "results/$root" "${flags[@]}" ;;
     run)
       local matrix=${arg%%@*} rest=${arg#*@}; local dir=${rest%%@*} only=()
       [[ $rest == *@* ]] && mapfile -t only < <(only_args "${rest#*@}")

@@ -1,0 +1,143 @@
+"""The nightly gate (bench/check.py) re-run on committed nights: false alarms, a synthetic 10 % slowdown, and
+the smallest change each cell lets it detect. Nothing is launched; every figure comes from the records.
+
+    python benchmarks/nightly_gate.py results/nightly-rerun-3 results/nightly-rerun-4 results/nightly-rerun-5
+    python benchmarks/nightly_gate.py results/nightly results/nightly-rerun-1 results/nightly-rerun-2 --slowdown 1.2
+
+Each folder is one night. Three parts:
+
+1. Leave one out: each night checked against a baseline of the others (what `bench check` does, with
+   ``min_nights`` lowered to what is left), then the same night with every timed step time scaled by
+   ``--slowdown`` (all ranks; tokens unchanged) checked again: false alarms are flags on the unscaled night,
+   detection the share of timed cells flagged on the scaled one.
+2. Variance components per cell from all the nights (log scale): between-night s.d. (sqrt of ``between``),
+   within-night s.d. (s_w), and the smallest detectable step-time change if all of them were the baseline.
+3. What more nights would give, for a baseline of k nights with the spreads of part 2 (simulated: nights
+   drawn from a normal model with those components, 3 launches each, 5000 draws by default): the false-alarm rate per
+   cell and the detection rate of the same slowdown. A projection from measured spreads, not a measurement.
+4. With ``--grid``: the same simulation over a grid of spreads (between nights 0-2 %, within a night 1-5 %,
+   2 launches a night, 5 baseline nights): which spreads let the gate catch the slowdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from bench.baseline import load_nights
+from bench.check import Thresholds, prediction_interval, run_check
+from bench.results import RunRecord
+
+
+def scaled(records: list[RunRecord], factor: float) -> list[RunRecord]:
+    """The records with every timed step's time (all ranks) multiplied by ``factor``."""
+    out = []
+    for r in records:
+        raw = r.model_dump()
+        for rank in raw["ranks"]:
+            for step in rank["steps"]:
+                if step["phase"] == "timed":
+                    step["time_s"] *= factor
+        out.append(RunRecord.model_validate(raw))
+    return out
+
+
+def leave_one_out(folders: list[Path], factor: float, t: Thresholds) -> list[str]:
+    lines, alarms, caught, timed = [], 0, 0, 0
+    relaxed = replace(t, min_nights=len(folders) - 1)
+    for night in folders:
+        others = [f for f in folders if f != night]
+        baseline = load_nights(others)
+        tonight = load_nights([night])
+        plain = run_check(tonight, baseline, relaxed, str(night), "others")
+        slow = run_check(scaled(tonight, factor), baseline, relaxed, str(night), "others")
+        flagged = [f for f in plain.findings if f.verdict in ("regression", "improvement", "missing")]
+        step = {f.cell_id: f for f in slow.findings if f.metric == "step_time_s" and f.change is not None}
+        hit = [f for f in step.values() if f.verdict == "regression"]
+        alarms += bool(flagged)
+        caught += len(hit)
+        timed += len(step)
+        detect = ", ".join(f"{f.label.split(' x')[0].replace('llama-3.2-1b ', '')} {f.detectable:.0%}"
+                           for f in step.values())
+        lines.append(f"  {night.name} vs {len(others)} others: {len(flagged)} flag(s) "
+                     f"{[f'{f.label} {f.metric} {f.verdict}' for f in flagged]}; x{factor:g}: {len(hit)}/{len(step)} "
+                     f"cells flagged; detectable: {detect}")
+    lines.insert(0, f"leave one out ({len(folders) - 1}-night baselines): nights with a false alarm "
+                    f"{alarms}/{len(folders)}; x{factor:g} slowdown flagged on {caught}/{timed} timed cells")
+    return lines
+
+
+def components(folders: list[Path], t: Thresholds) -> dict[str, tuple[str, float, float, int]]:
+    """Per cell: (label, between-night s.d., within-night s.d., launches per night), log scale."""
+    from bench.check import group_cells
+
+    out = {}
+    for cell_id, cell in group_cells(load_nights(folders)).items():
+        nights = cell.figures("step_time_s")
+        y = np.array([np.median(x) for x in nights])
+        n = np.array([len(x) for x in nights])
+        s_w2 = sum(float(((np.asarray(x) - np.mean(x)) ** 2).sum()) for x in nights) / max(1, n.sum() - len(n))
+        between = max(0.0, float(np.var(y, ddof=1)) - s_w2 * float((1 / n).mean()))
+        half = prediction_interval(nights, int(np.median(n)), t.alpha).half_width
+        out[cell_id] = (cell.label, float(np.sqrt(between)), float(np.sqrt(s_w2)), int(np.median(n)),
+                        max(t.step_time, float(np.expm1(half))))
+    return out
+
+
+def simulate(sd_between: float, sd_within: float, launches: int, nights: int, shift: float, t: Thresholds,
+             draws: int, rng: np.random.Generator) -> tuple[float, float]:
+    """(false-alarm rate, detection rate of ``shift``) for one cell under a normal model of its spreads."""
+    false, hits = 0, 0
+    for _ in range(draws):
+        base = [list(rng.normal(rng.normal(0, sd_between), sd_within, launches)) for _ in range(nights)]
+        interval = prediction_interval(base, launches, t.alpha)
+        for offset, counter in ((0.0, "false"), (np.log(shift), "hit")):
+            y = float(np.median(rng.normal(offset + rng.normal(0, sd_between), sd_within, launches)))
+            flagged = not interval.contains(y) and np.expm1(y - interval.centre) > t.step_time
+            if counter == "false":
+                false += flagged
+            else:
+                hits += flagged
+    return false / draws, hits / draws
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("nights", nargs="+", type=Path, help="night folders (3 or more), one hardware")
+    p.add_argument("--slowdown", type=float, default=1.10, help="step-time factor of the synthetic slowdown")
+    p.add_argument("--draws", type=int, default=5000, help="simulated nights per cell and baseline size")
+    p.add_argument("--grid", action="store_true", help="also simulate a grid of spreads (part 4)")
+    args = p.parse_args(argv)
+    t = Thresholds()
+    print("\n".join(leave_one_out(args.nights, args.slowdown, t)))
+    comps = components(args.nights, t)
+    print(f"\nper cell, all {len(args.nights)} nights (log-scale s.d. ~ relative): between nights, within a night; "
+          f"smallest detectable step-time change with all of them as the baseline")
+    for label, sd_b, sd_w, n, detectable in comps.values():
+        print(f"  {label:45s} between {sd_b:6.1%}  within {sd_w:6.1%}  ({n} launches a night)  "
+              f"detectable {detectable:6.1%}")
+    rng = np.random.default_rng(17)
+    print(f"\nprojection (simulated from those spreads, {args.draws} draws): false alarms per cell-night / "
+          f"x{args.slowdown:g} detected, for k baseline nights")
+    for label, sd_b, sd_w, n, _ in comps.values():
+        cells = []
+        for k in (3, 5, 7, 10):
+            fa, hit = simulate(sd_b, sd_w, n, k, args.slowdown, t, args.draws, rng)
+            cells.append(f"k={k}: {fa:.1%} / {hit:.0%}")
+        print(f"  {label:45s} " + "  ".join(cells))
+    if args.grid:
+        print(f"\ngrid (simulated, {args.draws} draws): 5 baseline nights, 2 launches a night; false alarms per "
+              f"cell-night / x{args.slowdown:g} detected")
+        for sd_b in (0.0, 0.01, 0.02):
+            row = [f"within {sd_w:.0%}: {fa:.1%} / {hit:.0%}" for sd_w in (0.01, 0.02, 0.03, 0.05)
+                   for fa, hit in [simulate(sd_b, sd_w, 2, 5, args.slowdown, t, args.draws, rng)]]
+            print(f"  between {sd_b:.0%}:  " + "  ".join(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
