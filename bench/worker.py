@@ -403,6 +403,7 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
         traffic = transfers.measure(one_step, lambda: sync(device))
     files.heartbeat("done", total)
     report = rank_report(cell, accelerator, model, rank, world_size, device, steps, init_s, window)
+    report["optimizer_class"] = innermost_optimizer(model, optimizer)
     report["timing"] = timing  # the stopping rule, why it stopped, the interval reached (slowest-rank series)
     report["gc"] = collector
     report["startup_breakdown"] = startup  # where the time before the first step went
@@ -446,6 +447,16 @@ def training_memory(device: torch.device, build: dict) -> dict:
     return {"training_peak_allocated_bytes": allocated, "training_peak_reserved_bytes": reserved,
             "torch_peak_allocated_bytes": max(allocated, build["peak_allocated_after_prepare_bytes"]),
             "torch_peak_reserved_bytes": max(reserved, build["peak_reserved_after_prepare_bytes"])}
+
+
+def innermost_optimizer(model, optimizer) -> str:
+    """The class that stepped the weights: under DeepSpeed the engine's own (a user JSON's optimizer block
+    becomes FusedAdam on CUDA, wrapped by the ZeRO optimizer), else torch's or bitsandbytes' behind
+    accelerate's wrapper."""
+    found = getattr(model, "optimizer", None) or optimizer  # a DeepSpeed engine holds the one it built
+    while getattr(found, "optimizer", None) is not None:
+        found = found.optimizer
+    return type(found).__name__
 
 
 def model_vocab(model) -> int:

@@ -61,6 +61,9 @@ def test_trainer_style_zero2_json_runs_on_two_cpu_processes(tmp_path):
     # The JSON's own optimizer and scheduler blocks ran, and the record says so.
     assert record["strategy_info"]["optimizer"].startswith("DeepSpeed AdamW from the JSON's optimizer block")
     assert record["strategy_info"]["scheduler"] == "DeepSpeed WarmupDecayLR from the JSON's scheduler block"
+    # On CPU DeepSpeed steps the JSON's AdamW with torch's implementation (FusedAdam needs CUDA: test_gpu.py).
+    assert {rank["optimizer_class"] for rank in record["ranks"]} <= {"AdamW", "DeepSpeedCPUAdam", "FusedAdam"}
+    assert all(rank["optimizer_class"] != "DummyOptim" for rank in record["ranks"])
 
 
 def test_user_accelerate_yaml_ddp_runs_with_the_cells_process_count(tmp_path):
