@@ -88,11 +88,14 @@ def estimate(
     only: Annotated[list[str], typer.Option(help="only cells with KEY=V1,V2 (repeatable, ANDed)")] = [],
     exclude: Annotated[list[str], typer.Option(help="skip cells with KEY=V1,V2 (repeatable)")] = [],
     as_json: Annotated[bool, typer.Option("--json", help="print the predictions as JSON")] = False,
+    gpus: Annotated[Optional[int], typer.Option(
+        min=1, help="keep only the cells a box of this many GPUs can run (gpus <= N), e.g. --gpus 2")] = None,
 ):
-    """Predict each cell's peak GPU memory per rank (and host memory), launching nothing."""
+    """Predict each cell's peak GPU memory per rank (and host memory), launching nothing, on any machine:
+    each cell ends with the smallest card it fits on."""
     from bench.estimate_table import run_estimate
 
-    raise typer.Exit(main_guard(run_estimate, matrix, device, capacity_gib, only, exclude, as_json))
+    raise typer.Exit(main_guard(run_estimate, matrix, device, capacity_gib, only, exclude, as_json, max_gpus=gpus))
 
 
 @app.command("estimate-check")
