@@ -1,7 +1,9 @@
 """Run a whole matrix: validate, select, resume, launch cell after cell with progress, record each.
 
-Everything that can be wrong with the input is found before the first launch (exit 2). A failed cell is
-a record and the matrix goes on; Ctrl-C records the running cell as interrupted and says how to resume.
+Everything that can be wrong with the matrix file is found before the first launch (exit 2). A cell this
+machine cannot run is an `unsupported` record with every reason (``--strict``: the whole matrix is refused
+instead); a failed cell is a record and the matrix goes on; Ctrl-C records the running cell as interrupted
+and says how to resume.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from bench import bytecode, envinfo, folder_lock, slowdown, strategies
-from bench.matrix import (CellSettings, Matrix, MatrixError, check_time_budget, expand, load_matrix, select,
-                          validate_cells)
+from bench.caveats import CPU_CAVEAT
+from bench.matrix import (CellSettings, Matrix, MatrixError, check_names, check_time_budget, collapse, expand,
+                          load_matrix, select, unrunnable, validate_cells)
 from bench.plan import WORKER_MODULE, LaunchPlan, build_plan
 from bench.results import (DETERMINISTIC_FAILURES, RunRecord, append_record, check_writable, load_records,
-                           save_matrix_copy)
+                           not_launched_record, save_matrix_copy)
 from bench.runner import CellInterrupted, free_port, run_plan
 
 
@@ -40,6 +43,7 @@ class RunOptions:
     capacity_gib: float | None = None  # memory each rank must fit, for the pre-flight check (default: its GPU)
     wait_for_lock: bool = False  # another run writes the results folder: wait for it instead of stopping
     slow_step: float | None = None  # make every timed step this fraction slower on purpose (bench/slowdown.py)
+    strict: bool = False  # a cell this machine cannot run refuses the whole matrix (exit 2) instead of a record
 
 
 def visible_gpus() -> int:
@@ -58,6 +62,17 @@ class Prepared:
     results_dir: Path
     todo: list[tuple[CellSettings, int]]  # (cell, repeat index)
     skipped_done: int
+    unrunnable: dict[str, list[str]] = field(default_factory=dict)  # cell id -> every reason it cannot run here
+    visible_gpus: int = 0
+
+
+@dataclass(frozen=True)
+class Unrunnable:
+    """A cell of the matrix that this machine cannot run: recorded as unsupported, never launched."""
+
+    cell: CellSettings
+    repeat: int
+    reasons: tuple[str, ...]
 
 
 def prepare(matrix_path: str, opts: RunOptions) -> Prepared:
@@ -67,7 +82,16 @@ def prepare(matrix_path: str, opts: RunOptions) -> Prepared:
     cells = select(cells, opts.only, opts.exclude)
     if not cells:
         raise MatrixError(f"{matrix_path}: no cell left after --only/--exclude. Fix: loosen the selection")
-    validate_cells(cells, matrix_path, visible_gpus())
+    check_names(cells, matrix_path)
+    here = visible_gpus()
+    target = None if opts.dry_run else here  # a dry run plans each cell for its own target machine
+    if opts.strict:
+        validate_cells(cells, matrix_path, target)
+    reasons = unrunnable(cells, target)
+    if len(reasons) == len(cells):  # nothing would be measured: records would only say this machine is wrong
+        problems = [(c, reasons[c.cell_id]) for c in cells]
+        raise MatrixError(f"{matrix_path}: none of the {len(cells)} cell(s) can run on this machine\n"
+                          + "\n".join(collapse(problems)))
     check_time_budget(cells, matrix.limits, matrix_path)
     results_dir = Path(opts.results_dir or Path("results") / matrix.name)
     if msg := check_writable(results_dir):
@@ -77,7 +101,7 @@ def prepare(matrix_path: str, opts: RunOptions) -> Prepared:
     finished = finished_runs(records, opts.retry_failed, opts.force)
     repeats = opts.repeats or matrix.repeats
     todo = [(c, r) for c in cells for r in range(repeats) if (c.cell_id, r) not in finished]
-    return Prepared(matrix, cells, results_dir, todo, len(cells) * repeats - len(todo))
+    return Prepared(matrix, cells, results_dir, todo, len(cells) * repeats - len(todo), reasons, here)
 
 
 def refuse_foreign_records(records: list[RunRecord], results_dir: Path) -> None:
@@ -128,7 +152,16 @@ def strategy_info(cell: CellSettings) -> dict:
     return info
 
 
-def print_dry_run(console: Console, plans: list[LaunchPlan]) -> None:
+def planned_elsewhere_note(cells: list[CellSettings], here: int) -> str | None:
+    """Said once when cells are planned for more GPUs than this machine has (a dry run on a laptop)."""
+    need = max((c.gpus for c in cells if c.device == "cuda"), default=0)
+    return f"planned for a machine with {need} GPU(s); this machine has {here}" if need > here else None
+
+
+def print_dry_run(console: Console, items: list, here: int) -> None:
+    plans = [i for i in items if isinstance(i, LaunchPlan)]
+    if note := planned_elsewhere_note([p.cell for p in plans], here):
+        console.print(f"[yellow]note[/]: {escape(note)}")
     for i, plan in enumerate(plans, 1):
         console.rule(f"[bold]cell {i}/{len(plans)}[/] {plan.cell.label}  id={plan.cell.cell_id}")
         console.print(f"[dim]folder:[/] {plan.cell_dir}")
@@ -137,6 +170,11 @@ def print_dry_run(console: Console, plans: list[LaunchPlan]) -> None:
             if name in ("accelerate.yaml", "deepspeed.json"):
                 console.print(f"[dim]--- {name}[/]")
                 console.print(content, markup=False)
+    skipped = [i for i in items if isinstance(i, Unrunnable)]
+    if skipped:
+        console.rule(f"[bold]{len(skipped)} run(s) would be recorded unsupported[/]")
+        for line in collapse([(u.cell, list(u.reasons)) for u in skipped]):
+            console.print(line, markup=False, soft_wrap=True)
 
 
 def resume_command(matrix_path: str, opts: RunOptions) -> str:
@@ -153,6 +191,8 @@ def resume_command(matrix_path: str, opts: RunOptions) -> str:
         args += ["--repeats", str(opts.repeats)]
     if opts.retry_failed:
         args.append("--retry-failed")
+    if opts.strict:
+        args.append("--strict")
     if opts.slow_step:
         args += ["--slow-step", str(opts.slow_step)]
     if opts.worker_module != WORKER_MODULE:
@@ -160,9 +200,11 @@ def resume_command(matrix_path: str, opts: RunOptions) -> str:
     return shlex.join(args)
 
 
-def make_plans(prep: Prepared, opts: RunOptions) -> list[LaunchPlan]:
+def make_plans(prep: Prepared, opts: RunOptions) -> list[LaunchPlan | Unrunnable]:
+    """What is left to do, in matrix order: a launch plan for each run, or why its cell cannot run here."""
     extra_env = slowdown.launch_env(opts.slow_step)
-    return [build_plan(c, prep.results_dir, prep.matrix.limits, r, opts.worker_module, port=free_port(),
+    return [Unrunnable(c, r, tuple(prep.unrunnable[c.cell_id])) if c.cell_id in prep.unrunnable else
+            build_plan(c, prep.results_dir, prep.matrix.limits, r, opts.worker_module, port=free_port(),
                        extra_env=extra_env) for c, r in prep.todo]
 
 
@@ -170,7 +212,7 @@ def run_matrix(matrix_path: str, opts: RunOptions, console: Console | None = Non
     console = console or Console()
     prep = prepare(matrix_path, opts)
     if opts.dry_run:
-        print_dry_run(console, make_plans(prep, opts))
+        print_dry_run(console, make_plans(prep, opts), prep.visible_gpus)
         return 0
     with folder_lock.hold(prep.results_dir, wait=opts.wait_for_lock,
                           on_wait=lambda who: console.print(f"waiting for the results folder, held by {escape(who)}"),
@@ -196,7 +238,7 @@ def _run_locked(matrix_path: str, prep: Prepared, opts: RunOptions, console: Con
     fingerprint = envinfo.fingerprint()
     if warning := bytecode.recompile_warning(fingerprint["bytecode_cache"]):
         console.print(f"[yellow]note[/]: {escape(warning)}")
-    if warning := oversubscription_warning([plan.cell for plan in plans]):
+    if warning := oversubscription_warning([plan.cell for plan in plans if isinstance(plan, LaunchPlan)]):
         console.print(f"[yellow]warning[/]: {escape(warning)}")
     hooks = CellHooks(prep.matrix, opts)
     with sigterm_as_interrupt():
@@ -242,14 +284,9 @@ def _launch_all(plans, prep, fingerprint, hooks, matrix_path, opts, console) -> 
             progress.advance(task)
     summary = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
     console.print(f"recorded {len(plans)} run(s) in {prep.results_dir / 'runs.jsonl'}: {summary}")
-    if any(plan.cell.device == "cpu" for plan in plans):
+    if any(plan.cell.device == "cpu" for plan in plans if isinstance(plan, LaunchPlan)):
         console.print(f"[yellow]note[/]: {CPU_CAVEAT}")
     return 0
-
-
-# Said wherever CPU figures are shown: they look like findings and are not.
-CPU_CAVEAT = ("CPU cells show that the path works, not how strategies compare: processes share this machine's "
-              "cores, so speedups and efficiencies measure the harness. Compare strategies on GPU runs.")
 
 
 def oversubscription_warning(cells: list[CellSettings]) -> str | None:
@@ -264,11 +301,15 @@ def oversubscription_warning(cells: list[CellSettings]) -> str | None:
             "share cores and their times say nothing about the strategy. Fix: --only gpus=<n <= cores>")
 
 
-def print_outcome(console: Console, plan: LaunchPlan, record: RunRecord) -> None:
+def print_outcome(console: Console, plan: LaunchPlan | Unrunnable, record: RunRecord) -> None:
     style = "green" if record.status == "ok" else "red"
     # Error text comes from logs ("[/path/pair.cc:537]"): never let rich read it as markup.
-    detail = f" - {record.error.message.splitlines()[0][:160]}" if record.error and record.error.message else ""
+    lines = record.error.message.splitlines() if record.error and record.error.message else []
+    detail = f" - {lines[0][:160]}" if lines else ""
     console.print(f"[{style}]{record.status:>13}[/] {escape(plan.cell.label)} ({record.wall_s:.1f} s){escape(detail)}")
+    if isinstance(plan, Unrunnable):  # every reason: the user fixes them all at once
+        for line in lines[1:]:
+            console.print(f"{'':>13} - {escape(line)}")
     if record.leftover_processes:
         names = ", ".join(f"{p['pid']} {p.get('name', '')}" for p in record.leftover_processes)
         console.print(f"[yellow]{'':>13} killed {len(record.leftover_processes)} process(es) left by this cell: "
@@ -285,9 +326,11 @@ class CellHooks:
         self.matrix = matrix
         self.opts = opts
 
-    def run(self, plan: LaunchPlan, matrix_name: str, fingerprint: dict) -> RunRecord:
+    def run(self, plan: LaunchPlan | Unrunnable, matrix_name: str, fingerprint: dict) -> RunRecord:
         from bench.estimate import preflight
 
+        if isinstance(plan, Unrunnable):
+            return unsupported_record(plan, matrix_name, fingerprint)
         info = strategy_info(plan.cell)
         prediction, not_launched = preflight(plan, matrix_name, fingerprint, self.matrix.estimate_margin,
                                              self.opts.force, self.opts.capacity_gib, info)
@@ -337,14 +380,18 @@ def wait_for_free_gpus(gpu_count: int, patience_s: float = 15.0) -> str | None:
 
 def busy_record(plan: LaunchPlan, matrix_name: str, fingerprint: dict, reason: str, info: dict) -> RunRecord:
     """A busy GPU is reported, not measured: numbers taken beside another tenant would mislead."""
-    import time
+    return not_launched_record(matrix_name, plan.cell, plan.repeat, fingerprint, "busy",
+                               f"GPU busy, not measured: {reason}", info, command=plan.shell_command())
 
-    from bench.results import CellError
 
-    return RunRecord(matrix=matrix_name, cell_id=plan.cell.cell_id, label=plan.cell.label, repeat=plan.repeat,
-                     settings=plan.cell.model_dump(mode="json"), strategy_info=info,
-                     status="busy", error=CellError(kind="busy", message=f"GPU busy, not measured: {reason}"),
-                     env=fingerprint, started_at=time.time(), wall_s=0.0, command=plan.shell_command())
+def unsupported_record(item: Unrunnable, matrix_name: str, fingerprint: dict) -> RunRecord:
+    """A cell this machine or stack cannot run: every reason, one per line; nothing launched."""
+    try:
+        info = strategy_info(item.cell)
+    except MatrixError:  # a user config that cannot be read: its reason is in the message
+        info = {}
+    return not_launched_record(matrix_name, item.cell, item.repeat, fingerprint, "unsupported",
+                               "\n".join(item.reasons), info)
 
 
 def main_guard(fn, *args, **kwargs) -> int:

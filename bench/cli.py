@@ -34,11 +34,15 @@ def run(
     wait_for_lock: Annotated[bool, typer.Option(
         "--wait-for-lock", help="if another run is writing the results folder, wait for it instead of stopping")] = False,
     slow_step: Annotated[Optional[float], typer.Option(min=0.0, max=10.0, help=SLOW_STEP_HELP)] = None,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="refuse the whole matrix (exit 2, every reason) if any cell cannot run on this machine, "
+                         "instead of recording such cells as unsupported")] = False,
 ):
-    """Run every cell of a matrix as a real `accelerate launch` and append one record per run."""
+    """Run every cell of a matrix as a real `accelerate launch` and append one record per run. A cell this
+    machine cannot run is recorded as unsupported with every reason, and the rest of the matrix runs."""
     opts = RunOptions(results_dir=results, only=only, exclude=exclude, dry_run=dry_run, retry_failed=retry_failed,
                       force=force, repeats=repeats, worker_module=worker, device=device, capacity_gib=capacity_gib,
-                      wait_for_lock=wait_for_lock, slow_step=slow_step or None)
+                      wait_for_lock=wait_for_lock, slow_step=slow_step or None, strict=strict)
     raise typer.Exit(main_guard(run_matrix, matrix, opts))
 
 
@@ -84,11 +88,14 @@ def estimate(
     only: Annotated[list[str], typer.Option(help="only cells with KEY=V1,V2 (repeatable, ANDed)")] = [],
     exclude: Annotated[list[str], typer.Option(help="skip cells with KEY=V1,V2 (repeatable)")] = [],
     as_json: Annotated[bool, typer.Option("--json", help="print the predictions as JSON")] = False,
+    gpus: Annotated[Optional[int], typer.Option(
+        min=1, help="keep only the cells a box of this many GPUs can run (gpus <= N), e.g. --gpus 2")] = None,
 ):
-    """Predict each cell's peak GPU memory per rank (and host memory), launching nothing."""
+    """Predict each cell's peak GPU memory per rank (and host memory), launching nothing, on any machine:
+    each cell ends with the smallest card it fits on."""
     from bench.estimate_table import run_estimate
 
-    raise typer.Exit(main_guard(run_estimate, matrix, device, capacity_gib, only, exclude, as_json))
+    raise typer.Exit(main_guard(run_estimate, matrix, device, capacity_gib, only, exclude, as_json, max_gpus=gpus))
 
 
 @app.command("estimate-check")

@@ -27,7 +27,6 @@ measured out-of-sample errors (bench/estimate_margins.py). Every record stores i
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -638,7 +637,7 @@ def oom_message(pred: Prediction) -> str:
 def preflight(plan, matrix_name: str, fingerprint: dict, margin: float | None, force: bool,
               capacity_override_gib: float | None, strategy_info: dict):
     """(prediction dict for the record, a predicted_oom RunRecord when the cell must not launch, else None)."""
-    from bench.results import CellError, RunRecord
+    from bench.results import not_launched_record
 
     try:
         pred = predict_for_run(plan.cell, margin, capacity_override_gib)
@@ -650,9 +649,7 @@ def preflight(plan, matrix_name: str, fingerprint: dict, margin: float | None, f
     stored = prediction_dict(pred)
     if pred is None or not pred.predicted_oom or force:
         return stored, None
-    record = RunRecord(
-        matrix=matrix_name, cell_id=plan.cell.cell_id, label=plan.cell.label, repeat=plan.repeat,
-        settings=plan.cell.model_dump(mode="json"), strategy_info=strategy_info, status="predicted_oom",
-        error=CellError(kind="predicted_oom", message=oom_message(pred)), env=fingerprint, prediction=stored,
-        started_at=time.time(), wall_s=0.0, cell_dir=str(plan.cell_dir), command=plan.shell_command())
+    record = not_launched_record(matrix_name, plan.cell, plan.repeat, fingerprint, "predicted_oom", oom_message(pred),
+                                 strategy_info, prediction=stored, cell_dir=str(plan.cell_dir),
+                                 command=plan.shell_command())
     return stored, record

@@ -3,31 +3,36 @@
 from __future__ import annotations
 
 import json
+import math
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bench.estimate import COMPONENTS, Prediction, capacity_for, predict
-from bench import models, strategies
-from bench.matrix import CellSettings, MatrixError, expand, load_matrix, select
+from bench.matrix import CellSettings, MatrixError, check_names, expand, load_matrix, select
 
 SHORT = {"params": "params", "grads": "grads", "optimizer": "optim", "master_weights": "master",
          "activations": "activ", "adapter": "adapter", "overhead": "overhead"}
 
 
 def estimate_cells(matrix_path: str, device: str | None, capacity_gib: float | None,
-                   only: list[str], exclude: list[str]) -> list[tuple[CellSettings, Prediction | None]]:
-    """Each selected cell with its prediction. Estimating plans a GPU run, so an ``auto`` device means cuda."""
+                   only: list[str], exclude: list[str],
+                   max_gpus: int | None = None) -> list[tuple[CellSettings, Prediction | None]]:
+    """Each selected cell with its prediction. Estimating plans a GPU run, so an ``auto`` device means cuda.
+    ``max_gpus`` keeps the cells a box of that many GPUs can run."""
     matrix = load_matrix(matrix_path)
     device = device or ("cuda" if matrix.device == "auto" else matrix.device)
     cells = select(expand(matrix, source=matrix_path, device=device), only, exclude)
     if not cells:
         raise MatrixError(f"{matrix_path}: no cell left after --only/--exclude. Fix: loosen the selection")
+    if max_gpus is not None:
+        if not (cells := [c for c in cells if c.gpus <= max_gpus]):
+            raise MatrixError(f"{matrix_path}: no cell uses {max_gpus} GPU(s) or fewer. Fix: raise --gpus")
+    # Only bad names stop the estimate: a machine without the cell's GPUs can still plan for them.
+    check_names(cells, matrix_path)
     out = []
     for cell in cells:
-        # Only bad names stop the estimate: a machine without the cell's GPUs can still plan for them.
-        if msg := models.check_model_name(cell.model) or strategies.check_strategy_name(cell.strategy):
-            raise MatrixError(f"{matrix_path}: cell {cell.label}: {msg}")
         capacity, source = capacity_for(cell, capacity_gib)
         out.append((cell, predict(cell, margin=matrix.estimate_margin, capacity_gib=capacity, capacity_source=source)))
     return out
@@ -37,32 +42,92 @@ def _fmt(gib: float) -> str:
     return f"{gib:.2f}" if gib < 100 else f"{gib:.0f}"
 
 
-def render_table(rows: list[tuple[CellSettings, Prediction | None]], console: Console) -> None:
+def card_gib(pred: Prediction) -> float:
+    """The smallest card the cell fits on: everything its process holds on the device (torch's reserved, the
+    CUDA context, NCCL) plus the framework's fit margin for the estimator's under-prediction, rounded up."""
+    return math.ceil(pred.device_total_gib * (1 + pred.fit_margin) * 10) / 10
+
+
+def fits_line(cell: CellSettings, pred: Prediction | None) -> str:
+    if pred is None:
+        return "fits on cards with: unknown (the strategy config could not be read)"
+    if cell.device == "cpu":
+        return f"runs on CPU: about {_fmt(pred.host_gib)} GiB of host memory for all processes"
+    return f"fits on cards with >= {card_gib(pred):g} GiB (fit margin {pred.fit_margin:.0%})"
+
+
+def render(rows: list[tuple[CellSettings, Prediction | None]], console: Console) -> None:
+    """The table where it fits the terminal; else (its 15 columns would shrink to ellipses) a block per cell."""
+    table = build_table(rows)
+    natural = console.measure(table, options=console.options.update_width(10_000)).maximum
+    if natural <= console.width:
+        console.print(table)
+        console.print("[dim]card >= GiB: the smallest card each cell fits on: +ctx with the framework's fit margin.[/]")
+    else:
+        render_blocks(rows, console)
+    console.print(f"[dim]{escape(LEGEND)}[/]")
+
+
+LEGEND = ("B/param per rank: weights + grads + (master + optimizer) in the ZeRO paper's notation, /N = sharded over "
+          "N ranks. +ctx adds the CUDA context and NCCL buffers (outside torch). host: all ranks together "
+          "(offloaded states + processes). verdict: fits = within capacity with the framework's fit margin to "
+          "spare; tight = not so; skip = predicted_oom (over capacity by more than the skip margin), launched "
+          "anyway with --force. Margins: bench/estimate_margins.json.")
+
+
+def _formula(pred: Prediction) -> str:
+    bpp = pred.bytes_per_param
+    formula = f"{bpp['per_rank']} ({bpp['applies_to']})"
+    if "frozen_base" in bpp:
+        formula += f"; base {bpp['frozen_base']:g}"
+    return formula
+
+
+def _packed(items: list[str], width: int, indent: str = "  ") -> list[str]:
+    """``items`` on as few lines as fit ``width``, never split inside an item."""
+    lines, line = [], ""
+    for item in items:
+        if line and len(indent) + len(line) + 3 + len(item) > width:
+            lines.append(indent + line)
+            line = ""
+        line = f"{line}   {item}" if line else item
+    return lines + ([indent + line] if line else [])
+
+
+def render_blocks(rows: list[tuple[CellSettings, Prediction | None]], console: Console) -> None:
+    """Narrow terminals: one block per cell, every figure on lines that fit the width."""
+    console.print("Predicted peak GPU memory per rank (GiB; torch reserved = sum of the components)")
+    for cell, pred in rows:
+        console.print(f"[bold]{escape(cell.label)}[/]  id={cell.cell_id}")
+        if pred is not None:
+            console.print(f"  B/param per rank: {escape(_formula(pred))}")
+            parts = [f"{SHORT[c]} {_fmt(pred.components_gib[c])}" for c in COMPONENTS]
+            totals = [f"reserved {_fmt(pred.peak_reserved_gib)}", f"+ctx {_fmt(pred.device_total_gib)}",
+                      f"capacity {'-' if pred.capacity_gib is None else _fmt(pred.capacity_gib)}",
+                      f"host {_fmt(pred.host_gib)}", f"verdict {verdict(pred)}"]
+            for line in _packed(parts, console.width) + _packed(totals, console.width):
+                console.print(escape(line))
+        console.print(f"  {escape(fits_line(cell, pred))}")
+
+
+def build_table(rows: list[tuple[CellSettings, Prediction | None]]) -> Table:
     table = Table(title="Predicted peak GPU memory per rank (GiB; torch reserved = sum of the components)")
     table.add_column("cell", overflow="fold")
     table.add_column("B/param per rank", overflow="fold")
     for name in COMPONENTS:
         table.add_column(SHORT[name], justify="right")
-    for name in ("reserved", "+ctx", "capacity", "verdict", "host"):
+    for name in ("reserved", "+ctx", "capacity", "verdict", "host", "card >= GiB"):
         table.add_column(name, justify="right" if name != "verdict" else "left")
     for cell, pred in rows:
         if pred is None:
-            table.add_row(cell.label, "?", *[""] * len(COMPONENTS), "", "", "", "unknown strategy config", "")
+            table.add_row(escape(cell.label), "?", *[""] * len(COMPONENTS), "", "", "", "unknown strategy config",
+                          "", "?")
             continue
-        bpp = pred.bytes_per_param
-        formula = f"{bpp['per_rank']} ({bpp['applies_to']})"
-        if "frozen_base" in bpp:
-            formula += f"; base {bpp['frozen_base']:g}"
-        table.add_row(cell.label, formula, *[_fmt(pred.components_gib[c]) for c in COMPONENTS],
+        table.add_row(escape(cell.label), escape(_formula(pred)), *[_fmt(pred.components_gib[c]) for c in COMPONENTS],
                       _fmt(pred.peak_reserved_gib), _fmt(pred.device_total_gib),
                       "-" if pred.capacity_gib is None else _fmt(pred.capacity_gib), verdict(pred),
-                      _fmt(pred.host_gib))
-    console.print(table)
-    console.print("[dim]B/param per rank: weights + grads + (master + optimizer) in the ZeRO paper's notation, "
-                  "/N = sharded over N ranks. +ctx adds the CUDA context and NCCL buffers (outside torch). "
-                  "host: all ranks together (offloaded states + processes). verdict: fits = within capacity with the "
-                  "framework's fit margin to spare; tight = not so; skip = predicted_oom (over capacity by more than "
-                  "the skip margin), launched anyway with --force. Margins: bench/estimate_margins.json.[/]")
+                      _fmt(pred.host_gib), "-" if cell.device == "cpu" else f"{card_gib(pred):g}")
+    return table
 
 
 def verdict(pred: Prediction) -> str:
@@ -74,13 +139,13 @@ def verdict(pred: Prediction) -> str:
 
 
 def run_estimate(matrix_path: str, device: str | None, capacity_gib: float | None, only: list[str],
-                 exclude: list[str], as_json: bool, console: Console | None = None) -> int:
-    rows = estimate_cells(matrix_path, device, capacity_gib, only, exclude)
+                 exclude: list[str], as_json: bool, console: Console | None = None, max_gpus: int | None = None) -> int:
+    rows = estimate_cells(matrix_path, device, capacity_gib, only, exclude, max_gpus)
     if as_json:
         from bench.estimate import prediction_dict
 
         print(json.dumps([{"cell_id": c.cell_id, "label": c.label, "prediction": prediction_dict(p)}
                           for c, p in rows], indent=1))
     else:
-        render_table(rows, console or Console())
+        render(rows, console or Console())
     return 0

@@ -124,7 +124,7 @@ def run_night(matrix_path: str, opts: NightOptions, console: Console | None = No
     root = opts.root or DEFAULT_ROOT / hardware_slug(hardware)
     night = night_folder(root, fp.get("git_sha"), time.strftime("%Y-%m-%d", time.gmtime()))
     run_opts = RunOptions(results_dir=night, repeats=opts.launches, slow_step=opts.slow_step, device=opts.device,
-                          worker_module=opts.worker_module)
+                          worker_module=opts.worker_module, strict=True)  # the gate loses no cell silently
     prep = prepare(matrix_path, run_opts)  # the matrix is valid before the night's folder exists
     baseline = load_baseline(hardware, {c.cell_id for c in prep.cells}, opts)
     night.mkdir(parents=True)

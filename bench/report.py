@@ -18,6 +18,7 @@ from rich.table import Table as RichTable
 
 from bench import flops, metrics, plots, verdict
 from bench import report_tables as tables
+from bench.caveats import CPU_CAVEAT
 from bench.matrix import MatrixError, TokenBudget, load_matrix
 from bench.report_render import Plot, Section, Table, to_html, to_markdown, write_csvs
 from bench.results import MATRIX_COPY, RunRecord, latest_runs, load_records  # noqa: F401 - MATRIX_COPY: a
@@ -325,6 +326,9 @@ def write_report(results_dirs: list[Path], out_dir: Path, console: Console | Non
     title = f"bench report: {', '.join(d.name for d in results_dirs)}"
     intro = [f"{len(df)} cells from {', '.join(map(str, results_dirs))} on "
              f"{', '.join(df['machine'].unique())}: {status_summary(df)}."]
+    if (df["device"] == "cpu").any():  # first, before any figure: CPU speedups read like findings
+        intro.insert(0, f"Note: {CPU_CAVEAT}")
+        console.print(f"[yellow]note[/]: {escape(CPU_CAVEAT)}")
     write_csvs(sections, out_dir)
     df.drop(columns=["setting_key"]).to_csv(out_dir / "cells.csv", index=False)
     (out_dir / "index.md").write_text(to_markdown(title, intro, sections, out_dir))

@@ -74,6 +74,18 @@ class RunRecord(BaseModel):
     leftover_gpu_processes: list[dict[str, Any]] | None = None
 
 
+def not_launched_record(matrix: str, cell_settings: Any, repeat: int, fingerprint: dict, status: Status,
+                        message: str, strategy_info: dict, **fields: Any) -> RunRecord:
+    """The record of a cell bench decided not to launch (unsupported, busy, predicted_oom): why, and no figures.
+
+    ``cell_settings`` is the cell (bench.matrix.CellSettings); ``fields`` are further record fields
+    (prediction, cell_dir, command)."""
+    return RunRecord(matrix=matrix, cell_id=cell_settings.cell_id, label=cell_settings.label, repeat=repeat,
+                     settings=cell_settings.model_dump(mode="json"), strategy_info=strategy_info, status=status,
+                     error=CellError(kind=status, message=message), env=fingerprint, started_at=time.time(),
+                     wall_s=0.0, **fields)
+
+
 def runs_path(results_dir: Path) -> Path:
     return Path(results_dir) / RUNS_FILE
 

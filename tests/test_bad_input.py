@@ -60,8 +60,17 @@ def test_timeout_too_short_for_start_up_and_timed_cap(tmp_path):
 
 
 def test_impossible_combination(tmp_path):
+    # A matrix whose only cell cannot run here: nothing would be measured, so it is refused (a matrix with
+    # runnable cells records the impossible ones as unsupported: tests/test_unsupported_cells.py).
     matrix = write_matrix(tmp_path, adapter={"type": "qlora"})  # bitsandbytes 4-bit on a CPU cell
-    assert_refused(tmp_path, matrix, "qlora", "Fix:")
+    assert_refused(tmp_path, matrix, "none of the 1 cell(s) can run", "qlora", "Fix:")
+
+
+def test_impossible_combination_strict(tmp_path):
+    # --strict keeps the refuse-all: one impossible cell beside a runnable one stops the matrix, every reason said
+    matrix = write_matrix(tmp_path, grid={"strategy": ["ddp", "fsdp_full_shard"], "precision": ["fp32", "fp16"]})
+    assert_refused(tmp_path, matrix, "3 cell(s) cannot run", "needs GPUs", "fp16 is not supported on CPU",
+                   "Fix:", extra=("--strict",))
 
 
 def test_bad_selector(tmp_path):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from bench.campaign import CPU_CAVEAT, oversubscription_warning
+from bench.caveats import CPU_CAVEAT
+from bench.campaign import oversubscription_warning
 from bench.matrix import CellSettings
 
 
@@ -21,3 +22,22 @@ def test_more_processes_than_cores_is_warned_about():
 def test_cpu_run_ends_with_the_caveat(cpu_results):
     console = " ".join((cpu_results.parent / "run-console.txt").read_text().split())
     assert " ".join(CPU_CAVEAT.split()) in console
+
+
+def test_cpu_report_opens_with_the_caveat(cpu_results, tmp_path):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from bench.report import write_report
+
+    console = Console(file=StringIO(), width=200)
+    out = write_report([cpu_results], tmp_path / "rep", console=console)
+    md = (out / "index.md").read_text()
+    first_figures = md.index("## ")  # the caveat comes before any section, and so before any speedup
+    assert 0 < md.index(CPU_CAVEAT) < first_figures
+    import html
+
+    assert html.escape(CPU_CAVEAT) in (out / "index.html").read_text()
+    said = " ".join(console.file.getvalue().split())
+    assert said.startswith(f"note: {' '.join(CPU_CAVEAT.split())}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -243,3 +244,30 @@ def test_qlora_fp32_head_costs_a_half_copy_at_the_loss_under_autocast(strategy, 
         assert at_loss["autocast_head_copy"] == 2 * 128256 * 2048  # vocab x hidden in bf16
         layers = backward_buffers(cell, shape, strat, states, CALIBRATION, moment="layers")
         assert "autocast_head_copy" not in layers  # freed by the head's backward
+
+
+def test_estimate_reads_at_80_columns_and_names_the_smallest_card(tmp_path):
+    """No line past 80 columns, every figure still there, each cell ending with the card it fits on; --gpus
+    keeps the cells of a 2-GPU box; the JSON's figures are the printed ones."""
+    matrix = write_matrix(tmp_path, "est80", device="cuda", model="llama-3.2-1b",
+                          grid={"strategy": ["ddp", "zero3", "fsdp_full_shard"], "gpus": [1, 2, 4]})
+    args = ("estimate", str(matrix), "--gpus", "2", "--capacity-gib", "80")
+    out = bench(*args, env={"COLUMNS": "80"}, check=True).stdout
+    rows = json.loads(bench(*args, "--json", check=True).stdout)
+    assert len(rows) == 6 and all(" x4gpu" not in r["label"] for r in rows)
+    lines = out.splitlines()
+    assert max(map(len, lines)) <= 80, max(lines, key=len)
+    fits = [line for line in lines if "fits on cards with >=" in line]
+    assert len(fits) == 6
+    for row in rows:
+        p = row["prediction"]
+        block = out[out.index(row["label"]):]
+        block = block[:block.index("fits on cards with >=") + 60]
+        for figure in (p["components_gib"]["params"], p["components_gib"]["activations"], p["peak_reserved_gib"],
+                       p["device_total_gib"], p["host_gib"]):
+            assert f"{figure:.2f}" in block, (figure, block)
+        card = math.ceil(p["device_total_gib"] * (1 + p["fit_margin"]) * 10) / 10
+        assert f"fits on cards with >= {card:g} GiB" in block
+        assert card >= p["device_total_gib"]
+    wide = bench(*args, env={"COLUMNS": "400"}, check=True).stdout
+    assert "card >= GiB" in wide and "┃" in wide  # the table where it fits
