@@ -6,7 +6,7 @@ import pytest
 
 from bench.cuda_arch import deepspeed_can_parse, jit_arch_fix
 from bench.plan import with_env
-from tests.test_plan import plan_for
+from test_plan import plan_for
 
 
 @pytest.mark.parametrize("value, ok", [("9.0", True), ("8.0;9.0+PTX", True), ("8.0 9.0", True),

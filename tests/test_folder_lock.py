@@ -13,7 +13,7 @@ import pytest
 
 from bench import folder_lock
 from bench.folder_lock import FolderBusy, hold, read_holder
-from tests.conftest import bench, write_matrix
+from conftest import bench, write_matrix
 
 
 def test_second_holder_is_refused_with_the_holder_named(tmp_path):
