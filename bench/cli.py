@@ -93,7 +93,7 @@ def estimate(
 ):
     """Predict each cell's peak GPU memory per rank (and host memory), launching nothing, on any machine:
     each cell ends with the smallest card it fits on."""
-    from bench.estimate_table import run_estimate
+    from bench.estimate import run_estimate
 
     raise typer.Exit(main_guard(run_estimate, matrix, device, capacity_gib, only, exclude, as_json, max_gpus=gpus))
 
@@ -106,7 +106,7 @@ def estimate_check(
 ):
     """Re-predict every ok GPU cell with the current estimator; in-sample and out-of-sample errors apart.
     Exit 1 when a judged out-of-sample cell is off by more than --tolerance, 2 on bad input."""
-    from bench.estimate_check import run_check
+    from bench.estimate import run_check
 
     raise typer.Exit(main_guard(run_check, results, tolerance))
 
@@ -116,10 +116,10 @@ def estimate_margins(
     results_root: Annotated[Path, typer.Option(help="where the judge folders are")] = Path("results"),
 ):
     """Recompute the pre-flight margins per framework from the judge folders' out-of-sample errors
-    into bench/estimate_margins.json (commit it)."""
-    from bench.estimate_margins import MARGINS_FILE, write
+    into bench/estimate/margins.json (commit it)."""
+    from bench.estimate import MARGINS_FILE, write_margins
 
-    data = write(results_root)
+    data = write_margins(results_root)
     typer.echo(f"{MARGINS_FILE}: {len(data['folders'])} judge folder(s), "
                f"{(data['pooled'] or {}).get('cells', 0)} judged cells")
     for fw, e in data["frameworks"].items():

@@ -165,7 +165,7 @@ class Matrix(_Strict):
     repeats: int = Field(1, gt=0)
     token_budget: TokenBudget | None = None
     # skip a cell predicted above capacity by this fraction; null: the framework's measured margin
-    # (bench/estimate_margins.py, from the estimator's out-of-sample errors)
+    # (bench/estimate/margins.py, from the estimator's out-of-sample errors)
     estimate_margin: float | None = Field(None, ge=0)
 
     @model_validator(mode="after")

@@ -245,7 +245,7 @@ def _current_prediction_gib(record: RunRecord) -> float | None:
     A record keeps the prediction made when it ran, never rewritten; the estimator improves after
     measurements, so the report shows both and holds the current one to account.
     """
-    from bench.estimate_check import predict_for_record
+    from bench.estimate import predict_for_record
 
     try:
         prediction = predict_for_record(record)

@@ -239,8 +239,9 @@ def prediction_section(df: pd.DataFrame, out_dir: Path) -> Section | None:
 
 
 def margins_text() -> str:
-    """The pre-flight margins in force and why (bench/estimate_margins.py)."""
-    from bench.estimate_margins import DEFAULT_FIT, DEFAULT_SKIP, load, margin_for_framework
+    """The pre-flight margins in force and why (bench/estimate/margins.py)."""
+    from bench.estimate import DEFAULT_FIT, DEFAULT_SKIP, margin_for_framework
+    from bench.estimate import load_margins as load
 
     data = load()
     why = ("A cell 'fits' only if its predicted need plus the fit margin is within capacity (room for the "
@@ -250,7 +251,7 @@ def margins_text() -> str:
         return (f"{why} Margins in force: the stated defaults, fit +{DEFAULT_FIT:.0%} and skip +{DEFAULT_SKIP:.0%}, "
                 "as no out-of-sample judge record exists yet (results/ESTIMATOR.md).")
     per_fw = "; ".join(f"{fw}: {margin_for_framework(fw, data).describe()}" for fw in data["frameworks"])
-    return (f"{why} Margins in force (bench/estimate_margins.json, estimator v{data['estimator_version']}, from "
+    return (f"{why} Margins in force (bench/estimate/margins.json, estimator v{data['estimator_version']}, from "
             f"{', '.join(data['folders'])}): the {data['coverage']:.0%} quantile of the out-of-sample errors per "
             f"framework: {per_fw}. Other frameworks: fit +{data['pooled']['fit']:.1%}, skip "
             f"+{data['pooled']['skip']:.1%} (all judged cells).")

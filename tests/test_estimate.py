@@ -7,10 +7,12 @@ import math
 
 import pytest
 
-from bench.estimate import (GIB, capacity_for, model_states, predict, predicted_oom, sharding_for, step_buffers,
-                            with_capacity)
-from bench.estimate_activations import activation_bytes, layer_bytes_per_token
-from bench.estimate_states import NF4_BYTES
+from bench.estimate import GIB, capacity_for, predict, predicted_oom
+from bench.estimate.additive import model_states, step_buffers
+from bench.estimate.prediction import with_capacity
+from bench.estimate.terms import sharding_for
+from bench.estimate.activations import activation_bytes, layer_bytes_per_token
+from bench.estimate.states import NF4_BYTES
 from bench.matrix import Adapter, CellSettings, Train
 from bench.models import ModelShape
 from bench.results import load_records
@@ -232,7 +234,8 @@ def test_frozen_linears_keep_inputs_only_where_lora_needs_them():
 def test_qlora_fp32_head_costs_a_half_copy_at_the_loss_under_autocast(strategy, expected):
     """peft upcasts the LM head to fp32 for ddp (not FSDP, one dtype per flat parameter); autocast then runs
     the head on a bf16 copy that autograd keeps until the head's backward. DeepSpeed has no autocast."""
-    from bench.estimate import CALIBRATION, backward_buffers
+    from bench.estimate.additive import backward_buffers
+    from bench.estimate.prediction import CALIBRATION
 
     cell = CellSettings(model="llama-3.2-1b", strategy=strategy, gpus=2, device="cuda",
                         adapter=Adapter(type="qlora"), train=Train(precision="bf16"))
@@ -271,3 +274,16 @@ def test_estimate_reads_at_80_columns_and_names_the_smallest_card(tmp_path):
         assert card >= p["device_total_gib"]
     wide = bench(*args, env={"COLUMNS": "400"}, check=True).stdout
     assert "card >= GiB" in wide and "┃" in wide  # the table where it fits
+
+
+def test_estimator_imports_without_torch():
+    """The estimator is arithmetic on a cell's settings: `bench estimate`, the report and the pre-flight read
+    it in the parent process, which must not pay for (or depend on) torch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import bench.estimate, sys; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo)
+    assert done.returncode == 0, done.stderr

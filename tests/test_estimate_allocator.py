@@ -1,14 +1,14 @@
-"""The caching-allocator model (bench/estimate_allocator.py) and the allocation replay built on it
-(bench/estimate_trace.py): the allocator's documented rules by hand, and the replay's invariants."""
+"""The caching-allocator model (bench/estimate/allocator.py) and the allocation replay built on it
+(bench/estimate/replay/): the allocator's documented rules by hand, and the replay's invariants."""
 
 from __future__ import annotations
 
 import pytest
 
 from bench.estimate import GIB, predict
-from bench.estimate_activations import layer_bytes_per_token
-from bench.estimate_allocator import CachingAllocator, round_size, segment_size
-from bench.estimate_trace import covers, layer_activations, replay
+from bench.estimate.activations import layer_bytes_per_token
+from bench.estimate.allocator import CachingAllocator, round_size, segment_size
+from bench.estimate.replay import covers, layer_activations, replay
 from bench.matrix import Adapter, CellSettings, Train
 from bench.models import ModelShape
 from bench.strategies import get

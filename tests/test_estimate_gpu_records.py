@@ -1,4 +1,4 @@
-"""The estimator against the committed in-sample GPU records (bench/estimate_protocol.py TUNING_FOLDERS):
+"""The estimator against the committed in-sample GPU records (bench/estimate/protocol.py TUNING_FOLDERS):
 re-predicted with the current code, the per-rank peak of torch reserved memory (max over ranks) must be within
 the protocol's tolerance, fixed before these tests were written: TOLERANCE (10 %), the same for every cell.
 
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.estimate_check import check_folder, judged, render
-from bench.estimate_protocol import TOLERANCE, TUNING_FOLDERS
-from bench.estimate_trace import replay
+from bench.estimate.check import check_folder, judged, render
+from bench.estimate.protocol import TOLERANCE, TUNING_FOLDERS
+from bench.estimate.replay import replay
 from bench.matrix import CellSettings
 from bench.models import ModelShape
 from bench.results import load_records

@@ -1,6 +1,6 @@
 """The estimator's protocol: in-sample vs out-of-sample, `bench estimate-check` exit codes, margins computed
-from judge records (never typed in), the estimator version in records and resume (bench/estimate_protocol.py,
-bench/estimate_margins.py, bench/estimate_check.py, results/ESTIMATOR.md). CPU only: records are copied and
+from judge records (never typed in), the estimator version in records and resume (bench/estimate/protocol.py,
+bench/estimate/margins.py, bench/estimate/check.py, results/ESTIMATOR.md). CPU only: records are copied and
 edited, nothing is launched."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from bench import estimate_margins
+from bench.estimate import margins as estimate_margins
 from bench.campaign import finished_runs
 from bench.estimate import ESTIMATOR_VERSION, predict
-from bench.estimate_check import check_folder, misses, predict_for_record, run_check
-from bench.estimate_protocol import TOLERANCE, framework_of, judge_folders, sample_of
+from bench.estimate.check import check_folder, misses, predict_for_record, run_check
+from bench.estimate.protocol import TOLERANCE, framework_of, judge_folders, sample_of
 from bench.matrix import Adapter, CellSettings, Train
 from bench.results import RunRecord, load_records
 from bench.strategies import get as get_strategy
@@ -95,7 +95,7 @@ def test_margins_default_without_judge_records(tmp_path):
 
 
 def test_committed_margins_file_is_what_the_command_computes():
-    """bench/estimate_margins.json is generated (bench estimate-margins), never edited by hand; regenerate it
+    """bench/estimate/margins.json is generated (bench estimate-margins), never edited by hand; regenerate it
     after a change of ESTIMATOR_VERSION or new judge records."""
     assert estimate_margins.load() == json.loads(json.dumps(estimate_margins.compute(RESULTS), sort_keys=True))
 

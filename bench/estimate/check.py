@@ -6,7 +6,7 @@ and compares the per-rank peak (max over ranks) of torch reserved and allocated 
 ``torch.cuda.max_memory_reserved`` / ``max_memory_allocated`` as measured.
 
 Errors are reported in-sample (folders the estimator was tuned on) and out-of-sample apart, per framework
-(bench/estimate_protocol.py). Exit 1 when a judged out-of-sample cell is off by more than the tolerance,
+(bench/estimate/protocol.py). Exit 1 when a judged out-of-sample cell is off by more than the tolerance,
 naming it; 0 otherwise; 2 on bad input (a folder without records).
 """
 
@@ -17,9 +17,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.estimate import ESTIMATOR_VERSION, GIB, Prediction, describe_strategy, predict
-from bench.estimate_protocol import (MIN_JUDGED_GIB, MIN_JUDGED_PARAMS, TOLERANCE, framework_of, judge_folders, sample_of,
+from bench.estimate.additive import predict
+from bench.estimate.prediction import ESTIMATOR_VERSION, GIB, Prediction
+from bench.estimate.protocol import (MIN_JUDGED_GIB, MIN_JUDGED_PARAMS, TOLERANCE, framework_of, judge_folders, sample_of,
                                      tuning_folders)
+from bench.estimate.terms import describe_strategy
 from bench.matrix import CellSettings
 from bench.models import ModelShape
 from bench.results import RunRecord, load_records
@@ -36,8 +38,8 @@ class CheckRow:
     measured_allocated_gib: float
     phase: str
     strategy: str = ""
-    reserved_model: str = ""  # "replay" (bench/estimate_trace.py) or "additive"
-    framework: str = ""  # bench.estimate_protocol.framework_of
+    reserved_model: str = ""  # "replay" (bench/estimate/replay/) or "additive"
+    framework: str = ""  # bench.estimate.protocol.framework_of
     sample: str = ""  # "in-sample" or "out-of-sample" (the record's folder)
     folder: str = ""
     params: int = 0  # the model's parameter count
@@ -190,11 +192,11 @@ def run_check(results: list[Path], tolerance: float = TOLERANCE) -> int:
 
 
 def stale_margins_note() -> str | None:
-    from bench.estimate_margins import load
+    from bench.estimate.margins import load
 
     data = load()
     if data is None:
-        return "note: no margins file (bench/estimate_margins.json): run bench estimate-margins"
+        return "note: no margins file (bench/estimate/margins.json): run bench estimate-margins"
     if data.get("estimator_version") != ESTIMATOR_VERSION:
         return (f"note: the margins file was made by estimator version {data.get('estimator_version')}, "
                 f"this is {ESTIMATOR_VERSION}: run bench estimate-margins")

@@ -10,7 +10,7 @@ Two ways to be wrong, two margins:
   COVERAGE quantile of predicted / measured - 1, so a skipped cell really would not have fitted.
 
 Both are floored at 0 and computed by ``bench estimate-margins`` from the judge folders
-(bench/estimate_protocol.py) into ``MARGINS_FILE``, a committed, generated file: never typed in. A
+(bench/estimate/protocol.py) into ``MARGINS_FILE``, a committed, generated file: never typed in. A
 framework with fewer than ``MIN_CELLS`` judged cells takes the margins of all judged cells together; with
 no judged cell at all, the stated defaults hold (``DEFAULT_FIT``, ``DEFAULT_SKIP``).
 """
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.estimate_protocol import COVERAGE, framework_of, judge_folders
+from bench.estimate.protocol import COVERAGE, framework_of, judge_folders
 
-MARGINS_FILE = Path(__file__).with_name("estimate_margins.json")
+MARGINS_FILE = Path(__file__).with_name("margins.json")
 MIN_CELLS = 3
 # Until judge records exist. fit: the largest under-prediction reported out of sample before the protocol
 # (issue 23: ZeRO-2 offload, Llama-3.2-1B full fine-tune on 2 H200, -14.3 %), rounded up to 15 %.
@@ -52,8 +52,8 @@ def _quantile(values: list[float]) -> float:
 
 def compute(results_root: Path) -> dict:
     """The margins file's content, from the judge folders under ``results_root`` and the current estimator."""
-    from bench.estimate import ESTIMATOR_VERSION
-    from bench.estimate_check import check_folder, judged
+    from bench.estimate.prediction import ESTIMATOR_VERSION
+    from bench.estimate.check import check_folder, judged
 
     folders = judge_folders(results_root)
     rows = [r for f in folders for r in check_folder(f) if judged(r)]

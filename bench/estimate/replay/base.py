@@ -1,5 +1,5 @@
 """Replay a full fine-tuning cell's GPU allocations through the caching-allocator model
-(bench/estimate_allocator.py): torch's *reserved* peak is what the allocator holds, not what is allocated.
+(bench/estimate/allocator.py): torch's *reserved* peak is what the allocator holds, not what is allocated.
 
 Why a replay and not a formula: reserved = allocated + the free blocks the allocator keeps, and which
 blocks are free at the peak depends on sizes, order and streams. A 2 GiB fp32 logits tensor needs 2 GiB of
@@ -26,7 +26,7 @@ The replay writes the allocations down from the frameworks' code (named where ea
   strategy's gathers and reductions on their streams, and the optimizer step (Adam states; foreach AdamW's
   sqrt(v); ZeRO's flat gradient partition, its fp32 copy and the fp64 gradient norm).
 
-Sizes come from the estimator's own terms (bench/estimate_activations.py, bench/models.py); the constants
+Sizes come from the estimator's own terms (bench/estimate/activations.py, bench/models.py); the constants
 are the frameworks' defaults and the generated configs' settings (bucket sizes, prefetch and live-parameter
 limits). Tensors of a few MiB (norm statistics, scalars) are left out: they fit into cached blocks. The ranks
 that differ (ZeRO-1/2 partitions, FSDP1 shards) are each replayed and the highest taken, as the records keep
@@ -38,8 +38,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.estimate_allocator import CachingAllocator
-from bench.estimate_states import optimizer_state_bytes
+from bench.estimate.allocator import CachingAllocator
+from bench.estimate.prediction import CALIBRATION
+from bench.estimate.states import optimizer_state_bytes
+from bench.estimate.terms import compute_bytes, converts_outputs_to_fp32, residual_bytes
 from bench.matrix import CellSettings
 from bench.models import ModelShape, has_local_weights
 from bench.precision import policy_for
@@ -132,7 +134,7 @@ def model_params(shape: ModelShape) -> list[tuple[str, int]]:
 
 def layer_activations(shape: ModelShape, tokens: int, c: int, r: int) -> list[tuple[str, int]]:
     """The tensors one decoder layer saves for backward (bytes), the terms of
-    estimate_activations.layer_bytes_per_token (full fine-tuning) one by one."""
+    estimate.activations.layer_bytes_per_token (full fine-tuning) one by one."""
     h, q = shape.hidden, shape.heads * shape.head_dim
     kv, inter = shape.kv_heads * shape.head_dim, shape.intermediate
     out = []
@@ -164,8 +166,6 @@ def backward_temporaries(acts: list[tuple[str, int]], fraction: float) -> list[t
 
 class _Run:
     def __init__(self, cell: CellSettings, shape: ModelShape, strategy: Strategy, rank: int = 0, calib=None):
-        from bench.estimate import CALIBRATION, compute_bytes, converts_outputs_to_fp32, residual_bytes
-
         self.cell, self.shape, self.strategy = cell, shape, strategy
         self.mem = CachingAllocator()
         self.n, self.rank = cell.gpus, rank
@@ -399,7 +399,7 @@ class _Run:
             if self.checkpointing:  # the layer's input is all it keeps
                 self.free_all(f"act:{layer}.")
             self.reshard_after_forward(f"layer{layer}")
-        # final norm and the LM head's input (estimate_activations' head_in)
+        # final norm and the LM head's input (estimate.activations' head_in)
         self.alloc("head:norm_fp32", 4 * s.hidden * t)
         self.alloc("head:norm_out", self.r * s.hidden * t)
         if self.autocast_copies:  # the head is not checkpointed: its weight's copy is saved for its backward

@@ -1,8 +1,8 @@
 """Predict a cell's peak GPU memory per rank before launching it, and decide whether to launch at all.
 
 ``predict(cell)`` is a pure function of the cell's settings (no torch): model states from
-bench/estimate_states.py (ZeRO accounting, bytes per parameter from the precision policy and the
-optimizer), activations from bench/estimate_activations.py, and the framework's own buffers (DDP
+bench/estimate/states.py (ZeRO accounting, bytes per parameter from the precision policy and the
+optimizer), activations from bench/estimate/activations.py, and the framework's own buffers (DDP
 gradient buckets, DeepSpeed reduce buckets and ZeRO-3 prefetch, FSDP gathered units, autocast weight
 copies (QLoRA's fp32-upcast LM head under ddp included), optimizer-step temporaries). The peak is taken
 over the three moments that can hold it: the loss's backward (the logits peak), the layers' backward
@@ -10,18 +10,18 @@ over the three moments that can hold it: the loss's backward (the logits peak), 
 gradients plus the step's temporaries).
 
 Torch reserved: for full fine-tuning on CUDA without offload (catalogue strategies), both peaks come from
-replaying the cell's allocations through a model of the caching allocator (bench/estimate_trace.py,
-bench/estimate_allocator.py), which is where the free blocks held at the peak come from (segment sizes,
+replaying the cell's allocations through a model of the caching allocator (bench/estimate/replay/,
+bench/estimate/allocator.py), which is where the free blocks held at the peak come from (segment sizes,
 best fit, per-stream pools, the first step's states landing in the activations' blocks); the formula's
 moment at the replay's peak phase gives the breakdown, and the overhead holds the rest. Elsewhere (adapters,
 offload, users' configs) reserved is the additive model: the allocated peak plus named free blocks
 (reserved_only_blocks) plus allocator_slack, a fraction chosen by hand (no fit). Judged against GPU records by
-`bench estimate-check`, in-sample and out-of-sample apart (bench/estimate_protocol.py, results/ESTIMATOR.md).
+`bench estimate-check`, in-sample and out-of-sample apart (bench/estimate/protocol.py, results/ESTIMATOR.md).
 
 ``predicted_oom(prediction)`` is the pre-flight decision: a cell whose requirement exceeds its capacity
 by more than the skip margin is recorded as ``predicted_oom`` without launching (``bench run --force``
 launches it anyway); it "fits" only with the fit margin to spare. Both margins come per framework from the
-measured out-of-sample errors (bench/estimate_margins.py). Every record stores its prediction
+measured out-of-sample errors (bench/estimate/margins.py). Every record stores its prediction
 (``prediction_dict``) with ``ESTIMATOR_VERSION``; the schema is versioned apart (``PREDICTION_VERSION``).
 """
 
@@ -30,80 +30,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pydantic import BaseModel
-
-from bench import strategies
-from bench.estimate_activations import LORA_TARGET_INPUTS, ActivationBytes, activation_bytes, lora_input_width
-from bench.estimate_states import (NF4_PACKED_BYTES, BytesPerParam, Sharding, StateBytes, bytes_per_frozen_param,
+from bench.estimate.activations import LORA_TARGET_INPUTS, ActivationBytes, activation_bytes, lora_input_width
+from bench.estimate.prediction import (CALIBRATION, COMPONENTS, DS_MAX_LIVE_PARAMETERS, DS_REDUCE_BUCKET, DS_SUB_GROUP,
+                                       ESTIMATOR_VERSION, GIB, Calibration, Prediction, margins_for, with_capacity)
+from bench.estimate.replay import replay
+from bench.estimate.states import (NF4_PACKED_BYTES, BytesPerParam, Sharding, StateBytes, bytes_per_frozen_param,
                                    bytes_per_trainable_param, frozen_states, shard_states)
-from bench.estimate_trace import replay
+from bench.estimate.terms import (builds_on_meta, compute_bytes, converts_outputs_to_fp32, describe_strategy, is_half,
+                                  qlora_builds_on_host, qlora_upcasts_to_fp32, residual_bytes, sharding_for)
 from bench.matrix import CellSettings
-from bench.model_build import builds_on_meta
 from bench.models import ModelShape
 from bench.precision import policy_for
-from bench.qlora import builds_on_host as qlora_builds_on_host
-from bench.qlora import upcasts_to_fp32 as qlora_upcasts_to_fp32
 from bench.strategies import Strategy, is_user_config
-
-GIB = 2**30
-PREDICTION_VERSION = 1  # the stored form's schema
-# The estimator's own version: bump it with every change that can move a prediction. A predicted_oom record
-# made by another version is re-evaluated on resume (bench/campaign.py), reports show the version that made
-# each stored prediction, and the margins file must be regenerated (bench estimate-margins).
-ESTIMATOR_VERSION = 2
-COMPONENTS = ("params", "grads", "optimizer", "master_weights", "activations", "adapter", "overhead")
-# Sizes the generated DeepSpeed JSON sets (bench/plan.py), in elements.
-DS_REDUCE_BUCKET = 500_000_000
-DS_MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters (plan.py keeps it)
-DS_SUB_GROUP = 1_000_000_000  # DeepSpeed's default zero_optimization.sub_group_size (plan.py keeps it)
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """The constants no formula gives, chosen by hand while reading the in-sample GPU records
-    (bench/estimate_protocol.py TUNING_FOLDERS); none is the output of a fit."""
-
-    # torch reserved / allocated - 1 where the allocations are not replayed (bench/estimate_trace.py covers
-    # full fine-tuning): a stand-in for the caching allocator's free blocks
-    allocator_slack: float = 0.07
-    backward_temp_fraction: float = 0.5  # a recomputed layer's backward temporaries, as a share of its activations
-    cuda_context_gib: float = 0.5  # CUDA context + kernels per process: outside torch reserved
-    nccl_gib: float = 0.5  # NCCL communicator buffers per process (gpus > 1): outside torch reserved
-    host_process_gib: float = 2.5  # host RSS of one rank before any offloaded state (torch, CUDA, libraries)
-    ds_overlap_buffers: int = 2  # ZeRO-1/2 overlap_comm double-buffers its reduce bucket
-
-
-CALIBRATION = Calibration()
-
-
-class Prediction(BaseModel):
-    """Stored in RunRecord.prediction (as a dict). All sizes in GiB, per rank unless named host."""
-
-    version: int = PREDICTION_VERSION
-    estimator_version: int | None = None  # ESTIMATOR_VERSION of the code that predicted; absent in old records
-    peak_reserved_gib: float  # what torch.cuda.max_memory_reserved should read: the sum of components_gib
-    peak_allocated_gib: float  # the same without the allocator slack
-    device_total_gib: float  # reserved + CUDA context + NCCL: what NVML should read
-    peak_phase: str  # "backward" (activations at their largest) or "optimizer step"
-    components_gib: dict[str, float]
-    overhead_detail_gib: dict[str, float]
-    activations_detail_gib: dict[str, float]
-    bytes_per_param: dict[str, Any]
-    host_gib: float  # host memory of all ranks of the cell together (offloaded states + processes)
-    host_per_rank_gib: float
-    capacity_gib: float | None = None
-    capacity_source: str | None = None  # "gpu_memory_gib", "device", "--capacity-gib"
-    required_gib: float | None = None  # what is compared with the capacity
-    fits: bool = True  # required * (1 + fit_margin) <= capacity (True when the capacity is unknown)
-    margin: float = 0.10  # the skip margin
-    fit_margin: float = 0.0  # room kept for the estimator's under-prediction (bench/estimate_margins.py)
-    margin_source: str | None = None  # where both margins come from
-    predicted_oom: bool = False  # required > capacity * (1 + margin): not launched unless --force
-    calibration: dict[str, float] = {}
-    # "replay": both peaks from replaying the cell's allocations through the caching-allocator model
-    # (bench/estimate_trace.py: full fine-tuning on CUDA without offload); "additive": the formula's
-    # allocated peak plus the named cached blocks plus allocator_slack.
-    reserved_model: str = "additive"
 
 
 @dataclass
@@ -116,41 +54,6 @@ class _Parts:
     @property
     def allocated(self) -> float:
         return sum(self.components.values()) + sum(self.buffers.values())
-
-
-# ---------------------------------------------------------------- strategy -> what is sharded
-
-def describe_strategy(cell: CellSettings) -> Strategy | None:
-    """The catalogue entry, or what a user's config file amounts to; None if it cannot be told."""
-    try:
-        return strategies.get(cell.strategy)
-    except Exception:  # noqa: BLE001 - a user config we cannot read is estimated as unknown, never fatal
-        return None
-
-
-def sharding_for(strategy: Strategy) -> Sharding:
-    if strategy.family == "deepspeed":
-        return Sharding.zero(strategy.zero_stage or 0, strategy.offload_optimizer, strategy.offload_params)
-    if strategy.family == "fsdp2" or (strategy.family == "fsdp" and strategy.fsdp_sharding != "NO_SHARD"):
-        # FSDP shards parameters at rest even under SHARD_GRAD_OP; the optimizer then runs where they live.
-        offload = strategy.offload_params
-        return Sharding(weights=True, grads=True, optimizer=True, optimizer_on_host=offload, weights_on_host=offload)
-    return Sharding()
-
-
-def _is_half(cell: CellSettings) -> bool:
-    return cell.train.precision in ("bf16", "fp16")
-
-
-def compute_bytes(cell: CellSettings) -> int:
-    return 2 if _is_half(cell) else 4
-
-
-def residual_bytes(cell: CellSettings, strategy: Strategy) -> int:
-    """The residual stream follows the weights' dtype: fp32 under autocast unless FSDP casts the params."""
-    if strategy.family in ("fsdp", "fsdp2"):
-        return compute_bytes(cell)
-    return {"float32": 4, "bfloat16": 2, "float16": 2}[policy_for(cell).weight_dtype]
 
 
 # ---------------------------------------------------------------- model states
@@ -214,16 +117,6 @@ def _per_rank_formula(bpp: BytesPerParam, sharding: Sharding, ranks: int) -> str
             kept += size
     parts = ([f"{kept:.3g}"] if kept else []) + ([f"{split:.3g}/{ranks}"] if split else [])
     return " + ".join(parts) or "0"
-
-
-# ---------------------------------------------------------------- activations and buffers
-
-def converts_outputs_to_fp32(cell: CellSettings, strategy: Strategy) -> bool:
-    """accelerate wraps forward in autocast + convert_outputs_to_fp32 when it runs native AMP (bf16/fp16
-    outside DeepSpeed, whose JSON owns precision): the output then holds fp32 logits. Not under FSDP2:
-    Accelerator._prepare_fsdp2 never calls prepare_model, where that wrapper is put on (accelerate 1.15);
-    FSDP2's MixedPrecisionPolicy casts the parameters and the output keeps the compute dtype."""
-    return _is_half(cell) and strategy.family not in ("deepspeed", "fsdp2") and cell.device == "cuda"
 
 
 def activations_for(cell: CellSettings, shape: ModelShape, strategy: Strategy, calib: Calibration) -> ActivationBytes:
@@ -347,7 +240,7 @@ def backward_buffers(cell: CellSettings, shape: ModelShape, strategy: Strategy, 
             out["fsdp_offloaded_shard_copy"] = w_root * root / cell.gpus
         if states.base_bpp is not None and moment == "layers":
             out["fsdp_unsharded_grads"] = compute_bytes(cell) * (layer + shape.lm_head_params)
-    if strategy.family == "fsdp" and (strategy.fsdp_sharding == "NO_SHARD" or cell.gpus == 1) and _is_half(cell) \
+    if strategy.family == "fsdp" and (strategy.fsdp_sharding == "NO_SHARD" or cell.gpus == 1) and is_half(cell) \
             and states.base_bpp is not None:
         # NO_SHARD's low-precision copy of a unit is made when the unit is used and freed at its reshard
         # (FlatParamHandle.post_reshard), after its forward and after its backward: the root and, in the
@@ -510,7 +403,7 @@ def predict(cell: CellSettings, calib: Calibration = CALIBRATION, margin: float 
     phase, parts = max(moments.items(), key=lambda kv: kv[1].allocated)
     rep = replay(cell, shape, strategy, calib)
     if rep is not None:
-        # The replay through the caching-allocator model (bench/estimate_trace.py) gives both peaks; the
+        # The replay through the caching-allocator model (bench/estimate/replay/) gives both peaks; the
         # formula's moment at the replay's peak phase gives the breakdown, and the overhead is what the
         # replay holds beyond that moment's states and activations: buffers, the blocks the allocator keeps
         # free at the peak, and the (small) difference between the replayed and the formula's allocated.
@@ -545,111 +438,6 @@ def predict(cell: CellSettings, calib: Calibration = CALIBRATION, margin: float 
         bytes_per_param=bytes_per_param_summary(states, strategy, cell.gpus),
         host_gib=cell.gpus * host_rank / GIB, host_per_rank_gib=host_rank / GIB,
         calibration=asdict(calib), reserved_model="replay" if rep is not None else "additive",
-        estimator_version=ESTIMATOR_VERSION, **_margins(strategy, margin),
+        estimator_version=ESTIMATOR_VERSION, **margins_for(strategy, margin),
     )
     return with_capacity(pred, capacity_gib, capacity_source)
-
-
-# ---------------------------------------------------------------- capacity and the pre-flight decision
-
-def _margins(strategy: Strategy, skip: float | None) -> dict[str, Any]:
-    """The framework's margins (bench/estimate_margins.py); an explicit skip margin (a matrix's
-    estimate_margin) replaces the measured one."""
-    from bench.estimate_margins import margin_for
-
-    m = margin_for(strategy)
-    source = m.source if skip is None else f"skip {skip:.0%} set by the matrix (estimate_margin); fit from {m.source}"
-    return {"margin": m.skip if skip is None else skip, "fit_margin": m.fit, "margin_source": source}
-
-
-def with_capacity(pred: Prediction, capacity_gib: float | None, source: str | None) -> Prediction:
-    """Fill in the fit fields. A memory cap limits torch's allocator only, so it is compared with the
-    reserved peak; a whole device (or an explicit capacity) with everything the process holds on it."""
-    if capacity_gib is None:
-        return pred.model_copy(update={"capacity_gib": None, "capacity_source": None, "required_gib": None,
-                                       "fits": True, "predicted_oom": False})
-    required = pred.peak_reserved_gib if source == "gpu_memory_gib" else pred.device_total_gib
-    return pred.model_copy(update={
-        "capacity_gib": capacity_gib, "capacity_source": source, "required_gib": required,
-        "fits": required * (1 + pred.fit_margin) <= capacity_gib,
-        "predicted_oom": predicted_oom(required, capacity_gib, pred.margin)})
-
-
-def predicted_oom(required_gib: float, capacity_gib: float | None, margin: float) -> bool:
-    """Skip only a clear miss: the requirement exceeds the capacity by more than the margin."""
-    return capacity_gib is not None and required_gib > capacity_gib * (1 + margin)
-
-
-def capacity_for(cell: CellSettings, override_gib: float | None = None) -> tuple[float | None, str | None]:
-    """(GiB, source) a cell must fit: an explicit capacity, its memory cap, or its GPU; unknown on CPU."""
-    if override_gib is not None:
-        return override_gib, "--capacity-gib"
-    if cell.gpu_memory_gib:
-        return cell.gpu_memory_gib, "gpu_memory_gib"
-    if cell.device == "cuda":
-        total = _device_total_bytes(cell.gpus)
-        if total:
-            return total / GIB, "device"
-    return None, None
-
-
-def _device_total_bytes(gpus: int) -> int | None:
-    """The smallest total memory of the cell's cards, read through NVML: asking torch would create a
-    CUDA context in the parent process, memory that the cell's own ranks would then not have."""
-    from bench.gpu_state import nvml, nvml_handle_for_cuda_index
-
-    lib = nvml()
-    if lib is None:
-        return None
-    try:
-        return min(lib.nvmlDeviceGetMemoryInfo(nvml_handle_for_cuda_index(i)).total for i in range(gpus))
-    except Exception:  # noqa: BLE001 - fewer visible cards or no NVML: the capacity stays unknown
-        return None
-
-
-def predict_for_run(cell: CellSettings, margin: float | None, capacity_override_gib: float | None = None,
-                    calib: Calibration = CALIBRATION) -> Prediction | None:
-    capacity, source = capacity_for(cell, capacity_override_gib)
-    return predict(cell, calib, margin, capacity, source)
-
-
-def prediction_dict(pred: Prediction | None) -> dict[str, Any] | None:
-    """The form stored in RunRecord.prediction (floats rounded to a kilobyte-ish precision)."""
-    if pred is None:
-        return None
-    return _rounded(pred.model_dump(mode="json"))
-
-
-def _rounded(value: Any) -> Any:
-    if isinstance(value, float):
-        return round(value, 6)
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    return value
-
-
-def oom_message(pred: Prediction) -> str:
-    return (f"predicted {pred.required_gib:.2f} GiB per rank ({pred.peak_phase} peak) against "
-            f"{pred.capacity_gib:.2f} GiB ({pred.capacity_source}), over by more than the margin "
-            f"{pred.margin:.0%}; not launched. Use --force to launch it anyway")
-
-
-def preflight(plan, matrix_name: str, fingerprint: dict, margin: float | None, force: bool,
-              capacity_override_gib: float | None, strategy_info: dict):
-    """(prediction dict for the record, a predicted_oom RunRecord when the cell must not launch, else None)."""
-    from bench.results import not_launched_record
-
-    try:
-        pred = predict_for_run(plan.cell, margin, capacity_override_gib)
-    except Exception as exc:  # noqa: BLE001 - an estimator bug must never stop a benchmark: launch unpredicted
-        import warnings
-
-        warnings.warn(f"no memory prediction for {plan.cell.label}: {exc!r}", stacklevel=2)
-        pred = None
-    stored = prediction_dict(pred)
-    if pred is None or not pred.predicted_oom or force:
-        return stored, None
-    record = not_launched_record(matrix_name, plan.cell, plan.repeat, fingerprint, "predicted_oom", oom_message(pred),
-                                 strategy_info, prediction=stored, cell_dir=str(plan.cell_dir),
-                                 command=plan.shell_command())
-    return stored, record

@@ -5,7 +5,7 @@ error there is in-sample and says little about a cell it has never seen. Every o
 out-of-sample: a record made after this list was frozen, or a judge-only matrix (matrices/estimate-judge.yaml).
 Nothing may be tuned on an out-of-sample folder; once it has been looked at to change the estimator, it
 moves into ``TUNING_FOLDERS`` (and stops judging). ``JUDGE_PATTERNS`` names the folders whose errors set
-the pre-flight margins (bench/estimate_margins.py).
+the pre-flight margins (bench/estimate/margins.py).
 
 The rules below are fixed before any judge record exists: a tolerance, what counts as a judged cell.
 """

@@ -9,7 +9,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bench.estimate import COMPONENTS, Prediction, capacity_for, predict
+from bench.estimate.additive import predict
+from bench.estimate.prediction import COMPONENTS, Prediction, prediction_dict
+from bench.estimate.preflight import capacity_for
 from bench.matrix import CellSettings, MatrixError, check_names, expand, load_matrix, select
 
 SHORT = {"params": "params", "grads": "grads", "optimizer": "optim", "master_weights": "master",
@@ -72,7 +74,7 @@ LEGEND = ("B/param per rank: weights + grads + (master + optimizer) in the ZeRO 
           "N ranks. +ctx adds the CUDA context and NCCL buffers (outside torch). host: all ranks together "
           "(offloaded states + processes). verdict: fits = within capacity with the framework's fit margin to "
           "spare; tight = not so; skip = predicted_oom (over capacity by more than the skip margin), launched "
-          "anyway with --force. Margins: bench/estimate_margins.json.")
+          "anyway with --force. Margins: bench/estimate/margins.json.")
 
 
 def _formula(pred: Prediction) -> str:
@@ -142,8 +144,6 @@ def run_estimate(matrix_path: str, device: str | None, capacity_gib: float | Non
                  exclude: list[str], as_json: bool, console: Console | None = None, max_gpus: int | None = None) -> int:
     rows = estimate_cells(matrix_path, device, capacity_gib, only, exclude, max_gpus)
     if as_json:
-        from bench.estimate import prediction_dict
-
         print(json.dumps([{"cell_id": c.cell_id, "label": c.label, "prediction": prediction_dict(p)}
                           for c, p in rows], indent=1))
     else:

@@ -1,0 +1,119 @@
+"""What the estimator says about a cell: the stored ``Prediction``, its versions, the hand-chosen
+``Calibration``, and the fit decision against a capacity (``with_capacity``, ``predicted_oom``).
+
+Pure data and arithmetic: no torch import. The margins come per framework from bench/estimate/margins.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from bench.strategies import Strategy
+
+GIB = 2**30
+PREDICTION_VERSION = 1  # the stored form's schema
+# The estimator's own version: bump it with every change that can move a prediction. A predicted_oom record
+# made by another version is re-evaluated on resume (bench/campaign.py), reports show the version that made
+# each stored prediction, and the margins file must be regenerated (bench estimate-margins).
+ESTIMATOR_VERSION = 2
+COMPONENTS = ("params", "grads", "optimizer", "master_weights", "activations", "adapter", "overhead")
+# Sizes the generated DeepSpeed JSON sets (bench/plan.py), in elements.
+DS_REDUCE_BUCKET = 500_000_000
+DS_MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters (plan.py keeps it)
+DS_SUB_GROUP = 1_000_000_000  # DeepSpeed's default zero_optimization.sub_group_size (plan.py keeps it)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The constants no formula gives, chosen by hand while reading the in-sample GPU records
+    (bench/estimate/protocol.py TUNING_FOLDERS); none is the output of a fit."""
+
+    # torch reserved / allocated - 1 where the allocations are not replayed (bench/estimate/replay/ covers
+    # full fine-tuning): a stand-in for the caching allocator's free blocks
+    allocator_slack: float = 0.07
+    backward_temp_fraction: float = 0.5  # a recomputed layer's backward temporaries, as a share of its activations
+    cuda_context_gib: float = 0.5  # CUDA context + kernels per process: outside torch reserved
+    nccl_gib: float = 0.5  # NCCL communicator buffers per process (gpus > 1): outside torch reserved
+    host_process_gib: float = 2.5  # host RSS of one rank before any offloaded state (torch, CUDA, libraries)
+    ds_overlap_buffers: int = 2  # ZeRO-1/2 overlap_comm double-buffers its reduce bucket
+
+
+CALIBRATION = Calibration()
+
+
+class Prediction(BaseModel):
+    """Stored in RunRecord.prediction (as a dict). All sizes in GiB, per rank unless named host."""
+
+    version: int = PREDICTION_VERSION
+    estimator_version: int | None = None  # ESTIMATOR_VERSION of the code that predicted; absent in old records
+    peak_reserved_gib: float  # what torch.cuda.max_memory_reserved should read: the sum of components_gib
+    peak_allocated_gib: float  # the same without the allocator slack
+    device_total_gib: float  # reserved + CUDA context + NCCL: what NVML should read
+    peak_phase: str  # "backward" (activations at their largest) or "optimizer step"
+    components_gib: dict[str, float]
+    overhead_detail_gib: dict[str, float]
+    activations_detail_gib: dict[str, float]
+    bytes_per_param: dict[str, Any]
+    host_gib: float  # host memory of all ranks of the cell together (offloaded states + processes)
+    host_per_rank_gib: float
+    capacity_gib: float | None = None
+    capacity_source: str | None = None  # "gpu_memory_gib", "device", "--capacity-gib"
+    required_gib: float | None = None  # what is compared with the capacity
+    fits: bool = True  # required * (1 + fit_margin) <= capacity (True when the capacity is unknown)
+    margin: float = 0.10  # the skip margin
+    fit_margin: float = 0.0  # room kept for the estimator's under-prediction (bench/estimate/margins.py)
+    margin_source: str | None = None  # where both margins come from
+    predicted_oom: bool = False  # required > capacity * (1 + margin): not launched unless --force
+    calibration: dict[str, float] = {}
+    # "replay": both peaks from replaying the cell's allocations through the caching-allocator model
+    # (bench/estimate/replay/: full fine-tuning on CUDA without offload); "additive": the formula's
+    # allocated peak plus the named cached blocks plus allocator_slack.
+    reserved_model: str = "additive"
+
+
+# ---------------------------------------------------------------- the fit decision
+
+def margins_for(strategy: Strategy, skip: float | None) -> dict[str, Any]:
+    """The framework's margins (bench/estimate/margins.py); an explicit skip margin (a matrix's
+    estimate_margin) replaces the measured one."""
+    from bench.estimate.margins import margin_for
+
+    m = margin_for(strategy)
+    source = m.source if skip is None else f"skip {skip:.0%} set by the matrix (estimate_margin); fit from {m.source}"
+    return {"margin": m.skip if skip is None else skip, "fit_margin": m.fit, "margin_source": source}
+
+
+def with_capacity(pred: Prediction, capacity_gib: float | None, source: str | None) -> Prediction:
+    """Fill in the fit fields. A memory cap limits torch's allocator only, so it is compared with the
+    reserved peak; a whole device (or an explicit capacity) with everything the process holds on it."""
+    if capacity_gib is None:
+        return pred.model_copy(update={"capacity_gib": None, "capacity_source": None, "required_gib": None,
+                                       "fits": True, "predicted_oom": False})
+    required = pred.peak_reserved_gib if source == "gpu_memory_gib" else pred.device_total_gib
+    return pred.model_copy(update={
+        "capacity_gib": capacity_gib, "capacity_source": source, "required_gib": required,
+        "fits": required * (1 + pred.fit_margin) <= capacity_gib,
+        "predicted_oom": predicted_oom(required, capacity_gib, pred.margin)})
+
+
+def predicted_oom(required_gib: float, capacity_gib: float | None, margin: float) -> bool:
+    """Skip only a clear miss: the requirement exceeds the capacity by more than the margin."""
+    return capacity_gib is not None and required_gib > capacity_gib * (1 + margin)
+
+
+def prediction_dict(pred: Prediction | None) -> dict[str, Any] | None:
+    """The form stored in RunRecord.prediction (floats rounded to a kilobyte-ish precision)."""
+    if pred is None:
+        return None
+    return _rounded(pred.model_dump(mode="json"))
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return value
