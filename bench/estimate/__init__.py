@@ -4,7 +4,7 @@ Rooms: ``prediction`` (the stored Prediction, versions, calibration, the fit dec
 additive model and the replay both read), ``states`` and ``activations`` (model states and activations by
 formula), ``additive`` (``predict``: the peak over the moments that can hold it), ``allocator`` and
 ``replay/`` (torch's caching allocator and a cell's allocations replayed through it, one module per
-framework), ``preflight`` (capacity and the decision of ``bench run``), ``protocol``, ``check`` and
+framework), ``capacity`` (a cell's capacity and the pre-flight decision of ``bench run``), ``protocol``, ``check`` and
 ``margins`` (judging the estimator against GPU records, and the margins that follow), ``table`` (``bench
 estimate``). The rest of bench reads the estimator through the names below.
 """
@@ -15,7 +15,7 @@ from bench.estimate.margins import DEFAULT_FIT, DEFAULT_SKIP, MARGINS_FILE, marg
 from bench.estimate.margins import load as load_margins
 from bench.estimate.margins import write as write_margins
 from bench.estimate.prediction import ESTIMATOR_VERSION, GIB, Prediction, predicted_oom, prediction_dict
-from bench.estimate.preflight import capacity_for, preflight
+from bench.estimate.capacity import capacity_for, preflight
 from bench.estimate.table import run_estimate
 
 __all__ = [

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from bench.estimate.additive import predict
 from bench.estimate.prediction import COMPONENTS, Prediction, prediction_dict
-from bench.estimate.preflight import capacity_for
+from bench.estimate.capacity import capacity_for
 from bench.matrix import CellSettings, MatrixError, check_names, expand, load_matrix, select
 
 SHORT = {"params": "params", "grads": "grads", "optimizer": "optim", "master_weights": "master",
