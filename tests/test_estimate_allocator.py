@@ -128,3 +128,13 @@ def test_more_micro_batch_or_no_checkpointing_costs_more():
     assert predict(cell(strategy="fsdp2", gpus=2, grad_checkpointing=False)).peak_reserved_gib > base
     assert predict(cell(strategy="ddp", gpus=1, optimizer="adamw_torch")).peak_reserved_gib > \
         predict(cell(strategy="ddp", gpus=1)).peak_reserved_gib  # foreach AdamW's sqrt(v) of every tensor
+
+
+def test_each_catalogue_strategy_is_replayed_by_exactly_one_framework_module():
+    """The replay is chosen by asking the strategy (bench/estimate/replay/: one class per framework)."""
+    from bench import strategies
+    from bench.estimate.replay import RUNS
+
+    for strategy in strategies.CATALOGUE.values():
+        assert [run.__name__ for run in RUNS if run.handles(strategy)] != [], strategy.name
+        assert sum(run.handles(strategy) for run in RUNS) == 1, strategy.name
