@@ -1,5 +1,6 @@
 """What the estimator says about a cell: the stored ``Prediction``, its versions, the hand-chosen
-``Calibration``, and the fit decision against a capacity (``with_capacity``, ``predicted_oom``).
+``Calibration``, the DeepSpeed sizes that the additive model and the replay both read, and the fit decision
+against a capacity (``with_capacity``, ``predicted_oom``).
 
 Pure data and arithmetic: no torch import. The margins come per framework from bench/estimate/margins.py.
 """
