@@ -24,7 +24,7 @@ from bench.caveats import CPU_CAVEAT
 from bench.matrix import (CellSettings, Matrix, MatrixError, check_names, check_time_budget, collapse, expand,
                           load_matrix, select, unrunnable, validate_cells)
 from bench.plan import WORKER_MODULE, LaunchPlan, build_plan
-from bench.results import (DETERMINISTIC_FAILURES, RunRecord, append_record, check_writable, load_records,
+from bench.records import (DETERMINISTIC_FAILURES, RunRecord, append_record, check_writable, load_records,
                            not_launched_record, save_matrix_copy)
 from bench.runner import CellInterrupted, free_port, run_plan
 
@@ -396,7 +396,7 @@ def unsupported_record(item: Unrunnable, matrix_name: str, fingerprint: dict) ->
 
 def main_guard(fn, *args, **kwargs) -> int:
     """Turn bad input into exit code 2 with the message, nothing launched."""
-    from bench.results import SchemaError
+    from bench.records import SchemaError
 
     try:
         return fn(*args, **kwargs)

@@ -139,8 +139,8 @@ def env():
 
 def _bad_input_exits_2(fn) -> int:
     """check and baseline: a refused comparison or an unreadable file is exit 2 with the message."""
-    from bench.baseline import BaselineError
-    from bench.results import SchemaError
+    from bench.check import BaselineError
+    from bench.records import SchemaError
 
     try:
         return fn()
@@ -203,8 +203,7 @@ def nightly(
 ):
     """One night: run the matrix into a fresh folder, check it against this hardware's baseline, write check.md,
     check.json and the report there. Exit 0 clean, 1 regression (or nothing measured), 2 bad input."""
-    from bench.check import parse_thresholds
-    from bench.nightly import NightOptions, run_night
+    from bench.check import NightOptions, parse_thresholds, run_night
 
     def _run() -> int:
         opts = NightOptions(root=root, launches=launches, slow_step=slow_step or None, no_verdict=no_verdict,
@@ -226,7 +225,7 @@ def baseline_promote(
     baselines_dir: Annotated[Path, typer.Option(help="where baselines live")] = Path("results/baselines"),
 ):
     """Make 3 or more nights the baseline for their hardware: <baselines-dir>/<hardware-slug>.jsonl."""
-    from bench.baseline import describe, promote
+    from bench.check import describe, promote
 
     def _run() -> int:
         path, records = promote(results, baselines_dir)

@@ -31,7 +31,7 @@ import pandas as pd
 from bench import flops, intervals, sampler, strategies
 from bench.matrix import CellSettings
 from bench.precision import policy_for
-from bench.results import RunRecord
+from bench.records import RunRecord
 
 PLAIN_FAMILIES = ("single", "ddp")  # at one process neither wraps the model: what a user runs today
 # Figures that are medians over launches (one repeat = one fresh launch of the cell).

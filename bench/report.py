@@ -21,7 +21,7 @@ from bench import report_tables as tables
 from bench.caveats import CPU_CAVEAT
 from bench.matrix import MatrixError, TokenBudget, load_matrix
 from bench.report_render import Plot, Section, Table, to_html, to_markdown, write_csvs
-from bench.results import MATRIX_COPY, RunRecord, latest_runs, load_records  # noqa: F401 - MATRIX_COPY: a
+from bench.records import MATRIX_COPY, RunRecord, latest_runs, load_records  # noqa: F401 - MATRIX_COPY: a
 # results folder holds the matrix it last ran (bench run copies it); its token_budget is then used
 
 

@@ -14,11 +14,11 @@ import socket
 import time
 from pathlib import Path
 
-from bench import rank_files
+from bench.records import rank_files
 from bench.failures import Outcome, classify, oom_kill_counters
 from bench.plan import LaunchPlan, write_plan_files
 from bench.process_tree import ProcessTree
-from bench.results import RunRecord
+from bench.records import RunRecord
 
 POLL_S = 0.2
 SCAN_S = 1.0  # noting the tree's members scans the process table: not so often that it costs the ranks CPU

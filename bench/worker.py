@@ -25,7 +25,7 @@ from bench.gc_window import GcWindow
 from bench.matrix import CellSettings
 from bench.model_build import builds_on_meta
 from bench.precision import policy_for
-from bench.rank_files import RankFiles, classify_exception
+from bench.records.rank_files import RankFiles, classify_exception
 from bench.timing import StoppingRule
 
 PROCESS_START = time.time()

@@ -1,4 +1,4 @@
-"""The nightly gate (bench/check.py) re-run on committed nights: false alarms, a synthetic 10 % slowdown, and
+"""The nightly gate (bench/check/gate.py) re-run on committed nights: false alarms, a synthetic 10 % slowdown, and
 the smallest change each cell lets it detect. Nothing is launched; every figure comes from the records.
 
     python benchmarks/nightly_gate.py results/nightly-rerun-3 results/nightly-rerun-4 results/nightly-rerun-5
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.baseline import load_nights
-from bench.check import Thresholds, prediction_interval, run_check
-from bench.results import RunRecord
+from bench.check import load_nights
+from bench.check.gate import Thresholds, prediction_interval, run_check
+from bench.records import RunRecord
 
 
 def scaled(records: list[RunRecord], factor: float) -> list[RunRecord]:
@@ -73,7 +73,7 @@ def leave_one_out(folders: list[Path], factor: float, t: Thresholds) -> list[str
 
 def components(folders: list[Path], t: Thresholds) -> dict[str, tuple[str, float, float, int]]:
     """Per cell: (label, between-night s.d., within-night s.d., launches per night), log scale."""
-    from bench.check import group_cells
+    from bench.check.gate import group_cells
 
     out = {}
     for cell_id, cell in group_cells(load_nights(folders)).items():

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import bench, write_matrix
 
-from bench.results import SCHEMA_VERSION
+from bench.records import SCHEMA_VERSION
 
 
 def assert_refused(tmp_path, matrix, *words, results=None, extra=()):

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from scipy.stats import t as student_t
 
-from bench.baseline import BaselineError, hardware_slug, load_any, load_nights, promote
-from bench.check import Thresholds, prediction_interval, run_check
+from bench.check import BaselineError, hardware_slug, load_any, load_nights, promote
+from bench.check.gate import Thresholds, prediction_interval, run_check
 from bench.matrix import check_runnable, expand, load_matrix
-from bench.results import RunRecord
+from bench.records import RunRecord
 from conftest import REPO, bench
 
 RESULTS = REPO / "results"
@@ -89,7 +89,7 @@ def test_a_change_inside_the_interval_is_not_flagged_even_past_the_threshold(h20
 
 
 def test_detectable_change_is_the_interval_half_width_or_the_threshold():
-    """The formula of bench/check.py's docstring, by hand, on three nights of two launches each."""
+    """The formula of bench/check/gate.py's docstring, by hand, on three nights of two launches each."""
     nights = [[np.log(0.100), np.log(0.102)], [np.log(0.104), np.log(0.106)], [np.log(0.099), np.log(0.101)]]
     y = np.array([np.median(x) for x in nights])
     s_b2 = y.var(ddof=1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bench.metrics import timed_step_times
-from bench.results import load_records
+from bench.records import load_records
 from bench.timing import STOP_REASONS
 from conftest import bench, write_matrix
 

@@ -15,7 +15,7 @@ from bench.estimate.activations import activation_bytes, layer_bytes_per_token
 from bench.estimate.states import NF4_BYTES
 from bench.matrix import Adapter, CellSettings, Train
 from bench.models import ModelShape
-from bench.results import load_records
+from bench.records import load_records
 from bench import strategies
 from conftest import bench, write_matrix
 

@@ -22,7 +22,7 @@ from bench.estimate.protocol import TOLERANCE, TUNING_FOLDERS
 from bench.estimate.replay import replay
 from bench.matrix import CellSettings
 from bench.models import ModelShape
-from bench.results import load_records
+from bench.records import load_records
 from bench.strategies import get as get_strategy
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"

@@ -17,7 +17,7 @@ from bench.estimate import ESTIMATOR_VERSION, predict
 from bench.estimate.check import check_folder, misses, predict_for_record, run_check
 from bench.estimate.protocol import TOLERANCE, framework_of, judge_folders, sample_of
 from bench.matrix import Adapter, CellSettings, Train
-from bench.results import RunRecord, load_records
+from bench.records import RunRecord, load_records
 from bench.strategies import get as get_strategy
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"

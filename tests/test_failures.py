@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO, TESTS, bench, write_matrix
 
 from bench import runner
-from bench.results import load_records
+from bench.records import load_records
 
 FAULTY = "tiny-llama full ddp x2proc"
 HEALTHY = "tiny-llama full ddp x1proc"

@@ -14,7 +14,7 @@ import pytest
 
 from bench import flops, metrics
 from bench.matrix import CellSettings
-from bench.results import RunRecord, load_records
+from bench.records import RunRecord, load_records
 
 H100 = "NVIDIA H100 80GB HBM3"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.baseline import load_any
+from bench.check import load_any
 from conftest import REPO, TESTS, bench
 
 MATRIX = TESTS / "nightly-cpu.yaml"

@@ -16,7 +16,7 @@ import pytest
 
 from bench import report, report_tables
 from bench.matrix import CellSettings, TokenBudget
-from bench.results import CellError, RunRecord, append_record, load_records
+from bench.records import CellError, RunRecord, append_record, load_records
 from conftest import bench
 from test_metrics import as_gpu_record, by_label
 

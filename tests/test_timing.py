@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from bench import metrics
 from bench.gc_window import POLICY, GcWindow
 from bench.matrix import CellSettings, MatrixError, Train, check_time_budget, expand, Limits, Matrix
-from bench.results import RunRecord
+from bench.records import RunRecord
 from bench.timing import STOP_REASONS, StoppingRule, median_interval, order_statistic_ranks
 
 
@@ -164,7 +164,7 @@ def _loop(rank: int, world: int, port: int, folder: str, cell_json: str, sleep_s
     import torch.distributed as dist
 
     from bench import worker
-    from bench.rank_files import RankFiles
+    from bench.records.rank_files import RankFiles
 
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

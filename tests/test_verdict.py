@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from bench import intervals, metrics, report, report_tables, verdict
-from bench.results import RunRecord, append_record, load_records
+from bench.records import RunRecord, append_record, load_records
 from test_metrics import by_label
 
 REPO = Path(__file__).resolve().parent.parent

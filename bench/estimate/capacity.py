@@ -51,7 +51,7 @@ def oom_message(pred: Prediction) -> str:
 def preflight(plan, matrix_name: str, fingerprint: dict, margin: float | None, force: bool,
               capacity_override_gib: float | None, strategy_info: dict):
     """(prediction dict for the record, a predicted_oom RunRecord when the cell must not launch, else None)."""
-    from bench.results import not_launched_record
+    from bench.records import not_launched_record
 
     try:
         pred = predict_for_run(plan.cell, margin, capacity_override_gib)

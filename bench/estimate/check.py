@@ -24,7 +24,7 @@ from bench.estimate.protocol import (MIN_JUDGED_GIB, MIN_JUDGED_PARAMS, TOLERANC
 from bench.estimate.terms import describe_strategy
 from bench.matrix import CellSettings
 from bench.models import ModelShape
-from bench.results import RunRecord, load_records
+from bench.records import RunRecord, load_records
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@
 A baseline file is a plain runs.jsonl (the same RunRecord lines, every launch kept, raw per-step times
 included) so that ``bench check`` re-derives every figure from it exactly as from fresh results; each line
 also carries ``night``: the name of the folder (one night) it was promoted from, because the gate compares
-tonight with the spread between nights (bench/check.py). The file is named after the hardware the records
+tonight with the spread between nights (bench/check/gate.py). The file is named after the hardware the records
 were measured on (``env.hardware``: GPU model and count, or the CPU), so one repository can hold a baseline
 per CI runner type and ``auto`` picks the right one.
 """
@@ -21,7 +21,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from bench.results import RUNS_FILE, SCHEMA_VERSION, RunRecord, SchemaError, latest_runs, load_records
+from bench.records import RUNS_FILE, SCHEMA_VERSION, RunRecord, SchemaError, latest_runs, load_records
 from bench.slowdown import injected_slowdown
 
 DEFAULT_DIR = Path("results/baselines")

@@ -30,11 +30,11 @@ from pathlib import Path
 from rich.console import Console
 
 from bench import envinfo
-from bench.baseline import DEFAULT_DIR, BaselineError, baseline_path, hardware_slug, load_nights, validate_nights
+from bench.check.baseline import DEFAULT_DIR, BaselineError, baseline_path, hardware_slug, load_nights, validate_nights
 from bench.campaign import RunOptions, prepare, run_matrix
-from bench.check import Thresholds, is_timed_ok, run_check, to_json, to_markdown
+from bench.check.gate import Thresholds, is_timed_ok, run_check, to_json, to_markdown
 from bench.plan import WORKER_MODULE
-from bench.results import RunRecord, latest_runs, load_records
+from bench.records import RunRecord, latest_runs, load_records
 from bench.slowdown import injected_slowdown
 
 DEFAULT_ROOT = Path("results/nightly")

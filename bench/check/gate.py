@@ -58,10 +58,10 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import t as student_t
 
-from bench.baseline import (MIN_NIGHTS, BaselineError, load_any, load_nights, night_of, resolve_auto, single_hardware,
+from bench.check.baseline import (MIN_NIGHTS, BaselineError, load_any, load_nights, night_of, resolve_auto, single_hardware,
                             validate_nights)
 from bench.metrics import timed_step_times, tokens_per_step
-from bench.results import RunRecord, latest_runs
+from bench.records import RunRecord, latest_runs
 from bench.slowdown import injected_slowdown
 
 SOFTWARE_KEYS = ("git_sha", "python", "cuda", "nccl", "driver", "cuda_driver", "platform")

@@ -1,0 +1,38 @@
+"""Records: what each cell run leaves behind.
+
+Rooms: ``store`` (the versioned RunRecord schema and the append-only ``runs.jsonl`` it is kept in: append,
+tolerant load, the latest launch per cell), ``rank_files`` (what each rank writes for the runner: heartbeat,
+report, error, written atomically; the only room the worker imports). The rest of bench reads records
+through the names below.
+
+The front is lazy (a name loads its room on first use) so that a rank importing ``bench.records.rank_files``
+does not load the parent's storage machinery with it.
+"""
+
+from importlib import import_module
+
+_ROOM = {
+    "CellError": "store", "DETERMINISTIC_FAILURES": "store", "MATRIX_COPY": "store", "RUNS_FILE": "store",
+    "RunRecord": "store", "SCHEMA_VERSION": "store", "SchemaError": "store", "Status": "store",
+    "append_record": "store", "check_writable": "store", "latest_runs": "store", "load_records": "store",
+    "not_launched_record": "store", "runs_path": "store", "save_matrix_copy": "store",
+    "RankFiles": "rank_files", "classify_exception": "rank_files", "read_json_files": "rank_files",
+}
+
+__all__ = [
+    "CellError", "DETERMINISTIC_FAILURES", "MATRIX_COPY", "RUNS_FILE", "RankFiles", "RunRecord", "SCHEMA_VERSION",
+    "SchemaError", "Status", "append_record", "check_writable", "classify_exception", "latest_runs",
+    "load_records", "not_launched_record", "read_json_files", "runs_path", "save_matrix_copy",
+]
+
+
+def __getattr__(name: str):
+    if name not in _ROOM:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_ROOM[name]}"), name)
+    globals()[name] = value  # loaded once; later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
