@@ -29,21 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.check import load_nights
-from bench.check.gate import Thresholds, prediction_interval, run_check
-from bench.records import RunRecord
-
-
-def scaled(records: list[RunRecord], factor: float) -> list[RunRecord]:
-    """The records with every timed step's time (all ranks) multiplied by ``factor``."""
-    out = []
-    for r in records:
-        raw = r.model_dump()
-        for rank in raw["ranks"]:
-            for step in rank["steps"]:
-                if step["phase"] == "timed":
-                    step["time_s"] *= factor
-        out.append(RunRecord.model_validate(raw))
-    return out
+from bench.check.gate import Thresholds, prediction_interval, run_check, scaled
 
 
 def leave_one_out(folders: list[Path], factor: float, t: Thresholds) -> list[str]:

@@ -13,7 +13,7 @@ import pytest
 from scipy.stats import t as student_t
 
 from bench.check import BaselineError, hardware_slug, load_any, load_nights, promote
-from bench.check.gate import Thresholds, prediction_interval, run_check
+from bench.check.gate import Thresholds, prediction_interval, run_check, scaled
 from bench.matrix import check_runnable, expand, load_matrix
 from bench.records import RunRecord
 from conftest import REPO, bench
@@ -21,19 +21,6 @@ from conftest import REPO, bench
 RESULTS = REPO / "results"
 H200 = [RESULTS / f"nightly-rerun-{i}" for i in (3, 4, 5)]
 H100 = [RESULTS / "nightly", RESULTS / "nightly-rerun-1", RESULTS / "nightly-rerun-2"]
-
-
-def scaled(records: list[RunRecord], factor: float) -> list[RunRecord]:
-    """A night whose every timed step (all ranks) took ``factor`` times as long."""
-    out = []
-    for r in records:
-        raw = r.model_dump()
-        for rank in raw["ranks"]:
-            for step in rank["steps"]:
-                if step["phase"] == "timed":
-                    step["time_s"] *= factor
-        out.append(RunRecord.model_validate(raw))
-    return out
 
 
 def failed(record: RunRecord, status: str = "crash") -> RunRecord:

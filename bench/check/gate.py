@@ -475,3 +475,17 @@ def check_paths(results: Path, baselines: list[str], thresholds: Thresholds, bas
     if baselines == ["auto"]:
         baselines = [str(resolve_auto(current, str(results), baselines_dir))]
     return run_check(current, load_nights([Path(b) for b in baselines]), thresholds, str(results), ", ".join(baselines))
+
+
+def scaled(records: list[RunRecord], factor: float) -> list[RunRecord]:
+    """A night as it would read had every timed step (all ranks) taken ``factor`` times as long: how the
+    gate's detection is measured on committed nights (benchmarks/nightly_gate.py, tests/test_check.py)."""
+    out = []
+    for r in records:
+        raw = r.model_dump()
+        for rank in raw["ranks"]:
+            for step in rank["steps"]:
+                if step["phase"] == "timed":
+                    step["time_s"] *= factor
+        out.append(RunRecord.model_validate(raw))
+    return out
