@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bench.campaign import RunOptions, main_guard, run_matrix
+from bench.launch.campaign import RunOptions, main_guard, run_matrix
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Benchmark ways of spreading LLM training over GPUs (DDP, DeepSpeed ZeRO, FSDP).")
@@ -58,8 +58,8 @@ def report(
     trace_cell: Annotated[Optional[str], typer.Option(help="cell id whose NVML trace is plotted (default the first ok GPU cell)")] = None,
 ):
     """Tables (terminal, markdown, HTML, CSV) and plots from recorded runs."""
-    from bench.matrix import TokenBudget
-    from bench.report import ReportOptions, parse_count, write_report
+    from bench.spec import TokenBudget
+    from bench.report.document import ReportOptions, parse_count, write_report
 
     def _run() -> int:
         try:
@@ -132,7 +132,7 @@ def env():
     """Print the environment fingerprint stored in every record."""
     import json
 
-    from bench.envinfo import fingerprint
+    from bench.machine.envinfo import fingerprint
 
     typer.echo(json.dumps(fingerprint(), indent=2))
 

@@ -39,7 +39,7 @@ if ls .whl/*.whl >/dev/null 2>&1 && [ -z "${BENCH_INSTALLED:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD BENCH_INSTALLED=1
   # The image ships its libraries without bytecode and sets PYTHONDONTWRITEBYTECODE: without this, every
-  # rank of every cell compiles torch and transformers again (bench/bytecode.py; results/llama8b-startup-h100*).
+  # rank of every cell compiles torch and transformers again (bench/machine/bytecode.py; results/llama8b-startup-h100*).
   python3 -m compileall -q -j 0 /tmp/site "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
     > "$out/compileall.log" 2>&1
 fi

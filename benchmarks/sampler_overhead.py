@@ -2,7 +2,7 @@
 
 Comparing separate launches (sampler on vs off) drowns a sub-percent effect in launch-to-launch spread
 (1-7 % on H100). So this runs ONE cell with many timed steps, with bench's own sampler off
-(BENCH_SAMPLER=0), and drives the same sampler class (bench.sampler.NvmlSampler, same cards, same
+(BENCH_SAMPLER=0), and drives the same sampler class (bench.machine.sampler.NvmlSampler, same cards, same
 interval, same NVML calls, from a parent-side process as in `bench run`) itself: on for WINDOW seconds,
 off for WINDOW seconds, over and over. Each step is stamped with its wall-clock start by the worker; a
 step that lies wholly inside an "on" window is an on-step, wholly inside an "off" window an off-step,
@@ -43,7 +43,7 @@ from scipy.stats import mannwhitneyu
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.sampler import NvmlSampler, interval_from_env  # noqa: E402
+from bench.machine.sampler import NvmlSampler, interval_from_env  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-import bench.worker as worker
+import bench.worker.train as worker
 
 
 def chosen_fault(seed: int) -> dict:

@@ -23,7 +23,7 @@ import os
 import sys
 import time
 
-import bench.worker as worker
+import bench.worker.train as worker
 
 SLOWDOWN = float(os.environ.get("BENCH_SLOWDOWN", "0"))
 STEP_SLEEP_S = float(os.environ.get("BENCH_STEP_SLEEP_MS", "0")) / 1000

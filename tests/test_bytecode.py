@@ -1,10 +1,10 @@
-"""bench.bytecode: a library without cached bytecode, under PYTHONDONTWRITEBYTECODE, is reported with its fix."""
+"""bench.machine.bytecode: a library without cached bytecode, under PYTHONDONTWRITEBYTECODE, is reported with its fix."""
 import subprocess
 import sys
 
 import pytest
 
-from bench import bytecode, envinfo
+from bench.machine import bytecode, envinfo
 
 SAMPLE = {"bench_bytecode_probe": "heavy.py"}
 

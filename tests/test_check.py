@@ -14,8 +14,9 @@ from scipy.stats import t as student_t
 
 from bench.check import BaselineError, hardware_slug, load_any, load_nights, promote
 from bench.check.gate import Thresholds, prediction_interval, run_check, scaled
-from bench.matrix import check_runnable, expand, load_matrix
 from bench.records import RunRecord
+from bench.spec import expand, load_matrix
+from bench.strategies import check_runnable
 from conftest import REPO, bench
 
 RESULTS = REPO / "results"

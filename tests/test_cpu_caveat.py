@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from bench.caveats import CPU_CAVEAT
-from bench.campaign import oversubscription_warning
-from bench.matrix import CellSettings
+from bench.launch.campaign import oversubscription_warning
+from bench.records.caveats import CPU_CAVEAT
+from bench.spec import CellSettings
 
 
 def test_more_processes_than_cores_is_warned_about():
@@ -29,7 +29,7 @@ def test_cpu_report_opens_with_the_caveat(cpu_results, tmp_path):
 
     from rich.console import Console
 
-    from bench.report import write_report
+    from bench.report.document import write_report
 
     console = Console(file=StringIO(), width=200)
     out = write_report([cpu_results], tmp_path / "rep", console=console)

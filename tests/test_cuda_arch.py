@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.cuda_arch import deepspeed_can_parse, jit_arch_fix
-from bench.plan import with_env
+from bench.launch.cuda_arch import deepspeed_can_parse, jit_arch_fix
+from bench.launch.plan import with_env
 from test_plan import plan_for
 
 

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from bench.metrics import timed_step_times
 from bench.records import load_records
-from bench.timing import STOP_REASONS
+from bench.report.metrics import timed_step_times
+from bench.worker.timing import STOP_REASONS
 from conftest import bench, write_matrix
 
 

@@ -7,16 +7,16 @@ import math
 
 import pytest
 
+from bench import strategies
 from bench.estimate import GIB, capacity_for, predict, predicted_oom
+from bench.estimate.activations import activation_bytes, layer_bytes_per_token
 from bench.estimate.additive import model_states, step_buffers
 from bench.estimate.prediction import with_capacity
-from bench.estimate.terms import sharding_for
-from bench.estimate.activations import activation_bytes, layer_bytes_per_token
 from bench.estimate.states import NF4_BYTES
-from bench.matrix import Adapter, CellSettings, Train
-from bench.models import ModelShape
+from bench.estimate.terms import sharding_for
 from bench.records import load_records
-from bench import strategies
+from bench.spec import Adapter, CellSettings, Train
+from bench.spec.models import ModelShape
 from conftest import bench, write_matrix
 
 
@@ -149,7 +149,7 @@ def test_peak_is_the_larger_moment_and_components_add_up():
 def test_sharding_lowers_the_peak_in_the_expected_order():
     peaks = {s: predict(cell("llama-3.1-8b", s, 4, grad_checkpointing=True)).peak_reserved_gib
              for s in ("ddp", "zero1", "zero2", "zero3", "fsdp_full_shard", "fsdp2")}
-    # ZeRO-1 and ZeRO-2 peak alike: with overlap_comm (bench/plan.py) stage 1 reduces its gradients through
+    # ZeRO-1 and ZeRO-2 peak alike: with overlap_comm (bench/strategies/render.py) stage 1 reduces its gradients through
     # the buckets into its partition like stage 2; the H100 records measured identical peaks for the two
     # (results/llama-full-h100x4: 1B and 3B at 2 and 4 GPUs).
     assert peaks["ddp"] > peaks["zero1"] >= peaks["zero2"] > peaks["zero3"]

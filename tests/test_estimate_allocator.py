@@ -9,8 +9,8 @@ from bench.estimate import GIB, predict
 from bench.estimate.activations import layer_bytes_per_token
 from bench.estimate.allocator import CachingAllocator, round_size, segment_size
 from bench.estimate.replay import covers, layer_activations, replay
-from bench.matrix import Adapter, CellSettings, Train
-from bench.models import ModelShape
+from bench.spec import Adapter, CellSettings, Train
+from bench.spec.models import ModelShape
 from bench.strategies import get
 
 MIB = 2**20

@@ -20,9 +20,9 @@ import pytest
 from bench.estimate.check import check_folder, judged, render
 from bench.estimate.protocol import TOLERANCE, TUNING_FOLDERS
 from bench.estimate.replay import replay
-from bench.matrix import CellSettings
-from bench.models import ModelShape
 from bench.records import load_records
+from bench.spec import CellSettings
+from bench.spec.models import ModelShape
 from bench.strategies import get as get_strategy
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"

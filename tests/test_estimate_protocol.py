@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.estimate import margins as estimate_margins
-from bench.campaign import finished_runs
-from bench.estimate import ESTIMATOR_VERSION, predict
+from bench.estimate import ESTIMATOR_VERSION, margins as estimate_margins, predict
 from bench.estimate.check import check_folder, misses, predict_for_record, run_check
 from bench.estimate.protocol import TOLERANCE, framework_of, judge_folders, sample_of
-from bench.matrix import Adapter, CellSettings, Train
+from bench.launch.campaign import finished_runs
 from bench.records import RunRecord, load_records
+from bench.spec import Adapter, CellSettings, Train
 from bench.strategies import get as get_strategy
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -114,7 +113,7 @@ def test_prediction_carries_the_version_and_both_margins():
 
 def test_report_and_check_share_one_prediction_path():
     """The report's current-estimator figure is the check's: same record, same build path."""
-    from bench.metrics import _current_prediction_gib
+    from bench.report.metrics import _current_prediction_gib
 
     for folder in ("llama8b-meta-h200", "llama8b"):
         for record in load_records(RESULTS / folder):

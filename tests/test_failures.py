@@ -20,7 +20,7 @@ import pytest
 
 from conftest import REPO, TESTS, bench, write_matrix
 
-from bench import runner
+from bench.launch import runner
 from bench.records import load_records
 
 FAULTY = "tiny-llama full ddp x2proc"

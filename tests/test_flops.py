@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench import flops
-from bench.models import ModelShape
+from bench.report import flops
+from bench.spec.models import ModelShape
 
 # A shape small enough to count by hand: 2 layers, hidden 8, MLP 16, 2 heads of 4, 1 KV head, vocab 10.
 SMALL = ModelShape(layers=2, hidden=8, intermediate=16, heads=2, kv_heads=1, head_dim=4, vocab=10,

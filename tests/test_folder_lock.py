@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from bench import folder_lock
-from bench.folder_lock import FolderBusy, hold, read_holder
+from bench.launch import folder_lock
+from bench.launch.folder_lock import FolderBusy, hold, read_holder
 from conftest import bench, write_matrix
 
 
@@ -35,7 +35,7 @@ def test_released_lock_names_nobody_and_can_be_taken_again(tmp_path):
 
 def test_lock_of_a_dead_run_is_taken_over(tmp_path):
     # A run killed with SIGKILL: the kernel dropped its flock, the file still names it.
-    code = ("import os, sys; from bench.folder_lock import hold\n"
+    code = ("import os, sys; from bench.launch.folder_lock import hold\n"
             f"cm = hold({str(tmp_path)!r}); cm.__enter__(); os._exit(0)")
     subprocess.run([sys.executable, "-c", code], check=True)
     dead_pid = read_holder(tmp_path)["pid"]

@@ -147,7 +147,7 @@ def test_family_runs_and_is_measured(gpu_records, test_id):
     meta = CELLS[test_id]["strategy"].startswith("fsdp") and "offload" not in CELLS[test_id]["strategy"] \
         and cell_settings(test_id)["adapter"]["type"] in ("none", "lora")
     assert all(rank["model_init"] == ("meta, materialised per shard" if meta else "on device") for rank in r["ranks"])
-    if "offload" in CELLS[test_id]["strategy"]:  # host-device copies of one profiled step (bench/transfers.py)
+    if "offload" in CELLS[test_id]["strategy"]:  # host-device copies of one profiled step (bench/worker/transfers.py)
         for rank in r["ranks"]:
             traffic = rank["host_device_traffic"]
             assert "error" not in traffic, traffic
@@ -168,14 +168,14 @@ def test_fsdp_builds_no_whole_model_on_a_gpu(tmp_path, strategy, adapter):
 
     The full fine-tune's fp32 model is 1.24e9 x 4 B = 4.6 GiB (LoRA: a bf16 base and fp32 adapters). FSDP2
     holds half of it before the first step; FSDP1 half of the layers plus 2.5 x its root unit (the
-    embedding, materialised, flattened, its half cloned): bench.meta_init.build_peak_bytes. Built whole on
+    embedding, materialised, flattened, its half cloned): bench.worker.meta_init.build_peak_bytes. Built whole on
     the GPU, the peak would be at least the whole model. (The first H100 run found the FSDP1 figure at
     4.26 GiB, 0.93 x the model, which a flat 0.8 x bound had wrongly called a failure; the prediction now
     matches every H100 record: tests/test_meta_init.py.)
     """
-    from bench.matrix import CellSettings
-    from bench.meta_init import build_peak_bytes, parameter_bytes
-    from bench.worker import build_model
+    from bench.spec import CellSettings
+    from bench.worker.meta_init import build_peak_bytes, parameter_bytes
+    from bench.worker.train import build_model
 
     if visible() < 2:
         pytest.skip("needs 2 GPUs")
@@ -200,7 +200,7 @@ def test_fsdp_builds_no_whole_model_on_a_gpu(tmp_path, strategy, adapter):
 
 
 def test_sampler_on_a_real_gpu_reads_energy():
-    from bench.sampler import NvmlSampler
+    from bench.machine.sampler import NvmlSampler
 
     s = NvmlSampler(1)
     s.start()
@@ -242,11 +242,11 @@ def test_user_json_with_deepspeeds_own_fused_adam_runs(tmp_path):
     """A user's DeepSpeed JSON with its own "optimizer" block: DeepSpeed JIT-builds FusedAdam on CUDA.
 
     On the H200 image TORCH_CUDA_ARCH_LIST names an arch DeepSpeed's builder cannot parse ('9.0a'); the cell
-    then gets its GPU's compute capability (bench/cuda_arch.py) and says so in its record.
+    then gets its GPU's compute capability (bench/launch/cuda_arch.py) and says so in its record.
     """
     import os
 
-    from bench.cuda_arch import deepspeed_can_parse
+    from bench.launch.cuda_arch import deepspeed_can_parse
     from conftest import REPO
 
     path = tmp_path / "fused.yaml"

@@ -15,8 +15,8 @@ import torch
 
 from conftest import bench, write_matrix
 
-from bench.local_data import IGNORE_INDEX, local_batches
-from bench.matrix import CellSettings
+from bench.spec import CellSettings
+from bench.worker.local_data import IGNORE_INDEX, local_batches
 
 WORDS = "the a model train step token batch shard rank data pad pack long short gpu memory speed".split()
 

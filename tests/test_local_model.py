@@ -7,7 +7,7 @@ import json
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from bench import models
+from bench.spec import models
 from conftest import bench, write_matrix
 
 
@@ -20,7 +20,7 @@ def _save_tiny_model(folder):
 
 
 def _first_batch(vocab: int, seq_len: int, micro_batch: int) -> torch.Tensor:
-    """The synthetic batch rank 0 sees first (bench.data.synthetic_batches with seed 0)."""
+    """The synthetic batch rank 0 sees first (bench.worker.data.synthetic_batches with seed 0)."""
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, vocab, (micro_batch, seq_len), generator=g)
 

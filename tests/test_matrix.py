@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.matrix import CellSettings, MatrixError, expand, load_matrix, select, validate_cells
+from bench.spec import CellSettings, MatrixError, expand, load_matrix, select
+from bench.strategies import validate_cells
 from conftest import write_matrix
 
 

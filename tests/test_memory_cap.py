@@ -11,8 +11,8 @@ def test_memory_cap_names_the_card_even_for_a_bare_cuda_device(monkeypatch):
     """
     import torch
 
-    from bench.matrix import CellSettings
-    from bench.worker import apply_memory_cap
+    from bench.spec import CellSettings
+    from bench.worker.train import apply_memory_cap
 
     calls = []
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)

@@ -1,4 +1,4 @@
-"""bench.meta_init on CPU: build on meta, materialise module by module, and the same under FSDP2/FSDP1 (gloo)."""
+"""bench.worker.meta_init on CPU: build on meta, materialise module by module, and the same under FSDP2/FSDP1 (gloo)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import socket
 import pytest
 import torch
 
-from bench import models
-from bench.meta_init import build_on_meta, materialise, materialise_module
+from bench.spec import models
+from bench.worker.meta_init import build_on_meta, materialise, materialise_module
 
 VOCAB = models.config_dict("tiny-llama")["vocab_size"]
 LORA = {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target": "all-linear"}
@@ -262,7 +262,7 @@ def _lora_on_meta(**config_overrides):
 
 def test_lora_adapters_materialise_with_peft_init():
     """B zero and A kaiming-uniform (peft's init_lora_weights=True), the base as Hugging Face inits it."""
-    from bench.meta_init import mark_lora_init
+    from bench.worker.meta_init import mark_lora_init
 
     model = _lora_on_meta(target_modules="all-linear")
     mark_lora_init(model)
@@ -283,7 +283,7 @@ def test_lora_adapters_materialise_with_peft_init():
                                        {"target_modules": "all-linear", "init_lora_weights": "gaussian"}],
                          ids=["embedding-target", "gaussian-init"])
 def test_lora_that_meta_cannot_reproduce_is_refused(overrides):
-    from bench.meta_init import mark_lora_init
+    from bench.worker.meta_init import mark_lora_init
 
     with pytest.raises(NotImplementedError):
         mark_lora_init(_lora_on_meta(**overrides))
@@ -307,8 +307,8 @@ def test_lora_that_meta_cannot_reproduce_is_refused(overrides):
 ])
 def test_fsdp_cells_without_quantised_adapters_build_on_meta(settings, built_on_meta):
     from bench import strategies
-    from bench.matrix import CellSettings
-    from bench.model_build import builds_on_meta
+    from bench.spec import CellSettings
+    from bench.strategies.build import builds_on_meta
 
     cell = CellSettings(**{"device": "cuda", "gpus": 2, **settings})
     assert builds_on_meta(cell, strategies.get(cell.strategy)) is built_on_meta
@@ -324,8 +324,8 @@ def _accelerate_worker(rank: int, world: int, port: int, version: int, precision
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    from bench import worker
-    from bench.matrix import CellSettings
+    from bench.worker import train as worker
+    from bench.spec import CellSettings
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -429,11 +429,11 @@ def _meta_built_records():
 def test_gpu_build_peaks_of_meta_models_match_the_fsdp_sharding_prediction():
     """H100 and H200 records (Llama-3.2-1B/3B full fine-tune: FSDP1 x3 kinds, NO_SHARD and FSDP2 at 2 and 4
     ranks; Llama-3.2-1B and Llama-3.1-8B LoRA under FSDP1/FSDP2): the peak that building and sharding
-    reached is the prediction of bench.meta_init.build_peak_bytes, and under every sharding strategy it
+    reached is the prediction of bench.worker.meta_init.build_peak_bytes, and under every sharding strategy it
     stays below the whole model, which an on-device build would hold at least."""
-    from bench.matrix import CellSettings
-    from bench.meta_init import build_peak_bytes, parameter_bytes
-    from bench.worker import build_model
+    from bench.spec import CellSettings
+    from bench.worker.meta_init import build_peak_bytes, parameter_bytes
+    from bench.worker.train import build_model
 
     sizes = {}
     checked = set()

@@ -1,7 +1,7 @@
 """Derived figures from records of real CPU runs (the session's `cpu_results`), plus GPU-shaped copies.
 
 No GPU runs here: where a test needs NVML, torch CUDA peaks or a GPU name, it copies a real CPU record
-and adds those fields (``as_gpu_record``), the same keys bench/sampler.py and bench/worker.py write.
+and adds those fields (``as_gpu_record``), the same keys bench/machine/sampler.py and bench/worker/train.py write.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench import flops, metrics
-from bench.matrix import CellSettings
 from bench.records import RunRecord, load_records
+from bench.report import flops, metrics
+from bench.spec import CellSettings
 
 H100 = "NVIDIA H100 80GB HBM3"
 
@@ -26,7 +26,7 @@ def by_label(records: list[RunRecord]) -> dict[str, RunRecord]:
 def as_gpu_record(record: RunRecord, gpu_name: str = H100, energy_j: float = 1234.0,
                   reserved_gib: float = 10.0, with_trace: bool = True) -> RunRecord:
     """A copy of a real CPU record dressed as a GPU run: cuda settings (hence a new cell id), a GPU name,
-    torch CUDA peaks per rank, and an nvml dict in the schema bench/sampler.py writes."""
+    torch CUDA peaks per rank, and an nvml dict in the schema bench/machine/sampler.py writes."""
     r = copy.deepcopy(record)
     r.settings = {**r.settings, "device": "cuda"}
     cell = CellSettings.model_validate(r.settings)

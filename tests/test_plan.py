@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from bench import strategies
-from bench.matrix import CellSettings, Limits, expand, load_matrix
-from bench.plan import build_plan, write_plan_files
-from bench.precision import policy_for
+from bench.launch.plan import build_plan, write_plan_files
+from bench.spec import CellSettings, Limits, expand, load_matrix
+from bench.strategies.precision import policy_for
 
 REPO = Path(__file__).resolve().parent.parent
 FSDP1 = ["fsdp_full_shard", "fsdp_shard_grad_op", "fsdp_hybrid_shard", "fsdp_no_shard"]
@@ -86,7 +86,7 @@ def test_every_gpu_cell_has_gpu_ids_and_the_parent_env_is_kept(tmp_path, monkeyp
 
 
 class UuidNvml:
-    """pynvml's index/UUID look-ups over four cards, enough for bench.gpu_state.cell_handles."""
+    """pynvml's index/UUID look-ups over four cards, enough for bench.machine.gpu_state.cell_handles."""
 
     UUIDS = ["GPU-aaaa", "GPU-bbbb", "GPU-cccc", "GPU-dddd"]
 
@@ -115,8 +115,8 @@ def physical(entry: str) -> int:
     ("GPU-cccc,GPU-aaaa,GPU-dddd", 2, "GPU-cccc,GPU-aaaa"),
 ])
 def test_a_cuda_cell_sees_exactly_its_gpus_the_ones_the_parent_samples(tmp_path, monkeypatch, parent, gpus, want):
-    from bench import gpu_state
-    from bench.matrix import CellSettings, Limits
+    from bench.machine import gpu_state
+    from bench.spec import CellSettings, Limits
 
     if parent is None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -134,7 +134,7 @@ def test_a_cuda_cell_sees_exactly_its_gpus_the_ones_the_parent_samples(tmp_path,
 
 
 def test_cpu_cells_hide_every_gpu_and_the_parent_list_can_be_pinned(tmp_path):
-    from bench.matrix import CellSettings, Limits
+    from bench.spec import CellSettings, Limits
 
     cpu = CellSettings(strategy="ddp", gpus=2, device="cpu", model="tiny-llama")
     assert build_plan(cpu, tmp_path, Limits(), parent_visible_devices="0,1,2,3").env["CUDA_VISIBLE_DEVICES"] == ""
@@ -156,7 +156,7 @@ def test_shipped_gpu_matrices_expand_on_cuda(path, count):
     matrix = load_matrix(REPO / path)
     cells = expand(matrix, source=path, device="cuda")
     assert len(cells) == count and all(c.device == "cuda" for c in cells)
-    from bench.matrix import check_runnable
+    from bench.strategies import check_runnable
 
     assert [check_runnable(c, visible_gpus=4) for c in cells] == [None] * count
 
@@ -170,8 +170,8 @@ def test_llama8b_matrix_is_the_issue_setting():
 
 
 def test_fsdp1_keeps_original_params_for_lora_but_not_for_qlora(tmp_path):
-    from bench.matrix import CellSettings, Limits
-    from bench.plan import build_plan
+    from bench.spec import CellSettings, Limits
+    from bench.launch.plan import build_plan
 
     def use_orig(adapter: str) -> bool:
         cell = CellSettings(model="llama-3.2-1b", strategy="fsdp_full_shard", gpus=2, device="cuda",

@@ -18,9 +18,10 @@ import torch
 
 from conftest import bench, write_matrix
 
-from bench.matrix import CellSettings, check_runnable
-from bench.model_build import build_causal_lm
-from bench.precision import policy_for
+from bench.spec import CellSettings
+from bench.strategies import check_runnable
+from bench.strategies.precision import policy_for
+from bench.worker.model_build import build_causal_lm
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -150,9 +151,9 @@ def test_build_peak_stays_near_the_4bit_size(strategy, bound_gib):
     """
     code = f"""
 import torch
-from bench.matrix import CellSettings
-from bench.model_build import build_causal_lm
-from bench.precision import policy_for
+from bench.spec import CellSettings
+from bench.strategies.precision import policy_for
+from bench.worker.model_build import build_causal_lm
 cell = CellSettings(model="llama-3.1-8b", strategy="{strategy}", device="cuda",
                     adapter={{"type": "qlora"}}, train={{"precision": "bf16"}})
 model = build_causal_lm(cell, torch.device("cuda"), policy_for(cell))
@@ -167,7 +168,7 @@ print(torch.cuda.max_memory_allocated() / 2**30)
 
 def test_tied_embeddings_stay_tied(monkeypatch):
     """Llama-3.2 1B/3B tie the LM head to the embeddings: the 4-bit build keeps one shared tensor."""
-    from bench import models
+    from bench.spec import models
 
     tiny = models.config_dict("tiny-llama")
     monkeypatch.setattr(models, "config_dict", lambda name: {**tiny, "tie_word_embeddings": True})

@@ -14,9 +14,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench import report, report_tables
-from bench.matrix import CellSettings, TokenBudget
 from bench.records import CellError, RunRecord, append_record, load_records
+from bench.report import document as report, tables as report_tables
+from bench.spec import CellSettings, TokenBudget
 from conftest import bench
 from test_metrics import as_gpu_record, by_label
 
@@ -227,7 +227,7 @@ def test_two_folders_with_the_same_cell_on_two_machines_stay_apart(cpu, tmp_path
 
 
 def test_trace_shading_counts_from_the_samplers_start(cpu, tmp_path):
-    from bench import plots
+    from bench.report import plots
 
     rec = as_gpu_record(cpu["tiny-llama full ddp x2proc"])
     rec.nvml["started_at"] = rec.started_at - 2.0  # the sampler starts before the launch

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import failures
+from bench.launch import failures
 from bench.records import (MATRIX_COPY, SCHEMA_VERSION, RunRecord, SchemaError, append_record, check_writable,
                            latest_runs, load_records, runs_path, save_matrix_copy)
 

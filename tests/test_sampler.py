@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from bench import gpu_state, sampler
-from bench.sampler import GpuTrace, NvmlSampler, energy_j, summarise, timed_window
+from bench.machine import gpu_state, sampler
+from bench.machine.sampler import GpuTrace, NvmlSampler, energy_j, summarise, timed_window
 
 
 class FakeNvml:
@@ -210,7 +210,7 @@ def test_no_nvml_means_nothing_to_report(monkeypatch):
 
 def test_environment_describes_the_visible_cards_only(fake, monkeypatch):
     """Two cards of a 4-GPU host (a lane of benchmarks/gpu_session.sh) make a 2-GPU run, compared as such."""
-    from bench import envinfo
+    from bench.machine import envinfo
 
     lib = fake(count=4)
     lib.nvmlSystemGetDriverVersion = lambda: "580.0"

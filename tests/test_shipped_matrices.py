@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.matrix import check_runnable, check_time_budget, expand, load_matrix
+from bench.spec import check_time_budget, expand, load_matrix
+from bench.strategies import check_runnable
 
 MATRICES = sorted((Path(__file__).resolve().parent.parent / "matrices").glob("*.yaml"))
 

@@ -1,4 +1,4 @@
-"""bench/slowdown.py: the opt-in slowdown that proves the nightly gate (``--slow-step``).
+"""bench/worker/slowdown.py: the opt-in slowdown that proves the nightly gate (``--slow-step``).
 
 The end-to-end proof (a slowed night flagged by the gate, through real launches) is tests/test_nightly.py;
 these tests check the wrapper itself: off by default, calibrated during warm-up, named for the report.
@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from bench import slowdown
+from bench.worker import slowdown
 
 
 def plain_step(seconds: float):

@@ -1,6 +1,6 @@
-"""The stopping rule (bench/timing.py), the slowest-rank decision and the gc window of the worker's loop.
+"""The stopping rule (bench/worker/timing.py), the slowest-rank decision and the gc window of the worker's loop.
 
-The rule is checked on known series; the loop (bench.worker.run_steps) runs for real in two gloo
+The rule is checked on known series; the loop (bench.worker.train.run_steps) runs for real in two gloo
 processes whose steps take different times, and in one process for the garbage collector's window.
 """
 
@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch.multiprocessing as mp
 
-from bench import metrics
-from bench.gc_window import POLICY, GcWindow
-from bench.matrix import CellSettings, MatrixError, Train, check_time_budget, expand, Limits, Matrix
 from bench.records import RunRecord
-from bench.timing import STOP_REASONS, StoppingRule, median_interval, order_statistic_ranks
+from bench.report import metrics
+from bench.spec import CellSettings, Limits, Matrix, MatrixError, Train, check_time_budget, expand
+from bench.worker.gc_window import GcWindow, POLICY
+from bench.worker.timing import STOP_REASONS, StoppingRule, median_interval, order_statistic_ranks
 
 
 def exact_coverage(n: int, l: int) -> float:
@@ -163,7 +163,7 @@ def _loop(rank: int, world: int, port: int, folder: str, cell_json: str, sleep_s
     import torch
     import torch.distributed as dist
 
-    from bench import worker
+    from bench.worker import train as worker
     from bench.records.rank_files import RankFiles
 
     if world > 1:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bench import strategies, transfers
-from bench.report_tables import memory_table
+from bench import strategies
+from bench.report.tables import memory_table
+from bench.worker import transfers
 
 TRACE = [
     {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD (Pinned -> Device)", "dur": 1500.0, "args": {"bytes": 3 << 20}},

@@ -7,8 +7,9 @@ import pytest
 
 from conftest import bench, write_matrix
 
-from bench.matrix import CellSettings, Adapter, Train, cell_problems, check_runnable, collapse
 from bench.records import load_records
+from bench.spec import Adapter, CellSettings, Train
+from bench.strategies import cell_problems, check_runnable, collapse
 
 # On CPU: ddp runs; FSDP needs GPUs; QLoRA in fp16 fails three ways (4-bit needs CUDA, fp16 on CPU, QLoRA's bf16).
 MIXED = dict(grid={"strategy": ["ddp", "fsdp_full_shard"]},

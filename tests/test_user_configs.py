@@ -15,8 +15,8 @@ import yaml
 
 from conftest import REPO, bench, write_matrix
 
-from bench.matrix import CellSettings, MatrixError
-from bench.user_configs import describe_user_config, resolve_user_config, resolve_with_originals
+from bench.spec import CellSettings, MatrixError
+from bench.strategies.user_configs import describe_user_config, resolve_user_config, resolve_with_originals
 
 CONFIGS = REPO / "configs"
 

@@ -2,7 +2,7 @@
 
 The records are the real ones of results/llama8b (Llama-3.1-8B LoRA, H100) and results/llama-full
 (Llama-3.2-1B full fine-tune, H100); where a test needs a known answer it copies them and sets the step
-times, clocks or throttle shares it needs, in the schema bench/worker.py and bench/sampler.py write.
+times, clocks or throttle shares it needs, in the schema bench/worker/train.py and bench/machine/sampler.py write.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench import intervals, metrics, report, report_tables, verdict
 from bench.records import RunRecord, append_record, load_records
+from bench.report import document as report, intervals, metrics, tables as report_tables, verdict
 from test_metrics import by_label
 
 REPO = Path(__file__).resolve().parent.parent
@@ -146,7 +146,7 @@ def test_head_to_head_projection_is_against_the_same_policy(llama8b):
 
 
 def metrics_budget():
-    from bench.matrix import TokenBudget
+    from bench.spec import TokenBudget
 
     return TokenBudget(tokens=50_000_000, epochs=4)
 

@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from bench import strategies
-from bench.matrix import CellSettings
-from bench.worker import check_distributed_setup, expected_distributed_types, guard_distributed_setup, strategy_family
+from bench.spec import CellSettings
+from bench.worker.guard import (check_distributed_setup, expected_distributed_types, guard_distributed_setup,
+                                strategy_family)
 
 
 @pytest.mark.parametrize("strategy,processes,actual", [

@@ -21,8 +21,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from bench.records import RUNS_FILE, SCHEMA_VERSION, RunRecord, SchemaError, latest_runs, load_records
-from bench.slowdown import injected_slowdown
+from bench.records import RunRecord, RUNS_FILE, SCHEMA_VERSION, SchemaError, latest_runs, load_records
+from bench.worker.slowdown import injected_slowdown
 
 DEFAULT_DIR = Path("results/baselines")
 MIN_NIGHTS = 3  # fewer nights cannot say how far nights wander (t with nights-1 degrees of freedom)

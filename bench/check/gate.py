@@ -43,7 +43,7 @@ Peak memory (torch peak reserved, max over ranks, on GPU; host RSS peak on CPU; 
 is deterministic enough for a plain threshold: flagged when it grows by more than both the relative and the
 absolute threshold (default +3 % and +256 MiB). A drop past both is listed as an improvement.
 
-A night slowed on purpose (``--slow-step``, bench/slowdown.py) is named as such in the output; a baseline
+A night slowed on purpose (``--slow-step``, bench/worker/slowdown.py) is named as such in the output; a baseline
 holding such a night is refused.
 
 Exit codes: 0 no regression, 1 at least one regression, 2 bad input (see bench.cli).
@@ -60,9 +60,9 @@ from scipy.stats import t as student_t
 
 from bench.check.baseline import (MIN_NIGHTS, BaselineError, load_any, load_nights, night_of, resolve_auto, single_hardware,
                             validate_nights)
-from bench.metrics import timed_step_times, tokens_per_step
 from bench.records import RunRecord, latest_runs
-from bench.slowdown import injected_slowdown
+from bench.report.metrics import timed_step_times, tokens_per_step
+from bench.worker.slowdown import injected_slowdown
 
 SOFTWARE_KEYS = ("git_sha", "python", "cuda", "nccl", "driver", "cuda_driver", "platform")
 FAILED = {"crash", "oom", "hang", "timeout", "unsupported", "predicted_oom"}
@@ -104,7 +104,7 @@ class CheckResult:
     software_diff: dict[str, tuple]
     thresholds: Thresholds
     baseline_nights: list[str] = field(default_factory=list)
-    slowed: dict | None = None  # tonight's injected slowdown, if any (bench/slowdown.py)
+    slowed: dict | None = None  # tonight's injected slowdown, if any (bench/worker/slowdown.py)
     findings: list[Finding] = field(default_factory=list)
 
     def by_verdict(self, verdict: str) -> list[Finding]:

@@ -29,13 +29,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from bench import envinfo
-from bench.check.baseline import DEFAULT_DIR, BaselineError, baseline_path, hardware_slug, load_nights, validate_nights
-from bench.campaign import RunOptions, prepare, run_matrix
+from bench.check.baseline import BaselineError, DEFAULT_DIR, baseline_path, hardware_slug, load_nights, validate_nights
 from bench.check.gate import Thresholds, is_timed_ok, run_check, to_json, to_markdown
-from bench.plan import WORKER_MODULE
+from bench.launch.campaign import RunOptions, prepare, run_matrix
+from bench.launch.plan import WORKER_MODULE
+from bench.machine import envinfo
 from bench.records import RunRecord, latest_runs, load_records
-from bench.slowdown import injected_slowdown
+from bench.worker.slowdown import injected_slowdown
 
 DEFAULT_ROOT = Path("results/nightly")
 
@@ -108,7 +108,7 @@ def no_verdict_summary(night: Path, records: list[RunRecord]) -> tuple[str, dict
 
 def write_report(night: Path, console: Console) -> str | None:
     """`bench report` of the night into ``<night>/report``; the error if it could not be written."""
-    from bench.report import write_report as report
+    from bench.report.document import write_report as report
 
     try:
         report([night], night / "report", console=console)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.models import ModelShape
+from bench.spec.models import ModelShape
 
 LOGITS_BYTES_OVER_COMPUTE = 12  # fp32 log-softmax out + its grad + fp32 grad of the upcast, per logit
 LORA_TARGET_INPUTS = {"q_proj": "h", "k_proj": "h", "v_proj": "h", "o_proj": "q",

@@ -36,12 +36,14 @@ from bench.estimate.prediction import (CALIBRATION, COMPONENTS, DS_MAX_LIVE_PARA
 from bench.estimate.replay import replay
 from bench.estimate.states import (NF4_PACKED_BYTES, BytesPerParam, Sharding, StateBytes, bytes_per_frozen_param,
                                    bytes_per_trainable_param, frozen_states, shard_states)
-from bench.estimate.terms import (builds_on_meta, compute_bytes, converts_outputs_to_fp32, describe_strategy, is_half,
-                                  qlora_builds_on_host, qlora_upcasts_to_fp32, residual_bytes, sharding_for)
-from bench.matrix import CellSettings
-from bench.models import ModelShape
-from bench.precision import policy_for
+from bench.estimate.terms import compute_bytes, converts_outputs_to_fp32, describe_strategy, is_half, residual_bytes, sharding_for
+from bench.spec import CellSettings
+from bench.spec.models import ModelShape
 from bench.strategies import Strategy, is_user_config
+from bench.strategies.build import builds_on_host as qlora_builds_on_host
+from bench.strategies.build import builds_on_meta
+from bench.strategies.build import upcasts_to_fp32 as qlora_upcasts_to_fp32
+from bench.strategies.precision import policy_for
 
 
 @dataclass
@@ -79,7 +81,7 @@ def model_states(cell: CellSettings, shape: ModelShape, strategy: Strategy) -> M
     frozen_bpp = bytes_per_frozen_param(cell.adapter.type, t.precision)
     quantized = shape.layers * shape.linear_params_per_layer if cell.adapter.type == "qlora" else 0
     # QLoRA keeps embeddings, head and norms in bf16, except where peft's k-bit recipe upcasts them to fp32
-    # (bench/qlora.py: not under FSDP, not above 20B parameters).
+    # (bench/strategies/build.py: not under FSDP, not above 20B parameters).
     kept_dtype = 4 if cell.adapter.type == "qlora" and qlora_upcasts_to_fp32(cell) else \
         bytes_per_frozen_param("lora", t.precision)
     if quantized and strategy.family in ("fsdp", "fsdp2", "deepspeed"):
@@ -128,7 +130,7 @@ def activations_for(cell: CellSettings, shape: ModelShape, strategy: Strategy, c
         rank_width = targets * cell.adapter.r
     # ZeRO-3's zero.Init replaces F.linear with its own autograd function (memory_efficient_linear), which
     # saves the input whether or not the weight is trained: frozen linears keep their inputs there. (QLoRA
-    # builds without zero.Init: bench/qlora.py.)
+    # builds without zero.Init: bench/worker/qlora.py.)
     zero3 = strategy.family == "deepspeed" and strategy.zero_stage == 3 and cell.adapter.type != "qlora"
     targets = frozenset()
     if cell.adapter.type != "none":
@@ -260,7 +262,7 @@ def reserved_only_blocks(cell: CellSettings, shape: ModelShape, strategy: Strate
       originals are still alive, except where a layer's shard fits into a freed weight segment (the
       largest linear of the layer), in which case those segments are reused by the shards. ZeRO-3 builds
       the model partitioned on the host (zero.Init) and DDP uses the parameters in place: nothing freed.
-      A model built on meta (``on_meta``: FSDP, bench/meta_init.py) never exists whole on the GPU: nothing.
+      A model built on meta (``on_meta``: FSDP, bench/worker/meta_init.py) never exists whole on the GPU: nothing.
     - ``cached_half_logits``: under accelerate's autocast wrapper the output's bf16 logits are replaced by
       an fp32 copy; their segment stays cached, free, and smaller than the fp32 tensors of the loss.
     - ``zero3_gather_stream_pool`` / ``zero3_reduce_stream_pool``: ZeRO-3 (n > 1) gathers parameters and
@@ -347,7 +349,7 @@ def peak_moments(cell: CellSettings, shape: ModelShape, strategy: Strategy, stat
     grads = states.base.grads
     if strategy.family == "deepspeed" and strategy.zero_stage == 1 and not is_user_config(cell.strategy):
         # The paper's ZeRO-1 keeps whole gradients; DeepSpeed's with overlap_comm and contiguous_gradients
-        # (bench/plan.py's JSON) reduces them through the buckets during the backward and copies only its
+        # (bench/strategies/render.py's JSON) reduces them through the buckets during the backward and copies only its
         # partition out, like stage 2 (stage_1_and_2.reduce_ipg_grads): the rest are views into the buckets.
         grads = grads / cell.gpus
     if cell.train.grad_accum > 1:

@@ -5,8 +5,8 @@ cards read through NVML), its prediction, and a ``predicted_oom`` record instead
 from __future__ import annotations
 
 from bench.estimate.additive import predict
-from bench.estimate.prediction import CALIBRATION, GIB, Calibration, Prediction, prediction_dict
-from bench.matrix import CellSettings
+from bench.estimate.prediction import CALIBRATION, Calibration, GIB, Prediction, prediction_dict
+from bench.spec import CellSettings
 
 
 def capacity_for(cell: CellSettings, override_gib: float | None = None) -> tuple[float | None, str | None]:
@@ -25,7 +25,7 @@ def capacity_for(cell: CellSettings, override_gib: float | None = None) -> tuple
 def _device_total_bytes(gpus: int) -> int | None:
     """The smallest total memory of the cell's cards, read through NVML: asking torch would create a
     CUDA context in the parent process, memory that the cell's own ranks would then not have."""
-    from bench.gpu_state import nvml, nvml_handle_for_cuda_index
+    from bench.machine.gpu_state import nvml, nvml_handle_for_cuda_index
 
     lib = nvml()
     if lib is None:

@@ -22,8 +22,8 @@ from bench.estimate.prediction import ESTIMATOR_VERSION, GIB, Prediction
 from bench.estimate.protocol import (MIN_JUDGED_GIB, MIN_JUDGED_PARAMS, TOLERANCE, framework_of, judge_folders, sample_of,
                                      tuning_folders)
 from bench.estimate.terms import describe_strategy
-from bench.matrix import CellSettings
-from bench.models import ModelShape
+from bench.spec import CellSettings
+from bench.spec.models import ModelShape
 from bench.records import RunRecord, load_records
 
 
@@ -74,7 +74,7 @@ def predict_for_record(record: RunRecord) -> Prediction | None:
     """The current estimator's prediction for a recorded GPU cell, built the way that record was built.
 
     The one path for every re-prediction of a record: this check and the report's "current estimator"
-    column (bench/metrics.py). None for a CPU cell or a cell that cannot be described."""
+    column (bench/report/metrics.py). None for a CPU cell or a cell that cannot be described."""
     if (record.settings or {}).get("device") != "cuda":
         return None
     try:

@@ -17,11 +17,11 @@ from bench.strategies import Strategy
 GIB = 2**30
 PREDICTION_VERSION = 1  # the stored form's schema
 # The estimator's own version: bump it with every change that can move a prediction. A predicted_oom record
-# made by another version is re-evaluated on resume (bench/campaign.py), reports show the version that made
+# made by another version is re-evaluated on resume (bench/launch/campaign.py), reports show the version that made
 # each stored prediction, and the margins file must be regenerated (bench estimate-margins).
 ESTIMATOR_VERSION = 2
 COMPONENTS = ("params", "grads", "optimizer", "master_weights", "activations", "adapter", "overhead")
-# Sizes the generated DeepSpeed JSON sets (bench/plan.py), in elements.
+# Sizes the generated DeepSpeed JSON sets (bench/strategies/render.py), in elements.
 DS_REDUCE_BUCKET = 500_000_000
 DS_MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters (plan.py keeps it)
 DS_SUB_GROUP = 1_000_000_000  # DeepSpeed's default zero_optimization.sub_group_size (plan.py keeps it)

@@ -4,7 +4,7 @@ The accounting is the ZeRO paper's (Rajbhandari et al. 2020, section 3.1): mixed
 2 bytes of 16-bit weights + 2 bytes of 16-bit gradients + 12 bytes of optimizer state (fp32 master
 copy, momentum, variance) per parameter; ZeRO-1 divides the 12 by the number of ranks N, ZeRO-2 the
 12 + 2, ZeRO-3 all 16. The bytes per parameter themselves follow the cell's precision policy
-(bench/precision.py) and optimizer, so that autocast DDP (fp32 weights, fp32 gradients, fp32 Adam)
+(bench/strategies/precision.py) and optimizer, so that autocast DDP (fp32 weights, fp32 gradients, fp32 Adam)
 costs 4 + 4 + 8 and adamw_bnb_8bit holds 2 bytes of state instead of 8.
 
 Pure arithmetic: no torch import.

@@ -10,9 +10,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from bench.estimate.additive import predict
-from bench.estimate.prediction import COMPONENTS, Prediction, prediction_dict
 from bench.estimate.capacity import capacity_for
-from bench.matrix import CellSettings, MatrixError, check_names, expand, load_matrix, select
+from bench.estimate.prediction import COMPONENTS, Prediction, prediction_dict
+from bench.spec import CellSettings, MatrixError, expand, load_matrix, select
+from bench.strategies import check_names
 
 SHORT = {"params": "params", "grads": "grads", "optimizer": "optim", "master_weights": "master",
          "activations": "activ", "adapter": "adapter", "overhead": "overhead"}

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from bench import strategies
 from bench.estimate.states import Sharding
-from bench.matrix import CellSettings
-from bench.precision import policy_for
+from bench.spec import CellSettings
 from bench.strategies import Strategy
+from bench.strategies.precision import policy_for
 
 
 # ---------------------------------------------------------------- strategy -> what is sharded
@@ -53,25 +53,3 @@ def converts_outputs_to_fp32(cell: CellSettings, strategy: Strategy) -> bool:
     Accelerator._prepare_fsdp2 never calls prepare_model, where that wrapper is put on (accelerate 1.15);
     FSDP2's MixedPrecisionPolicy casts the parameters and the output keeps the compute dtype."""
     return is_half(cell) and strategy.family not in ("deepspeed", "fsdp2") and cell.device == "cuda"
-
-
-# How bench builds a cell is decided next to the code that builds it (bench/qlora.py, bench/model_build.py);
-# those modules import torch, so they are imported when a prediction asks, not when the estimator is imported
-# (`import bench.estimate` stays torch-free: the CLI and the report read the estimator without torch).
-
-def qlora_builds_on_host(cell: CellSettings) -> bool:
-    from bench.qlora import builds_on_host
-
-    return builds_on_host(cell)
-
-
-def qlora_upcasts_to_fp32(cell: CellSettings) -> bool:
-    from bench.qlora import upcasts_to_fp32
-
-    return upcasts_to_fp32(cell)
-
-
-def builds_on_meta(cell: CellSettings, strategy: Strategy) -> bool:
-    from bench.model_build import builds_on_meta as on_meta
-
-    return on_meta(cell, strategy)

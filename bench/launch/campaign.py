@@ -19,14 +19,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from bench import bytecode, envinfo, folder_lock, slowdown, strategies
-from bench.caveats import CPU_CAVEAT
-from bench.matrix import (CellSettings, Matrix, MatrixError, check_names, check_time_budget, collapse, expand,
-                          load_matrix, select, unrunnable, validate_cells)
-from bench.plan import WORKER_MODULE, LaunchPlan, build_plan
+from bench.machine import bytecode, envinfo
+from bench.launch import folder_lock
+from bench.worker import slowdown
+from bench import strategies
+from bench.records.caveats import CPU_CAVEAT
+from bench.spec import CellSettings, Matrix, MatrixError, check_time_budget, expand, load_matrix, select
+from bench.strategies import check_names, collapse, unrunnable, validate_cells
+from bench.launch.plan import WORKER_MODULE, LaunchPlan, build_plan
 from bench.records import (DETERMINISTIC_FAILURES, RunRecord, append_record, check_writable, load_records,
                            not_launched_record, save_matrix_copy)
-from bench.runner import CellInterrupted, free_port, run_plan
+from bench.launch.runner import CellInterrupted, free_port, run_plan
 
 
 @dataclass
@@ -42,7 +45,7 @@ class RunOptions:
     device: str | None = None  # override the matrix's device (cpu/cuda)
     capacity_gib: float | None = None  # memory each rank must fit, for the pre-flight check (default: its GPU)
     wait_for_lock: bool = False  # another run writes the results folder: wait for it instead of stopping
-    slow_step: float | None = None  # make every timed step this fraction slower on purpose (bench/slowdown.py)
+    slow_step: float | None = None  # make every timed step this fraction slower on purpose (bench/worker/slowdown.py)
     strict: bool = False  # a cell this machine cannot run refuses the whole matrix (exit 2) instead of a record
 
 
@@ -139,11 +142,11 @@ def finished_runs(records: list[RunRecord], retry_failed: bool, force: bool = Fa
 
 
 def strategy_info(cell: CellSettings) -> dict:
-    from bench.precision import policy_for
+    from bench.strategies.precision import policy_for
 
     info = {"precision_policy": policy_for(cell).description}
     if strategies.is_user_config(cell.strategy):
-        from bench.user_configs import deepspeed_own_blocks
+        from bench.strategies.user_configs import deepspeed_own_blocks
 
         info.update(deepspeed_own_blocks(cell))
     else:
@@ -343,19 +346,19 @@ class CellHooks:
                 info = {**info, "launch_notes": plan.notes}
             if busy := wait_for_free_gpus(plan.cell.gpus):
                 return busy_record(plan, matrix_name, fingerprint, busy, info)
-            from bench.sampler import NvmlSampler, sampler_enabled
+            from bench.machine.sampler import NvmlSampler, sampler_enabled
 
             sampler = NvmlSampler(plan.cell.gpus) if sampler_enabled() else None
         return run_plan(plan, matrix_name, fingerprint, sampler=sampler, strategy_info=info, prediction=prediction)
 
 
 def with_deepspeed_arch_list(plan: LaunchPlan) -> LaunchPlan:
-    """A DeepSpeed cell on CUDA gets a TORCH_CUDA_ARCH_LIST its JIT op builder can read (bench/cuda_arch.py);
+    """A DeepSpeed cell on CUDA gets a TORCH_CUDA_ARCH_LIST its JIT op builder can read (bench/launch/cuda_arch.py);
     the value and why are in the cell's command, launch.sh and plan notes."""
     import os
 
-    from bench import cuda_arch
-    from bench.plan import with_env
+    from bench.launch import cuda_arch
+    from bench.launch.plan import with_env
 
     if "deepspeed.json" not in plan.files:
         return plan
@@ -370,7 +373,7 @@ def wait_for_free_gpus(gpu_count: int, patience_s: float = 15.0) -> str | None:
     """
     import time
 
-    from bench.gpu_state import busy_reason
+    from bench.machine.gpu_state import busy_reason
 
     deadline = time.time() + patience_s
     while (reason := busy_reason(gpu_count)) and time.time() < deadline:

@@ -30,7 +30,7 @@ class ArchFix:
 
 def capabilities_of(gpu_count: int) -> list[str]:
     """Compute capabilities (``major.minor``) of the cell's first ``gpu_count`` visible GPUs, via NVML."""
-    from bench.gpu_state import cell_handles, nvml
+    from bench.machine.gpu_state import cell_handles, nvml
 
     lib = nvml()
     if lib is None:

@@ -15,8 +15,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.records import rank_files
-from bench.records import CellError
+from bench.records import CellError, rank_files
 
 LOG_TAIL_LINES = 40
 TEARDOWN_SIGNALS = {signal.SIGTERM, signal.SIGINT}  # what a launcher sends the other ranks once one failed

@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.matrix import MatrixError
+from bench.spec import MatrixError
 
 LOCK_FILE = ".lock"
 

@@ -13,16 +13,14 @@ import shlex
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from bench import strategies
-from bench.matrix import CellSettings, Limits
-from bench.strategies import Strategy
+from bench.spec import CellSettings, Limits
+from bench.strategies.render import accelerate_config, deepspeed_config
 
 WORKER_MODULE = "bench.worker"
-TRANSFORMER_LAYER = "LlamaDecoderLayer"
 
 
 @dataclass(frozen=True)
@@ -46,117 +44,6 @@ class LaunchPlan:
         return f"{env} {shlex.join(self.argv)}".strip()
 
 
-# ---------------------------------------------------------------- DeepSpeed
-
-def deepspeed_config(strategy: Strategy, cell: CellSettings) -> dict[str, Any]:
-    """The DeepSpeed JSON a user would write for this strategy (overlap_comm on, as users run it)."""
-    t = cell.train
-    zero: dict[str, Any] = {
-        "stage": strategy.zero_stage,
-        "overlap_comm": True,
-        "contiguous_gradients": True,
-        "reduce_bucket_size": 500_000_000,
-    }
-    if strategy.zero_stage == 3:
-        zero.update({
-            "stage3_prefetch_bucket_size": 500_000_000,
-            "stage3_param_persistence_threshold": 1_000_000,
-            "stage3_gather_16bit_weights_on_model_save": False,
-        })
-    else:
-        zero["allgather_bucket_size"] = 500_000_000
-    if strategy.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cell.device == "cuda"}
-    if strategy.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": cell.device == "cuda"}
-    config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": t.max_grad_norm,
-        "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        "steps_per_print": 1_000_000_000,
-        "wall_clock_breakdown": False,
-    }
-    if t.optimizer == "adamw_bnb_8bit" and not strategy.offload_optimizer:
-        # DeepSpeed refuses optimizers it has not tested with ZeRO unless told (accelerate sets this
-        # too at prepare; written here so that the JSON works as it is in a user's own job).
-        config["zero_allow_untested_optimizer"] = True
-    if strategy.offload_optimizer:
-        # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's own CPU Adam; a torch optimizer
-        # object cannot be offloaded, so the optimizer is named here and the worker passes a placeholder.
-        config["optimizer"] = {"type": "AdamW", "params": {
-            "lr": t.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": t.weight_decay}}
-    return config
-
-
-# ---------------------------------------------------------------- accelerate
-
-def _mixed_precision(cell: CellSettings) -> str:
-    return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[cell.train.precision]
-
-
-def accelerate_config(strategy: Strategy, cell: CellSettings, ds_config_path: Path | None) -> dict[str, Any]:
-    """The accelerate config YAML, as `accelerate config` writes it."""
-    multi = cell.gpus > 1
-    config: dict[str, Any] = {
-        "compute_environment": "LOCAL_MACHINE",
-        "num_machines": 1,
-        "machine_rank": 0,
-        "num_processes": cell.gpus,
-        "mixed_precision": _mixed_precision(cell),
-        "rdzv_backend": "static",
-        "same_network": True,
-        "main_training_function": "main",
-        "downcast_bf16": "no",
-    }
-    if strategy.family == "single" or (strategy.family == "ddp" and not multi):
-        config["distributed_type"] = "NO"
-    elif strategy.family == "ddp":
-        # On CPU too: MULTI_GPU plus ACCELERATE_USE_CPU=1 gives gloo ranks (MULTI_CPU would want mpirun).
-        config["distributed_type"] = "MULTI_GPU"
-    elif strategy.family == "deepspeed":
-        config["distributed_type"] = "DEEPSPEED"
-        del config["mixed_precision"]  # the DeepSpeed JSON owns precision; accelerate refuses it twice
-        config["deepspeed_config"] = {
-            "deepspeed_config_file": str(ds_config_path),
-            "zero3_init_flag": strategy.zero_stage == 3,
-        }
-    else:
-        config["distributed_type"] = "FSDP"
-        config["fsdp_config"] = _fsdp_config(strategy, cell)
-    if cell.device == "cuda" and config["distributed_type"] != "NO":
-        config["gpu_ids"] = "all"
-    return config
-
-
-def _fsdp_config(strategy: Strategy, cell: CellSettings) -> dict[str, Any]:
-    common = {
-        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-        "fsdp_transformer_layer_cls_to_wrap": TRANSFORMER_LAYER,
-        "fsdp_offload_params": strategy.offload_params,
-        "fsdp_state_dict_type": "SHARDED_STATE_DICT",
-        "fsdp_cpu_ram_efficient_loading": False,
-        # Checkpointing is applied by the worker (gradient_checkpointing_enable), the way HF users do.
-        "fsdp_activation_checkpointing": False,
-    }
-    if strategy.family == "fsdp2":
-        return {"fsdp_version": 2, "fsdp_reshard_after_forward": strategy.reshard_after_forward, **common}
-    return {
-        "fsdp_version": 1,
-        "fsdp_sharding_strategy": strategy.fsdp_sharding,
-        "fsdp_backward_prefetch": "BACKWARD_PRE",
-        "fsdp_forward_prefetch": False,
-        "fsdp_sync_module_states": False,  # random init from one seed: every rank builds the same weights
-        # LoRA: frozen and trainable parameters in one unit need the original parameters kept. QLoRA: the
-        # documented FSDP-QLoRA setting (PEFT guide, HF recipes) is False, because bitsandbytes rebuilds its
-        # 4-bit weight from the flat parameter's storage in forward; the adapters are their own units anyway.
-        "fsdp_use_orig_params": cell.adapter.type != "qlora",
-        **common,
-    }
-
-
 # ---------------------------------------------------------------- the plan
 
 _FROM_ENVIRON = object()  # build_plan's default: read the parent's CUDA_VISIBLE_DEVICES at call time
@@ -168,7 +55,7 @@ def cell_visible_devices(gpus: int, parent_visible: str | None) -> str:
     A rank must see exactly its cell's cards: torch sizes FSDP's hybrid-shard intra-node group from
     torch.cuda.device_count(), so a 2-rank cell on a 4-GPU host asked for a group of 4 in a world of 2.
     The parent's own list (indices or GPU-/MIG- UUIDs) is respected, cut to its first ``gpus`` entries;
-    unset, it is 0..gpus-1. These are the devices bench.gpu_state / the NVML sampler watch for the cell
+    unset, it is 0..gpus-1. These are the devices bench.machine.gpu_state / the NVML sampler watch for the cell
     (CUDA indices 0..gpus-1 mapped through the parent's CUDA_VISIBLE_DEVICES).
     """
     if parent_visible is None:
@@ -207,14 +94,14 @@ def build_plan(cell: CellSettings, results_dir: Path, limits: Limits, repeat: in
                extra_env: dict[str, str] | None = None) -> LaunchPlan:
     """``parent_visible_devices``: the parent's CUDA_VISIBLE_DEVICES (None: unset); read from the
     environment unless given, so that tests can pin it. ``extra_env``: added to the launch's environment
-    (``--slow-step``: bench/slowdown.py)."""
+    (``--slow-step``: bench/worker/slowdown.py)."""
     if parent_visible_devices is _FROM_ENVIRON:
         parent_visible_devices = os.environ.get("CUDA_VISIBLE_DEVICES")
     cell_dir = results_dir.resolve() / "cells" / (cell.cell_id + (f"-r{repeat}" if repeat else ""))
     files: dict[str, str] = {"cell.json": json.dumps(cell.model_dump(mode="json"), indent=2)}
     notes: list[str] = []
     if strategies.is_user_config(cell.strategy):
-        from bench.user_configs import resolve_with_originals
+        from bench.strategies.user_configs import resolve_with_originals
 
         # The user's files are copied as original_<name> beside the resolved ones.
         accel, ds, notes, originals = resolve_with_originals(cell, cell_dir)

@@ -1,10 +1,10 @@
 """Run one LaunchPlan as a real `accelerate launch` process tree and turn what happened into a RunRecord.
 
-The runner owns the process tree (bench/process_tree.py): a watchdog enforces the cell's wall-clock
+The runner owns the process tree (bench/launch/process_tree.py): a watchdog enforces the cell's wall-clock
 timeout, the start-up limit and the no-progress (hang) limit from the ranks' heartbeats; on any stop,
 and on Ctrl-C, the whole tree gets SIGTERM, then SIGKILL. After every cell no process of it is left
 (any straggler is killed and named in the record) and, on GPU, NVML's process list is checked. The
-status comes from bench/failures.py; every outcome is a record.
+status comes from bench/launch/failures.py; every outcome is a record.
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ import socket
 import time
 from pathlib import Path
 
-from bench.records import rank_files
-from bench.failures import Outcome, classify, oom_kill_counters
-from bench.plan import LaunchPlan, write_plan_files
-from bench.process_tree import ProcessTree
-from bench.records import RunRecord
+from bench.launch.failures import Outcome, classify, oom_kill_counters
+from bench.launch.plan import LaunchPlan, write_plan_files
+from bench.launch.process_tree import ProcessTree
+from bench.records import RunRecord, rank_files
 
 POLL_S = 0.2
 SCAN_S = 1.0  # noting the tree's members scans the process table: not so often that it costs the ranks CPU
@@ -80,7 +79,7 @@ def _leftover_gpu_processes(tree: ProcessTree, plan: LaunchPlan) -> list[dict] |
     of the cell's processes; processes of others are reported but not waited for.
     """
     try:
-        from bench.gpu_state import compute_processes
+        from bench.machine.gpu_state import compute_processes
     except ImportError:
         return None
     ours = tree.pids | {b.get("pid") for b in rank_files.read_json_files(plan.rank_dir, "heartbeat")}

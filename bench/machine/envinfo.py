@@ -9,7 +9,7 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
-from bench import bytecode
+from bench.machine import bytecode
 
 LIBRARIES = ["torch", "transformers", "accelerate", "deepspeed", "peft", "bitsandbytes", "datasets", "nvidia-ml-py"]
 
@@ -22,7 +22,7 @@ def _version(pkg: str) -> str | None:
 
 
 def git_sha() -> str | None:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # bench/machine/envinfo.py -> the repository
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
@@ -39,7 +39,7 @@ def gpu_info() -> dict:
     a 4-GPU host is a 2-GPU run, and its results are compared with other 2-GPU runs. The host's own count
     and the NVML indices of the cards used are kept beside it.
     """
-    from bench import gpu_state
+    from bench.machine import gpu_state
 
     pynvml = gpu_state.nvml()
     if pynvml is None:  # no driver / no library: a CPU machine

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from bench import gpu_state
+from bench.machine import gpu_state
 
 DEFAULT_INTERVAL_S = 0.05
 TRACE_POINTS = 600

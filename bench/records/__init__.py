@@ -2,8 +2,8 @@
 
 Rooms: ``store`` (the versioned RunRecord schema and the append-only ``runs.jsonl`` it is kept in: append,
 tolerant load, the latest launch per cell), ``rank_files`` (what each rank writes for the runner: heartbeat,
-report, error, written atomically; the only room the worker imports). The rest of bench reads records
-through the names below.
+report, error, written atomically; the only room the worker imports), ``caveats`` (what CPU figures mean,
+said wherever records are shown). The rest of bench reads records through the names below.
 
 The front is lazy (a name loads its room on first use) so that a rank importing ``bench.records.rank_files``
 does not load the parent's storage machinery with it.
@@ -17,10 +17,11 @@ _ROOM = {
     "append_record": "store", "check_writable": "store", "latest_runs": "store", "load_records": "store",
     "not_launched_record": "store", "runs_path": "store", "save_matrix_copy": "store",
     "RankFiles": "rank_files", "classify_exception": "rank_files", "read_json_files": "rank_files",
+    "CPU_CAVEAT": "caveats",
 }
 
 __all__ = [
-    "CellError", "DETERMINISTIC_FAILURES", "MATRIX_COPY", "RUNS_FILE", "RankFiles", "RunRecord", "SCHEMA_VERSION",
+    "CPU_CAVEAT", "CellError", "DETERMINISTIC_FAILURES", "MATRIX_COPY", "RUNS_FILE", "RankFiles", "RunRecord", "SCHEMA_VERSION",
     "SchemaError", "Status", "append_record", "check_writable", "classify_exception", "latest_runs",
     "load_records", "not_launched_record", "read_json_files", "runs_path", "save_matrix_copy",
 ]

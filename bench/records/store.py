@@ -23,7 +23,7 @@ RUNS_FILE = "runs.jsonl"
 MATRIX_COPY = "matrix.yaml"  # the matrix a results folder was last run from (informational; the report reads
                              # its token_budget)
 
-# What became of a run (bench/failures.py decides the launched ones):
+# What became of a run (bench/launch/failures.py decides the launched ones):
 #   ok; oom (CUDA OOM on any rank, or the host's OOM killer); timeout (limits.timeout_s); hang (no step
 #   progress for limits.hang_s, start-up past limits.startup_s, or a collective past
 #   limits.collective_timeout_s); crash (non-zero exit or a signal: rank and root cause in the error);
@@ -78,7 +78,7 @@ def not_launched_record(matrix: str, cell_settings: Any, repeat: int, fingerprin
                         message: str, strategy_info: dict, **fields: Any) -> RunRecord:
     """The record of a cell bench decided not to launch (unsupported, busy, predicted_oom): why, and no figures.
 
-    ``cell_settings`` is the cell (bench.matrix.CellSettings); ``fields`` are further record fields
+    ``cell_settings`` is the cell (bench.spec.schema.CellSettings); ``fields`` are further record fields
     (prediction, cell_dir, command)."""
     return RunRecord(matrix=matrix, cell_id=cell_settings.cell_id, label=cell_settings.label, repeat=repeat,
                      settings=cell_settings.model_dump(mode="json"), strategy_info=strategy_info, status=status,

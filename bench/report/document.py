@@ -16,11 +16,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table as RichTable
 
-from bench import flops, metrics, plots, verdict
-from bench import report_tables as tables
-from bench.caveats import CPU_CAVEAT
-from bench.matrix import MatrixError, TokenBudget, load_matrix
-from bench.report_render import Plot, Section, Table, to_html, to_markdown, write_csvs
+from bench.report import flops, metrics, plots, verdict
+from bench.report import tables
+from bench.records.caveats import CPU_CAVEAT
+from bench.spec import MatrixError, TokenBudget, load_matrix
+from bench.report.render import Plot, Section, Table, to_html, to_markdown, write_csvs
 from bench.records import MATRIX_COPY, RunRecord, latest_runs, load_records  # noqa: F401 - MATRIX_COPY: a
 # results folder holds the matrix it last ran (bench run copies it); its token_budget is then used
 

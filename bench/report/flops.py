@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from bench.models import ModelShape
+from bench.spec.models import ModelShape
 
 CONVENTION = (
     "model FLOPs per real (non-padding) token = 6N (full fine-tune) or 4N + 6 x adapter params (LoRA/QLoRA, "

@@ -3,7 +3,7 @@
 Definitions (the report states them):
 - step time: wall time of one optimizer step, synchronised; per step the slowest rank counts; a launch's
   figure is the median over its timed steps, with the 95 % interval of that median (the worker's ``timing``
-  when the record has it, else order statistics of the steps: bench/intervals.py).
+  when the record has it, else order statistics of the steps: bench/report/intervals.py).
 - launches are the unit: a cell's figure is the median over its ok launches (repeats), with a 95 %
   t-interval of the launch figures on the log scale (2+ launches); one launch keeps its within-launch
   interval and says so. The p10-p90 spread of the steps stays a separate, named figure.
@@ -13,7 +13,7 @@ Definitions (the report states them):
   of GPU (or CPU) and under the same precision policy: the same strategy at 1 first, else a plain run of
   that policy, else another strategy of its family, else any 1-process cell of that policy. The ratio
   to the plain 1-process run (``single``/``ddp``) is kept beside it and flagged when the policies differ.
-- model TFLOP/s and MFU: see bench/flops.py for the FLOP convention and the peak table.
+- model TFLOP/s and MFU: see bench/report/flops.py for the FLOP convention and the peak table.
 - energy per token: NVML energy over the timed window / (real tokens per step x timed steps).
 - card state: mean SM clock over the timed window (mean over the cell's GPUs) and the share of timed
   samples under a power or thermal throttle (the most throttled GPU); older records keep only which
@@ -28,10 +28,12 @@ from statistics import median
 import numpy as np
 import pandas as pd
 
-from bench import flops, intervals, sampler, strategies
-from bench.matrix import CellSettings
-from bench.precision import policy_for
+from bench import strategies
+from bench.machine import sampler
 from bench.records import RunRecord
+from bench.report import flops, intervals
+from bench.spec import CellSettings
+from bench.strategies.precision import policy_for
 
 PLAIN_FAMILIES = ("single", "ddp")  # at one process neither wraps the model: what a user runs today
 # Figures that are medians over launches (one repeat = one fresh launch of the cell).
@@ -73,7 +75,7 @@ def gpu_name(record: RunRecord) -> str | None:
 
 
 def precision_policy(record: RunRecord, cell: CellSettings) -> str:
-    """The policy the ranks reported, else the one bench.precision assigns the cell (failed, older records)."""
+    """The policy the ranks reported, else the one bench.strategies.precision assigns the cell (failed, older records)."""
     for rank in record.ranks:
         if rank.get("precision_policy"):
             return rank["precision_policy"]
@@ -210,7 +212,7 @@ def _memory_figures(record: RunRecord) -> dict:
             out[f"training_peak_{kind}_gib"] = max(training) / 2**30
     traffic = [r["host_device_traffic"] for r in record.ranks
                if isinstance(r.get("host_device_traffic"), dict) and "htod_s" in r["host_device_traffic"]]
-    if traffic:  # offloading strategies: one profiled step per rank (bench/transfers.py); the slowest rank
+    if traffic:  # offloading strategies: one profiled step per rank (bench/worker/transfers.py); the slowest rank
         worst = max(traffic, key=lambda t: t["htod_s"] + t["dtoh_s"])
         out.update({"host_device_copy_s": worst["htod_s"] + worst["dtoh_s"],
                     "host_device_gib": (worst["htod_bytes"] + worst["dtoh_bytes"]) / 2**30,
@@ -338,7 +340,7 @@ def aggregate_repeats(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _across_launches(ok: pd.DataFrame) -> dict:
-    """Median over the launches; the 95 % t-interval of their figures on the log scale (bench/intervals.py)."""
+    """Median over the launches; the 95 % t-interval of their figures on the log scale (bench/report/intervals.py)."""
     out = {col: float(ok[col].median()) for col in REPEAT_MEDIAN_COLUMNS if col in ok.columns and ok[col].notna().any()}
     out.update({col: float(ok[col].max()) for col in REPEAT_MAX_COLUMNS if col in ok.columns and ok[col].notna().any()})
     gpus = int(ok["gpus"].iloc[0])

@@ -17,8 +17,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402 - matplotlib's own dependency
 
-from bench import metrics  # noqa: E402
-from bench.report_tables import is_num, run_name, unit  # noqa: E402
+from bench.report import metrics  # noqa: E402
+from bench.report.tables import is_num, run_name, unit  # noqa: E402
 
 DPI = 100  # small files: the HTML embeds every PNG
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from bench import intervals, metrics
+from bench.report import intervals, metrics
 
 
 @dataclass(frozen=True)

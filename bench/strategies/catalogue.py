@@ -87,6 +87,6 @@ def get(strategy: str) -> Strategy:
     """The catalogue entry; a user config file is described by what it contains (see user_configs)."""
     if strategy in CATALOGUE:
         return CATALOGUE[strategy]
-    from bench.user_configs import describe_user_config
+    from bench.strategies.user_configs import describe_user_config
 
     return describe_user_config(strategy)

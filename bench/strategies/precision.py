@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench import strategies
-from bench.matrix import CellSettings
+from bench.spec import CellSettings
+from bench.strategies import catalogue as strategies
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,8 @@ from typing import Any
 
 import yaml
 
-from bench import models
-from bench.matrix import CellSettings, MatrixError
-from bench.strategies import Strategy
+from bench.spec import CellSettings, MatrixError, models
+from bench.strategies.catalogue import Strategy
 
 AUTO = "auto"
 _FIX = "Fix: give the path of a DeepSpeed JSON (.json) or an accelerate config written by `accelerate config` (.yaml)"
@@ -186,7 +185,7 @@ def resolve_deepspeed(ds: dict, cell: CellSettings, source: str) -> tuple[dict, 
             f.fill_only(f"zero_optimization.{key}", int(0.9 * hidden * hidden), "0.9 * hidden_size^2")
         for key in ("stage3_param_persistence_threshold", "param_persistence_threshold"):
             f.fill_only(f"zero_optimization.{key}", 10 * hidden, "10 * hidden_size")
-    # The timed steps' number is decided while running (bench/timing.py): the schedule spans the most a cell
+    # The timed steps' number is decided while running (bench/worker/timing.py): the schedule spans the most a cell
     # may take, so that the learning rate never reaches its end inside the timed window.
     total = t.warmup_steps + t.timing.max_steps
     f.fill_match("scheduler.params.total_num_steps", total, "train.warmup_steps + train.timing.max_steps")
@@ -329,7 +328,7 @@ def resolve_with_originals(cell: CellSettings, cell_dir: Path) -> tuple[dict, di
     if not _is_deepspeed_json(path):
         accel, ds, notes, linked = _resolve_accelerate(cell, cell_dir)
         return accel, ds, notes, {**originals, **linked}
-    from bench.plan import accelerate_config
+    from bench.strategies.render import accelerate_config
 
     ds, notes = resolve_deepspeed(load_user_config(path), cell, path)
     accel = accelerate_config(describe_user_config(path), cell, cell_dir / "deepspeed.json")

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import torch
 
-from bench.matrix import CellSettings
+from bench.spec import CellSettings
 
 
 def synthetic_batches(cell: CellSettings, vocab: int, rank: int, device: torch.device) -> Iterator[dict]:
@@ -24,6 +24,6 @@ def synthetic_batches(cell: CellSettings, vocab: int, rank: int, device: torch.d
 def batch_source(cell: CellSettings, vocab: int, rank: int, device: torch.device) -> Iterator[dict]:
     if cell.data.source == "synthetic":
         return synthetic_batches(cell, vocab, rank, device)
-    from bench.local_data import local_batches
+    from bench.worker.local_data import local_batches
 
     return local_batches(cell, rank, device)

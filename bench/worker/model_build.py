@@ -3,16 +3,15 @@
 Random weights are created straight on the target device in the storage dtype; an 8B model never
 passes through fp32 on the host. Under ZeRO-3 transformers builds inside deepspeed.zero.Init. Under FSDP
 (full fine-tuning or LoRA, random init, on CUDA) the model is built on the meta device and each rank materialises
-only what FSDP leaves it (bench/meta_init.py; the worker drives it around accelerate's prepare).
+only what FSDP leaves it (bench/worker/meta_init.py; the worker drives it around accelerate's prepare).
 """
 
 from __future__ import annotations
 
 import torch
 
-from bench import models
-from bench.matrix import CellSettings
-from bench.precision import PrecisionPolicy
+from bench.spec import CellSettings, models
+from bench.strategies.precision import PrecisionPolicy
 
 
 def _init_device(cell: CellSettings, device: torch.device) -> torch.device:
@@ -22,34 +21,16 @@ def _init_device(cell: CellSettings, device: torch.device) -> torch.device:
     return torch.device("cpu") if is_deepspeed_zero3_enabled() else device
 
 
-def builds_on_meta(cell: CellSettings, strategy) -> bool:
-    """Whether the cell's model is built on the meta device and materialised per shard by FSDP.
-
-    Only FSDP's families take a meta model (ZeRO-3 has zero.Init): full fine-tuning, and LoRA (on linear
-    layers, all a matrix may name; the adapters get peft's own init when materialised:
-    meta_init.mark_lora_init). Left out: QLoRA (built layer by layer into 4-bit already), local weights
-    (they must be loaded), CPU (accelerate's FSDP is CUDA-only), parameter offload and users' own accelerate configs.
-    ``strategy`` is the cell's bench.strategies.Strategy (a user's config included).
-    """
-    from bench.strategies import is_user_config
-
-    # A user's own accelerate config runs as written (it may load weights its own way, e.g. with
-    # cpu_ram_efficient_loading, which broadcasts rank 0's state dict and cannot start from meta).
-    return (strategy.family in ("fsdp", "fsdp2") and cell.device == "cuda"
-            and cell.adapter.type in ("none", "lora") and not models.has_local_weights(cell.model) and not strategy.offloads
-            and not is_user_config(cell.strategy))
-
-
 def build_causal_lm(cell: CellSettings, device: torch.device, policy: PrecisionPolicy, on_meta: bool = False):
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, policy.weight_dtype)
     if on_meta:
-        from bench.meta_init import build_on_meta
+        from bench.worker.meta_init import build_on_meta
 
         model = build_on_meta(models.training_config(cell.model), dtype, cell.train.attn_impl)
     elif cell.adapter.type == "qlora":
-        from bench.qlora import build_qlora_model
+        from bench.worker.qlora import build_qlora_model
 
         model = build_qlora_model(cell, device, policy)
     elif models.has_local_weights(cell.model):
@@ -64,7 +45,7 @@ def build_causal_lm(cell: CellSettings, device: torch.device, policy: PrecisionP
     if cell.adapter.type != "none":
         model = apply_lora(cell, model)
         if on_meta:
-            from bench.meta_init import mark_lora_init
+            from bench.worker.meta_init import mark_lora_init
 
             mark_lora_init(model)
     return model
@@ -78,7 +59,7 @@ def apply_lora(cell: CellSettings, model):
     config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=target,
                         bias="none", task_type="CAUSAL_LM")
     if cell.adapter.type == "qlora":
-        from bench.qlora import adapter_dtype_autocast
+        from bench.worker.qlora import adapter_dtype_autocast
 
         # Under FSDP the LoRA weights stay in the base's bf16: one dtype per flat parameter.
         return get_peft_model(model, config, autocast_adapter_dtype=adapter_dtype_autocast(cell))

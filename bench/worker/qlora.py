@@ -23,23 +23,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bench import models, strategies
-from bench.matrix import CellSettings
-from bench.precision import PrecisionPolicy
+from bench.spec import CellSettings, models
+from bench.strategies.build import builds_on_host, fsdp_family, upcasts_to_fp32
+from bench.strategies.precision import PrecisionPolicy
 
 STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "uint8": torch.uint8}
 COMPUTE = torch.bfloat16
-
-
-def _fsdp_family(cell: CellSettings) -> bool:
-    return strategies.get(cell.strategy).family in ("fsdp", "fsdp2")
-
-
-def builds_on_host(cell: CellSettings) -> bool:
-    """A QLoRA cell whose 4-bit model is kept on the host as it is built: FSDP with parameter offload
-    shards it from there (also what the memory estimate assumes)."""
-    s = strategies.get(cell.strategy)
-    return cell.adapter.type == "qlora" and s.family in ("fsdp", "fsdp2") and s.offload_params
 
 
 def _meta_model(cell: CellSettings):
@@ -159,12 +148,6 @@ def build_qlora_model(cell: CellSettings, device: torch.device, policy: Precisio
     return model
 
 
-def upcasts_to_fp32(cell: CellSettings) -> bool:
-    """Whether peft's k-bit recipe runs, casting every parameter that is not 4-bit to fp32 (not under FSDP,
-    whose flat parameters need one dtype, nor above 20B parameters, where it costs gigabytes)."""
-    return not _fsdp_family(cell) and models.ModelShape.of(cell.model).params < 20e9
-
-
 def _enable_input_grads(model):
     model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     return model
@@ -172,4 +155,4 @@ def _enable_input_grads(model):
 
 def adapter_dtype_autocast(cell: CellSettings) -> bool:
     """peft's autocast_adapter_dtype: fp32 LoRA weights, except under FSDP (one dtype per flat parameter)."""
-    return not _fsdp_family(cell)
+    return not fsdp_family(cell)

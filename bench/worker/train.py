@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
-from bench import slowdown, transfers
-from bench.gc_window import GcWindow
-from bench.matrix import CellSettings
-from bench.model_build import builds_on_meta
-from bench.precision import policy_for
 from bench.records.rank_files import RankFiles, classify_exception
-from bench.timing import StoppingRule
+from bench.spec import CellSettings
+from bench.strategies.build import builds_on_meta
+from bench.strategies.precision import policy_for
+from bench.worker import slowdown, transfers
+from bench.worker.gc_window import GcWindow
+from bench.worker.guard import cell_strategy, guard_distributed_setup
+from bench.worker.timing import StoppingRule
 
 PROCESS_START = time.time()
 
@@ -61,75 +62,6 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-# ---------------------------------------------------------------- the launch did what the cell asked
-
-def expected_distributed_types(family: str, processes: int, user_config: bool = False) -> set[str]:
-    """accelerate's DistributedType names a cell of this strategy family and process count must run under.
-
-    ddp at 1 process is the plain run (NO) in the catalogue; a user's own DDP config may keep MULTI_GPU at
-    one process, which is what that config does, so it is accepted there.
-    """
-    if family == "deepspeed":
-        return {"DEEPSPEED"}
-    if family in ("fsdp", "fsdp2"):
-        return {"FSDP"}
-    if family == "ddp" and (processes > 1 or user_config):
-        return {"MULTI_GPU", "MULTI_CPU"} | ({"NO"} if processes == 1 else set())
-    return {"NO"}
-
-
-def check_distributed_setup(strategy: str, family: str, processes: int, actual: str, world_size: int,
-                            fsdp_version: int | None = None, user_config: bool = False) -> None:
-    """Raise RuntimeError if accelerate did not set up what the strategy needs.
-
-    A launch config that silently did not take effect (once: DeepSpeed cells running as plain MULTI_CPU)
-    would otherwise be measured and reported under the wrong strategy; as an error the cell is a crash.
-    ``actual`` is accelerate's distributed_type (enum or its name), ``world_size`` torch.distributed's.
-    """
-    actual = str(actual).split(".")[-1]
-    expected = expected_distributed_types(family, processes, user_config)
-    problems = []
-    if actual not in expected:
-        problems.append(f"expected distributed type {' or '.join(sorted(expected))}, accelerate set up {actual}")
-    if world_size != processes:
-        problems.append(f"expected {processes} process(es), the process group has {world_size}")
-    want_version = {"fsdp": 1, "fsdp2": 2}.get(family)
-    if actual == "FSDP" and want_version and fsdp_version is not None and fsdp_version != want_version:
-        problems.append(f"expected FSDP version {want_version}, accelerate's plugin has {fsdp_version}")
-    if problems:
-        raise RuntimeError(f"strategy {strategy!r} (family {family}, {processes} process(es)) did not get its "
-                           f"distributed setup: {'; '.join(problems)}. The cell is not measured: check the "
-                           "cell's accelerate.yaml and launch.log")
-
-
-def cell_strategy(cell: CellSettings, cell_dir: Path | None = None):
-    """The cell's strategy; a user config (.json/.yaml) is read as bench.strategies.get reads it, falling
-    back to the resolved accelerate.yaml in the cell's folder if the user's path is not readable here."""
-    from bench import strategies
-    from bench.matrix import MatrixError
-
-    try:
-        return strategies.get(cell.strategy)
-    except (OSError, MatrixError):
-        if cell_dir is None or not strategies.is_user_config(cell.strategy):
-            raise
-        return strategies.get(str(cell_dir / "accelerate.yaml"))
-
-
-def strategy_family(cell: CellSettings, cell_dir: Path | None = None) -> str:
-    return cell_strategy(cell, cell_dir).family
-
-
-def guard_distributed_setup(cell: CellSettings, accelerator, world_size: int, cell_dir: Path | None = None) -> None:
-    from bench import strategies
-
-    plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    check_distributed_setup(cell.strategy, strategy_family(cell, cell_dir), cell.gpus,
-                            str(accelerator.distributed_type), world_size,
-                            fsdp_version=getattr(plugin, "fsdp_version", None),
-                            user_config=strategies.is_user_config(cell.strategy))
-
-
 def apply_memory_cap(cell: CellSettings, device: torch.device) -> None:
     """Emulate a smaller card: the caching allocator refuses to grow past the cap."""
     if cell.gpu_memory_gib and device.type == "cuda":
@@ -146,7 +78,7 @@ def build_model(cell: CellSettings, device: torch.device, on_meta: bool = False)
     DeepSpeed config), so each rank only ever holds its own shard. ``on_meta``: no storage at all until
     FSDP has sharded it (see prepare_meta_model).
     """
-    from bench.model_build import build_causal_lm
+    from bench.worker.model_build import build_causal_lm
 
     return build_causal_lm(cell, device, policy_for(cell), on_meta=on_meta)
 
@@ -163,7 +95,7 @@ def prepare_meta_model(cell: CellSettings, model, accelerator, device: torch.dev
     """
     from functools import partial
 
-    from bench.meta_init import materialise, materialise_module
+    from bench.worker.meta_init import materialise, materialise_module
 
     if family == "fsdp":
         plugin = accelerator.state.fsdp_plugin
@@ -211,7 +143,7 @@ def make_optimizer(cell: CellSettings, model, accelerator):
 
 
 def make_batches(cell: CellSettings, vocab: int, rank: int, device: torch.device):
-    from bench.data import batch_source
+    from bench.worker.data import batch_source
 
     return batch_source(cell, vocab, rank, device)
 
@@ -284,11 +216,11 @@ def slowest_rank(values: list[float], device: torch.device) -> list[float]:
 
 
 def run_steps(cell: CellSettings, one_step, accelerator, device: torch.device, files: RankFiles):
-    """Warm-up, then timed steps until the stopping rule (bench/timing.py) says so.
+    """Warm-up, then timed steps until the stopping rule (bench/worker/timing.py) says so.
 
     Every rank starts each step together; after each timed step, outside its timed region, the ranks
     agree on the slowest rank's step time and timed seconds, so the rule sees one series everywhere.
-    The garbage collector is kept out of the timed window (bench/gc_window.py).
+    The garbage collector is kept out of the timed window (bench/worker/gc_window.py).
     Returns (steps, timed window in wall clock, timing summary on the slowest-rank series, gc record).
     """
     rule = StoppingRule.from_train(cell.train)
@@ -334,7 +266,7 @@ def import_model_code(cell: CellSettings) -> None:
     classes import it on first use) and peft."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    from bench import models
+    from bench.spec import models
 
     MODEL_FOR_CAUSAL_LM_MAPPING[type(models.training_config(cell.model))]
     if cell.adapter.type != "none":
@@ -394,12 +326,12 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     def one_step() -> dict:
         return train_step(cell, model, optimizer, accelerator, batches, device)
 
-    one_step = slowdown.from_env(one_step, cell.train.warmup_steps, device)  # --slow-step only: bench/slowdown.py
+    one_step = slowdown.from_env(one_step, cell.train.warmup_steps, device)  # --slow-step only: bench/worker/slowdown.py
     steps, window, timing, collector = run_steps(cell, one_step, accelerator, device, files)
     total = len(steps)
     traffic = None
     if device.type == "cuda" and transfers.offloads(strategy):
-        files.heartbeat("profiled", total)  # one extra step, not timed: see bench/transfers.py
+        files.heartbeat("profiled", total)  # one extra step, not timed: see bench/worker/transfers.py
         traffic = transfers.measure(one_step, lambda: sync(device))
     files.heartbeat("done", total)
     report = rank_report(cell, accelerator, model, rank, world_size, device, steps, init_s, window)

@@ -8,10 +8,10 @@ from bench.estimate.replay.ddp import DdpRun
 from bench.estimate.replay.fsdp1 import Fsdp1Run
 from bench.estimate.replay.fsdp2 import Fsdp2Run
 from bench.estimate.replay.tensors import layer_activations
-from bench.estimate.replay.zero3 import Zero3Run
 from bench.estimate.replay.zero12 import Zero12Run
-from bench.matrix import CellSettings
-from bench.models import ModelShape, has_local_weights
+from bench.estimate.replay.zero3 import Zero3Run
+from bench.spec.schema import CellSettings
+from bench.spec.models import ModelShape, has_local_weights
 from bench.strategies import Strategy, is_user_config
 
 __all__ = ["RUNS", "Replay", "covers", "layer_activations", "replay", "run_for"]

@@ -26,7 +26,7 @@ The replay writes the allocations down from the frameworks' code (named where ea
   strategy's gathers and reductions on their streams, and the optimizer step (Adam states; foreach AdamW's
   sqrt(v); ZeRO's flat gradient partition, its fp32 copy and the fp64 gradient norm).
 
-Sizes come from the estimator's own terms (bench/estimate/activations.py, bench/models.py); the constants
+Sizes come from the estimator's own terms (bench/estimate/activations.py, bench/spec/models.py); the constants
 are the frameworks' defaults and the generated configs' settings (bucket sizes, prefetch and live-parameter
 limits). Tensors of a few MiB (norm statistics, scalars) are left out: they fit into cached blocks. The ranks
 that differ (ZeRO-1/2 partitions, FSDP1 shards) are each replayed and the highest taken, as the records keep
@@ -44,9 +44,9 @@ from bench.estimate.replay.tensors import (backward_order, backward_temporaries,
                                           model_params)
 from bench.estimate.states import optimizer_state_bytes
 from bench.estimate.terms import compute_bytes, converts_outputs_to_fp32, residual_bytes
-from bench.matrix import CellSettings
-from bench.models import ModelShape
-from bench.precision import policy_for
+from bench.spec import CellSettings
+from bench.spec.models import ModelShape
+from bench.strategies.precision import policy_for
 from bench.strategies import Strategy
 
 COMPUTE = "compute"
@@ -133,7 +133,7 @@ class Run:
     # ------------------------------------------------------------ one step
 
     def train_step(self) -> None:
-        """bench/worker.py's train_step: forward and backward per micro-batch, synchronised after each
+        """bench/worker/train.py's train_step: forward and backward per micro-batch, synchronised after each
         backward and after the step (all deferred frees are then reusable)."""
         for _ in range(self.cell.train.grad_accum):
             self.mem.phase = "forward"

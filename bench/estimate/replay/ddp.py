@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from bench.estimate.replay.base import Run
 from bench.estimate.replay.tensors import model_params
-from bench.precision import policy_for
 from bench.strategies import Strategy
+from bench.strategies.precision import policy_for
 
 DDP_BUCKET_BYTES = 25 << 20  # torch DDP bucket_cap_mb default
 DDP_FIRST_BUCKET_BYTES = 1 << 20  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES

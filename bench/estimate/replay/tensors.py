@@ -3,7 +3,7 @@ them, and the activations and backward temporaries of one decoder layer."""
 
 from __future__ import annotations
 
-from bench.models import ModelShape
+from bench.spec.models import ModelShape
 
 
 def layer_params(shape: ModelShape) -> list[tuple[str, int]]:

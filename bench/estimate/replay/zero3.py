@@ -7,7 +7,7 @@ from __future__ import annotations
 from bench.estimate.prediction import DS_MAX_LIVE_PARAMETERS, DS_REDUCE_BUCKET, DS_SUB_GROUP
 from bench.estimate.replay.base import Run
 from bench.estimate.replay.tensors import backward_order, layer_params, model_params
-from bench.models import ModelShape
+from bench.spec.models import ModelShape
 from bench.strategies import Strategy
 
 
@@ -115,7 +115,7 @@ class Zero3Coordinator:
     partitions); when the parameters are waited for, each is concatenated into its own 16-bit tensor on the
     compute stream and the flat buffer is dropped. DeepSpeed's defaults, which the generated JSON keeps."""
 
-    PREFETCH_BUCKET = 500_000_000  # stage3_prefetch_bucket_size (bench/plan.py)
+    PREFETCH_BUCKET = 500_000_000  # stage3_prefetch_bucket_size (bench/strategies/render.py)
     MAX_LIVE = DS_MAX_LIVE_PARAMETERS  # stage3_max_live_parameters (DeepSpeed default)
     MAX_REUSE = 1_000_000_000  # stage3_max_reuse_distance (DeepSpeed default)
 

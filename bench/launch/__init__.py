@@ -1,0 +1,37 @@
+"""Launching: a matrix's cells run as real `accelerate launch` processes, one after the other.
+
+Rooms: ``campaign`` (``bench run``: a matrix prepared, checked, its cells launched, records appended),
+``plan`` (a cell -> the command, environment and config files of one launch, built without side
+effects), ``runner`` (one plan run: watched for hangs and timeouts, its outcome classified, its record
+made), ``process_tree`` (the launch's processes, ended together), ``failures`` (what went wrong and on
+which rank), ``folder_lock`` (one writer per results folder), ``cuda_arch`` (an arch list DeepSpeed's
+op builder can read). The worker it launches is bench.worker (by module name, never imported here but
+for the slowdown's environment).
+
+The front is lazy (a name loads its room on first use): the campaign pulls in the estimator and rich.
+"""
+
+from importlib import import_module
+
+_ROOM = {
+    "RunOptions": "campaign", "main_guard": "campaign", "prepare": "campaign", "run_matrix": "campaign",
+    "WORKER_MODULE": "plan", "LaunchPlan": "plan", "build_plan": "plan", "write_plan_files": "plan",
+    "CellInterrupted": "runner", "run_plan": "runner",
+}
+
+__all__ = [
+    "CellInterrupted", "LaunchPlan", "RunOptions", "WORKER_MODULE", "build_plan", "main_guard", "prepare",
+    "run_matrix", "run_plan", "write_plan_files",
+]
+
+
+def __getattr__(name: str):
+    if name not in _ROOM:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_ROOM[name]}"), name)
+    globals()[name] = value  # loaded once; later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

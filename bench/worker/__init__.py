@@ -1,0 +1,33 @@
+"""The worker: the code inside each rank, run as ``python -m bench.worker`` under `accelerate launch`.
+
+Rooms: ``train`` (the fixed step, read top to bottom like a plain training script: parse, build, wrap,
+warm up, time, report), ``guard`` (the launch did what the cell asked), ``model_build``, ``meta_init``,
+``qlora`` (building the model), ``data``, ``local_data`` (batches), ``timing`` (when to stop timing),
+``gc_window`` (the garbage collector kept out of the timed window), ``transfers`` (host-device traffic
+under offload), ``slowdown`` (a slowdown injected on purpose). It imports only bench.spec,
+bench.strategies and bench.records.rank_files: nothing of the parent's machinery.
+
+The front is lazy: ``python -m bench.worker`` and a room's import load only what they need.
+"""
+
+from importlib import import_module
+
+_ROOM = {
+    "main": "train",
+}
+
+__all__ = [
+    "main",
+]
+
+
+def __getattr__(name: str):
+    if name not in _ROOM:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_ROOM[name]}"), name)
+    globals()[name] = value  # loaded once; later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
