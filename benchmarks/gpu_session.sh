@@ -6,7 +6,7 @@
 #   usage: benchmarks/gpu_session.sh OUT STEP [STEP ...]     (logs in OUT, everything also in OUT.tgz)
 #   steps:
 #     gpu-tests[=PATHS[@K]] pytest -m gpu on PATHS (comma-separated test files; default: tests), -k K
-#                           (default $PYTEST_K), e.g. "gpu-tests=tests/test_gpu.py@fsdp or meta"
+#                           (default $PYTEST_K), e.g. "gpu-tests=tests/gpu/test_gpu.py@fsdp or meta"
 #     smoke, llama8b-1gpu, oom, llama8b
 #     nightly[=DIR[@ONLY]]  matrices/nightly.yaml (its repeats) into results/DIR (default results/nightly)
 #     night=ROOT[@FLAG...]  one night of the gate: bench nightly matrices/nightly.yaml --root results/ROOT FLAGs,

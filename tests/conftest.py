@@ -12,6 +12,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
+WORKER_VARIANTS = TESTS / "worker_variants"  # `--worker fault_worker` / `slow_worker` import from here
 
 # A tiny CPU cell: seconds per launch on 2 cores. Exactly 3 timed steps (train.timing.max_steps = steps):
 # a shared CPU would rarely reach the ±1 % interval, and tests count on the steps they asked for.
@@ -39,9 +40,9 @@ def write_matrix(folder: Path, name: str = "t", **fields) -> Path:
 
 def bench(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None,
           check: bool = False) -> subprocess.CompletedProcess:
-    """Run the real CLI (`python -m bench.cli ...`) as a user would, tests folder importable for fault workers."""
+    """Run the real CLI (`python -m bench.cli ...`) as a user would, the fault-injecting workers importable."""
     # Keep any PYTHONPATH already set (the GPU machines bring packages through it).
-    path = os.pathsep.join(p for p in [str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")] if p)
+    path = os.pathsep.join(p for p in [str(WORKER_VARIANTS), str(REPO), os.environ.get("PYTHONPATH", "")] if p)
     full_env = {**os.environ, "PYTHONPATH": path, "COLUMNS": "200",
                 **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "bench.cli", *args], cwd=cwd or REPO, env=full_env,

@@ -479,7 +479,7 @@ def check_paths(results: Path, baselines: list[str], thresholds: Thresholds, bas
 
 def scaled(records: list[RunRecord], factor: float) -> list[RunRecord]:
     """A night as it would read had every timed step (all ranks) taken ``factor`` times as long: how the
-    gate's detection is measured on committed nights (benchmarks/nightly_gate.py, tests/test_check.py)."""
+    gate's detection is measured on committed nights (benchmarks/nightly_gate.py, tests/check/test_check.py)."""
     out = []
     for r in records:
         raw = r.model_dump()

@@ -198,7 +198,7 @@ def build_peak_bytes(strategy: str, world: int, total_bytes: int, root_bytes: in
     (for Llama the embedding: 21 % of the 1B model), wrapped last, beside every layer's shard. Without
     sharding (NO_SHARD, and every FSDP1 strategy on one rank) the flat parameter is the whole unit and no
     clone is made. Matches the GPU records
-    of Llama-3.2-1B/3B at 2 and 4 ranks to within 0.1 % (tests/test_meta_init.py).
+    of Llama-3.2-1B/3B at 2 and 4 ranks to within 0.1 % (tests/worker/test_meta_init.py).
     """
     if strategy.startswith("fsdp2"):
         return round(total_bytes / world)

@@ -6,13 +6,14 @@ The benchmark itself needs a GPU (NVML); its arithmetic is checked here on made-
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import REPO
+
 spec = importlib.util.spec_from_file_location(
-    "sampler_overhead", Path(__file__).resolve().parent.parent / "benchmarks" / "sampler_overhead.py")
+    "sampler_overhead", REPO / "benchmarks" / "sampler_overhead.py")
 so = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(so)
 

@@ -1,7 +1,7 @@
 """`bench check` and `bench baseline` on real nights: the committed runs of matrices/nightly.yaml (each folder one
 night, 3 launches per cell): results/nightly-rerun-3, -4, -5 on 2x H200 and results/nightly, -rerun-1, -rerun-2
 on 2x H100. Nothing is launched here; a change is made by scaling a real night's step times, a failure by
-turning real launches into failed ones. tests/test_nightly.py runs the whole night on CPU.
+turning real launches into failed ones. tests/check/test_nightly.py runs the whole night on CPU.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """`bench nightly` end to end on CPU, as the nightly workflow runs it: real launches of a tiny cell
-(tests/nightly-cpu.yaml), three nights without a verdict, a baseline promoted from them, a night checked
+(tests/check/nightly-cpu.yaml), three nights without a verdict, a baseline promoted from them, a night checked
 against it, and a night slowed on purpose (--slow-step, real extra matmuls) that the gate must flag.
 
 On this shared 2-core machine a tiny step's compute varies by tens of percent with the other jobs around,
-so the launches run tests/slow_worker.py with a fixed wait in each step (BENCH_STEP_SLEEP_MS): the real
+so the launches run tests/worker_variants/slow_worker.py with a fixed wait in each step (BENCH_STEP_SLEEP_MS): the real
 worker otherwise. The slowdown is large (2.0: the step three times as long) so that the wide interval three
 noisy CPU nights give cannot hide it.
 """
@@ -19,7 +19,7 @@ import pytest
 from bench.check import load_any
 from conftest import REPO, TESTS, bench
 
-MATRIX = TESTS / "nightly-cpu.yaml"
+MATRIX = TESTS / "check" / "nightly-cpu.yaml"
 STEADY = {"BENCH_STEP_SLEEP_MS": "300"}
 
 

@@ -61,7 +61,7 @@ def test_timeout_too_short_for_start_up_and_timed_cap(tmp_path):
 
 def test_impossible_combination(tmp_path):
     # A matrix whose only cell cannot run here: nothing would be measured, so it is refused (a matrix with
-    # runnable cells records the impossible ones as unsupported: tests/test_unsupported_cells.py).
+    # runnable cells records the impossible ones as unsupported: tests/strategies/test_unsupported_cells.py).
     matrix = write_matrix(tmp_path, adapter={"type": "qlora"})  # bitsandbytes 4-bit on a CPU cell
     assert_refused(tmp_path, matrix, "none of the 1 cell(s) can run", "qlora", "Fix:")
 

@@ -17,7 +17,7 @@ from bench.estimate.terms import sharding_for
 from bench.records import load_records
 from bench.spec import Adapter, CellSettings, Train
 from bench.spec.models import ModelShape
-from conftest import bench, write_matrix
+from conftest import REPO, bench, write_matrix
 
 
 def cell(model="llama-3.1-8b", strategy="zero3", gpus=2, adapter="none", device="cuda", **train) -> CellSettings:
@@ -281,9 +281,8 @@ def test_estimator_imports_without_torch():
     it in the parent process, which must not pay for (or depend on) torch."""
     import subprocess
     import sys
-    from pathlib import Path
-
+    
     code = "import bench.estimate, sys; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo)
     assert done.returncode == 0, done.stderr

@@ -13,7 +13,6 @@ Runs on CPU: it reads results/*/runs.jsonl and predicts, nothing is launched.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
@@ -25,7 +24,9 @@ from bench.spec import CellSettings
 from bench.spec.models import ModelShape
 from bench.strategies import get as get_strategy
 
-RESULTS = Path(__file__).resolve().parent.parent / "results"
+from conftest import REPO
+
+RESULTS = REPO / "results"
 # In-sample folders not held to the target, with the reason. qlora-1b (H100) was measured before the fix that
 # keeps Llama-3.2's tied embeddings tied in the 4-bit build (its records hold a second, untied copy of the
 # 263M-parameter embedding); qlora-1b-h200 is its re-measurement.

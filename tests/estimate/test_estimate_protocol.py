@@ -19,7 +19,9 @@ from bench.records import RunRecord, load_records
 from bench.spec import Adapter, CellSettings, Train
 from bench.strategies import get as get_strategy
 
-RESULTS = Path(__file__).resolve().parent.parent / "results"
+from conftest import REPO
+
+RESULTS = REPO / "results"
 
 
 def _judge_copy(root: Path, name: str, scale: float, source: str = "llama-full-h200") -> Path:

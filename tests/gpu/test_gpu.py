@@ -4,7 +4,7 @@ A tiny Llama on CUDA: each cell is a real `accelerate launch` of real DDP, DeepS
 (seconds each). One `bench run` of all cells happens once per session; each test then checks its own
 record. Cells that need 2 GPUs are left out (and their tests skipped) where fewer are visible.
 
-    pytest -m gpu tests/test_gpu.py
+    pytest -m gpu tests/gpu/test_gpu.py
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def test_fsdp_builds_no_whole_model_on_a_gpu(tmp_path, strategy, adapter):
     embedding, materialised, flattened, its half cloned): bench.worker.meta_init.build_peak_bytes. Built whole on
     the GPU, the peak would be at least the whole model. (The first H100 run found the FSDP1 figure at
     4.26 GiB, 0.93 x the model, which a flat 0.8 x bound had wrongly called a failure; the prediction now
-    matches every H100 record: tests/test_meta_init.py.)
+    matches every H100 record: tests/worker/test_meta_init.py.)
     """
     from bench.spec import CellSettings
     from bench.worker.meta_init import build_peak_bytes, parameter_bytes

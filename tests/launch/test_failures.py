@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, TESTS, bench, write_matrix
+from conftest import REPO, WORKER_VARIANTS, bench, write_matrix
 
 from bench.launch import runner
 from bench.records import load_records
@@ -209,7 +209,7 @@ def test_hang_with_ranks_that_ignore_sigterm_ends_in_sigkill_of_the_whole_tree(t
 # ---------------------------------------------------------------- Ctrl-C and resume
 
 def _start_bench(args: list[str], env: dict) -> subprocess.Popen:
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "COLUMNS": "200", **env}
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKER_VARIANTS), str(REPO)]), "COLUMNS": "200", **env}
     return subprocess.Popen([sys.executable, "-m", "bench.cli", *args], cwd=REPO, env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

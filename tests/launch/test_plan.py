@@ -17,7 +17,8 @@ from bench.launch.plan import build_plan, write_plan_files
 from bench.spec import CellSettings, Limits, expand, load_matrix
 from bench.strategies.precision import policy_for
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO
+
 FSDP1 = ["fsdp_full_shard", "fsdp_shard_grad_op", "fsdp_hybrid_shard", "fsdp_no_shard"]
 FSDP2 = ["fsdp2", "fsdp2_no_reshard"]
 V1_ONLY_KEYS = {"fsdp_sharding_strategy", "fsdp_backward_prefetch", "fsdp_use_orig_params",

@@ -1,6 +1,6 @@
 """The sampler's bookkeeping (windows, energy, means, trace size) and the GPU checks, on a fake NVML.
 
-A fake NVML only here, for CPU unit tests: on GPUs the real one is used (tests/test_gpu.py).
+A fake NVML only here, for CPU unit tests: on GPUs the real one is used (tests/gpu/test_gpu.py).
 """
 
 from __future__ import annotations

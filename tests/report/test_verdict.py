@@ -8,7 +8,6 @@ times, clocks or throttle shares it needs, in the schema bench/worker/train.py a
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,7 +17,8 @@ from bench.records import RunRecord, append_record, load_records
 from bench.report import document as report, intervals, metrics, tables as report_tables, verdict
 from test_metrics import by_label
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO
+
 
 
 @pytest.fixture(scope="module")

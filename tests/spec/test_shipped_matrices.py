@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
 from bench.spec import check_time_budget, expand, load_matrix
 from bench.strategies import check_runnable
 
-MATRICES = sorted((Path(__file__).resolve().parent.parent / "matrices").glob("*.yaml"))
+from conftest import REPO
+
+MATRICES = sorted((REPO / "matrices").glob("*.yaml"))
 
 
 def test_there_are_matrices():

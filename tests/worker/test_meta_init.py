@@ -13,6 +13,8 @@ import torch
 from bench.spec import models
 from bench.worker.meta_init import build_on_meta, materialise, materialise_module
 
+from conftest import REPO
+
 VOCAB = models.config_dict("tiny-llama")["vocab_size"]
 LORA = {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target": "all-linear"}
 
@@ -416,9 +418,8 @@ GPU_RECORD_FILES = ["results/meta-init-h100/fsdp_full_shard/runs.jsonl", "result
 
 
 def _meta_built_records():
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parent.parent
+    
+    repo = REPO
     for name in GPU_RECORD_FILES:
         for line in (repo / name).read_text().splitlines():
             record = json.loads(line)

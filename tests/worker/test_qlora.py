@@ -3,8 +3,8 @@
 The build itself runs on CPU too (bitsandbytes' CPU backend quantises NF4), so its structure is checked
 here in process; training under ddp / FSDP / ZeRO-3 needs CUDA and is in the gpu-marked tests.
 
-    pytest tests/test_qlora.py            # CPU part
-    pytest -m gpu tests/test_qlora.py     # on a GPU machine (2 GPUs for the distributed cells)
+    pytest tests/worker/test_qlora.py            # CPU part
+    pytest -m gpu tests/worker/test_qlora.py     # on a GPU machine (2 GPUs for the distributed cells)
 """
 
 from __future__ import annotations

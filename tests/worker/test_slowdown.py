@@ -1,6 +1,6 @@
 """bench/worker/slowdown.py: the opt-in slowdown that proves the nightly gate (``--slow-step``).
 
-The end-to-end proof (a slowed night flagged by the gate, through real launches) is tests/test_nightly.py;
+The end-to-end proof (a slowed night flagged by the gate, through real launches) is tests/check/test_nightly.py;
 these tests check the wrapper itself: off by default, calibrated during warm-up, named for the report.
 """
 

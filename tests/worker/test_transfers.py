@@ -1,7 +1,7 @@
 """Host-device traffic: the copy summary of a profiled step, and which strategies get one.
 
 The profiled step itself needs CUDA (CUPTI); on GPUs it runs in every offloading cell and its figures are
-checked in tests/test_qlora.py's GPU cells.
+checked in tests/worker/test_qlora.py's GPU cells.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """bench.worker with one injected fault, used by tests through the real launch path.
 
-    bench run matrix.yaml --worker fault_worker      (tests/ on PYTHONPATH)
+    bench run matrix.yaml --worker fault_worker      (tests/worker_variants/ on PYTHONPATH)
 
 The fault is chosen by environment variables, which `accelerate launch` passes on to every rank:
 

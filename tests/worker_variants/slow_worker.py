@@ -1,6 +1,6 @@
 """bench.worker with a deterministic regression injected, used by tests through the real launch path.
 
-    bench run matrix.yaml --worker slow_worker      (tests/ on PYTHONPATH)
+    bench run matrix.yaml --worker slow_worker      (tests/worker_variants/ on PYTHONPATH)
 
 Environment variables (``accelerate launch`` passes them on to every rank):
 
