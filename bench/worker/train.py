@@ -33,7 +33,7 @@ PROCESS_START = time.time()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.worker", description=__doc__.splitlines()[0])
     p.add_argument("--cell", required=True, help="cell.json written by bench run")
     p.add_argument("--out", required=True, help="folder for this cell's rank reports and heartbeats")
     return p.parse_args(argv)
