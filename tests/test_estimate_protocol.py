@@ -14,7 +14,7 @@ import pytest
 from bench.estimate import margins as estimate_margins
 from bench.campaign import finished_runs
 from bench.estimate import ESTIMATOR_VERSION, predict
-from bench.estimate.check import check_folder, misses, predict_for_record, run_check
+from bench.estimate.check import check_folder, distinct_cells, judged, misses, predict_for_record, run_check
 from bench.estimate.protocol import TOLERANCE, framework_of, judge_folders, sample_of
 from bench.matrix import Adapter, CellSettings, Train
 from bench.records import RunRecord, load_records
@@ -85,6 +85,18 @@ def test_margins_come_from_the_judged_errors(tmp_path):
         assert entry["skip"] == 0.0  # nothing over-predicted
     m = estimate_margins.margin_for_framework("fsdp2", data)
     assert m.fit > 0.2 and "judged cells" in m.source
+
+
+def test_a_cell_launched_on_several_nights_counts_once(tmp_path):
+    """Two nights of the same cells: the margins and the table count each cell once, at its median launch."""
+    _judge_copy(tmp_path, "estimate-judge-h200", 1.0)
+    shutil.copytree(tmp_path / "estimate-judge-h200", tmp_path / "estimate-judge-again")
+    once = len(check_folder(tmp_path / "estimate-judge-h200"))
+    data = estimate_margins.compute(tmp_path)
+    assert sum(e["cells"] for e in data["frameworks"].values()) == len(
+        [r for r in check_folder(tmp_path / "estimate-judge-h200") if judged(r)]) < 2 * once
+    rows = check_folder(tmp_path / "estimate-judge-h200") + check_folder(tmp_path / "estimate-judge-again")
+    assert len(distinct_cells(rows)) == len({r.cell_id for r in rows}) == once
 
 
 def test_margins_default_without_judge_records(tmp_path):

@@ -32,6 +32,9 @@ TUNING_FOLDERS: tuple[str, ...] = (
 JUDGE_PATTERNS: tuple[str, ...] = (
     "estimate-judge-h200", "estimate-judge-*", "llama-full-h200-a", "llama-full-h200-b",
     "llama8b-h200-a", "llama8b-h200-b", "nightly-h200/*",
+    # Added 2026-11-30, judge-only (nothing tuned on them): the small-step nights (seq 1024 x mb 4) and the
+    # step-size probe and slowed nights (seq 2048 x mb 8), 1B on 2x H200; shapes no tuning folder holds.
+    "nightly-h200-*/*", "step-size-probe-h200",
 )
 TOLERANCE = 0.10  # |predicted / measured - 1| of the per-rank torch reserved peak: the estimator's target
 # A cell is judged only where the model's memory dominates: below this measured reserved peak the CUDA
