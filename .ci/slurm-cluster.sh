@@ -88,6 +88,10 @@ EOF
 
 start_munge() {
     alive "$DIR/munged.pid" && return
+    # A munged already serving (a package's service on a systemd host) is used as it is, and left running.
+    if munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
+        say "using the munged already running"; return
+    fi
     [[ -s /etc/munge/munge.key ]] || { mungekey --create --force 2>/dev/null ||
         dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none; }
     chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
