@@ -98,7 +98,8 @@ start_munge() {
     install -d -o munge -g munge -m 755 /run/munge
     install -d -o munge -g munge -m 700 /var/log/munge /var/lib/munge
     # munged refuses to run as root; it writes its pid file itself (copied to $DIR for `stop`).
-    runuser -u munge -- munged --pid-file=/run/munge/munged.pid || die "munged did not start (log: /var/log/munge/munged.log)"
+    runuser -u munge -- munged --pid-file=/run/munge/munged.pid ||
+        die "munged did not start (log: /var/log/munge/munged.log)"
     cp /run/munge/munged.pid "$DIR/munged.pid"
 }
 
@@ -161,7 +162,9 @@ stop_daemons() {  # stop_daemons [quiet]: TERM by pid file, then KILL whatever i
 status() {
     local f
     for f in "$DIR"/munged.pid "$DIR"/slurmctld.pid "$DIR"/slurmd.n1.pid "$DIR"/slurmd.n2.pid; do
-        if alive "$f"; then echo "$(basename "$f" .pid): running (pid $(cat "$f"))"; else echo "$(basename "$f" .pid): not running"; fi
+        local name
+        name=$(basename "$f" .pid)
+        if alive "$f"; then echo "$name: running (pid $(cat "$f"))"; else echo "$name: not running"; fi
     done
     if command -v sinfo >/dev/null; then sinfo -N -o '%N %P %T %C' 2>&1 || true; else echo "sinfo: not installed"; fi
     both_idle

@@ -1,11 +1,13 @@
 """A rank of the two-node Slurm test: join the process group through accelerate (MULTI_CPU over gloo when
 ACCELERATE_USE_CPU=1), all-reduce the global ranks, and write what this rank is (global, local and node
-rank, world size, node name, accelerate's distributed type) to OUT/rank-<rank>.json."""
+rank, world size, node name, accelerate's distributed type) to OUT/rank-<rank>.json. With
+KILL_RANK=<r> set, global rank r then SIGKILLs itself while the others wait for it in a barrier."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 from datetime import timedelta
@@ -32,6 +34,9 @@ def main() -> None:
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank-{report['rank']}.json").write_text(json.dumps(report))
+    if os.environ.get("KILL_RANK") == str(report["rank"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -158,31 +159,54 @@ def test_ctrl_c_cancels_the_job_and_leaves_the_queue_empty(tmp_path):
     assert info.state == "CANCELLED" and bench_status(info, ranks_ok=False) == "cancelled"
 
 
-@pytest.mark.slow
-def test_accelerate_launch_two_nodes_two_processes_each(tmp_path):
-    """The rendered script runs `accelerate launch` on each node: 4 gloo ranks (MULTI_CPU) on 2 nodes."""
+def _accelerate_job(folder: Path, **env: str):
+    """The rendered script running `accelerate launch` of slurm_gloo_worker.py on 2 nodes x 2 processes,
+    CPU only (ACCELERATE_USE_CPU=1 with --multi_gpu: MULTI_CPU ranks over gloo), to its end."""
     config = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU", "num_machines": 1,
               "machine_rank": 0, "num_processes": 2, "mixed_precision": "no", "main_training_function": "main",
               "downcast_bf16": "no"}
-    (tmp_path / "accelerate.yaml").write_text(yaml.safe_dump(config))
+    (folder / "accelerate.yaml").write_text(yaml.safe_dump(config))
     command = accelerate_node_command(
         [sys.executable, "-m", "accelerate.commands.launch"],
-        ["--config_file", str(tmp_path / "accelerate.yaml"), "--multi_gpu",
-         str(TESTS / "slurm_gloo_worker.py"), str(tmp_path / "ranks")],
+        ["--config_file", str(folder / "accelerate.yaml"), "--multi_gpu",
+         str(TESTS / "slurm_gloo_worker.py"), str(folder / "ranks")],
         nodes=2, procs_per_node=2)
     env = {"ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-           "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
-    with SlurmJob(_script(tmp_path, command, env=env), timeout_s=240, poll_s=0.5) as job:
+           "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **env}
+    with SlurmJob(_script(folder, command, env=env), timeout_s=240, poll_s=0.5) as job:
         end = job.wait()
-    ranks = [json.loads(p.read_text()) for p in sorted((tmp_path / "ranks").glob("rank-*.json"))]
+    ranks = [json.loads(p.read_text()) for p in sorted((folder / "ranks").glob("rank-*.json"))]
+    return job, end, ranks
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_nodes_two_processes_each(tmp_path):
+    """4 ranks on 2 nodes, each knowing its global, local and node rank; the all-reduce crosses nodes."""
+    job, end, ranks = _accelerate_job(tmp_path)
     log = _err(tmp_path, job.job_id)[-3000:]
     assert end.info.state == "COMPLETED" and not end.bench_timed_out, log
     assert sorted(r["rank"] for r in ranks) == [0, 1, 2, 3], log
     assert {r["world_size"] for r in ranks} == {4}
-    assert {r["rank_sum"] for r in ranks} == {0 + 1 + 2 + 3}  # the all-reduce crossed both nodes
+    assert {r["rank_sum"] for r in ranks} == {0 + 1 + 2 + 3}
     assert {r["distributed_type"] for r in ranks} == {"DistributedType.MULTI_CPU"}
     assert {r["backend"] for r in ranks} == {"gloo"}
     by_node = {n: sorted((r["rank"], r["local_rank"], r["slurm_node"]) for r in ranks if r["node_rank"] == n)
                for n in (0, 1)}
     assert by_node == {0: [(0, 0, "n1"), (1, 1, "n1")], 1: [(2, 0, "n2"), (3, 1, "n2")]}
     assert bench_status(end.info, ranks_ok=len(ranks) == 4) == "ok"
+
+
+@pytest.mark.slow
+def test_accelerate_rank_killed_on_second_node(tmp_path):
+    """Global rank 3 (node n2, local rank 1) SIGKILLs itself: torchrun on n2 exits non-zero naming the
+    rank, srun ends n1's ranks (waiting in a barrier), and the job is a crash naming node n2."""
+    job, end, _ = _accelerate_job(tmp_path, KILL_RANK="3")
+    err = _err(tmp_path, job.job_id)
+    assert end.info.state == "FAILED" and not end.bench_timed_out, err[-3000:]
+    assert bench_status(end.info, ranks_ok=False) == "crash"
+    ends = read_node_ends(tmp_path, 2)
+    assert ends[1] is not None and ends[1].node == "n2" and ends[1].exit_code != 0, ends
+    named = failed_nodes(end.info, ends, err)
+    assert named[0].startswith("node n2 (task 1)"), named
+    # torchrun's ChildFailedError on n2 names the rank (its "host" is torchrun's, not the Slurm node).
+    assert re.search(r"rank\s+: 3 \(local_rank: 1\)\s+exitcode\s+: -9", err), err[-3000:]
