@@ -273,6 +273,9 @@ def reserved_only_blocks(cell: CellSettings, shape: ModelShape, strategy: Strate
       A model built on meta (``on_meta``: FSDP, bench/meta_init.py) never exists whole on the GPU: nothing.
     - ``cached_half_logits``: under accelerate's autocast wrapper the output's bf16 logits are replaced by
       an fp32 copy; their segment stays cached, free, and smaller than the fp32 tensors of the loss.
+    - ``fsdp_offload_init_blocks``: FSDP1 with parameter offload made each FlatParameter on the GPU before
+      sending its shard to the host; what its root unit's blocks (and the loss's own) hold free at the peak,
+      replayed through the allocator model (bench/estimate/offload_blocks.py). Replaces the two above.
     - ``zero3_gather_stream_pool`` / ``zero3_reduce_stream_pool``: ZeRO-3 (n > 1) gathers parameters and
       reduce-scatters gradients on their own streams; the caching allocator keeps per-stream pools, so the
       gathered working set's and the reduce bucket's segments are not reusable by compute.
