@@ -10,8 +10,8 @@ no rule fills is dropped, as DeepSpeed's own config models drop it to keep their
 which default. A JSON's own optimizer and scheduler blocks are kept (DeepSpeed builds them) and the
 record's strategy_info says so. Keys the Trainer matches against arguments a matrix does not have (Adam's
 betas and eps, the scheduler's warm-up steps) keep an explicit value; a missing bf16/fp16 block is added for
-the cell's precision, as accelerate adds it; a file without any batch size key is refused (DeepSpeed would
-stop at start-up). The plan writes the resolved files into the cell's
+the cell's precision, as accelerate adds it; a file without any batch size key, or with a ZeRO value
+DeepSpeed's own config model refuses, is refused before launch (DeepSpeed would stop at start-up). The plan writes the resolved files into the cell's
 folder beside a copy of the original (``original_<name>``).
 """
 
@@ -280,6 +280,8 @@ def _zero_section_rejected(config: dict) -> list[str]:
     except ValidationError as e:
         return [f"zero_optimization.{'.'.join(map(str, err['loc']))} is {err['input']!r}, which DeepSpeed refuses "
                 f"({err['msg']}). Fix: give a value DeepSpeed accepts" for err in e.errors()]
+    except (ValueError, AssertionError) as e:  # DeepSpeed's own checks across keys
+        return [f"zero_optimization: DeepSpeed refuses it ({e}). Fix: give values DeepSpeed accepts"]
     return []
 
 

@@ -133,7 +133,9 @@ def corpus_records(tmp_path_factory) -> dict[str, dict]:
     matrix = {
         "name": "corpus", "model": "tiny-llama", "device": "cpu", "gpus": 2, "train": TINY_TRAIN,
         "limits": {"timeout_s": 240, "hang_s": 90, "collective_timeout_s": 30, "startup_s": 200},
-        "include": [{"strategy": _path(n), **SETTINGS.get(n, {})} for n in names],
+        # Files that fix a setting are include cells; an empty grid would add a default (ddp) cell.
+        "grid": {"strategy": [_path(n) for n in names if n not in SETTINGS]},
+        "include": [{"strategy": _path(n), **SETTINGS[n]} for n in names if n in SETTINGS],
     }
     path = folder / "corpus.yaml"
     path.write_text(yaml.safe_dump(matrix, sort_keys=False))
