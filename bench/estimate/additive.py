@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bench.estimate import offload_blocks
 from bench.estimate.activations import LORA_TARGET_INPUTS, ActivationBytes, activation_bytes, lora_input_width
 from bench.estimate.prediction import (CALIBRATION, COMPONENTS, DS_MAX_LIVE_PARAMETERS, DS_REDUCE_BUCKET, DS_SUB_GROUP,
                                        ESTIMATOR_VERSION, GIB, Calibration, Prediction, margins_for, with_capacity)
@@ -171,6 +172,12 @@ def _built_weight_bytes(cell: CellSettings, states: ModelStates) -> float:
     return {"float32": 4, "bfloat16": 2, "float16": 2}[policy_for(cell).weight_dtype]
 
 
+def _root_weight_bytes(cell: CellSettings, states: ModelStates) -> float:
+    """Bytes per parameter of the root unit's weights at rest (embeddings, norm, head): QLoRA keeps them in the
+    16-bit compute dtype (bench/qlora.py), else they are built like the rest of the model."""
+    return compute_bytes(cell) if cell.adapter.type == "qlora" else _built_weight_bytes(cell, states)
+
+
 def _zero3_gathered(cell: CellSettings, shape: ModelShape, states: ModelStates) -> float:
     """ZeRO-3's gathered working set: parameters are kept gathered while their reuse distance is under
     stage3_max_reuse_distance, and the backward reuses the last layers right after the forward, so the live
@@ -236,9 +243,11 @@ def backward_buffers(cell: CellSettings, shape: ModelShape, strategy: Strategy, 
         else:
             layers_gathered = shape.layers
         out["fsdp_gathered_params"] = w_root * root + w * min(shape.layers, layers_gathered) * layer
-        if strategy.offload_params:
+        if strategy.offload_params and _root_weight_bytes(cell, states) == w_root:
             # Parameter offload: a gathered unit's own shard is first copied from the host to the GPU and
-            # stays there while the unit is unsharded (the root all along).
+            # stays there while the unit is unsharded (the root all along): FlatParamHandle.pre_unshard's
+            # flat_param_to(device). Not where the flat parameter is cast (fp32 weights, bf16 compute):
+            # _use_low_precision_shard copies into the 16-bit _mp_shard instead, freed by post_unshard.
             out["fsdp_offloaded_shard_copy"] = w_root * root / cell.gpus
         if states.base_bpp is not None and moment == "layers":
             out["fsdp_unsharded_grads"] = compute_bytes(cell) * (layer + shape.lm_head_params)
@@ -252,7 +261,8 @@ def backward_buffers(cell: CellSettings, shape: ModelShape, strategy: Strategy, 
 
 
 def reserved_only_blocks(cell: CellSettings, shape: ModelShape, strategy: Strategy, states: ModelStates,
-                         acts: ActivationBytes, phase: str, on_meta: bool = False) -> dict[str, float]:
+                         acts: ActivationBytes, phase: str, on_meta: bool = False,
+                         calib: Calibration = CALIBRATION) -> dict[str, float]:
     """Blocks the caching allocator holds (torch reserved) but that are free at the peak, by name.
 
     - ``released_build_blocks``: the model is built on the GPU one tensor per parameter; a strategy that
@@ -265,6 +275,9 @@ def reserved_only_blocks(cell: CellSettings, shape: ModelShape, strategy: Strate
       A model built on meta (``on_meta``: FSDP, bench/worker/meta_init.py) never exists whole on the GPU: nothing.
     - ``cached_half_logits``: under accelerate's autocast wrapper the output's bf16 logits are replaced by
       an fp32 copy; their segment stays cached, free, and smaller than the fp32 tensors of the loss.
+    - ``fsdp_offload_init_blocks``: FSDP1 with parameter offload made each FlatParameter on the GPU before
+      sending its shard to the host; what its root unit's blocks (and the loss's own) hold free at the peak,
+      replayed through the allocator model (bench/estimate/offload_blocks.py). Replaces the two above.
     - ``zero3_gather_stream_pool`` / ``zero3_reduce_stream_pool``: ZeRO-3 (n > 1) gathers parameters and
       reduce-scatters gradients on their own streams; the caching allocator keeps per-stream pools, so the
       gathered working set's and the reduce bucket's segments are not reusable by compute.
@@ -272,6 +285,18 @@ def reserved_only_blocks(cell: CellSettings, shape: ModelShape, strategy: Strate
     out: dict[str, float] = {}
     n = cell.gpus
     built = _built_weight_bytes(cell, states)
+    if offload_blocks.applies(cell, strategy) and phase != "build":
+        # FSDP1's parameter offload makes each FlatParameter on the GPU before sending its shard to the host:
+        # the largest unit leaves U + U + U/world cached, of which the peak's compute-stream tensors fill
+        # what fits (bench/estimate/offload_blocks.py); the 16-bit logits' block is among them.
+        on_host = qlora_builds_on_host(cell)
+        layer_bytes = NF4_PACKED_BYTES if cell.adapter.type == "qlora" else built
+        root_bytes = _root_weight_bytes(cell, states)
+        out["fsdp_offload_init_blocks"] = offload_blocks.free_at_peak(
+            cell, shape, acts, layer_bytes, root_bytes, on_host, offload_blocks.shards(cell, strategy), compute_bytes(cell),
+            4 if converts_outputs_to_fp32(cell, strategy) else compute_bytes(cell), calib.backward_temp_fraction,
+            phase)
+        return {k: v for k, v in out.items() if v}
     if qlora_builds_on_host(cell):
         # Each layer is materialised in bf16 on the GPU, quantised, and sent to the host: what stays cached
         # is one bf16 layer's segments.
@@ -419,7 +444,7 @@ def predict(cell: CellSettings, calib: Calibration = CALIBRATION, margin: float 
         components = {**parts.components, "overhead": reserved - states_and_acts}
     else:
         allocated = parts.allocated
-        cached = reserved_only_blocks(cell, shape, strategy, states, acts, phase, built_on_meta) \
+        cached = reserved_only_blocks(cell, shape, strategy, states, acts, phase, built_on_meta, calib) \
             if cell.device == "cuda" else {}
         slack = allocated * calib.allocator_slack
         components = {**parts.components, "overhead": sum(parts.buffers.values()) + sum(cached.values()) + slack}

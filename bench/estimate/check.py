@@ -139,14 +139,28 @@ def render(rows: list[CheckRow], title: str, tolerance: float = TOLERANCE) -> st
     return "\n".join(lines)
 
 
+def distinct_cells(rows: list[CheckRow]) -> list[CheckRow]:
+    """One row per judged cell: a cell launched several times (a nightly cell, night after night) is one cell,
+    represented by its launch of median measured peak (the upper one of an even count), so that repeats
+    of one cell do not outvote the other cells in the table or the margins."""
+    groups: dict[tuple[str, str], list[CheckRow]] = {}
+    for r in rows:
+        groups.setdefault((r.sample, r.cell_id), []).append(r)
+    out = []
+    for group in groups.values():
+        middle = statistics.median_high(r.measured_reserved_gib for r in group)
+        out.append(next(r for r in group if r.measured_reserved_gib == middle))
+    return out
+
+
 def framework_table(rows: list[CheckRow], tolerance: float = TOLERANCE) -> str:
-    """Judged cells' reserved error per sample and framework (the table the README publishes)."""
+    """Judged cells' reserved error per sample and framework (the table the README publishes); a cell
+    launched several times counts once (distinct_cells)."""
     lines = [f"| sample | framework | judged cells | median error | worst under | worst over | within {tolerance:.0%} |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     groups: dict[tuple[str, str], list[CheckRow]] = {}
-    for r in rows:
-        if judged(r):
-            groups.setdefault((r.sample, r.framework), []).append(r)
+    for r in distinct_cells([r for r in rows if judged(r)]):
+        groups.setdefault((r.sample, r.framework), []).append(r)
     for (sample, fw), group in sorted(groups.items()):
         s = summary(group, tolerance)
         lines.append(f"| {sample} | {fw} | {s['cells']} | {s['median_error']:+.1%} | {-s['max_under']:+.1%} | "

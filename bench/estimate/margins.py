@@ -53,10 +53,11 @@ def _quantile(values: list[float]) -> float:
 def compute(results_root: Path) -> dict:
     """The margins file's content, from the judge folders under ``results_root`` and the current estimator."""
     from bench.estimate.prediction import ESTIMATOR_VERSION
-    from bench.estimate.check import check_folder, judged
+    from bench.estimate.check import check_folder, distinct_cells, judged
 
     folders = judge_folders(results_root)
-    rows = [r for f in folders for r in check_folder(f) if judged(r)]
+    # One row per distinct cell: the nights of one nightly cell are one cell, not five.
+    rows = distinct_cells([r for f in folders for r in check_folder(f) if judged(r)])
     by_fw: dict[str, list] = {}
     for r in rows:
         by_fw.setdefault(r.framework, []).append(r)

@@ -19,7 +19,10 @@ PREDICTION_VERSION = 1  # the stored form's schema
 # The estimator's own version: bump it with every change that can move a prediction. A predicted_oom record
 # made by another version is re-evaluated on resume (bench/launch/campaign.py), reports show the version that made
 # each stored prediction, and the margins file must be regenerated (bench estimate-margins).
-ESTIMATOR_VERSION = 2
+ESTIMATOR_VERSION = 3
+# 3: ZeRO-3's replay keeps each sub-group's fp32 copy until the next is made, gathers on the all-gather stream
+#    (one-parameter gathers without a flat buffer); FSDP1 parameter offload reserves its initialisation's blocks
+#    (bench/estimate/offload_blocks.py) and keeps the offloaded shard copy only for an uncast root.
 COMPONENTS = ("params", "grads", "optimizer", "master_weights", "activations", "adapter", "overhead")
 # Sizes the generated DeepSpeed JSON sets (bench/strategies/render.py), in elements.
 DS_REDUCE_BUCKET = 500_000_000

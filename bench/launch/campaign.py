@@ -145,13 +145,12 @@ def strategy_info(cell: CellSettings) -> dict:
     from bench.strategies.precision import policy_for
 
     info = {"precision_policy": policy_for(cell).description}
+    s = strategies.get(cell.strategy)  # a user config is described from its content (family, ZeRO stage, offload)
+    info.update(family=s.family, summary=s.summary)
     if strategies.is_user_config(cell.strategy):
         from bench.strategies.user_configs import deepspeed_own_blocks
 
         info.update(deepspeed_own_blocks(cell))
-    else:
-        s = strategies.get(cell.strategy)
-        info.update(family=s.family, summary=s.summary)
     return info
 
 

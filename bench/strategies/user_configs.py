@@ -8,7 +8,10 @@ anything else is left exactly as the user wrote it. DeepSpeed accepts two spelli
 (``stage3_prefetch_bucket_size`` and ``prefetch_bucket_size``): the Trainer's rules fill either. An "auto"
 no rule fills is dropped, as DeepSpeed's own config models drop it to keep their default; the notes say
 which default. A JSON's own optimizer and scheduler blocks are kept (DeepSpeed builds them) and the
-record's strategy_info says so. The plan writes the resolved files into the cell's
+record's strategy_info says so. Keys the Trainer matches against arguments a matrix does not have (Adam's
+betas and eps, the scheduler's warm-up steps) keep an explicit value; a missing bf16/fp16 block is added for
+the cell's precision, as accelerate adds it; a file without any batch size key, or with a ZeRO value
+DeepSpeed's own config model refuses, is refused before launch (DeepSpeed would stop at start-up). The plan writes the resolved files into the cell's
 folder beside a copy of the original (``original_<name>``).
 """
 
@@ -85,7 +88,10 @@ def _describe_ds(path: str, ds: dict) -> Strategy:
     stage = int(zero.get("stage", 0))
     off_opt = _offload_device(zero.get("offload_optimizer")) not in (None, "none")
     off_par = _offload_device(zero.get("offload_param")) not in (None, "none")
-    return Strategy(path, "deepspeed", f"user DeepSpeed config {Path(path).name}: ZeRO-{stage}",
+    offloaded = [what for what, on in (("optimizer", off_opt), ("parameters", off_par)) if on]
+    summary = f"user DeepSpeed config {Path(path).name}: ZeRO-{stage}" + (
+        f", {' and '.join(offloaded)} offloaded to the CPU" if offloaded else "")
+    return Strategy(path, "deepspeed", summary,
                     zero_stage=stage, offload_optimizer=off_opt, offload_params=off_par, shards_params=stage == 3)
 
 
@@ -121,6 +127,7 @@ class _Filler:
     def __init__(self, config: dict):
         self.config = config
         self.filled: list[str] = []
+        self.kept: list[str] = []
         self.mismatches: list[str] = []
 
     def _node(self, dotted: str) -> tuple[dict | None, str]:
@@ -148,6 +155,13 @@ class _Filler:
             node[leaf] = value
             self.filled.append(f"{dotted} = {value!r} ({why})")
 
+    def fill_or_keep(self, dotted: str, value: Any, why: str) -> None:
+        """fill_only for a key no matrix setting governs; an explicit value is kept and said so."""
+        self.fill_only(dotted, value, why)
+        node, leaf = self._node(dotted)
+        if node is not None and leaf in node and not _same(node[leaf], value):
+            self.kept.append(f"{dotted} = {node[leaf]!r} kept as the file gives it (no matrix setting for it)")
+
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
@@ -169,13 +183,16 @@ def resolve_deepspeed(ds: dict, cell: CellSettings, source: str) -> tuple[dict, 
     f.fill_match("train_batch_size", cell.gpus * t.micro_batch * t.grad_accum, "gpus * micro_batch * grad_accum")
     f.fill_match("gradient_clipping", t.max_grad_norm, "train.max_grad_norm")
     f.fill_match("optimizer.params.lr", t.lr, "train.lr")
-    f.fill_match("optimizer.params.betas", [0.9, 0.999], "Trainer default adam_beta1+adam_beta2")
-    f.fill_match("optimizer.params.eps", 1e-8, "Trainer default adam_epsilon")
+    # The Trainer matches these against TrainingArguments the user sets (adam_beta1/2, adam_epsilon); a matrix
+    # has no such setting, so an explicit value is the user's choice and kept, "auto" gets the Trainer default.
+    f.fill_or_keep("optimizer.params.betas", [0.9, 0.999], "Trainer default adam_beta1+adam_beta2")
+    f.fill_or_keep("optimizer.params.eps", 1e-8, "Trainer default adam_epsilon")
     f.fill_match("optimizer.params.weight_decay", t.weight_decay, "train.weight_decay")
     f.fill_only("scheduler.params.warmup_min_lr", 0, "Trainer default")
     f.fill_match("scheduler.params.warmup_max_lr", t.lr, "train.lr")
     f.fill_match("fp16.enabled", t.precision == "fp16", "train.precision")
     f.fill_match("bf16.enabled", t.precision == "bf16", "train.precision")
+    added = _add_precision_block(f.config, t.precision)
     # trainer_config_finalize: sizes from the model's hidden size, the schedule from the step count
     hidden = models.config_dict(cell.model)["hidden_size"]
     f.fill_only("zero_optimization.reduce_bucket_size", hidden * hidden, f"hidden_size^2, hidden_size {hidden}")
@@ -189,14 +206,35 @@ def resolve_deepspeed(ds: dict, cell: CellSettings, source: str) -> tuple[dict, 
     # may take, so that the learning rate never reaches its end inside the timed window.
     total = t.warmup_steps + t.timing.max_steps
     f.fill_match("scheduler.params.total_num_steps", total, "train.warmup_steps + train.timing.max_steps")
-    # The benchmark has no learning-rate warm-up; DeepSpeed >= 0.19.6 rejects 0, the Trainer fills max(1, 0).
-    f.fill_match("scheduler.params.warmup_num_steps", 1, "no lr warm-up (Trainer fills max(1, warmup))")
+    # The benchmark has no learning-rate warm-up setting; DeepSpeed >= 0.19.6 rejects 0, the Trainer fills
+    # max(1, 0). An explicit count (the Trainer's warmup_steps) is the user's and kept: it shapes the rate only.
+    f.fill_or_keep("scheduler.params.warmup_num_steps", 1, "no lr warm-up (Trainer fills max(1, warmup))")
+    problems = []
     if f.mismatches:
-        raise MatrixError(f"strategy {source!r}: values that disagree with the cell's settings:\n    "
-                          + "\n    ".join(f.mismatches)
-                          + "\n  Fix: set these keys to \"auto\" in the file, or change the matrix to match")
+        problems.append("values that disagree with the cell's settings:\n    " + "\n    ".join(f.mismatches)
+                        + "\n  Fix: set these keys to \"auto\" in the file, or change the matrix to match")
+    if not {"train_batch_size", "train_micro_batch_size_per_gpu"} & set(f.config):
+        # Neither the Trainer nor accelerate adds a key the file lacks: DeepSpeed would stop at start-up.
+        problems.append("the file gives neither train_micro_batch_size_per_gpu nor train_batch_size, and DeepSpeed "
+                        "needs one (it stops at start-up: 'Either train_batch_size or train_micro_batch_size_per_gpu "
+                        "needs to be provided'). Fix: add \"train_micro_batch_size_per_gpu\": \"auto\" (filled from "
+                        "train.micro_batch, as the Trainer fills it from per_device_train_batch_size)")
+    problems += _zero_section_rejected(f.config)
+    if problems:
+        raise MatrixError(f"strategy {source!r}: " + "\n  ".join(problems))
     defaulted = [_drop_auto(f.config, dotted) for dotted in _autos_left(f.config)]
-    return f.config, [f"filled {x}" for x in f.filled] + defaulted
+    return f.config, [f"filled {x}" for x in f.filled] + f.kept + added + defaulted
+
+
+def _add_precision_block(config: dict, precision: str) -> list[str]:
+    """The half-precision block a file lacks, added as accelerate does (DeepSpeedPlugin.set_mixed_precision)
+    when the Trainer's --bf16/--fp16 meets a JSON without it; else DeepSpeed would train in fp32."""
+    block = {"bf16": {"enabled": True}, "fp16": {"enabled": True, "auto_cast": True}}.get(precision)
+    if block is None or precision in config:
+        return []
+    config[precision] = block
+    return [f"{precision} = {block!r} added: the file has no {precision} block and train.precision is {precision} "
+            "(accelerate adds it for mixed_precision the same way)"]
 
 
 def _drop_auto(config: dict, dotted: str) -> str:
@@ -225,6 +263,25 @@ def _deepspeed_default(parents: list[str], leaf: str):
             default = field.default  # DeepSpeed's pp_int prints with thousands separators: show a plain int
             return int(default) if isinstance(default, int) and not isinstance(default, bool) else default
     return None
+
+
+def _zero_section_rejected(config: dict) -> list[str]:
+    """What DeepSpeed's own model of the zero_optimization section refuses (it would stop at start-up), said
+    before launch; nothing where DeepSpeed is not installed here (a dry run on a laptop)."""
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        from pydantic import ValidationError
+    except ImportError:
+        return []
+    zero = {k: v for k, v in (config.get("zero_optimization") or {}).items() if v != AUTO}  # "auto": dropped below
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValidationError as e:
+        return [f"zero_optimization.{'.'.join(map(str, err['loc']))} is {err['input']!r}, which DeepSpeed refuses "
+                f"({err['msg']}). Fix: give a value DeepSpeed accepts" for err in e.errors()]
+    except (ValueError, AssertionError) as e:  # DeepSpeed's own checks across keys
+        return [f"zero_optimization: DeepSpeed refuses it ({e}). Fix: give values DeepSpeed accepts"]
+    return []
 
 
 def _autos_left(d: Any, prefix: str = "") -> list[str]:

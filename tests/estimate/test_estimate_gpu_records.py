@@ -33,8 +33,6 @@ RESULTS = REPO / "results"
 SUPERSEDED = {"qlora-1b": "measured before the tied-embedding fix of the 4-bit build"}
 # In-sample cells that miss the tolerance today, and why (expected failures, not strict).
 KNOWN_MISSES = {
-    "llama-3-70b qlora fsdp_full_shard_offload x2gpu": "reserved after the layer-by-layer 4-bit build not modelled",
-    "llama-3-70b qlora fsdp_full_shard_offload x2gpu cap24G": "reserved after the layer-by-layer 4-bit build not modelled",
     "llama-3-70b qlora zero3_offload x2gpu": "reserved after the 4-bit build not modelled (allocated within 5 %)",
     "llama-3.2-1b qlora fsdp_full_shard x2gpu": "QLoRA 1B FSDP: cached build blocks over-counted (allocated -2 %)",
     "llama-3.2-1b qlora zero3 x2gpu": "QLoRA 1B ZeRO-3: cached build blocks over-counted (allocated -7 %)",

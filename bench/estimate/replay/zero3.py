@@ -10,6 +10,8 @@ from bench.estimate.replay.tensors import backward_order, layer_params, model_pa
 from bench.spec.models import ModelShape
 from bench.strategies import Strategy
 
+STREAM = "allgather"  # the PartitionedParameterCoordinator's all-gather stream: gathers and waits run on it
+
 
 class Zero3Run(Run):
     """Parameters split evenly: every rank replays alike."""
@@ -25,16 +27,19 @@ class Zero3Run(Run):
     def build(self) -> None:
         """DeepSpeed ZeRO-3 (stage3.py): zero.Init built each parameter and kept only its partition;
         defragment moves the partitions to the host, calls empty_cache and copies them back as one flat
-        16-bit buffer; _create_fp32_partitions upcasts it (.to(fp32), then .clone(): the first copy is
-        dropped); initialize_optimizer_states zeroes an fp32 gradient partition and drops it; then the
+        16-bit buffer; _create_fp32_partitions upcasts it per sub-group (.to(fp32), then .clone(): the first
+        copy is dropped only when the next sub-group's replaces it, the last one when the function returns); initialize_optimizer_states zeroes an fp32 gradient partition and drops it; then the
         reduce bucket (ipg buffer) and the flat 16-bit gradient partition, both kept. The fp32 work goes by
         sub-group (sub_groups)."""
         part = self.shape.params / self.n
         self.alloc("ds_flat_params", self.c * part)
         for i, numel in enumerate(self.sub_groups()):
-            self.alloc("ds_fp32_converted", 4 * numel)
+            # ``converted = flat.to(fp32)`` is a loop variable: the previous sub-group's copy is dropped only
+            # when the name is rebound, after this one is made; the last one lives until the function returns.
+            self.alloc(f"ds_fp32_converted{i}", 4 * numel)
+            self.free(f"ds_fp32_converted{i - 1}")
             self.alloc(f"ds_fp32_partition{i}", 4 * numel)
-            self.free("ds_fp32_converted")
+        self.free_all("ds_fp32_converted")
         self.alloc("ds_init_grad", 4 * max(self.sub_groups()))
         self.free("ds_init_grad")
         self.alloc("ds_ipg_bucket", self.c * DS_REDUCE_BUCKET)
@@ -111,9 +116,13 @@ class Zero3Coordinator:
       stage3_max_live_parameters; after a module, a parameter stays gathered if the trace uses it again
       within stage3_max_reuse_distance elements, or if a prefetch already walked past its next use.
 
-    A gather (all_gather_coalesced) allocates one flat buffer on the all-gather stream (world x the
-    partitions); when the parameters are waited for, each is concatenated into its own 16-bit tensor on the
-    compute stream and the flat buffer is dropped. DeepSpeed's defaults, which the generated JSON keeps."""
+    Both the gather and the wait run inside ``with stream(allgather_stream)`` (the coordinator's
+    __all_gather_params and fetch_sub_module), so every gathered tensor comes from that stream's pool,
+    never from compute's. A gather of one parameter (all_gather_coalesced -> _all_gather_sequential) fills
+    one buffer of the padded size that becomes the parameter's data; a gather of several
+    (_all_gather_coalesced) fills one flat buffer (world x the partitions) and, at the wait, each parameter
+    is concatenated out of it into its own 16-bit tensor (AllGatherCoalescedHandle.wait), then the flat
+    buffer is dropped. DeepSpeed's defaults, which the generated JSON keeps."""
 
     PREFETCH_BUCKET = 500_000_000  # stage3_prefetch_bucket_size (bench/strategies/render.py)
     MAX_LIVE = DS_MAX_LIVE_PARAMETERS  # stage3_max_live_parameters (DeepSpeed default)
@@ -149,7 +158,11 @@ class Zero3Coordinator:
     def _gather(self, params: list[str]) -> None:
         name = f"ag_flat{self.gathers}"
         self.gathers += 1
-        self.run.alloc(name, self.run.c * sum(self.numel[p] for p in params), "allgather")
+        if len(params) == 1:  # _all_gather_sequential: the buffer is the parameter
+            name = f"z3_param:{params[0]}"
+            self.run.alloc(name, self.run.c * -(-self.numel[params[0]] // self.run.n) * self.run.n, STREAM)
+        else:
+            self.run.alloc(name, self.run.c * sum(self.numel[p] for p in params), STREAM)
         for p in params:
             self.inflight[p] = name
             self.n_available += self.numel[p]
@@ -157,9 +170,11 @@ class Zero3Coordinator:
     def _wait(self, gather: str) -> None:
         for p in [p for p, g in self.inflight.items() if g == gather]:
             del self.inflight[p]
-            self.run.alloc(f"z3_param:{p}", self.run.c * self.numel[p])
+            if gather != f"z3_param:{p}":
+                self.run.alloc(f"z3_param:{p}", self.run.c * self.numel[p], STREAM)
             self.available.add(p)
-        self.run.free(gather)
+        if not gather.startswith("z3_param:"):
+            self.run.free(gather)
 
     def fetch(self, module: str) -> None:
         step = self.step_of[module]

@@ -1,0 +1,137 @@
+"""bench.slurm without a cluster: the batch script's text, its options' validation, and the reading of
+what Slurm printed (lines captured from the two-node test cluster, Slurm 22.05)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from bench.slurm import (JobInfo, NodeEnd, SlurmOptions, accelerate_node_command, bench_status, failed_nodes,
+                         render_batch_script, slurm_time, srun_errors, write_batch_script)
+
+# `scontrol -o show job` of a job whose second node's task was killed (shortened, fields as printed).
+FAILED_JOB = ("JobId=5 JobName=bench-test UserId=root(0) GroupId=root(0) MCS_label=N/A Priority=4294901755 "
+              "JobState=FAILED Reason=NonZeroExitCode Dependency=(null) Requeue=1 Restarts=0 BatchFlag=1 "
+              "ExitCode=143:0 RunTime=00:00:01 TimeLimit=00:05:00 AllocNode:Sid=localhost:9930 "
+              "ReqNodeList=(null) NodeList=n[1-2] BatchHost=n1 NumNodes=2 ReqB:S:C:T=0:0:*:* Power= ")
+# `scontrol show job` (multi-line) of a 1-minute job that slept past its limit.
+TIMEOUT_JOB = """JobId=1 JobName=wrap
+   JobState=TIMEOUT Reason=TimeLimit Dependency=(null)
+   Requeue=1 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=0:15
+   RunTime=00:01:27 TimeLimit=00:01:00 TimeMin=N/A
+   NodeList=n1
+"""
+# The job's error file after node n2's task was killed (srun --kill-on-bad-exit=1).
+KILLED_ERR = """srun: error: n2: task 1: Killed
+srun: launch/slurm: _step_signal: Terminating StepId=2.0
+slurmstepd-n1: error: *** STEP 2.0 ON n1 CANCELLED AT 2026-11-30T02:19:11 ***
+srun: error: n1: task 0: Terminated
+srun: Force Terminated StepId=2.0
+"""
+LAUNCHER = [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def _render(tmp_path: Path, **options) -> str:
+    return render_batch_script(job_name="bench-abc", folder=tmp_path, nodes=2, node_command="echo $SLURM_NODEID",
+                               options=SlurmOptions(**options))
+
+
+def test_sbatch_lines_carry_every_option(tmp_path):
+    text = _render(tmp_path, partition="gpu", account="proj1", time_limit_s=5400, gpus_per_node=8,
+                   cpus_per_task=32, extra_sbatch=["--qos=high", "#SBATCH --exclusive"])
+    sbatch = [line.removeprefix("#SBATCH ") for line in text.splitlines() if line.startswith("#SBATCH")]
+    assert sbatch == [
+        "--job-name=bench-abc", "--nodes=2", "--ntasks-per-node=1", "--time=0-01:30:00",
+        f"--output={tmp_path.resolve()}/slurm-%j.out", f"--error={tmp_path.resolve()}/slurm-%j.err",
+        f"--chdir={tmp_path.resolve()}", "--partition=gpu", "--account=proj1", "--gres=gpu:8",
+        "--cpus-per-task=32", "--qos=high", "--exclusive",
+    ]
+
+
+def test_cpu_job_asks_no_gres_and_no_partition(tmp_path):
+    text = _render(tmp_path)
+    assert "--gres" not in text and "--partition" not in text and "--account" not in text
+
+
+def test_script_is_valid_bash_and_expands_the_node_id_per_task(tmp_path):
+    """The batch shell must not expand $SLURM_NODEID (it runs on the first node only): run the script's
+    srun line with srun replaced by a loop that plays two tasks, each with its own SLURM_NODEID."""
+    text = _render(tmp_path, env={"MSG": "it's \"quoted\" $HOME"})
+    path = write_batch_script(tmp_path, text)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    play = ('srun() { shift 3; for id in 0 1; do SLURM_NODEID=$id SLURMD_NODENAME=n$((id + 1)) "$@" '
+            '|| return; done; }\nscontrol() { echo n1; echo n2; }\n')
+    proc = subprocess.run(["bash", "-c", play + text + '\necho "$MSG"'], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "40123", "SLURM_JOB_NODELIST": "n[1-2]"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:3] == ["0", "1", "it's \"quoted\" $HOME"]
+    ends = sorted(p.name for p in tmp_path.glob("node-*.json"))
+    assert ends == ["node-0.json", "node-1.json"]
+    assert NodeEnd.model_validate_json((tmp_path / "node-1.json").read_text()).node == "n2"
+
+
+def test_accelerate_command_sets_node_flags_and_refuses_its_own(tmp_path):
+    command = accelerate_node_command(LAUNCHER, ["--config_file", "a.yaml", "-m", "bench.worker"], nodes=2,
+                                      procs_per_node=4)
+    assert "--num_machines 2 --num_processes 8 --rdzv_backend static --same_network" in command
+    assert '--machine_rank "$SLURM_NODEID"' in command
+    assert '--main_process_ip "$BENCH_MAIN_IP" --main_process_port "$BENCH_MAIN_PORT"' in command
+    assert "--deepspeed_multinode_launcher standard" in command
+    assert command.endswith("--config_file a.yaml -m bench.worker")
+    with pytest.raises(ValueError, match=r"--main_process_port.*leave them out"):
+        accelerate_node_command(LAUNCHER, ["--main_process_port=29500", "-m", "w"], nodes=2, procs_per_node=1)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"extra_sbatch": ["exclusive"]}, "not one sbatch option"),
+    ({"env": {"A-B": "1"}}, "not shell variable names"),
+    ({"time_limit_s": 0}, "time_limit_s"),
+    ({"partitoin": "gpu"}, "partitoin"),
+])
+def test_bad_options_name_the_key(bad, match):
+    with pytest.raises(ValidationError, match=match):
+        SlurmOptions(**bad)
+
+
+def test_slurm_time():
+    assert [slurm_time(s) for s in (59, 3600, 90061)] == ["0-00:00:59", "0-01:00:00", "1-01:01:01"]
+
+
+def test_scontrol_fields_parse():
+    failed = JobInfo.from_scontrol(5, FAILED_JOB)
+    assert (failed.state, failed.exit_code, failed.signal, failed.node_list, failed.reason) == \
+        ("FAILED", 143, 0, "n[1-2]", "NonZeroExitCode")
+    timeout = JobInfo.from_scontrol(1, TIMEOUT_JOB)
+    assert (timeout.state, timeout.exit_code, timeout.signal, timeout.reason) == ("TIMEOUT", 0, 15, "TimeLimit")
+    with pytest.raises(ValueError, match="no JobState"):
+        JobInfo.from_scontrol(9, "slurm_load_jobs error: Invalid job id specified")
+
+
+@pytest.mark.parametrize("state, ranks_ok, status", [
+    ("COMPLETED", True, "ok"), ("COMPLETED", False, "crash"), ("FAILED", False, "crash"),
+    ("NODE_FAIL", False, "crash"), ("TIMEOUT", False, "timeout"), ("CANCELLED", False, "cancelled"),
+    ("PREEMPTED", False, "cancelled"), ("OUT_OF_MEMORY", False, "oom"), ("UNKNOWN", True, "crash"),
+])
+def test_slurm_states_map_to_bench_statuses(state, ranks_ok, status):
+    assert bench_status(JobInfo(job_id=1, state=state), ranks_ok=ranks_ok) == status
+
+
+def test_bench_own_timeout_wins_and_a_running_job_has_no_status():
+    assert bench_status(JobInfo(job_id=1, state="CANCELLED"), ranks_ok=False, bench_timed_out=True) == "timeout"
+    with pytest.raises(ValueError, match="still RUNNING"):
+        bench_status(JobInfo(job_id=1, state="RUNNING"), ranks_ok=False)
+
+
+def test_failing_node_named_from_srun_and_node_files():
+    errors = srun_errors(KILLED_ERR)
+    assert [(e.node, e.tasks, e.what) for e in errors] == [("n2", "1", "Killed"), ("n1", "0", "Terminated")]
+    info = JobInfo.from_scontrol(5, FAILED_JOB)
+    ends = {0: NodeEnd(node_rank=0, node="n1", host="h", exit_code=0),
+            1: NodeEnd(node_rank=1, node="n2", host="h", exit_code=3)}
+    assert failed_nodes(info, ends, KILLED_ERR) == ["node n2 (task 1): Killed", "node n2 (node rank 1) exited 3"]
+    assert failed_nodes(info, {0: ends[0], 1: None}, "") == [
+        "node rank(s) 1 left no node file (killed before their command returned)"]
