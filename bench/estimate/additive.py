@@ -174,7 +174,7 @@ def _built_weight_bytes(cell: CellSettings, states: ModelStates) -> float:
 
 def _root_weight_bytes(cell: CellSettings, states: ModelStates) -> float:
     """Bytes per parameter of the root unit's weights at rest (embeddings, norm, head): QLoRA keeps them in the
-    16-bit compute dtype (bench/qlora.py), else they are built like the rest of the model."""
+    16-bit compute dtype (bench/worker/qlora.py), else they are built like the rest of the model."""
     return compute_bytes(cell) if cell.adapter.type == "qlora" else _built_weight_bytes(cell, states)
 
 

@@ -5,7 +5,7 @@ FSDP1 builds a unit's FlatParameter on the GPU even when the parameters end on t
 (torch/distributed/fsdp/_init_utils.py, _init_param_handle_from_module / _init_param_handle_from_params):
 
 1. ``_move_module_to_device``: a unit whose parameters are on the host (QLoRA's 4-bit model built there,
-   bench/qlora.py) is moved to ``device_id`` first; a model built on the GPU is there already;
+   bench/worker/qlora.py) is moved to ``device_id`` first; a model built on the GPU is there already;
 2. ``FlatParamHandle``: ``flatten_tensors`` concatenates the unit's parameters into one flat tensor (the
    unit's size, U) while the originals are alive;
 3. ``FlatParamHandle.shard``: the rank's shard is cloned out of it (U / world) and the flat storage freed;

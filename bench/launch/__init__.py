@@ -5,8 +5,9 @@ Rooms: ``campaign`` (``bench run``: a matrix prepared, checked, its cells launch
 effects), ``runner`` (one plan run: watched for hangs and timeouts, its outcome classified, its record
 made), ``process_tree`` (the launch's processes, ended together), ``failures`` (what went wrong and on
 which rank), ``folder_lock`` (one writer per results folder), ``cuda_arch`` (an arch list DeepSpeed's
-op builder can read). The worker it launches is bench.worker (by module name, never imported here but
-for the slowdown's environment).
+op builder can read), ``slurm`` (a cell as a Slurm batch job across nodes: the cluster launcher). The
+worker it launches is bench.worker (by module name, never imported here but for the slowdown's
+environment).
 
 The front is lazy (a name loads its room on first use): the campaign pulls in the estimator and rich.
 """

@@ -1,4 +1,4 @@
-"""bench.slurm against a real Slurm cluster: two nodes n1, n2 on this host (`.ci/slurm-cluster.sh start`).
+"""bench.launch.slurm against a real Slurm cluster: two nodes n1, n2 on this host (`.ci/slurm-cluster.sh start`).
 
 Without a cluster these tests skip with the reason; under CI=true they fail instead, so that a cluster
 that did not come up cannot pass CI silently.
@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.slurm import (SlurmJob, SlurmOptions, accelerate_node_command, bench_status, failed_nodes, job_info,
-                         queue_state, read_node_ends, render_batch_script, write_batch_script)
+from bench.launch.slurm import (SlurmJob, SlurmOptions, accelerate_node_command, bench_status, failed_nodes, job_info,
+                                queue_state, read_node_ends, render_batch_script, write_batch_script)
+
+from conftest import REPO, WORKER_VARIANTS
 
 pytestmark = pytest.mark.slurm
-REPO = Path(__file__).resolve().parent.parent
-TESTS = Path(__file__).resolve().parent
 NODES = ("n1", "n2")
 
 
@@ -133,7 +133,7 @@ def test_ctrl_c_cancels_the_job_and_leaves_the_queue_empty(tmp_path):
     waiter = textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from bench.slurm import SlurmJob
+        from bench.launch.slurm import SlurmJob
         with SlurmJob(Path({str(script)!r}), poll_s=0.2) as job:
             print(job.job_id, flush=True)
             job.wait()
@@ -169,7 +169,7 @@ def _accelerate_job(folder: Path, **env: str):
     command = accelerate_node_command(
         [sys.executable, "-m", "accelerate.commands.launch"],
         ["--config_file", str(folder / "accelerate.yaml"), "--multi_gpu",
-         str(TESTS / "slurm_gloo_worker.py"), str(folder / "ranks")],
+         str(WORKER_VARIANTS / "slurm_gloo_worker.py"), str(folder / "ranks")],
         nodes=2, procs_per_node=2)
     env = {"ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **env}

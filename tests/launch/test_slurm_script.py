@@ -1,4 +1,4 @@
-"""bench.slurm without a cluster: the batch script's text, its options' validation, and the reading of
+"""bench.launch.slurm without a cluster: the batch script's text, its options' validation, and the reading of
 what Slurm printed (lines captured from the two-node test cluster, Slurm 22.05)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from bench.slurm import (JobInfo, NodeEnd, SlurmOptions, accelerate_node_command, bench_status, failed_nodes,
-                         render_batch_script, slurm_time, srun_errors, write_batch_script)
+from bench.launch.slurm import (JobInfo, NodeEnd, SlurmOptions, accelerate_node_command, bench_status, failed_nodes,
+                                render_batch_script, slurm_time, srun_errors, write_batch_script)
 
 # `scontrol -o show job` of a job whose second node's task was killed (shortened, fields as printed).
 FAILED_JOB = ("JobId=5 JobName=bench-test UserId=root(0) GroupId=root(0) MCS_label=N/A Priority=4294901755 "

@@ -133,7 +133,7 @@ def test_check_writable_refuses_a_runs_file_that_is_a_folder(tmp_path):
 
 # ---------------------------------------------------------------- reading launcher logs
 
-# What torchrun printed in a real run here (tests/fault_worker.py, rank 1 SIGKILLed, torch 2.13).
+# What torchrun printed in a real run here (tests/worker_variants/fault_worker.py, rank 1 SIGKILLed, torch 2.13).
 TORCHRUN_SUMMARY = """\
 torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 ======================================================

@@ -5,15 +5,15 @@ cell's command on every node, and that command for `accelerate launch`), ``comma
 scontrol, scancel, sacct), ``states`` (the job's end as bench sees it: state, status, failing node),
 ``job`` (SlurmJob: a submitted job that Ctrl-C or an exception cancels).
 
-Standalone: imports nothing else from bench, so it can move under ``bench/launch/`` as it is.
+The cluster launcher, beside the local one in bench/launch/; it imports nothing else from bench.
 """
 
-from bench.slurm.commands import SlurmError, cancel, job_info, node_hostnames, queue_state, submit
-from bench.slurm.job import JobEnd, SlurmJob
-from bench.slurm.script import (NODE_FILE, SCRIPT_FILE, SlurmOptions, accelerate_node_command,
-                                render_batch_script, slurm_time, write_batch_script)
-from bench.slurm.states import (ACTIVE, BenchStatus, JobInfo, NodeEnd, SrunError, bench_status, failed_nodes,
-                                read_node_ends, srun_errors)
+from bench.launch.slurm.commands import SlurmError, cancel, job_info, node_hostnames, queue_state, submit
+from bench.launch.slurm.job import JobEnd, SlurmJob
+from bench.launch.slurm.script import (NODE_FILE, SCRIPT_FILE, SlurmOptions, accelerate_node_command,
+                                       render_batch_script, slurm_time, write_batch_script)
+from bench.launch.slurm.states import (ACTIVE, BenchStatus, JobInfo, NodeEnd, SrunError, bench_status, failed_nodes,
+                                       read_node_ends, srun_errors)
 
 __all__ = [
     "ACTIVE", "BenchStatus", "JobEnd", "JobInfo", "NODE_FILE", "NodeEnd", "SCRIPT_FILE", "SlurmError", "SlurmJob",

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from bench.slurm.states import UNKNOWN, JobInfo
+from bench.launch.slurm.states import UNKNOWN, JobInfo
 
 COMMAND_TIMEOUT_S = 30  # a controller that does not answer in this long is down, not slow
 

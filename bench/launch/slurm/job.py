@@ -14,8 +14,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from bench.slurm import commands
-from bench.slurm.states import JobInfo
+from bench.launch.slurm import commands
+from bench.launch.slurm.states import JobInfo
 
 
 class JobEnd(BaseModel):

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from bench.slurm.script import NODE_FILE
+from bench.launch.slurm.script import NODE_FILE
 
 BenchStatus = Literal["ok", "crash", "timeout", "cancelled", "oom"]
 
