@@ -201,7 +201,9 @@ def test_nightly_matrix_covers_strategies_and_adapters():
     cells = expand(matrix, source="nightly.yaml")
     assert {c.device for c in cells} == {"cuda"} and {c.gpus for c in cells} == {2}
     pairs = {(c.strategy, c.adapter.type) for c in cells}
-    assert pairs == {("ddp", "lora"), ("fsdp_full_shard", "none"), ("zero2", "none"), ("zero3", "lora")}
+    assert pairs == {("ddp", "lora"), ("fsdp_full_shard", "none"), ("zero2", "none"), ("zero3", "none")}
+    # 16k tokens a rank: a 4k-token 1B step was host-bound and did not repeat (matrices/nightly.yaml's header).
+    assert all(c.train.seq_len * c.train.micro_batch >= 16384 for c in cells)
     assert len({c.cell_id for c in cells}) == 4
     assert all(c.adapter.r == 16 for c in cells if c.adapter.type == "lora")
     assert all(c.train.steps >= 20 for c in cells) and matrix.repeats >= 2
