@@ -19,6 +19,11 @@ dropout the normed states, o_proj's and down_proj's inputs are not kept (the dro
            converts the outputs to fp32), fp32 log-softmax saved by the loss, its gradient and the fp32
            gradient of the upcast, all alive at the start of backward.
 
+Under Liger's fused linear cross-entropy (train.kernels: liger) no full logits exist: the loss runs in
+chunks of C = min(next_pow2(ceil(s*b / ceil(V/h))), s*b) tokens, holding one chunk's logits (C*V, in the
+dtype of the head's input: i) and, from the forward on, the gradient of the head's input (s*b*h*i) and
+the fp32 per-token loss (4*s*b); the output holds no logits (fused_loss_bytes).
+
 With gradient checkpointing (HF, per decoder layer) only each layer's input (r*s*b*h) is kept; backward
 recomputes one layer at a time, so the peak is the kept inputs plus the larger of the logits and one
 layer's full activations (plus its backward temporaries).
@@ -88,13 +93,28 @@ def layer_bytes_per_token(shape: ModelShape, compute_bytes: int, residual_bytes:
     return norms + attention + mlp + lora
 
 
+def liger_chunk_tokens(tokens: int, vocab: int, hidden: int) -> int:
+    """Tokens per chunk of Liger's fused linear cross-entropy (its chunk_mem_const 1: a chunk's logits are
+    about as large as the whole head input)."""
+    inc_factor = -(-vocab // hidden)
+    chunk = 1 << max(0, (-(-tokens // inc_factor) - 1).bit_length())  # the next power of two
+    return min(chunk, tokens)
+
+
+def fused_loss_bytes(shape: ModelShape, tokens: int, input_bytes: int) -> int:
+    """The fused loss's peak: one chunk's logits, the head input's gradient and the fp32 per-token loss."""
+    chunk = liger_chunk_tokens(tokens, shape.vocab, shape.hidden)
+    return chunk * shape.vocab * input_bytes + tokens * shape.hidden * input_bytes + 4 * tokens
+
+
 def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, compute_bytes: int,
                      residual_bytes: int, checkpointing: bool, backward_temp_fraction: float,
                      lora_dropout_width: int = 0, lora_rank_width: int = 0,
                      output_logits_bytes: int | None = None, frozen_base: bool = False,
-                     lora_targets: frozenset[str] = frozenset()) -> ActivationBytes:
+                     lora_targets: frozenset[str] = frozenset(), fused_loss: bool = False) -> ActivationBytes:
     """``output_logits_bytes``: the dtype of the logits the model output holds (accelerate's autocast
-    wrapper, convert_outputs_to_fp32, hands back fp32 logits: 4); the compute dtype when None."""
+    wrapper, convert_outputs_to_fp32, hands back fp32 logits: 4); the compute dtype when None.
+    ``fused_loss``: Liger's fused linear cross-entropy, no full logits (fused_loss_bytes)."""
     tokens = seq_len * micro_batch
     out_bytes = compute_bytes if output_logits_bytes is None else output_logits_bytes
     per_layer = tokens * layer_bytes_per_token(shape, compute_bytes, residual_bytes,
@@ -102,6 +122,8 @@ def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, compute_
     head_in = tokens * shape.hidden * (4 + residual_bytes + compute_bytes)  # final norm + lm_head input
     logits_peak = tokens * shape.vocab * (out_bytes + LOGITS_BYTES_OVER_COMPUTE)
     logits_kept = tokens * shape.vocab * out_bytes
+    if fused_loss:  # the head's input is in the residual stream's dtype (Liger's RMSNorm keeps it)
+        logits_peak, logits_kept = fused_loss_bytes(shape, tokens, residual_bytes), 0
     if checkpointing:
         kept = shape.layers * tokens * shape.hidden * residual_bytes + head_in
         peak = kept + max(logits_peak, per_layer * (1 + backward_temp_fraction))

@@ -140,7 +140,8 @@ def activations_for(cell: CellSettings, shape: ModelShape, strategy: Strategy, c
                             residual_bytes(cell, strategy), cell.train.grad_checkpointing,
                             calib.backward_temp_fraction, dropout_width, rank_width,
                             4 if converts_outputs_to_fp32(cell, strategy) else None,
-                            frozen_base=cell.adapter.type != "none" and not zero3, lora_targets=targets)
+                            frozen_base=cell.adapter.type != "none" and not zero3, lora_targets=targets,
+                            fused_loss=cell.train.kernels == "liger")
 
 
 def _unit_params(shape: ModelShape) -> tuple[int, int]:
@@ -323,7 +324,7 @@ def reserved_only_blocks(cell: CellSettings, shape: ModelShape, strategy: Strate
         out["released_build_blocks"] = built * shape.params * (1 - 1 / n)  # per-parameter shards refill them
     elif strategy.family == "deepspeed" and (strategy.zero_stage or 0) in (1, 2):
         out["released_build_blocks"] = built * states.trainable
-    if converts_outputs_to_fp32(cell, strategy) and phase == "backward":
+    if converts_outputs_to_fp32(cell, strategy) and phase == "backward" and cell.train.kernels != "liger":
         out["cached_half_logits"] = cell.train.seq_len * cell.train.micro_batch * shape.vocab * compute_bytes(cell)
     if strategy.family == "deepspeed" and strategy.zero_stage == 3 and n > 1:
         out["zero3_gather_stream_pool"] = _zero3_gathered(cell, shape, states)

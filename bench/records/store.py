@@ -72,6 +72,9 @@ class RunRecord(BaseModel):
     # left on the GPUs after it (None where NVML is absent, e.g. on CPU).
     leftover_processes: list[dict[str, Any]] = []
     leftover_gpu_processes: list[dict[str, Any]] | None = None
+    # train.micro_batch auto: {proposed, capacity_gib, capacity_source, trail: [{mb, status, peak_gib}], chosen}
+    # (bench/launch/auto_batch.py); settings keep "auto", the cell id is the auto cell's. Absent otherwise.
+    micro_batch_auto: dict[str, Any] | None = None
 
 
 def not_launched_record(matrix: str, cell_settings: Any, repeat: int, fingerprint: dict, status: Status,

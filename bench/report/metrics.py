@@ -108,6 +108,7 @@ def figures(record: RunRecord) -> dict:
         # what must match for two cells to be compared: the card (1 GPU of a 1- or 8-GPU host alike) or the CPU
         "machine": card or record.env.get("hardware", "unknown"),
         "wall_s": record.wall_s, "first_step_s": record.first_step_s,
+        "micro_batch": micro_batch_used(record, cell), "micro_batch_auto": cell.train.micro_batch == "auto",
         "error": record.error.message.splitlines()[0][:120] if record.error and record.error.message else None,
     }
     row.update(_memory_figures(record))
@@ -141,10 +142,17 @@ def figures(record: RunRecord) -> dict:
         "final_loss": record.ranks[0]["steps"][-1]["loss"],
     })
     row.update(_timing_figures(record))
-    sequences = cell.gpus * cell.train.micro_batch * cell.train.grad_accum
+    sequences = cell.gpus * micro_batch_used(record, cell) * cell.train.grad_accum
     row.update(_flop_figures(record, card, real / sequences, tokens / sequences))
     row.update(_energy_figures(record, real * len(arr)))
     return row
+
+
+def micro_batch_used(record: RunRecord, cell: CellSettings) -> int | None:
+    """The micro-batch the cell ran: its number, or for ``auto`` the one the probe chose (None if none fit)."""
+    if cell.train.micro_batch != "auto":
+        return cell.train.micro_batch
+    return (getattr(record, "micro_batch_auto", None) or {}).get("chosen")
 
 
 def _launch_interval(record: RunRecord, times: list[float], step: float) -> tuple[float, float, float, str]:
@@ -443,5 +451,10 @@ def setting_title(setting_key: str) -> str:
     adapter = "full fine-tune" if a["type"] == "none" else f"{a['type'].upper()} r={a['r']}"
     cap = f", capped at {s['gpu_memory_gib']:g} GiB" if s.get("gpu_memory_gib") else ""
     ckpt = ", grad ckpt" if t["grad_checkpointing"] else ""
-    return (f"{s['model']} {adapter}, seq {t['seq_len']} x mb {t['micro_batch']} x ga {t['grad_accum']}, "
-            f"{t['precision']}, {t['optimizer']}{ckpt}{cap} [{s['device']}]")
+    fast = "".join([f", kernels {t['kernels']}" if t.get("kernels", "none") != "none" else "",
+                    ", torch.compile" if t.get("compile") else ""])  # absent in older records
+    # an auto group compares each strategy at its own best micro-batch; a number, all at the same one
+    mb = ("mb auto (each strategy at its largest fitting micro-batch)" if t["micro_batch"] == "auto"
+          else f"mb {t['micro_batch']} (same micro-batch for all)")
+    return (f"{s['model']} {adapter}, seq {t['seq_len']} x {mb} x ga {t['grad_accum']}, "
+            f"{t['precision']}, {t['optimizer']}{ckpt}{fast}{cap} [{s['device']}]")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -63,7 +63,9 @@ class Timing(_Strict):
 
 class Train(_Strict):
     seq_len: int = Field(512, gt=0)
-    micro_batch: int = Field(1, gt=0)
+    # "auto": the largest micro-batch the estimator says fits the card or the cap, confirmed by the launch
+    # itself (bench/launch/auto_batch.py); needs a capacity, so a CUDA cell
+    micro_batch: Annotated[int, Field(gt=0)] | Literal["auto"] = 1
     grad_accum: int = Field(1, gt=0)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit"] = "adamw_torch"
@@ -72,6 +74,8 @@ class Train(_Strict):
     max_grad_norm: float = Field(1.0, ge=0)
     grad_checkpointing: bool = False
     attn_impl: Literal["sdpa", "eager"] = "sdpa"
+    kernels: Literal["none", "liger"] = "none"  # liger: Liger's Triton kernels (RoPE, RMSNorm, SwiGLU, fused loss)
+    compile: bool = False  # torch.compile each decoder layer; the warm-up steps carry the compilation
     warmup_steps: int = Field(2, ge=0)
     steps: int = Field(5, gt=0, description="timed steps at least; timing goes on until train.timing stops it")
     timing: Timing = Timing()
@@ -82,6 +86,14 @@ class Train(_Strict):
         if self.timing.max_steps < self.steps:
             raise ValueError(f"train.timing.max_steps ({self.timing.max_steps}) is below train.steps ({self.steps}), "
                              "the minimum of timed steps. Fix: raise train.timing.max_steps or lower train.steps")
+        return self
+
+    @model_validator(mode="after")
+    def _compile_outside_timing(self):
+        if self.compile and self.warmup_steps < 1:
+            raise ValueError("train.compile: true compiles during the first steps, which must not be timed, but "
+                             "train.warmup_steps is 0. Fix: set train.warmup_steps to at least 1 (2 covers a "
+                             "recompilation), or train.compile: false")
         return self
 
 

@@ -58,6 +58,7 @@ def cell_problems(cell: CellSettings, visible_gpus: int | None) -> list[str]:
                    f"Fix: select runnable cells with --only gpus=<n,...> or exclude them in the matrix")
     if cell.adapter.type == "qlora" and strat is not None:
         out += _qlora_problems(cell, strat)
+    out += fast_path_problems(cell, strat)
     if cell.train.seq_len > models.config_dict(cell.model).get("max_position_embeddings", 1 << 30):
         out.append(f"train.seq_len {cell.train.seq_len} exceeds the model's max_position_embeddings")
     if cell.data.source != "synthetic":
@@ -86,6 +87,33 @@ def _cpu_problems(cell: CellSettings, strat: strategies.Strategy | None) -> list
         out.append("train.precision fp16 is not supported on CPU. Fix: use bf16 or fp32")
     if cell.gpu_memory_gib:
         out.append("gpu_memory_gib caps GPU memory and needs a CUDA GPU. Fix: remove it on CPU")
+    return out
+
+
+def fast_path_problems(cell: CellSettings, strat: strategies.Strategy | None) -> list[str]:
+    """train.kernels, train.compile and train.micro_batch auto: what they need (bench/worker/fast_paths.py)."""
+    import importlib.util
+
+    out = []
+    t = cell.train
+    if t.kernels == "liger":
+        if importlib.util.find_spec("liger_kernel") is None:
+            out.append("train.kernels liger needs the liger-kernel package, not installed here. "
+                       "Fix: pip install -e '.[kernels]', or train.kernels: none")
+        if cell.device != "cuda":
+            out.append("train.kernels liger needs a CUDA GPU (Liger's kernels are Triton kernels). "
+                       "Fix: train.kernels: none on CPU")
+        model_type = models.config_dict(cell.model).get("model_type")
+        if model_type != "llama":  # the one architecture bench ships and applies Liger to (apply_liger_kernel_to_llama)
+            out.append(f"train.kernels liger is applied to Llama models only; {cell.model} is {model_type!r}. "
+                       "Fix: train.kernels: none for this model")
+    if t.compile and strat is not None and strat.family == "fsdp":
+        # Not verified: FSDP1's flat parameters need use_orig_params for compiled layers, which bench does not set.
+        out.append("train.compile under FSDP1 is not supported by bench (not verified; FSDP1 flattens the "
+                   "parameters a compiled layer reads). Fix: use fsdp2, ddp or zero*, or train.compile: false")
+    if t.micro_batch == "auto" and cell.device != "cuda":
+        out.append("train.micro_batch auto picks the largest micro-batch that fits a GPU's memory; on CPU there "
+                   "is no such capacity. Fix: give a number (e.g. train.micro_batch: 4) on CPU")
     return out
 
 

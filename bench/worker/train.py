@@ -24,7 +24,7 @@ from bench.records.rank_files import RankFiles, classify_exception
 from bench.spec import CellSettings
 from bench.strategies.build import builds_on_meta
 from bench.strategies.precision import policy_for
-from bench.worker import slowdown, transfers
+from bench.worker import fast_paths, slowdown, transfers
 from bench.worker.gc_window import GcWindow
 from bench.worker.guard import cell_strategy, guard_distributed_setup
 from bench.worker.timing import StoppingRule
@@ -306,7 +306,9 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     t_build = time.time()
     strategy = cell_strategy(cell, cell_dir)
     on_meta = builds_on_meta(cell, strategy)
+    kernels = fast_paths.apply_kernels_before_build(cell)  # Liger patches the model code it is built from
     model = build_model(cell, device, on_meta)
+    compiled = fast_paths.compile_layers(cell, model)  # before accelerate wraps the layers
     fit_fsdp1_wrap_to_adapter(cell, model, accelerator)
     startup["build_model_s"] = time.time() - t_build
     t = time.time()
@@ -326,6 +328,8 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     def one_step() -> dict:
         return train_step(cell, model, optimizer, accelerator, batches, device)
 
+    one_step = clock = fast_paths.CompileClock(one_step, cell.train.warmup_steps) if compiled else one_step
+
     one_step = slowdown.from_env(one_step, cell.train.warmup_steps, device)  # --slow-step only: bench/worker/slowdown.py
     steps, window, timing, collector = run_steps(cell, one_step, accelerator, device, files)
     total = len(steps)
@@ -340,6 +344,10 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     report["gc"] = collector
     report["startup_breakdown"] = startup  # where the time before the first step went
     report["model_init"] = "meta, materialised per shard" if on_meta else "on device"
+    if kernels:
+        report["kernels"] = {**kernels, **fast_paths.kernels_in_model(unwrap(model))}
+    if compiled:
+        report["compile"] = clock.record(compiled, steps)  # compile_s apart from the step times
     report.update(build_memory)
     report.update(training_memory(device, build_memory))
     if injected := slowdown.describe(one_step):

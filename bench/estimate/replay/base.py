@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bench.estimate.activations import liger_chunk_tokens
 from bench.estimate.allocator import CachingAllocator
 from bench.estimate.prediction import CALIBRATION
 from bench.estimate.replay.tensors import (backward_order, backward_temporaries, layer_activations, layer_params,
@@ -89,6 +90,7 @@ class Run:
         self.c = compute_bytes(cell)
         self.r = residual_bytes(cell, strategy)
         self.out_bytes = 4 if converts_outputs_to_fp32(cell, strategy) else self.c
+        self.fused_loss = cell.train.kernels == "liger"  # Liger's fused linear cross-entropy: no full logits
         self.autocast_copies = policy_for(cell).name == "autocast"
         self.checkpointing = cell.train.grad_checkpointing
         self.temp_fraction = (calib or CALIBRATION).backward_temp_fraction
@@ -177,6 +179,10 @@ class Run:
             self.alloc("saved_copy:lm_head", self.c * s.vocab * s.hidden)
         v = s.vocab * t
         self.use_module("lm_head")
+        if self.fused_loss:
+            self.fused_loss_forward()
+            self.reshard_after_forward("root")
+            return
         self.alloc("logits", self.c * v)
         self.done_module("lm_head")
         if self.c != 4:
@@ -191,10 +197,29 @@ class Run:
             self.mem.rename("logits", "output_logits")
         self.reshard_after_forward("root")
 
+    def fused_loss_forward(self) -> None:
+        """Liger's fused linear cross-entropy (liger_kernel/ops/fused_linear_cross_entropy.py): the head
+        input's gradient and the fp32 per-token loss made up front, one chunk's logits at a time (in the
+        head input's dtype, the residual stream's), the chunk's input gradient; the output holds no logits."""
+        s, t = self.shape, self.tokens
+        chunk = liger_chunk_tokens(t, s.vocab, s.hidden)
+        self.alloc("fused:grad_input", self.r * s.hidden * t)
+        self.alloc("fused:loss_1d", 4 * t)
+        self.alloc("fused:logits_chunk", self.r * chunk * s.vocab)
+        self.alloc("fused:grad_chunk", self.r * chunk * s.hidden)
+        self.free("fused:grad_chunk")
+        self.free("fused:logits_chunk")
+        self.done_module("lm_head")
+        self.free_all("autocast:")
+
     def backward(self) -> None:
         s, t, v = self.shape, self.tokens, self.shape.vocab * self.tokens
         self.unshard("root")  # FSDP1 NO_SHARD freed the root's 16-bit copy after the forward
         self.use_module("lm_head~b")
+        if self.fused_loss:  # the head input's gradient was made in the forward: it is the backward's input
+            self.mem.rename("fused:grad_input", "grad_hidden")
+            self.free("fused:loss_1d")
+            v = 0
         self.alloc("grad_log_softmax", 4 * v)  # nll_loss backward
         self.alloc("grad_logits_fp32", 4 * v)  # log_softmax backward
         self.free("grad_log_softmax")
@@ -202,7 +227,8 @@ class Run:
         if self.c != 4:
             self.alloc("grad_logits", self.c * v)  # the upcast's backward
             self.free("grad_logits_fp32")
-        self.alloc("grad_hidden", self.r * s.hidden * t)
+        if not self.fused_loss:
+            self.alloc("grad_hidden", self.r * s.hidden * t)
         self.weight_grad("lm_head", s.vocab * s.hidden, tied=s.tied_embeddings)
         self.free("saved_copy:lm_head")
         self.done_module("lm_head~b")
