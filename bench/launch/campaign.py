@@ -30,6 +30,7 @@ from bench.launch.plan import WORKER_MODULE, LaunchPlan, build_plan
 from bench.records import (DETERMINISTIC_FAILURES, RunRecord, append_record, check_writable, load_records,
                            not_launched_record, save_matrix_copy)
 from bench.launch.runner import CellInterrupted, free_port, run_plan
+from bench.launch.auto_batch import AutoCell, plan_auto, run_auto
 
 
 @dataclass
@@ -161,7 +162,12 @@ def planned_elsewhere_note(cells: list[CellSettings], here: int) -> str | None:
 
 
 def print_dry_run(console: Console, items: list, here: int) -> None:
-    plans = [i for i in items if isinstance(i, LaunchPlan)]
+    for auto in (i for i in items if isinstance(i, AutoCell)):
+        console.print(f"[dim]micro_batch auto[/]: {escape(auto.cell.label)}: "
+                      + escape(f"proposed {auto.proposed} for {auto.capacity_gib:.1f} GiB ({auto.capacity_source})"
+                               if auto.proposed else str(auto.reason)))
+    plans = [i.plan_for(i.proposed) if isinstance(i, AutoCell) and i.proposed else i for i in items]
+    plans = [i for i in plans if isinstance(i, LaunchPlan)]
     if note := planned_elsewhere_note([p.cell for p in plans], here):
         console.print(f"[yellow]note[/]: {escape(note)}")
     for i, plan in enumerate(plans, 1):
@@ -204,10 +210,23 @@ def resume_command(matrix_path: str, opts: RunOptions) -> str:
 
 def make_plans(prep: Prepared, opts: RunOptions) -> list[LaunchPlan | Unrunnable]:
     """What is left to do, in matrix order: a launch plan for each run, or why its cell cannot run here."""
+    from bench.estimate import capacity_for
+
     extra_env = slowdown.launch_env(opts.slow_step)
-    return [Unrunnable(c, r, tuple(prep.unrunnable[c.cell_id])) if c.cell_id in prep.unrunnable else
-            build_plan(c, prep.results_dir, prep.matrix.limits, r, opts.worker_module, port=free_port(),
-                       extra_env=extra_env) for c, r in prep.todo]
+
+    def plan(c: CellSettings, r: int) -> LaunchPlan:
+        return build_plan(c, prep.results_dir, prep.matrix.limits, r, opts.worker_module, port=free_port(),
+                          extra_env=extra_env)
+
+    def item(c: CellSettings, r: int):
+        if c.cell_id in prep.unrunnable:
+            return Unrunnable(c, r, tuple(prep.unrunnable[c.cell_id]))
+        if c.train.micro_batch == "auto":  # the estimator proposes, the launch confirms (launch/auto_batch.py)
+            return plan_auto(c, r, capacity_for(c, opts.capacity_gib), lambda concrete: plan(concrete, r),
+                             prep.matrix.estimate_margin)
+        return plan(c, r)
+
+    return [item(c, r) for c, r in prep.todo]
 
 
 def run_matrix(matrix_path: str, opts: RunOptions, console: Console | None = None) -> int:
@@ -328,11 +347,20 @@ class CellHooks:
         self.matrix = matrix
         self.opts = opts
 
-    def run(self, plan: LaunchPlan | Unrunnable, matrix_name: str, fingerprint: dict) -> RunRecord:
-        from bench.estimate import preflight
-
+    def run(self, plan: LaunchPlan | Unrunnable | AutoCell, matrix_name: str, fingerprint: dict) -> RunRecord:
         if isinstance(plan, Unrunnable):
             return unsupported_record(plan, matrix_name, fingerprint)
+        if isinstance(plan, AutoCell):
+            if plan.proposed is None:
+                return unsupported_record(Unrunnable(plan.cell, plan.repeat, (str(plan.reason),)), matrix_name,
+                                          fingerprint)
+            return run_auto(plan, lambda concrete: self.launch(concrete, matrix_name, fingerprint))
+        return self.launch(plan, matrix_name, fingerprint)
+
+    def launch(self, plan: LaunchPlan, matrix_name: str, fingerprint: dict) -> RunRecord:
+        """Predict, check the GPUs, launch and record one plan."""
+        from bench.estimate import preflight
+
         info = strategy_info(plan.cell)
         prediction, not_launched = preflight(plan, matrix_name, fingerprint, self.matrix.estimate_margin,
                                              self.opts.force, self.opts.capacity_gib, info)

@@ -11,7 +11,8 @@ The fault is chosen by environment variables, which `accelerate launch` passes o
     BENCH_FAULT_CGROUP for ``host_oom``: a memory cgroup (made by the test, with a small limit) to join
     BENCH_FAULT_SLEEP_S for ``slow``: seconds to sleep (default 5)
     BENCH_FAULT_PLAN   JSON {"<train.seed>": {"fault": ..., "rank": ..., "signal": ...}}: a different fault
-                       per cell of one matrix (cells told apart by their seed); a seed not listed runs clean
+                       per cell of one matrix (cells told apart by their seed); a seed not listed runs clean;
+                       a key "mb<N>" picks the cells of micro-batch N (train.micro_batch auto's step-down)
 
 Everything else is the real worker: real accelerate, real model, real collectives. The fault replaces
 nothing but one call of ``train_step`` on the chosen rank.
@@ -32,10 +33,10 @@ import torch
 import bench.worker.train as worker
 
 
-def chosen_fault(seed: int) -> dict:
-    """The fault for this cell: BENCH_FAULT_PLAN (JSON, by train.seed) first, then the plain variables."""
+def chosen_fault(seed: int, micro_batch: int | None = None) -> dict:
+    """The fault for this cell: BENCH_FAULT_PLAN (JSON, by train.seed or "mb<N>") first, then the plain variables."""
     plan = json.loads(os.environ.get("BENCH_FAULT_PLAN", "{}"))
-    spec = plan.get(str(seed), {} if plan else {"fault": os.environ.get("BENCH_FAULT", "")})
+    spec = plan.get(str(seed), plan.get(f"mb{micro_batch}", {} if plan else {"fault": os.environ.get("BENCH_FAULT", "")}))
     return {"fault": spec.get("fault", ""), "rank": str(spec.get("rank", os.environ.get("BENCH_FAULT_RANK", "1"))),
             "step": int(spec.get("step", os.environ.get("BENCH_FAULT_STEP", "1"))),
             "signal": spec.get("signal", os.environ.get("BENCH_FAULT_SIGNAL", "SIGKILL"))}
@@ -80,7 +81,7 @@ def faulty(train_step):
     calls = {"n": 0}
 
     def step(cell, *args, **kwargs):
-        fault = chosen_fault(cell.train.seed)
+        fault = chosen_fault(cell.train.seed, cell.train.micro_batch)
         rank, _ = worker.world()
         if fault["fault"] and calls["n"] == fault["step"] and fault["rank"] in ("all", str(rank)):
             inject(fault)
