@@ -58,7 +58,7 @@ def cell_problems(cell: CellSettings, visible_gpus: int | None) -> list[str]:
                    f"Fix: select runnable cells with --only gpus=<n,...> or exclude them in the matrix")
     if cell.adapter.type == "qlora" and strat is not None:
         out += _qlora_problems(cell, strat)
-    out += fast_path_problems(cell, strat)
+    out += fast_path_problems(cell, strat, visible_gpus is not None)
     if cell.train.seq_len > models.config_dict(cell.model).get("max_position_embeddings", 1 << 30):
         out.append(f"train.seq_len {cell.train.seq_len} exceeds the model's max_position_embeddings")
     if cell.data.source != "synthetic":
@@ -90,14 +90,15 @@ def _cpu_problems(cell: CellSettings, strat: strategies.Strategy | None) -> list
     return out
 
 
-def fast_path_problems(cell: CellSettings, strat: strategies.Strategy | None) -> list[str]:
-    """train.kernels, train.compile and train.micro_batch auto: what they need (bench/worker/fast_paths.py)."""
+def fast_path_problems(cell: CellSettings, strat: strategies.Strategy | None, here: bool = True) -> list[str]:
+    """train.kernels, train.compile and train.micro_batch auto: what they need (bench/worker/fast_paths.py).
+    ``here``: the cell runs on this machine (not planned for its own target), whose packages then count."""
     import importlib.util
 
     out = []
     t = cell.train
     if t.kernels == "liger":
-        if importlib.util.find_spec("liger_kernel") is None:
+        if here and importlib.util.find_spec("liger_kernel") is None:
             out.append("train.kernels liger needs the liger-kernel package, not installed here. "
                        "Fix: pip install -e '.[kernels]', or train.kernels: none")
         if cell.device != "cuda":

@@ -7,6 +7,7 @@ import pytest
 
 from bench.spec import check_time_budget, expand, load_matrix
 from bench.strategies import check_runnable
+from bench.strategies.runnable import cell_problems
 
 from conftest import REPO
 
@@ -24,6 +25,8 @@ def test_matrix_validates_and_expands(path):
     cells = expand(matrix, source=str(path), device=device)
     assert cells, "a shipped matrix must have at least one cell"
     # Validated as on a machine with plenty of GPUs: only combinations that can never run fail here.
-    problems = [f"{c.label}: {msg}" for c in cells if (msg := check_runnable(c, visible_gpus=8))]
+    # A package not installed on this machine (the kernels extra) is installable: not a matrix problem.
+    problems = [f"{c.label}: {msg}" for c in cells
+                for msg in cell_problems(c, visible_gpus=8) if "not installed here" not in msg]
     assert not problems, "\n".join(problems)
     check_time_budget(cells, matrix.limits, str(path))  # the longest start-up and timed phase fit the timeout
