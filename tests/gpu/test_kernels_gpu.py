@@ -1,0 +1,48 @@
+"""GPU cells of issue 21 (run by the lead on a CUDA machine with `pip install -e '.[kernels]'`): Liger applied
+and read back from the built model, torch.compile under ddp and zero1, micro_batch auto's one record."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from conftest import bench, write_matrix
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow,
+              pytest.mark.skipif(not importlib.util.find_spec("liger_kernel"), reason="pip install -e '.[kernels]'")]
+
+
+def run_records(tmp_path, **fields) -> list[dict]:
+    matrix = write_matrix(tmp_path, name="k", device="cuda", **fields)
+    bench("run", str(matrix), "--results", str(tmp_path / "res"), check=True, timeout=1800)
+    return [json.loads(line) for line in (tmp_path / "res" / "runs.jsonl").read_text().splitlines()]
+
+
+def test_liger_is_applied_and_the_output_holds_no_logits(tmp_path):
+    records = run_records(tmp_path, train={"seq_len": 256, "steps": 3, "timing": {"max_steps": 3, "max_timed_s": 20}},
+                          grid={"kernels": ["liger"], "strategy": ["ddp", "zero1"]})
+    for r in records:
+        assert r["status"] == "ok", r.get("error")
+        kernels = r["ranks"][0]["kernels"]
+        assert kernels["liger_modules"].get("LigerRMSNorm", 0) > 0
+        assert "liger" in kernels["causal_lm_forward"]
+
+
+def test_compile_under_ddp_and_zero1_keeps_compilation_out_of_the_timed_steps(tmp_path):
+    records = run_records(tmp_path, train={"seq_len": 256, "compile": True, "warmup_steps": 2, "steps": 5,
+                                           "timing": {"max_steps": 5, "max_timed_s": 30}},
+                          grid={"strategy": ["ddp", "zero1"]})
+    for r in records:
+        assert r["status"] == "ok", r.get("error")
+        assert r["ranks"][0]["compile"]["compile_s"] > 0
+        assert not r["ranks"][0]["compile"]["compiled_in_timed_steps"]
+
+
+def test_auto_micro_batch_is_one_record_with_its_trail(tmp_path):
+    records = run_records(tmp_path, gpu_memory_gib=8, train={"seq_len": 512, "micro_batch": "auto", "steps": 3,
+                                                             "timing": {"max_steps": 3, "max_timed_s": 20}})
+    assert len(records) == 1
+    auto = records[0]["micro_batch_auto"]
+    assert auto["proposed"] >= 1 and auto["trail"][-1]["mb"] == auto["chosen"]
