@@ -10,7 +10,9 @@ import pytest
 
 from conftest import bench, write_matrix
 
+torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
               pytest.mark.skipif(not importlib.util.find_spec("liger_kernel"), reason="pip install -e '.[kernels]'")]
 
 
