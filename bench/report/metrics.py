@@ -132,16 +132,16 @@ def figures(record: RunRecord) -> dict:
         "tokens_per_step": tokens,
         "real_tokens_per_step": real,
         "tokens_per_s": tokens / step,
-        "tokens_per_s_per_gpu": tokens / step / cell.gpus,
+        "tokens_per_s_per_gpu": tokens / step / cell.processes,
         "real_tokens_per_s": real / step,
-        "real_tokens_per_s_per_gpu": real / step / cell.gpus,
+        "real_tokens_per_s_per_gpu": real / step / cell.processes,
         # the slow end of the step-time interval gives the low end of the throughput interval
         "real_tokens_per_s_ci_low": real / high, "real_tokens_per_s_ci_high": real / low,
         "samples_per_s": real / step / cell.train.seq_len,
         "final_loss": record.ranks[0]["steps"][-1]["loss"],
     })
     row.update(_timing_figures(record))
-    sequences = cell.gpus * cell.train.micro_batch * cell.train.grad_accum
+    sequences = cell.processes * cell.train.micro_batch * cell.train.grad_accum
     row.update(_flop_figures(record, card, real / sequences, tokens / sequences))
     row.update(_energy_figures(record, real * len(arr)))
     return row
