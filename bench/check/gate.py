@@ -66,7 +66,7 @@ from bench.worker.slowdown import injected_slowdown
 
 SOFTWARE_KEYS = ("git_sha", "python", "cuda", "nccl", "driver", "cuda_driver", "platform")
 FAILED = {"crash", "oom", "hang", "timeout", "unsupported", "predicted_oom"}
-NOT_MEASURED = {"busy", "interrupted", "skipped"}
+NOT_MEASURED = {"busy", "interrupted", "skipped", "cancelled"}  # cancelled: a Slurm job someone ended
 
 
 @dataclass(frozen=True)

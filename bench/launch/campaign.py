@@ -87,8 +87,12 @@ def prepare(matrix_path: str, opts: RunOptions) -> Prepared:
     if not cells:
         raise MatrixError(f"{matrix_path}: no cell left after --only/--exclude. Fix: loosen the selection")
     check_names(cells, matrix_path)
+    from bench.launch.slurm_runner import check_launcher
+
+    check_launcher(matrix, cells, matrix_path)
     here = visible_gpus()
-    target = None if opts.dry_run else here  # a dry run plans each cell for its own target machine
+    # A dry run plans each cell for its own target machine; so does a Slurm run (its cells run elsewhere).
+    target = None if opts.dry_run or matrix.launcher == "slurm" else here
     if opts.strict:
         validate_cells(cells, matrix_path, target)
     reasons = unrunnable(cells, target)
@@ -366,6 +370,11 @@ class CellHooks:
                                              self.opts.force, self.opts.capacity_gib, info)
         if not_launched is not None:
             return not_launched
+        if self.matrix.launcher == "slurm":
+            from bench.launch.slurm_runner import run_slurm_plan
+
+            return run_slurm_plan(plan, matrix_name, fingerprint, self.matrix.slurm, strategy_info=info,
+                                  prediction=prediction)
         sampler = None
         if plan.cell.device == "cuda":
             plan = with_deepspeed_arch_list(plan)

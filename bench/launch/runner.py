@@ -42,32 +42,40 @@ class CellInterrupted(Exception):
 
 # ---------------------------------------------------------------- watching
 
+def watchdog(plan: LaunchPlan, outcome: Outcome, started: float) -> bool:
+    """One look at the ranks' heartbeats: True (with outcome.stopped_by set) when a limit is hit.
+
+    Shared by every launcher: the ranks' heartbeats in the cell's folder say the same wherever they ran.
+    ``started``: when the ranks' clock began (the launch here; the job seen running under Slurm)."""
+    limits = plan.limits
+    now = time.time()
+    beats = rank_files.read_json_files(plan.rank_dir, "heartbeat")
+    if outcome.first_step_at is None and any(b.get("phase") in ("warmup", "timed") for b in beats):
+        outcome.first_step_at = now
+    stepping = [b for b in beats if b.get("phase") in STEP_PHASES]
+    if now - started > limits.timeout_s:
+        outcome.stopped_by = "timeout"
+    elif len(stepping) < plan.cell.processes:
+        # Building the model and preparing it (DeepSpeed op builds) may take minutes: startup_s.
+        if now - started > limits.startup_s:
+            outcome.stopped_by = "hang"
+            outcome.extra["hang_phase"] = "start-up (not every rank reached its first step)"
+    elif now - min(b["time"] for b in beats) > limits.hang_s:  # the slowest rank's last beat
+        outcome.stopped_by = "hang"
+    if outcome.stopped_by:
+        outcome.stopped_at = now
+    return outcome.stopped_by is not None
+
+
 def _watch(tree: ProcessTree, plan: LaunchPlan, outcome: Outcome) -> None:
     """Poll until the launch exits or a limit is hit; then stop the tree. Ctrl-C propagates to the caller."""
-    limits = plan.limits
-    started = tree.started
     last_scan = 0.0
     while tree.proc.poll() is None:
         time.sleep(POLL_S)
         if time.time() - last_scan > SCAN_S:
             tree.note_descendants()
             last_scan = time.time()
-        now = time.time()
-        beats = rank_files.read_json_files(plan.rank_dir, "heartbeat")
-        if outcome.first_step_at is None and any(b.get("phase") in ("warmup", "timed") for b in beats):
-            outcome.first_step_at = now
-        stepping = [b for b in beats if b.get("phase") in STEP_PHASES]
-        if now - started > limits.timeout_s:
-            outcome.stopped_by = "timeout"
-        elif len(stepping) < plan.cell.gpus:
-            # Building the model and preparing it (DeepSpeed op builds) may take minutes: startup_s.
-            if now - started > limits.startup_s:
-                outcome.stopped_by = "hang"
-                outcome.extra["hang_phase"] = "start-up (not every rank reached its first step)"
-        elif now - min(b["time"] for b in beats) > limits.hang_s:  # the slowest rank's last beat
-            outcome.stopped_by = "hang"
-        if outcome.stopped_by:
-            outcome.stopped_at = now
+        if watchdog(plan, outcome, tree.started):
             tree.stop(TERM_GRACE_S)
             return
 

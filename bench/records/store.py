@@ -30,7 +30,9 @@ MATRIX_COPY = "matrix.yaml"  # the matrix a results folder was last run from (in
 #   unsupported (the stack refused the combination at run time); interrupted (Ctrl-C or SIGTERM to bench);
 #   predicted_oom (not launched: the estimate says it cannot fit); busy (not launched: its GPUs were in use);
 #   skipped (not launched on purpose, reason in the error; cells left unrun by a stopped matrix get no record).
-Status = Literal["ok", "oom", "timeout", "hang", "crash", "unsupported", "skipped", "interrupted", "predicted_oom", "busy"]
+#   cancelled (a Slurm job that the scheduler or a person ended: scancel, preemption).
+Status = Literal["ok", "oom", "timeout", "hang", "crash", "unsupported", "skipped", "interrupted", "predicted_oom", "busy",
+                 "cancelled"]
 # Failures that happen again on a rerun of the same cell on the same machine: resume does not retry them.
 DETERMINISTIC_FAILURES = {"oom", "unsupported", "predicted_oom"}
 
@@ -75,6 +77,8 @@ class RunRecord(BaseModel):
     # train.micro_batch auto: {proposed, capacity_gib, capacity_source, trail: [{mb, status, peak_gib}], chosen}
     # (bench/launch/auto_batch.py); settings keep "auto", the cell id is the auto cell's. Absent otherwise.
     micro_batch_auto: dict[str, Any] | None = None
+    # A cell run as a Slurm job (launcher: slurm): job_id, node_list, state, exit_code, failed_node; None locally.
+    slurm: dict[str, Any] | None = None
 
 
 def not_launched_record(matrix: str, cell_settings: Any, repeat: int, fingerprint: dict, status: Status,

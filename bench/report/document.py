@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table as RichTable
 
 from bench.report import flops, metrics, plots, verdict
-from bench.report import tables
+from bench.report import nodes, tables
 from bench.records.caveats import CPU_CAVEAT
 from bench.spec import MatrixError, TokenBudget, load_matrix
 from bench.report.render import Plot, Section, Table, to_html, to_markdown, write_csvs
@@ -130,8 +130,16 @@ def scaling_section(df: pd.DataFrame, out_dir: Path) -> Section:
                                   "ratio to the plain 1-process run, labelled cross-policy where the policies "
                                   "differ (never a parallel speedup then)."])
     for i, (_m, _k, title, group) in enumerate(tables.setting_groups(df), 1):
-        section.items.append(Table(f"scaling_{i}", title, tables.scaling_table(group), tables.warnings_for(group)))
-        if path := plots.scaling_curves(group, title, out_dir / f"scaling_{i}.png"):
+        across = nodes.node_scaling_table(group)
+        if across is not None:
+            group = nodes.one_node(group)  # inside one node apart from across nodes (bench/report/nodes.py)
+            title = f"{title}, within one node"
+        if len(group):
+            section.items.append(Table(f"scaling_{i}", title, tables.scaling_table(group), tables.warnings_for(group)))
+        if across is not None:
+            section.items.append(Table(f"scaling_nodes_{i}", f"{title.removesuffix(', within one node')}, across "
+                                       "nodes (speedup over 1 node at the same processes per node)", across, []))
+        if len(group) and (path := plots.scaling_curves(group, title, out_dir / f"scaling_{i}.png")):
             section.items.append(Plot(path, f"Scaling curves, {title}"))
     return section
 

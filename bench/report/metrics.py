@@ -102,6 +102,8 @@ def figures(record: RunRecord) -> dict:
     row = {
         "cell_id": record.cell_id, "repeat": record.repeat, "label": record.label, "status": record.status,
         "model": cell.model, "adapter": cell.adapter.type, "strategy": cell.strategy, "gpus": cell.gpus,
+        # gpus: processes per node; nodes: machines (1 in records from before multi-node cells); processes: all ranks
+        "nodes": cell.nodes, "processes": cell.processes,
         "family": strategy_family(record, cell), "precision_policy": precision_policy(record, cell),
         "device": cell.device, "setting_key": cell.setting_key, "gpu_memory_gib": cell.gpu_memory_gib,
         "hardware": record.env.get("hardware", "unknown"), "gpu_model": card,
@@ -133,16 +135,16 @@ def figures(record: RunRecord) -> dict:
         "tokens_per_step": tokens,
         "real_tokens_per_step": real,
         "tokens_per_s": tokens / step,
-        "tokens_per_s_per_gpu": tokens / step / cell.gpus,
+        "tokens_per_s_per_gpu": tokens / step / cell.processes,
         "real_tokens_per_s": real / step,
-        "real_tokens_per_s_per_gpu": real / step / cell.gpus,
+        "real_tokens_per_s_per_gpu": real / step / cell.processes,
         # the slow end of the step-time interval gives the low end of the throughput interval
         "real_tokens_per_s_ci_low": real / high, "real_tokens_per_s_ci_high": real / low,
         "samples_per_s": real / step / cell.train.seq_len,
         "final_loss": record.ranks[0]["steps"][-1]["loss"],
     })
     row.update(_timing_figures(record))
-    sequences = cell.gpus * micro_batch_used(record, cell) * cell.train.grad_accum
+    sequences = cell.processes * micro_batch_used(record, cell) * cell.train.grad_accum
     row.update(_flop_figures(record, card, real / sequences, tokens / sequences))
     row.update(_energy_figures(record, real * len(arr)))
     return row
@@ -351,7 +353,7 @@ def _across_launches(ok: pd.DataFrame) -> dict:
     """Median over the launches; the 95 % t-interval of their figures on the log scale (bench/report/intervals.py)."""
     out = {col: float(ok[col].median()) for col in REPEAT_MEDIAN_COLUMNS if col in ok.columns and ok[col].notna().any()}
     out.update({col: float(ok[col].max()) for col in REPEAT_MAX_COLUMNS if col in ok.columns and ok[col].notna().any()})
-    gpus = int(ok["gpus"].iloc[0])
+    gpus = int(processes(ok).iloc[0])
     tps = ok[THROUGHPUT].to_numpy(dtype=float)
     if (through := intervals.across_launches(tps)) is not None:
         out.update({"real_tokens_per_s_ci_low": through.low, "real_tokens_per_s_ci_high": through.high})
@@ -371,7 +373,13 @@ def per_gpu_interval(row) -> tuple[float, float] | None:
     low, high = row.get("real_tokens_per_s_ci_low"), row.get("real_tokens_per_s_ci_high")
     if not (_positive(low) and _positive(high)):
         return None
-    return low / row["gpus"], high / row["gpus"]
+    n = row.get("processes", row["gpus"])
+    return low / n, high / n
+
+
+def processes(frame: pd.DataFrame) -> pd.Series:
+    """Ranks of each row: nodes x processes per node (frames made without a processes column: gpus)."""
+    return frame["processes"] if "processes" in frame.columns else frame["gpus"]
 
 
 def _families(group: pd.DataFrame) -> pd.Series:
@@ -380,7 +388,7 @@ def _families(group: pd.DataFrame) -> pd.Series:
 
 def plain_baseline(group: pd.DataFrame) -> pd.Series | None:
     """The plain 1-process run of a setting group (what a user runs today), ok or not; None if absent."""
-    ones = group[(group["gpus"] == 1) & _families(group).isin(PLAIN_FAMILIES)]
+    ones = group[(processes(group) == 1) & _families(group).isin(PLAIN_FAMILIES)]
     if not len(ones):
         return None
     ok = ones[ones["status"] == "ok"]
@@ -395,7 +403,7 @@ def same_policy_baseline(row: pd.Series, group: pd.DataFrame) -> pd.Series | Non
     Order: the same strategy at 1; a plain run (single/ddp) of that policy; another strategy of its family
     (DeepSpeed against DeepSpeed at one GPU); any other 1-process cell of that policy, by name.
     """
-    ones = group[(group["gpus"] == 1) & (group["status"] == "ok")]
+    ones = group[(processes(group) == 1) & (group["status"] == "ok")]
     if "precision_policy" in ones.columns:
         ones = ones[ones["precision_policy"] == row.get("precision_policy")]
     if not len(ones):
@@ -432,7 +440,7 @@ def add_speedups(df: pd.DataFrame) -> pd.DataFrame:
                 df.loc[idx, "speedup_vs_plain_1"] = row[THROUGHPUT] / plain[THROUGHPUT]
                 df.loc[idx, "plain_cross_policy"] = row.get("precision_policy") != plain.get("precision_policy")
         for which in ("", "_vs_same_1", "_vs_plain_1"):
-            df.loc[ok.index, f"efficiency{which}"] = df.loc[ok.index, f"speedup{which}"] / ok["gpus"]
+            df.loc[ok.index, f"efficiency{which}"] = df.loc[ok.index, f"speedup{which}"] / processes(ok)
     return df
 
 

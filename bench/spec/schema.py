@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from bench.spec.slurm import SlurmOptions
+
 
 class MatrixError(Exception):
     """Bad input: the message names the file, the key and the fix. The CLI exits 2 on it."""
@@ -109,7 +111,8 @@ class CellSettings(_Strict):
 
     model: str = "tiny-llama"
     strategy: str = "ddp"
-    gpus: int = Field(1, gt=0, description="number of processes: GPUs on a GPU machine, CPU processes on CPU")
+    gpus: int = Field(1, gt=0, description="processes per node: GPUs on a GPU machine, CPU processes on CPU")
+    nodes: int = Field(1, gt=0, description="machines the cell spans (launcher: slurm); it runs nodes x gpus ranks")
     device: Literal["cuda", "cpu"] = "cpu"
     gpu_memory_gib: float | None = Field(None, gt=0, description="per-process GPU memory cap")
     adapter: Adapter = Adapter()
@@ -117,8 +120,15 @@ class CellSettings(_Strict):
     data: Data = Data()
 
     @property
+    def processes(self) -> int:
+        """Ranks of the cell: nodes x processes per node."""
+        return self.nodes * self.gpus
+
+    @property
     def cell_id(self) -> str:
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        # nodes came later: a one-node cell hashes without it, so that existing cells keep their ids.
+        canonical = json.dumps(self.model_dump(mode="json", exclude={"nodes"} if self.nodes == 1 else None),
+                               sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
     @property
@@ -126,13 +136,14 @@ class CellSettings(_Strict):
         adapter = self.adapter.type if self.adapter.type != "none" else "full"
         cap = f" cap{self.gpu_memory_gib:g}G" if self.gpu_memory_gib else ""
         unit = "gpu" if self.device == "cuda" else "proc"
-        return f"{self.model} {adapter} {self.strategy} x{self.gpus}{unit}{cap}"
+        nodes = f" {self.nodes}nodes" if self.nodes > 1 else ""
+        return f"{self.model} {adapter} {self.strategy} x{self.gpus}{unit}{nodes}{cap}"
 
     @property
     def setting_key(self) -> str:
         """Everything but strategy and process count: cells with equal keys are compared in scaling tables."""
         d = self.model_dump(mode="json")
-        for k in ("strategy", "gpus"):
+        for k in ("strategy", "gpus", "nodes"):
             d.pop(k)
         return json.dumps(d, sort_keys=True)
 
@@ -161,6 +172,7 @@ class Matrix(_Strict):
     model: str = "tiny-llama"
     strategy: str = "ddp"
     gpus: int = Field(1, gt=0)
+    nodes: int = Field(1, gt=0)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     gpu_memory_gib: float | None = None
     adapter: Adapter = Adapter()
@@ -175,6 +187,9 @@ class Matrix(_Strict):
     # skip a cell predicted above capacity by this fraction; null: the framework's measured margin
     # (bench/estimate/margins.py, from the estimator's out-of-sample errors)
     estimate_margin: float | None = Field(None, ge=0)
+    # how cells start: on this host (accelerate launch) or as Slurm batch jobs (bench/launch/slurm_runner.py)
+    launcher: Literal["local", "slurm"] = "local"
+    slurm: SlurmOptions = SlurmOptions()
 
     @model_validator(mode="after")
     def _grid_lists_not_empty(self):

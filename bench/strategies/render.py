@@ -68,12 +68,12 @@ def _mixed_precision(cell: CellSettings) -> str:
 
 def accelerate_config(strategy: Strategy, cell: CellSettings, ds_config_path: Path | None) -> dict[str, Any]:
     """The accelerate config YAML, as `accelerate config` writes it."""
-    multi = cell.gpus > 1
+    multi = cell.processes > 1  # nodes x processes per node
     config: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
         "num_machines": 1,
         "machine_rank": 0,
-        "num_processes": cell.gpus,
+        "num_processes": cell.processes,  # a Slurm launch sets --num_machines/--num_processes per node
         "mixed_precision": _mixed_precision(cell),
         "rdzv_backend": "static",
         "same_network": True,

@@ -68,7 +68,7 @@ def strategy_family(cell: CellSettings, cell_dir: Path | None = None) -> str:
 
 def guard_distributed_setup(cell: CellSettings, accelerator, world_size: int, cell_dir: Path | None = None) -> None:
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    check_distributed_setup(cell.strategy, strategy_family(cell, cell_dir), cell.gpus,
+    check_distributed_setup(cell.strategy, strategy_family(cell, cell_dir), cell.processes,
                             str(accelerator.distributed_type), world_size,
                             fsdp_version=getattr(plugin, "fsdp_version", None),
                             user_config=strategies.is_user_config(cell.strategy))

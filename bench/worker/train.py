@@ -418,6 +418,11 @@ def rank_report(cell, accelerator, model, rank, world_size, device, steps, init_
         "rank": rank,
         "world_size": world_size,
         "hostname": os.uname().nodename,
+        # where the rank ran: torchrun's node rank (GROUP_RANK; Slurm's SLURM_NODEID under a Slurm launch),
+        # its rank on that node, and the Slurm node name (None outside Slurm)
+        "node_rank": int(os.environ.get("GROUP_RANK", os.environ.get("SLURM_NODEID", "0"))),
+        "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
+        "slurm_node": os.environ.get("SLURMD_NODENAME"),
         "device": str(device),
         "distributed_type": str(accelerator.distributed_type).split(".")[-1],
         "backend": _backend(),

@@ -5,7 +5,8 @@ cell's command on every node, and that command for `accelerate launch`), ``comma
 scontrol, scancel, sacct), ``states`` (the job's end as bench sees it: state, status, failing node),
 ``job`` (SlurmJob: a submitted job that Ctrl-C or an exception cancels).
 
-The cluster launcher, beside the local one in bench/launch/; it imports nothing else from bench.
+The cluster launcher, beside the local one in bench/launch/; of bench it imports only the matrix's
+``slurm:`` section (bench/spec/slurm.py).
 """
 
 from bench.launch.slurm.commands import SlurmError, cancel, job_info, node_hostnames, queue_state, submit

@@ -1,0 +1,36 @@
+"""Scaling across nodes is shown apart from scaling inside one node (bench/report/nodes.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from bench.report import nodes
+from bench.report.metrics import THROUGHPUT
+
+
+def _row(strategy: str, per_node: int, n_nodes: int, tokens_per_s: float, status: str = "ok") -> dict:
+    procs = per_node * n_nodes
+    return {"strategy": strategy, "gpus": per_node, "nodes": n_nodes, "processes": procs, "device": "cuda",
+            "status": status, THROUGHPUT: tokens_per_s, "real_tokens_per_s_per_gpu": tokens_per_s / procs,
+            "real_tokens_per_s_ci_low": math.nan, "real_tokens_per_s_ci_high": math.nan, "interval_basis": "1 launch"}
+
+
+def test_across_nodes_is_measured_against_one_node_at_the_same_gpus_per_node():
+    group = pd.DataFrame([_row("ddp", 1, 1, 100.0), _row("ddp", 4, 1, 360.0), _row("ddp", 4, 2, 630.0),
+                          _row("zero2", 4, 2, 0.0, status="crash")])
+    table = nodes.node_scaling_table(group)
+    assert list(table["strategy"]) == ["ddp", "zero2"]  # ddp at 1 GPU per node ran on one node only: not here
+    ddp = table.iloc[0]
+    assert ddp["GPUs per node"] == 4
+    assert ddp["2 node(s): vs 1 node"] == "1.75x (88%)"  # 630 / 360, over 2 nodes
+    assert table.iloc[1]["2 node(s): vs 1 node"] == "crash"
+    assert table.iloc[1]["1 node(s): tok/s/GPU [95% CI]"] == "no record"
+    assert list(nodes.one_node(group)["processes"]) == [1, 4]  # the within-node table keeps the gpus axis
+
+
+def test_one_node_records_and_old_records_get_no_across_table():
+    assert nodes.node_scaling_table(pd.DataFrame([_row("ddp", 2, 1, 10.0)])) is None
+    old = pd.DataFrame([_row("ddp", 2, 1, 10.0)]).drop(columns=["nodes", "processes"])
+    assert not nodes.has_several_nodes(old) and len(nodes.one_node(old)) == 1
