@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.spec.schema import CellSettings
-from bench.strategies.catalogue import Strategy
-
-TRANSFORMER_LAYER = "LlamaDecoderLayer"
+from bench.strategies.constants import DEEPSPEED, FSDP
+from bench.strategies.strategy import Strategy
 
 
 # ---------------------------------------------------------------- DeepSpeed
@@ -24,16 +23,10 @@ def deepspeed_config(strategy: Strategy, cell: CellSettings) -> dict[str, Any]:
         "stage": strategy.zero_stage,
         "overlap_comm": True,
         "contiguous_gradients": True,
-        "reduce_bucket_size": 500_000_000,
+        **DEEPSPEED.written(strategy.shard_level),
     }
-    if strategy.zero_stage == 3:
-        zero.update({
-            "stage3_prefetch_bucket_size": 500_000_000,
-            "stage3_param_persistence_threshold": 1_000_000,
-            "stage3_gather_16bit_weights_on_model_save": False,
-        })
-    else:
-        zero["allgather_bucket_size"] = 500_000_000
+    if strategy.shards_params:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
     if strategy.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cell.device == "cuda"}
     if strategy.offload_params:
@@ -68,7 +61,6 @@ def _mixed_precision(cell: CellSettings) -> str:
 
 def accelerate_config(strategy: Strategy, cell: CellSettings, ds_config_path: Path | None) -> dict[str, Any]:
     """The accelerate config YAML, as `accelerate config` writes it."""
-    multi = cell.gpus > 1
     config: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
         "num_machines": 1,
@@ -80,17 +72,17 @@ def accelerate_config(strategy: Strategy, cell: CellSettings, ds_config_path: Pa
         "main_training_function": "main",
         "downcast_bf16": "no",
     }
-    if strategy.family == "single" or (strategy.family == "ddp" and not multi):
+    if strategy.is_plain and not strategy.uses_ddp(cell.gpus):
         config["distributed_type"] = "NO"
-    elif strategy.family == "ddp":
+    elif strategy.is_plain:
         # On CPU too: MULTI_GPU plus ACCELERATE_USE_CPU=1 gives gloo ranks (MULTI_CPU would want mpirun).
         config["distributed_type"] = "MULTI_GPU"
-    elif strategy.family == "deepspeed":
+    elif strategy.uses_deepspeed:
         config["distributed_type"] = "DEEPSPEED"
         del config["mixed_precision"]  # the DeepSpeed JSON owns precision; accelerate refuses it twice
         config["deepspeed_config"] = {
             "deepspeed_config_file": str(ds_config_path),
-            "zero3_init_flag": strategy.zero_stage == 3,
+            "zero3_init_flag": strategy.shards_params,
         }
     else:
         config["distributed_type"] = "FSDP"
@@ -103,20 +95,20 @@ def accelerate_config(strategy: Strategy, cell: CellSettings, ds_config_path: Pa
 def _fsdp_config(strategy: Strategy, cell: CellSettings) -> dict[str, Any]:
     common = {
         "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-        "fsdp_transformer_layer_cls_to_wrap": TRANSFORMER_LAYER,
+        "fsdp_transformer_layer_cls_to_wrap": FSDP.transformer_layer,
         "fsdp_offload_params": strategy.offload_params,
         "fsdp_state_dict_type": "SHARDED_STATE_DICT",
         "fsdp_cpu_ram_efficient_loading": False,
         # Checkpointing is applied by the worker (gradient_checkpointing_enable), the way HF users do.
         "fsdp_activation_checkpointing": False,
     }
-    if strategy.family == "fsdp2":
+    if strategy.fsdp_version == 2:
         return {"fsdp_version": 2, "fsdp_reshard_after_forward": strategy.reshard_after_forward, **common}
     return {
         "fsdp_version": 1,
         "fsdp_sharding_strategy": strategy.fsdp_sharding,
-        "fsdp_backward_prefetch": "BACKWARD_PRE",
-        "fsdp_forward_prefetch": False,
+        "fsdp_backward_prefetch": FSDP.backward_prefetch,
+        "fsdp_forward_prefetch": FSDP.forward_prefetch,
         "fsdp_sync_module_states": False,  # random init from one seed: every rank builds the same weights
         # LoRA: frozen and trainable parameters in one unit need the original parameters kept. QLoRA: the
         # documented FSDP-QLoRA setting (PEFT guide, HF recipes) is False, because bitsandbytes rebuilds its
