@@ -62,7 +62,10 @@ class Strategy:
         return world // (self.tp * self.cp)
 
     def dp_shard(self, world: int, ranks_per_node: int | None = None) -> int:
-        """Ranks one copy of the sharded states is split over (1: every rank holds them whole)."""
+        """Ranks one copy of the sharded states is split over (1: every rank holds them whole); the world is
+        whole nodes of ``ranks_per_node`` (None: one node)."""
+        if ranks_per_node and world % ranks_per_node:
+            raise ValueError(f"a world of {world} ranks is not whole nodes of {ranks_per_node}")
         if not self.shard_level:
             return 1
         dp = self.dp_degree(world)
