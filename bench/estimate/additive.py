@@ -32,8 +32,8 @@ from typing import Any
 
 from bench.estimate import offload_blocks
 from bench.estimate.activations import LORA_TARGET_INPUTS, ActivationBytes, activation_bytes, lora_input_width
-from bench.estimate.prediction import (CALIBRATION, COMPONENTS, DS_MAX_LIVE_PARAMETERS, DS_REDUCE_BUCKET, DS_SUB_GROUP,
-                                       ESTIMATOR_VERSION, GIB, Calibration, Prediction, margins_for, with_capacity)
+from bench.estimate.prediction import (CALIBRATION, COMPONENTS, ESTIMATOR_VERSION, GIB, Calibration, Prediction, margins_for,
+                                       with_capacity)
 from bench.estimate.replay import replay
 from bench.estimate.states import (NF4_PACKED_BYTES, BytesPerParam, Sharding, StateBytes, bytes_per_frozen_param,
                                    bytes_per_trainable_param, frozen_states, shard_states)
@@ -41,6 +41,7 @@ from bench.estimate.terms import compute_bytes, converts_outputs_to_fp32, descri
 from bench.spec import CellSettings
 from bench.spec.models import ModelShape
 from bench.strategies import Strategy, is_user_config
+from bench.strategies.constants import DEEPSPEED
 from bench.strategies.build import builds_on_host as qlora_builds_on_host
 from bench.strategies.build import builds_on_meta
 from bench.strategies.build import upcasts_to_fp32 as qlora_upcasts_to_fp32
@@ -74,7 +75,7 @@ class ModelStates:
 def model_states(cell: CellSettings, shape: ModelShape, strategy: Strategy) -> ModelStates:
     sharding = sharding_for(strategy)
     n, t = cell.gpus, cell.train
-    bpp = bytes_per_trainable_param(policy_for(cell).name, strategy.family == "deepspeed", t.optimizer, t.precision)
+    bpp = bytes_per_trainable_param(policy_for(cell).name, strategy.uses_deepspeed, t.optimizer, t.precision)
     if cell.adapter.type == "none":
         return ModelStates(shard_states(shape.params, bpp, sharding, n), StateBytes(0, 0, 0, 0, 0),
                            shape.params, bpp, None, None)
@@ -85,7 +86,7 @@ def model_states(cell: CellSettings, shape: ModelShape, strategy: Strategy) -> M
     # (bench/strategies/build.py: not under FSDP, not above 20B parameters).
     kept_dtype = 4 if cell.adapter.type == "qlora" and qlora_upcasts_to_fp32(cell) else \
         bytes_per_frozen_param("lora", t.precision)
-    if quantized and strategy.family in ("fsdp", "fsdp2", "deepspeed"):
+    if quantized and not strategy.is_plain:
         # Sharding and offload move the packed 4-bit bytes (the parameter); the quantization constants
         # (absmax ...) are module attributes: every rank keeps all of them on its GPU.
         a = frozen_states(quantized, NF4_PACKED_BYTES, sharding, n)
@@ -132,7 +133,7 @@ def activations_for(cell: CellSettings, shape: ModelShape, strategy: Strategy, c
     # ZeRO-3's zero.Init replaces F.linear with its own autograd function (memory_efficient_linear), which
     # saves the input whether or not the weight is trained: frozen linears keep their inputs there. (QLoRA
     # builds without zero.Init: bench/worker/qlora.py.)
-    zero3 = strategy.family == "deepspeed" and strategy.zero_stage == 3 and cell.adapter.type != "qlora"
+    zero3 = strategy.uses_deepspeed and strategy.shards_params and cell.adapter.type != "qlora"
     targets = frozenset()
     if cell.adapter.type != "none":
         targets = frozenset(LORA_TARGET_INPUTS if cell.adapter.target == "all-linear" else cell.adapter.target)
@@ -186,7 +187,7 @@ def _zero3_gathered(cell: CellSettings, shape: ModelShape, states: ModelStates) 
     rank the partition is the whole parameter and nothing is gathered."""
     if cell.gpus == 1:
         return 0.0
-    return _gathered_weight_bytes(cell, states) * min(shape.params, DS_MAX_LIVE_PARAMETERS)
+    return _gathered_weight_bytes(cell, states) * min(shape.params, DEEPSPEED.stage3_max_live_parameters)
 
 
 def backward_buffers(cell: CellSettings, shape: ModelShape, strategy: Strategy, states: ModelStates,
@@ -201,7 +202,7 @@ def backward_buffers(cell: CellSettings, shape: ModelShape, strategy: Strategy, 
     trained_bpp = states.base_bpp or states.adapter_bpp
     grad_bytes = trained_bpp.grads
     layer, root = _unit_params(shape)
-    if policy.name == "autocast" and strategy.family in ("single", "ddp"):
+    if policy.name == "autocast" and strategy.is_plain:
         # autocast caches a bf16 copy of every fp32 weight it casts; linears save it for backward. Under
         # (non-reentrant) checkpointing nothing is saved and the cache is cleared when the forward's autocast
         # exits, before the loss's backward; the recompute casts one layer's weights, saved until its backward.
@@ -209,7 +210,7 @@ def backward_buffers(cell: CellSettings, shape: ModelShape, strategy: Strategy, 
         if cell.train.grad_checkpointing:
             layers_with_copies = 1 if moment == "layers" else 0
         out["autocast_weight_copies"] = compute_bytes(cell) * layers_with_copies * shape.linear_params_per_layer
-    if moment == "loss" and policy.name == "autocast" and strategy.family in ("single", "ddp"):
+    if moment == "loss" and policy.name == "autocast" and strategy.is_plain:
         # The LM head is not checkpointed: autograd saves autocast's 16-bit copy of its fp32 weight for the
         # head's backward, right after the loss's.
         out["autocast_head_copy"] = compute_bytes(cell) * shape.vocab * shape.hidden
@@ -219,24 +220,22 @@ def backward_buffers(cell: CellSettings, shape: ModelShape, strategy: Strategy, 
         # of the weight, which autograd saves (the hidden states need their gradient) until the head's
         # backward, right after the loss's. A frozen weight is not in autocast's cache, so only until then.
         out["autocast_head_copy"] = compute_bytes(cell) * shape.vocab * shape.hidden
-    if strategy.family == "ddp" and cell.gpus > 1:
+    if strategy.uses_ddp(cell.gpus):
         # gradient_as_bucket_view=False (the default): the buckets are a second copy of the gradients,
         # allocated when the Reducer is built.
         out["ddp_buckets"] = grad_bytes * states.trainable
-    if strategy.family == "deepspeed":
-        stage = strategy.zero_stage or 0
-        if stage == 3:
+    if strategy.uses_deepspeed:
+        if strategy.shards_params:
             # ZeRO-3 allocates its reduce bucket when the optimizer is built: alive all along.
-            out["zero_reduce_buckets"] = DS_REDUCE_BUCKET * grad_bytes
+            out["zero_reduce_buckets"] = DEEPSPEED.reduce_bucket_size * grad_bytes
             out["zero3_gathered_params"] = _zero3_gathered(cell, shape, states)
         elif moment == "layers":
             # ZeRO-1/2 allocate their (double, with overlap_comm) reduce bucket at the first gradient
             # hook, after the loss's backward: whole, whatever the model size.
-            out["zero_reduce_buckets"] = calib.ds_overlap_buffers * DS_REDUCE_BUCKET * grad_bytes
-    if strategy.family in ("fsdp", "fsdp2") and (strategy.shards_params or strategy.fsdp_sharding == "SHARD_GRAD_OP") \
-            and cell.gpus > 1:  # FSDP1 on one rank runs as NO_SHARD: nothing is gathered
+            out["zero_reduce_buckets"] = calib.ds_overlap_buffers * DEEPSPEED.reduce_bucket_size * grad_bytes
+    if strategy.is_fsdp and strategy.shards_grads and cell.gpus > 1:  # FSDP1 on one rank runs as NO_SHARD: nothing is gathered
         w, w_root = _gathered_weight_bytes(cell, states), compute_bytes(cell)
-        resharded = strategy.reshard_after_forward is not False and strategy.fsdp_sharding != "SHARD_GRAD_OP"
+        resharded = strategy.reshards_after_forward
         # Resharding units hold the root (not resharded) plus, in the layers' backward, the current and
         # the prefetched layer; at the loss only the root (the head) is gathered.
         if resharded:
@@ -252,7 +251,7 @@ def backward_buffers(cell: CellSettings, shape: ModelShape, strategy: Strategy, 
             out["fsdp_offloaded_shard_copy"] = w_root * root / cell.gpus
         if states.base_bpp is not None and moment == "layers":
             out["fsdp_unsharded_grads"] = compute_bytes(cell) * (layer + shape.lm_head_params)
-    if strategy.family == "fsdp" and (strategy.fsdp_sharding == "NO_SHARD" or cell.gpus == 1) and is_half(cell) \
+    if strategy.fsdp_version == 1 and not strategy.shards_at(cell.gpus) and is_half(cell) \
             and states.base_bpp is not None:
         # NO_SHARD's low-precision copy of a unit is made when the unit is used and freed at its reshard
         # (FlatParamHandle.post_reshard), after its forward and after its backward: the root and, in the
@@ -305,7 +304,7 @@ def reserved_only_blocks(cell: CellSettings, shape: ModelShape, strategy: Strate
         out["released_build_blocks"] = compute_bytes(cell) * layer
     elif phase == "build":
         pass  # nothing is released yet while the model is being built
-    elif cell.adapter.type == "qlora" and (strategy.family in ("fsdp", "fsdp2") or strategy.zero_stage == 3):
+    elif cell.adapter.type == "qlora" and (strategy.is_fsdp or (strategy.uses_deepspeed and strategy.shards_params)):
         # The whole 4-bit model is built on every GPU and then sharded (FSDP) or partitioned (ZeRO-3 cannot
         # zero.Init a model built layer by layer into 4-bit): the built tensors' segments stay cached.
         out["released_build_blocks"] = _built_model_bytes(cell, shape, states)
@@ -313,24 +312,24 @@ def reserved_only_blocks(cell: CellSettings, shape: ModelShape, strategy: Strate
         # Each FSDP unit is materialised, sharded and freed in turn: the next unit and training's tensors reuse
         # those blocks (Llama-3.1-8B LoRA, FSDP1, 2 ranks: 0.9 GiB cached after prepare, results/llama8b-meta-h200).
         pass
-    elif strategy.family == "fsdp":
+    elif strategy.fsdp_version == 1:
         released = built * shape.params
         layer, _ = _unit_params(shape)
         largest_linear = max(i * o for i, o in shape.layer_linear_shapes)
-        if n > 1 and strategy.fsdp_sharding != "NO_SHARD" and layer / n <= largest_linear:
+        if strategy.shards_at(n) and layer / n <= largest_linear:
             released -= built * shape.layers * layer / n
         out["released_build_blocks"] = released
-    elif strategy.family == "fsdp2" and n > 1:
+    elif strategy.fsdp_version == 2 and n > 1:
         out["released_build_blocks"] = built * shape.params * (1 - 1 / n)  # per-parameter shards refill them
-    elif strategy.family == "deepspeed" and (strategy.zero_stage or 0) in (1, 2):
+    elif strategy.uses_deepspeed and strategy.shard_level in (1, 2):
         out["released_build_blocks"] = built * states.trainable
     if converts_outputs_to_fp32(cell, strategy) and phase == "backward" and cell.train.kernels != "liger":
         out["cached_half_logits"] = cell.train.seq_len * cell.train.micro_batch * shape.vocab * compute_bytes(cell)
-    if strategy.family == "deepspeed" and strategy.zero_stage == 3 and n > 1:
+    if strategy.uses_deepspeed and strategy.shards_params and n > 1:
         out["zero3_gather_stream_pool"] = _zero3_gathered(cell, shape, states)
         # overlap_comm: the reduce-scatter stages a bucket-sized copy on the reduction stream (its own pool).
         trained_bpp = states.base_bpp or states.adapter_bpp
-        out["zero3_reduce_stream_pool"] = DS_REDUCE_BUCKET * trained_bpp.grads
+        out["zero3_reduce_stream_pool"] = DEEPSPEED.reduce_bucket_size * trained_bpp.grads
     return {k: v for k, v in out.items() if v}
 
 
@@ -342,10 +341,10 @@ def step_buffers(cell: CellSettings, strategy: Strategy, states: ModelStates) ->
     if sharding.optimizer_on_host:
         return out
     foreach = cell.train.optimizer == "adamw_torch"
-    if strategy.family == "deepspeed":
-        if strategy.zero_stage == 3:
+    if strategy.uses_deepspeed:
+        if strategy.shards_params:
             # stage3.step goes one optimizer sub-group at a time (sub_group_size, 1e9 elements by default)
-            local = min(local, DS_SUB_GROUP)
+            local = min(local, DEEPSPEED.sub_group_size)
         out["zero_fp32_grad_partition"] = 4 * local  # the 16-bit gradient partition upcast for the step
         if not foreach:
             # step flattens the partition's 16-bit gradients before the upcast and drops the copy after it;
@@ -353,7 +352,7 @@ def step_buffers(cell: CellSettings, strategy: Strategy, states: ModelStates) ->
             out["zero_flat_grad_partition"] = compute_bytes(cell) * local
     if foreach:
         out["adam_foreach_temp"] = 4 * local  # foreach AdamW materialises sqrt(v) for all tensors at once
-    if strategy.family == "ddp" and cell.gpus > 1:
+    if strategy.uses_ddp(cell.gpus):
         trained_bpp = states.base_bpp or states.adapter_bpp
         out["ddp_buckets"] = trained_bpp.grads * states.trainable
     return out
@@ -373,14 +372,14 @@ def peak_moments(cell: CellSettings, shape: ModelShape, strategy: Strategy, stat
     """Bytes at the loss's backward (the logits peak), in the layers' backward (one layer's activations,
     recomputed under checkpointing) and at the optimizer step; the largest is the peak."""
     grads = states.base.grads
-    if strategy.family == "deepspeed" and strategy.zero_stage == 1 and not is_user_config(cell.strategy):
+    if strategy.uses_deepspeed and strategy.shard_level == 1 and not is_user_config(cell.strategy):
         # The paper's ZeRO-1 keeps whole gradients; DeepSpeed's with overlap_comm and contiguous_gradients
         # (bench/strategies/render.py's JSON) reduces them through the buckets during the backward and copies only its
         # partition out, like stage 2 (stage_1_and_2.reduce_ipg_grads): the rest are views into the buckets.
         grads = grads / cell.gpus
     if cell.train.grad_accum > 1:
         grads_at_loss = grads  # the previous micro-batches' gradients are still held
-    elif strategy.family == "deepspeed" and strategy.zero_stage == 3 and not strategy.offload_optimizer:
+    elif strategy.uses_deepspeed and strategy.shards_params and not strategy.offload_optimizer:
         grads_at_loss = grads  # ZeRO-3 allocates its flat gradient partition at init and keeps it
     else:
         # zero_grad(set_to_none=True): only the head's gradient exists when the logits peak.

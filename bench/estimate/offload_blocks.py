@@ -37,12 +37,12 @@ from bench.strategies import Strategy
 
 def applies(cell: CellSettings, strategy: Strategy) -> bool:
     """FSDP1 with parameter offload on CUDA: the FlatParameters are made on the GPU, then offloaded."""
-    return cell.device == "cuda" and strategy.family == "fsdp" and bool(strategy.offload_params)
+    return cell.device == "cuda" and strategy.fsdp_version == 1 and strategy.offload_params
 
 
 def shards(cell: CellSettings, strategy: Strategy) -> bool:
     """Whether FlatParamHandle.shard clones a shard: not under NO_SHARD, nor on one rank (FSDP1 runs NO_SHARD)."""
-    return cell.gpus > 1 and strategy.fsdp_sharding != "NO_SHARD"
+    return strategy.shards_at(cell.gpus)
 
 
 def _units(shape: ModelShape, layer_bytes: float, root_bytes: float) -> list[tuple[str, list[float]]]:

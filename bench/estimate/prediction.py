@@ -1,5 +1,5 @@
 """What the estimator says about a cell: the stored ``Prediction``, its versions, the hand-chosen
-``Calibration``, the DeepSpeed sizes that the additive model and the replay both read, and the fit decision
+``Calibration``, and the fit decision
 against a capacity (``with_capacity``, ``predicted_oom``).
 
 Pure data and arithmetic: no torch import. The margins come per framework from bench/estimate/margins.py.
@@ -24,10 +24,6 @@ ESTIMATOR_VERSION = 3
 #    (one-parameter gathers without a flat buffer); FSDP1 parameter offload reserves its initialisation's blocks
 #    (bench/estimate/offload_blocks.py) and keeps the offloaded shard copy only for an uncast root.
 COMPONENTS = ("params", "grads", "optimizer", "master_weights", "activations", "adapter", "overhead")
-# Sizes the generated DeepSpeed JSON sets (bench/strategies/render.py), in elements.
-DS_REDUCE_BUCKET = 500_000_000
-DS_MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters (plan.py keeps it)
-DS_SUB_GROUP = 1_000_000_000  # DeepSpeed's default zero_optimization.sub_group_size (plan.py keeps it)
 
 
 @dataclass(frozen=True)

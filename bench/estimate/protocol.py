@@ -83,5 +83,5 @@ def framework_of(strategy: Strategy | None) -> str:
     staging buffers are another kind of memory than the sharded states)."""
     if strategy is None:
         return "unknown"
-    family = "ddp" if strategy.family == "single" else strategy.family
+    family = "ddp" if strategy.is_plain else strategy.family  # one process or DDP: torch lays it out alike
     return f"{family}_offload" if strategy.offloads else family

@@ -23,9 +23,9 @@ def describe_strategy(cell: CellSettings) -> Strategy | None:
 
 
 def sharding_for(strategy: Strategy) -> Sharding:
-    if strategy.family == "deepspeed":
-        return Sharding.zero(strategy.zero_stage or 0, strategy.offload_optimizer, strategy.offload_params)
-    if strategy.family == "fsdp2" or (strategy.family == "fsdp" and strategy.fsdp_sharding != "NO_SHARD"):
+    if strategy.uses_deepspeed:
+        return Sharding.zero(strategy.shard_level, strategy.offload_optimizer, strategy.offload_params)
+    if strategy.is_fsdp and strategy.shards:
         # FSDP shards parameters at rest even under SHARD_GRAD_OP; the optimizer then runs where they live.
         offload = strategy.offload_params
         return Sharding(weights=True, grads=True, optimizer=True, optimizer_on_host=offload, weights_on_host=offload)
@@ -42,7 +42,7 @@ def compute_bytes(cell: CellSettings) -> int:
 
 def residual_bytes(cell: CellSettings, strategy: Strategy) -> int:
     """The residual stream follows the weights' dtype: fp32 under autocast unless FSDP casts the params."""
-    if strategy.family in ("fsdp", "fsdp2"):
+    if strategy.is_fsdp:
         return compute_bytes(cell)
     return {"float32": 4, "bfloat16": 2, "float16": 2}[policy_for(cell).weight_dtype]
 
@@ -52,4 +52,4 @@ def converts_outputs_to_fp32(cell: CellSettings, strategy: Strategy) -> bool:
     outside DeepSpeed, whose JSON owns precision): the output then holds fp32 logits. Not under FSDP2:
     Accelerator._prepare_fsdp2 never calls prepare_model, where that wrapper is put on (accelerate 1.15);
     FSDP2's MixedPrecisionPolicy casts the parameters and the output keeps the compute dtype."""
-    return is_half(cell) and strategy.family not in ("deepspeed", "fsdp2") and cell.device == "cuda"
+    return is_half(cell) and not strategy.uses_deepspeed and strategy.fsdp_version != 2 and cell.device == "cuda"

@@ -115,7 +115,7 @@ def build_plan(cell: CellSettings, results_dir: Path, limits: Limits, repeat: in
         files["resolution_notes.txt"] = "\n".join(notes) + "\n"
     else:
         strategy = strategies.get(cell.strategy)
-        ds = deepspeed_config(strategy, cell) if strategy.family == "deepspeed" else None
+        ds = deepspeed_config(strategy, cell)
         accel = accelerate_config(strategy, cell, cell_dir / "deepspeed.json" if ds else None)
     if ds is not None:
         files["deepspeed.json"] = json.dumps(ds, indent=2)

@@ -35,7 +35,10 @@ from bench.report import flops, intervals
 from bench.spec import CellSettings
 from bench.strategies.precision import policy_for
 
-PLAIN_FAMILIES = ("single", "ddp")  # at one process neither wraps the model: what a user runs today
+# The record families of plain PyTorch runs: at one process none wraps the model (what a user runs today);
+# of those, the ones without any wrapper are preferred as the baseline.
+PLAIN_FAMILIES = strategies.families(lambda s: s.is_plain)
+UNWRAPPED_FAMILIES = strategies.families(lambda s: s.single_process)
 # Figures that are medians over launches (one repeat = one fresh launch of the cell).
 REPEAT_MEDIAN_COLUMNS = ("tokens_per_s", "tokens_per_s_per_gpu", "real_tokens_per_s", "real_tokens_per_s_per_gpu",
                          "step_time_s", "joules_per_token", "power_mean_w", "util_mean_pct", "sm_clock_mean_mhz",
@@ -394,7 +397,7 @@ def plain_baseline(group: pd.DataFrame) -> pd.Series | None:
     ok = ones[ones["status"] == "ok"]
     # prefer `single` (no wrapper at all), then ddp at 1, each only if it ran
     pick = ok if len(ok) else ones
-    return pick.sort_values("strategy", key=lambda s: _families(pick) != "single", kind="stable").iloc[0]
+    return pick.sort_values("strategy", key=lambda s: ~_families(pick).isin(UNWRAPPED_FAMILIES), kind="stable").iloc[0]
 
 
 def same_policy_baseline(row: pd.Series, group: pd.DataFrame) -> pd.Series | None:

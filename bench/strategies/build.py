@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from bench.spec import models
 from bench.spec.schema import CellSettings
-from bench.strategies import catalogue as strategies
-from bench.strategies.catalogue import is_user_config
+from bench.strategies import registry as strategies
+from bench.strategies.registry import is_user_config
 
 
 def builds_on_meta(cell: CellSettings, strategy) -> bool:
@@ -24,20 +24,20 @@ def builds_on_meta(cell: CellSettings, strategy) -> bool:
     """
     # A user's own accelerate config runs as written (it may load weights its own way, e.g. with
     # cpu_ram_efficient_loading, which broadcasts rank 0's state dict and cannot start from meta).
-    return (strategy.family in ("fsdp", "fsdp2") and cell.device == "cuda"
+    return (strategy.is_fsdp and cell.device == "cuda"
             and cell.adapter.type in ("none", "lora") and not models.has_local_weights(cell.model) and not strategy.offloads
             and not is_user_config(cell.strategy))
 
 
 def fsdp_family(cell: CellSettings) -> bool:
-    return strategies.get(cell.strategy).family in ("fsdp", "fsdp2")
+    return strategies.get(cell.strategy).is_fsdp
 
 
 def builds_on_host(cell: CellSettings) -> bool:
     """A QLoRA cell whose 4-bit model is kept on the host as it is built: FSDP with parameter offload
     shards it from there (also what the memory estimate assumes)."""
     s = strategies.get(cell.strategy)
-    return cell.adapter.type == "qlora" and s.family in ("fsdp", "fsdp2") and s.offload_params
+    return cell.adapter.type == "qlora" and s.is_fsdp and s.offload_params
 
 
 def upcasts_to_fp32(cell: CellSettings) -> bool:

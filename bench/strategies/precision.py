@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench.spec import CellSettings
-from bench.strategies import catalogue as strategies
+from bench.strategies import registry as strategies
 
 
 @dataclass(frozen=True)
@@ -30,15 +30,15 @@ def policy_for(cell: CellSettings) -> PrecisionPolicy:
     half = {"bf16": "bfloat16", "fp16": "float16"}.get(cell.train.precision)
     if half is None:
         return PrecisionPolicy("fp32", "float32", "float32", True, "fp32 weights, gradients and compute")
-    family = strategies.get(cell.strategy).family  # a user's own config is described by what it contains
-    if family == "deepspeed":
+    strategy = strategies.get(cell.strategy)  # a user's own config is described by what it contains
+    if strategy.uses_deepspeed:
         return PrecisionPolicy("pure", half, half, True,
                                f"DeepSpeed {cell.train.precision}: {half} weights and gradients, fp32 master copy in the optimizer")
     if cell.adapter.type != "none":
         base = "4-bit NF4" if cell.adapter.type == "qlora" else half
         return PrecisionPolicy("frozen-base", half, half, False,
                                f"frozen {base} base weights, fp32 adapter weights, {half} autocast compute")
-    if family in ("fsdp", "fsdp2"):
+    if strategy.is_fsdp:
         return PrecisionPolicy("fsdp-mixed", "float32", half, True,
                                f"fp32 sharded weights and optimizer; FSDP casts parameters to {half} for compute "
                                f"and reduces gradients in {half}")

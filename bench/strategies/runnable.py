@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bench.spec import models
 from bench.spec.schema import CellSettings, MatrixError
-from bench.strategies import catalogue as strategies
+from bench.strategies import registry as strategies
 
 
 def name_problem(cell: CellSettings) -> str | None:
@@ -46,7 +46,7 @@ def cell_problems(cell: CellSettings, visible_gpus: int | None) -> list[str]:
         strat = strategies.get(cell.strategy)
     except MatrixError:  # a user config that cannot be read: said above; the rest is checked without it
         strat = None
-    if strat is not None and strat.family == "single" and cell.gpus != 1:
+    if strat is not None and strat.single_process and cell.gpus != 1:
         out.append("strategy 'single' runs one process: set gpus: 1, or use ddp/zero*/fsdp* for more")
     if cell.device == "cpu":
         out += _cpu_problems(cell, strat)
@@ -125,9 +125,9 @@ def _qlora_problems(cell: CellSettings, strat: strategies.Strategy) -> list[str]
         out.append("adapter.type qlora computes in bf16. Fix: set train.precision: bf16")
     if models.has_local_weights(cell.model):
         out.append("adapter.type qlora builds random 4-bit weights; loading local weights in 4-bit is not supported. Fix: use a shipped config or a folder without weights")
-    if strat.family == "fsdp2":
+    if strat.fsdp_version == 2:
         out.append("adapter.type qlora under FSDP2 is not supported (fully_shard turns 4-bit parameters into DTensors). Fix: use fsdp_full_shard(_offload), ddp or zero3")
-    if strat.family == "fsdp" and cell.adapter.quant_storage != "bf16":
+    if strat.fsdp_version == 1 and cell.adapter.quant_storage != "bf16":
         out.append("adapter.quant_storage must be bf16 under FSDP (one dtype per flat parameter, as the bf16 norms and embeddings). Fix: set adapter.quant_storage: bf16")
     return out
 

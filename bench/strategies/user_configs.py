@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from bench.spec import CellSettings, MatrixError, models
-from bench.strategies.catalogue import Strategy
+from bench.strategies.strategy import FSDP1_SHARDING, Strategy
 
 AUTO = "auto"
 _FIX = "Fix: give the path of a DeepSpeed JSON (.json) or an accelerate config written by `accelerate config` (.yaml)"
@@ -79,8 +79,8 @@ def describe_user_config(path: str) -> Strategy:
     if kind == "FSDP":
         return _describe_fsdp(path, data.get("fsdp_config") or {})
     if kind in ("MULTI_GPU", "MULTI_CPU"):
-        return Strategy(path, "ddp", f"user accelerate config {Path(path).name}: DDP")
-    return Strategy(path, "single", f"user accelerate config {Path(path).name}: one process")
+        return Strategy(path, "torch", f"user accelerate config {Path(path).name}: DDP")
+    return Strategy(path, "torch", f"user accelerate config {Path(path).name}: one process", single_process=True)
 
 
 def _describe_ds(path: str, ds: dict) -> Strategy:
@@ -91,8 +91,7 @@ def _describe_ds(path: str, ds: dict) -> Strategy:
     offloaded = [what for what, on in (("optimizer", off_opt), ("parameters", off_par)) if on]
     summary = f"user DeepSpeed config {Path(path).name}: ZeRO-{stage}" + (
         f", {' and '.join(offloaded)} offloaded to the CPU" if offloaded else "")
-    return Strategy(path, "deepspeed", summary,
-                    zero_stage=stage, offload_optimizer=off_opt, offload_params=off_par, shards_params=stage == 3)
+    return Strategy(path, "deepspeed", summary, shard_level=stage, offload_optimizer=off_opt, offload_params=off_par)
 
 
 def _offload_device(section: Any) -> str | None:
@@ -105,10 +104,11 @@ def _describe_fsdp(path: str, fsdp: dict) -> Strategy:
     if version == 2:
         reshard = bool(fsdp.get("fsdp_reshard_after_forward", True))
         return Strategy(path, "fsdp2", f"user accelerate config {Path(path).name}: FSDP2",
-                        reshard_after_forward=reshard, shards_params=True, offload_params=offload)
+                        shard_level=3, reshard_after_forward=reshard, offload_params=offload)
     sharding = _fsdp_sharding_name(fsdp.get("fsdp_sharding_strategy", "FULL_SHARD"))
-    return Strategy(path, "fsdp", f"user accelerate config {Path(path).name}: FSDP {sharding}", fsdp_sharding=sharding,
-                    shards_params=sharding in ("FULL_SHARD", "HYBRID_SHARD"), offload_params=offload)
+    level, scope = FSDP1_SHARDING[sharding]
+    return Strategy(path, "fsdp1", f"user accelerate config {Path(path).name}: FSDP {sharding}",
+                    shard_level=level, shard_scope=scope, offload_params=offload)
 
 
 def _fsdp_sharding_name(value: Any) -> str:
@@ -116,7 +116,11 @@ def _fsdp_sharding_name(value: Any) -> str:
     names = ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2"]
     if isinstance(value, int) or str(value).isdigit():
         return names[int(value) - 1]
-    return str(value).upper()
+    name = str(value).upper()
+    if name not in FSDP1_SHARDING:
+        raise MatrixError(f"fsdp_config.fsdp_sharding_strategy is {value!r}, which FSDP does not have. "
+                          f"Fix: use one of {', '.join(FSDP1_SHARDING)}")
+    return name
 
 
 # ---------------------------------------------------------------- resolving "auto" like the Trainer

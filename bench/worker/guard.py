@@ -9,25 +9,26 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench import strategies
+from bench.strategies import Strategy
 from bench.spec.schema import CellSettings, MatrixError
 
 
-def expected_distributed_types(family: str, processes: int, user_config: bool = False) -> set[str]:
-    """accelerate's DistributedType names a cell of this strategy family and process count must run under.
+def expected_distributed_types(strategy: Strategy, processes: int, user_config: bool = False) -> set[str]:
+    """accelerate's DistributedType names a cell of this strategy and process count must run under.
 
-    ddp at 1 process is the plain run (NO) in the catalogue; a user's own DDP config may keep MULTI_GPU at
+    ddp at 1 process is the plain run (NO) in the registry; a user's own DDP config may keep MULTI_GPU at
     one process, which is what that config does, so it is accepted there.
     """
-    if family == "deepspeed":
+    if strategy.uses_deepspeed:
         return {"DEEPSPEED"}
-    if family in ("fsdp", "fsdp2"):
+    if strategy.is_fsdp:
         return {"FSDP"}
-    if family == "ddp" and (processes > 1 or user_config):
+    if strategy.uses_ddp(processes) or (user_config and strategy.is_plain and not strategy.single_process):
         return {"MULTI_GPU", "MULTI_CPU"} | ({"NO"} if processes == 1 else set())
     return {"NO"}
 
 
-def check_distributed_setup(strategy: str, family: str, processes: int, actual: str, world_size: int,
+def check_distributed_setup(name: str, strategy: Strategy, processes: int, actual: str, world_size: int,
                             fsdp_version: int | None = None, user_config: bool = False) -> None:
     """Raise RuntimeError if accelerate did not set up what the strategy needs.
 
@@ -36,17 +37,17 @@ def check_distributed_setup(strategy: str, family: str, processes: int, actual: 
     ``actual`` is accelerate's distributed_type (enum or its name), ``world_size`` torch.distributed's.
     """
     actual = str(actual).split(".")[-1]
-    expected = expected_distributed_types(family, processes, user_config)
+    expected = expected_distributed_types(strategy, processes, user_config)
     problems = []
     if actual not in expected:
         problems.append(f"expected distributed type {' or '.join(sorted(expected))}, accelerate set up {actual}")
     if world_size != processes:
         problems.append(f"expected {processes} process(es), the process group has {world_size}")
-    want_version = {"fsdp": 1, "fsdp2": 2}.get(family)
+    want_version = strategy.fsdp_version
     if actual == "FSDP" and want_version and fsdp_version is not None and fsdp_version != want_version:
         problems.append(f"expected FSDP version {want_version}, accelerate's plugin has {fsdp_version}")
     if problems:
-        raise RuntimeError(f"strategy {strategy!r} (family {family}, {processes} process(es)) did not get its "
+        raise RuntimeError(f"strategy {name!r} (family {strategy.family}, {processes} process(es)) did not get its "
                            f"distributed setup: {'; '.join(problems)}. The cell is not measured: check the "
                            "cell's accelerate.yaml and launch.log")
 
@@ -68,7 +69,7 @@ def strategy_family(cell: CellSettings, cell_dir: Path | None = None) -> str:
 
 def guard_distributed_setup(cell: CellSettings, accelerator, world_size: int, cell_dir: Path | None = None) -> None:
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    check_distributed_setup(cell.strategy, strategy_family(cell, cell_dir), cell.processes,
+    check_distributed_setup(cell.strategy, cell_strategy(cell, cell_dir), cell.processes,
                             str(accelerator.distributed_type), world_size,
                             fsdp_version=getattr(plugin, "fsdp_version", None),
                             user_config=strategies.is_user_config(cell.strategy))

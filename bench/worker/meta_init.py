@@ -51,6 +51,8 @@ import math
 import torch
 from torch import nn
 
+from bench import strategies
+
 # Set on a LoRA adapter Linear by mark_lora_init: its init, used instead of the base model's _init_weights.
 LORA_INIT_ATTRIBUTE = "_bench_lora_init"
 
@@ -200,9 +202,10 @@ def build_peak_bytes(strategy: str, world: int, total_bytes: int, root_bytes: in
     clone is made. Matches the GPU records
     of Llama-3.2-1B/3B at 2 and 4 ranks to within 0.1 % (tests/worker/test_meta_init.py).
     """
-    if strategy.startswith("fsdp2"):
+    s = strategies.get(strategy)
+    if s.fsdp_version == 2:
         return round(total_bytes / world)
-    if strategy == "fsdp_no_shard" or world == 1:  # FSDP1 switches any strategy to NO_SHARD on one rank
+    if not s.shards_at(world):  # NO_SHARD; FSDP1 switches any strategy to NO_SHARD on one rank
         return total_bytes + root_bytes
     # FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD (one node: sharded over all its ranks)
     return round((total_bytes - root_bytes) / world + root_bytes * (2 + 1 / world))

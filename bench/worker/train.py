@@ -83,7 +83,7 @@ def build_model(cell: CellSettings, device: torch.device, on_meta: bool = False)
     return build_causal_lm(cell, device, policy_for(cell), on_meta=on_meta)
 
 
-def prepare_meta_model(cell: CellSettings, model, accelerator, device: torch.device, family: str):
+def prepare_meta_model(cell: CellSettings, model, accelerator, device: torch.device, fsdp_version: int):
     """Wrap a meta-device model in FSDP, each rank materialising and initialising only its own shard;
     (model, optimizer), both prepared.
 
@@ -97,7 +97,7 @@ def prepare_meta_model(cell: CellSettings, model, accelerator, device: torch.dev
 
     from bench.worker.meta_init import materialise, materialise_module
 
-    if family == "fsdp":
+    if fsdp_version == 1:
         plugin = accelerator.state.fsdp_plugin
         plugin.sync_module_states = False
         plugin.param_init_fn = partial(materialise_module, device=device, model=model)
@@ -313,7 +313,7 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     startup["build_model_s"] = time.time() - t_build
     t = time.time()
     if on_meta:
-        model, optimizer = prepare_meta_model(cell, model, accelerator, device, strategy.family)
+        model, optimizer = prepare_meta_model(cell, model, accelerator, device, strategy.fsdp_version)
     else:
         optimizer = make_optimizer(cell, model, accelerator)
         model, optimizer = accelerator.prepare(model, optimizer)

@@ -355,7 +355,7 @@ def _accelerate_worker(rank: int, world: int, port: int, version: int, precision
     model = worker.build_model(cell, device, on_meta=True)
     worker.fit_fsdp1_wrap_to_adapter(cell, model, accelerator)  # as worker.run does: adapters in units apart
     full_numel = sum(p.numel() for p in model.parameters())
-    model, optimizer = worker.prepare_meta_model(cell, model, accelerator, device, {1: "fsdp", 2: "fsdp2"}[version])
+    model, optimizer = worker.prepare_meta_model(cell, model, accelerator, device, version)
     params = [p for p in model.parameters() if p.requires_grad]
     in_optimizer = [p for g in optimizer.param_groups for p in g["params"]]
 

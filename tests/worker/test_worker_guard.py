@@ -25,7 +25,7 @@ from bench.worker.guard import (check_distributed_setup, expected_distributed_ty
     ("ddp", 2, "MULTI_GPU"), ("ddp", 2, "MULTI_CPU"), ("ddp", 1, "NO"), ("single", 1, "NO"),
 ])
 def test_the_setup_a_strategy_asks_for_passes(strategy, processes, actual):
-    check_distributed_setup(strategy, strategies.get(strategy).family, processes, actual, processes)
+    check_distributed_setup(strategy, strategies.get(strategy), processes, actual, processes)
 
 
 @pytest.mark.parametrize("strategy,processes,actual", [
@@ -34,21 +34,21 @@ def test_the_setup_a_strategy_asks_for_passes(strategy, processes, actual):
     ("ddp", 2, "NO"), ("ddp", 1, "MULTI_GPU"), ("single", 1, "MULTI_CPU"), ("ddp", 2, "FSDP"),
 ])
 def test_a_different_setup_is_a_clear_error(strategy, processes, actual):
-    family = strategies.get(strategy).family
+    described = strategies.get(strategy)
     with pytest.raises(RuntimeError) as err:
-        check_distributed_setup(strategy, family, processes, f"DistributedType.{actual}", processes)
+        check_distributed_setup(strategy, described, processes, f"DistributedType.{actual}", processes)
     text = str(err.value)
     assert repr(strategy) in text and actual in text and "expected distributed type" in text
-    assert all(e in text for e in expected_distributed_types(family, processes))
+    assert all(e in text for e in expected_distributed_types(described, processes))
     assert "not supported" not in text.lower()  # classified as a crash, not as an unsupported combination
 
 
 def test_world_size_and_fsdp_version_are_checked_too():
     with pytest.raises(RuntimeError, match="expected 2 process.*has 1"):
-        check_distributed_setup("zero2", "deepspeed", 2, "DEEPSPEED", 1)
+        check_distributed_setup("zero2", strategies.get("zero2"), 2, "DEEPSPEED", 1)
     with pytest.raises(RuntimeError, match="FSDP version 2.*has 1"):
-        check_distributed_setup("fsdp2", "fsdp2", 2, "FSDP", 2, fsdp_version=1)
-    check_distributed_setup("fsdp_full_shard", "fsdp", 2, "FSDP", 2, fsdp_version=1)
+        check_distributed_setup("fsdp2", strategies.get("fsdp2"), 2, "FSDP", 2, fsdp_version=1)
+    check_distributed_setup("fsdp_full_shard", strategies.get("fsdp_full_shard"), 2, "FSDP", 2, fsdp_version=1)
 
 
 def test_user_configs_take_their_family_from_the_file(tmp_path, monkeypatch):

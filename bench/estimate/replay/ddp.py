@@ -6,11 +6,9 @@ from __future__ import annotations
 from bench.estimate.replay.base import Run
 from bench.estimate.replay.tensors import model_params
 from bench.strategies import Strategy
+from bench.strategies.constants import TORCH_DDP
 from bench.strategies.precision import policy_for
 
-DDP_BUCKET_BYTES = 25 << 20  # torch DDP bucket_cap_mb default
-DDP_FIRST_BUCKET_BYTES = 1 << 20  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES
-DDP_BROADCAST_BUCKET_BYTES = 250 << 20  # DDP's _sync_module_states broadcast_bucket_size
 
 
 class DdpRun(Run):
@@ -18,7 +16,7 @@ class DdpRun(Run):
 
     @classmethod
     def handles(cls, strategy: Strategy) -> bool:
-        return strategy.family in ("single", "ddp")
+        return strategy.is_plain
 
     def build(self) -> None:
         self.build_on_device({"float32": 4, "bfloat16": 2, "float16": 2}[policy_for(self.cell).weight_dtype])
@@ -33,21 +31,21 @@ class DdpRun(Run):
         chunk, i = 0, 0
         for _, numel in params:
             size = 4 * numel
-            if size >= DDP_BROADCAST_BUCKET_BYTES:
+            if size >= TORCH_DDP.broadcast_bucket_bytes:
                 continue
-            if chunk + size > DDP_BROADCAST_BUCKET_BYTES:
+            if chunk + size > TORCH_DDP.broadcast_bucket_bytes:
                 self.alloc(f"broadcast{i}", chunk)
                 self.free(f"broadcast{i}")
                 chunk, i = 0, i + 1
             chunk += size
         self.alloc(f"broadcast{i}", chunk)
         self.free(f"broadcast{i}")
-        cap, filled, i = DDP_FIRST_BUCKET_BYTES, 0, 0
+        cap, filled, i = TORCH_DDP.first_bucket_bytes, 0, 0
         for _, numel in reversed(params):
             size = 4 * numel
             if filled and filled + size > cap:
                 self.alloc(f"ddp_bucket{i}", filled)
-                filled, cap, i = 0, DDP_BUCKET_BYTES, i + 1
+                filled, cap, i = 0, TORCH_DDP.bucket_bytes, i + 1
             filled += size
         self.alloc(f"ddp_bucket{i}", filled)
 

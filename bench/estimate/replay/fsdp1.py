@@ -16,11 +16,11 @@ class Fsdp1Run(FsdpRun):
 
     @classmethod
     def handles(cls, strategy: Strategy) -> bool:
-        return strategy.family == "fsdp"
+        return strategy.fsdp_version == 1
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.no_shard = self.strategy.fsdp_sharding == "NO_SHARD" or self.n == 1
+        self.no_shard = not self.strategy.shards_at(self.n)  # FSDP1 runs NO_SHARD on one rank
         self.event = 0  # reshard events, in issue order
         self.free_events: list[int] = []  # _free_event_queue
 
@@ -76,7 +76,7 @@ class Fsdp1Run(FsdpRun):
             return
         if self.no_shard:
             self.defer_free(f"mp_shard:{unit}")  # post_reshard frees NO_SHARD's low-precision copy
-        elif self.strategy.fsdp_sharding != "SHARD_GRAD_OP":
+        elif self.strategy.reshards_after_forward:
             self.reshard(unit)
 
     def reshard(self, unit: str) -> None:

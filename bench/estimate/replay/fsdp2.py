@@ -13,7 +13,7 @@ class Fsdp2Run(FsdpRun):
 
     @classmethod
     def handles(cls, strategy: Strategy) -> bool:
-        return strategy.family == "fsdp2"
+        return strategy.fsdp_version == 2
 
     def build(self) -> None:
         """FSDP2: fully_shard on meta, then each parameter's local shard allocated and initialised."""
@@ -36,7 +36,7 @@ class Fsdp2Run(FsdpRun):
         self.free(f"ag_output:{unit}")
 
     def reshard_after_forward(self, unit: str) -> None:
-        if unit != "root" and self.strategy.reshard_after_forward is not False:  # the root stays for the backward
+        if unit != "root" and self.strategy.reshards_after_forward:  # the root stays for the backward
             self.free_all(f"unsharded:{unit}.")
 
     def post_backward(self, unit: str) -> None:

@@ -4,10 +4,10 @@ with optimizer offload the master, gradients and step live on the host."""
 
 from __future__ import annotations
 
-from bench.estimate.prediction import DS_REDUCE_BUCKET
 from bench.estimate.replay.base import Run
 from bench.estimate.replay.tensors import model_params
 from bench.strategies import Strategy
+from bench.strategies.constants import DEEPSPEED
 
 
 class Zero12Run(Run):
@@ -17,7 +17,7 @@ class Zero12Run(Run):
 
     @classmethod
     def handles(cls, strategy: Strategy) -> bool:
-        return strategy.family == "deepspeed" and (strategy.zero_stage or 0) < 3
+        return strategy.uses_deepspeed and not strategy.shards_params
 
     @classmethod
     def replays_offload(cls, strategy: Strategy) -> bool:
@@ -85,9 +85,9 @@ class Zero12Run(Run):
         each gradient is copied into the current bucket and freed; a bucket that cannot take the next
         gradient is reduced first (reduce_bucket)."""
         if not self.mem.live("ds_bucket0"):
-            self.alloc("ds_bucket0", self.c * DS_REDUCE_BUCKET)
-            self.alloc("ds_bucket1", self.c * DS_REDUCE_BUCKET)
-        if sum(k for _, k in self.bucket) + numel > DS_REDUCE_BUCKET:
+            self.alloc("ds_bucket0", self.c * DEEPSPEED.reduce_bucket_size)
+            self.alloc("ds_bucket1", self.c * DEEPSPEED.reduce_bucket_size)
+        if sum(k for _, k in self.bucket) + numel > DEEPSPEED.reduce_bucket_size:
             self.reduce_bucket()
         self.bucket.append((key, numel))
         self.free(src)

@@ -4,11 +4,11 @@ through a kept reduce bucket into the partition, the step by sub-group."""
 
 from __future__ import annotations
 
-from bench.estimate.prediction import DS_MAX_LIVE_PARAMETERS, DS_REDUCE_BUCKET, DS_SUB_GROUP
 from bench.estimate.replay.base import Run
 from bench.estimate.replay.tensors import backward_order, layer_params, model_params
 from bench.spec.models import ModelShape
 from bench.strategies import Strategy
+from bench.strategies.constants import DEEPSPEED
 
 STREAM = "allgather"  # the PartitionedParameterCoordinator's all-gather stream: gathers and waits run on it
 
@@ -18,7 +18,7 @@ class Zero3Run(Run):
 
     @classmethod
     def handles(cls, strategy: Strategy) -> bool:
-        return strategy.family == "deepspeed" and (strategy.zero_stage or 0) >= 3
+        return strategy.uses_deepspeed and strategy.shards_params
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -42,7 +42,7 @@ class Zero3Run(Run):
         self.free_all("ds_fp32_converted")
         self.alloc("ds_init_grad", 4 * max(self.sub_groups()))
         self.free("ds_init_grad")
-        self.alloc("ds_ipg_bucket", self.c * DS_REDUCE_BUCKET)
+        self.alloc("ds_ipg_bucket", self.c * DEEPSPEED.reduce_bucket_size)
         self.alloc("ds_grad_partitions", self.c * part)
         self.z3 = Zero3Coordinator(self, self.shape, self.checkpointing)
 
@@ -60,7 +60,7 @@ class Zero3Run(Run):
     def to_bucket(self, src: str, numel: int) -> None:
         """reduce_ready_partitions_and_remove_grads: the gradient is copied into the (kept) reduce bucket and
         freed; a bucket that cannot take it is reduced first."""
-        if self.bucket_fill + numel > DS_REDUCE_BUCKET:
+        if self.bucket_fill + numel > DEEPSPEED.reduce_bucket_size:
             self.reduce_bucket()
         self.bucket_fill += numel
         self.free(src)
@@ -100,7 +100,7 @@ class Zero3Run(Run):
         groups, current = [], 0.0
         for _, numel in model_params(self.shape):
             current += -(-numel // self.n)
-            if current >= DS_SUB_GROUP:
+            if current >= DEEPSPEED.sub_group_size:
                 groups.append(current)
                 current = 0.0
         return groups + ([current] if current else [])
@@ -124,9 +124,9 @@ class Zero3Coordinator:
     is concatenated out of it into its own 16-bit tensor (AllGatherCoalescedHandle.wait), then the flat
     buffer is dropped. DeepSpeed's defaults, which the generated JSON keeps."""
 
-    PREFETCH_BUCKET = 500_000_000  # stage3_prefetch_bucket_size (bench/strategies/render.py)
-    MAX_LIVE = DS_MAX_LIVE_PARAMETERS  # stage3_max_live_parameters (DeepSpeed default)
-    MAX_REUSE = 1_000_000_000  # stage3_max_reuse_distance (DeepSpeed default)
+    PREFETCH_BUCKET = DEEPSPEED.stage3_prefetch_bucket_size  # written by bench/strategies/render.py
+    MAX_LIVE = DEEPSPEED.stage3_max_live_parameters  # DeepSpeed's default, kept
+    MAX_REUSE = DEEPSPEED.stage3_max_reuse_distance  # DeepSpeed's default, kept
 
     def __init__(self, run: Zero3Run, shape: ModelShape, checkpointing: bool):
         self.run, self.shape = run, shape

@@ -1,52 +1,50 @@
-"""The strategy catalogue: each name -> the accelerate / DeepSpeed / FSDP settings users would write.
+"""The registry: each strategy name -> its Strategy (bench/strategies/strategy.py), the one place that knows
+names. Everything else asks a strategy what it does (``shards_params``, ``dp_shard`` ...).
 
-A strategy is data, not code: the plan turns it into an accelerate config YAML and, for DeepSpeed, a
-DeepSpeed JSON, both written into the cell's folder so that a user can reuse them as they are.
+A strategy is data, not code: the plan renders it into an accelerate config YAML and, for DeepSpeed, a
+DeepSpeed JSON, both written into the cell's folder so that a user can reuse them as they are. A strategy may
+also be a user's own config file, described by what it holds (bench/strategies/user_configs.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from typing import Callable
 
-Family = Literal["single", "ddp", "deepspeed", "fsdp", "fsdp2"]
+from bench.strategies.strategy import FSDP1_SHARDING, Strategy
+
+CATALOGUE: dict[str, Strategy] = {}
 
 
-@dataclass(frozen=True)
-class Strategy:
-    name: str
-    family: Family
-    summary: str
-    zero_stage: int | None = None
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    fsdp_sharding: str | None = None  # FSDP1 sharding strategy name, as accelerate spells it
-    reshard_after_forward: bool | None = None  # FSDP2
-    shards_params: bool = False  # parameters are split across ranks (ZeRO-3, FSDP full/hybrid shard)
+def register(strategy: Strategy) -> Strategy:
+    """Add a strategy under its name; a name is registered once."""
+    if strategy.name in CATALOGUE:
+        raise ValueError(f"strategy {strategy.name!r} is registered already")
+    CATALOGUE[strategy.name] = strategy
+    return strategy
 
-    @property
-    def offloads(self) -> bool:
-        """Parameters or optimizer states live on the host (ZeRO-Offload, FSDP parameter offload)."""
-        return self.offload_params or self.offload_optimizer
 
-    @property
-    def runs_on_cpu(self) -> bool:
-        """accelerate enables FSDP only on GPUs; DDP and DeepSpeed run over gloo on CPU."""
-        return self.family in ("single", "ddp", "deepspeed")
+def names() -> list[str]:
+    return list(CATALOGUE)
+
+
+def families(question: Callable[[Strategy], bool]) -> tuple[str, ...]:
+    """The record family labels of the registered strategies that answer yes, e.g. ``families(lambda s:
+    s.is_plain)``: for code that groups records, which carry the label, not the strategy."""
+    return tuple(dict.fromkeys(s.family for s in CATALOGUE.values() if question(s)))
 
 
 def _zero(name: str, stage: int, summary: str, **kw) -> Strategy:
-    return Strategy(name, "deepspeed", summary, zero_stage=stage, shards_params=stage == 3, **kw)
+    return Strategy(name, "deepspeed", summary, shard_level=stage, **kw)
 
 
 def _fsdp(name: str, sharding: str, summary: str, **kw) -> Strategy:
-    shards = sharding in ("FULL_SHARD", "HYBRID_SHARD")
-    return Strategy(name, "fsdp", summary, fsdp_sharding=sharding, shards_params=shards, **kw)
+    level, scope = FSDP1_SHARDING[sharding]
+    return Strategy(name, "fsdp1", summary, shard_level=level, shard_scope=scope, **kw)
 
 
-CATALOGUE: dict[str, Strategy] = {s.name: s for s in [
-    Strategy("single", "single", "one process, no distributed wrapper (what a user runs today)"),
-    Strategy("ddp", "ddp", "PyTorch DistributedDataParallel: full replica per rank, gradients all-reduced"),
+for _s in [
+    Strategy("single", "torch", "one process, no distributed wrapper (what a user runs today)", single_process=True),
+    Strategy("ddp", "torch", "PyTorch DistributedDataParallel: full replica per rank, gradients all-reduced"),
     _zero("zero1", 1, "DeepSpeed ZeRO-1: optimizer states sharded"),
     _zero("zero2", 2, "DeepSpeed ZeRO-2: optimizer states and gradients sharded"),
     _zero("zero3", 3, "DeepSpeed ZeRO-3: optimizer states, gradients and parameters sharded"),
@@ -61,12 +59,13 @@ CATALOGUE: dict[str, Strategy] = {s.name: s for s in [
     _fsdp("fsdp_full_shard_offload", "FULL_SHARD", "FSDP1 full shard with parameters offloaded to the CPU",
           offload_params=True),
     Strategy("fsdp2", "fsdp2", "FSDP2 (fully_shard), parameters resharded after forward",
-             reshard_after_forward=True, shards_params=True),
+             shard_level=3, reshard_after_forward=True),
     Strategy("fsdp2_no_reshard", "fsdp2", "FSDP2 keeping gathered parameters from forward to backward",
-             reshard_after_forward=False, shards_params=True),
+             shard_level=3, reshard_after_forward=False),
     Strategy("fsdp2_offload", "fsdp2", "FSDP2 with parameters offloaded to the CPU",
-             reshard_after_forward=True, shards_params=True, offload_params=True),
-]}
+             shard_level=3, reshard_after_forward=True, offload_params=True),
+]:
+    register(_s)
 
 # A strategy may also be a user's own config file: a DeepSpeed JSON or an accelerate config YAML.
 USER_CONFIG_SUFFIXES = {".json": "deepspeed", ".yaml": "accelerate", ".yml": "accelerate"}
@@ -84,7 +83,7 @@ def check_strategy_name(strategy: str) -> str | None:
 
 
 def get(strategy: str) -> Strategy:
-    """The catalogue entry; a user config file is described by what it contains (see user_configs)."""
+    """The registered strategy; a user config file is described by what it contains (see user_configs)."""
     if strategy in CATALOGUE:
         return CATALOGUE[strategy]
     from bench.strategies.user_configs import describe_user_config
