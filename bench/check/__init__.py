@@ -9,7 +9,7 @@ The front is lazy (a name loads its room on first use): ``nightly`` drives the w
 gate and the baselines do not need.
 """
 
-from importlib import import_module
+from bench.lazy_front import lazy_front
 
 _ROOM = {
     "Thresholds": "gate", "CheckResult": "gate", "Finding": "gate", "check_paths": "gate",
@@ -26,14 +26,4 @@ __all__ = [
     "run_check", "run_night", "to_json", "to_markdown",
 ]
 
-
-def __getattr__(name: str):
-    if name not in _ROOM:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{_ROOM[name]}"), name)
-    globals()[name] = value  # loaded once; later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_front(__name__, _ROOM, globals(), __all__)

@@ -12,7 +12,7 @@ environment).
 The front is lazy (a name loads its room on first use): the campaign pulls in the estimator and rich.
 """
 
-from importlib import import_module
+from bench.lazy_front import lazy_front
 
 _ROOM = {
     "RunOptions": "campaign", "main_guard": "campaign", "prepare": "campaign", "run_matrix": "campaign",
@@ -25,14 +25,4 @@ __all__ = [
     "run_matrix", "run_plan", "write_plan_files",
 ]
 
-
-def __getattr__(name: str):
-    if name not in _ROOM:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{_ROOM[name]}"), name)
-    globals()[name] = value  # loaded once; later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_front(__name__, _ROOM, globals(), __all__)

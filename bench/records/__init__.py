@@ -9,7 +9,7 @@ The front is lazy (a name loads its room on first use) so that a rank importing 
 does not load the parent's storage machinery with it.
 """
 
-from importlib import import_module
+from bench.lazy_front import lazy_front
 
 _ROOM = {
     "CellError": "store", "DETERMINISTIC_FAILURES": "store", "MATRIX_COPY": "store", "RUNS_FILE": "store",
@@ -26,14 +26,4 @@ __all__ = [
     "load_records", "not_launched_record", "read_json_files", "runs_path", "save_matrix_copy",
 ]
 
-
-def __getattr__(name: str):
-    if name not in _ROOM:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{_ROOM[name]}"), name)
-    globals()[name] = value  # loaded once; later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_front(__name__, _ROOM, globals(), __all__)

@@ -9,7 +9,7 @@ section).
 The front is lazy (a name loads its room on first use): the report pulls in pandas and matplotlib.
 """
 
-from importlib import import_module
+from bench.lazy_front import lazy_front
 
 _ROOM = {
     "ReportOptions": "document", "parse_count": "document", "write_report": "document",
@@ -19,14 +19,4 @@ __all__ = [
     "ReportOptions", "parse_count", "write_report",
 ]
 
-
-def __getattr__(name: str):
-    if name not in _ROOM:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{_ROOM[name]}"), name)
-    globals()[name] = value  # loaded once; later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_front(__name__, _ROOM, globals(), __all__)

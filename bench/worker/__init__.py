@@ -10,7 +10,7 @@ bench.strategies and bench.records.rank_files: nothing of the parent's machinery
 The front is lazy: ``python -m bench.worker`` and a room's import load only what they need.
 """
 
-from importlib import import_module
+from bench.lazy_front import lazy_front
 
 _ROOM = {
     "main": "train",
@@ -20,14 +20,4 @@ __all__ = [
     "main",
 ]
 
-
-def __getattr__(name: str):
-    if name not in _ROOM:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{_ROOM[name]}"), name)
-    globals()[name] = value  # loaded once; later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_front(__name__, _ROOM, globals(), __all__)
