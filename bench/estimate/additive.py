@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench.estimate import offload_blocks
+from bench.estimate import offload_blocks, offload_streams
 from bench.estimate.activations import LORA_TARGET_INPUTS, ActivationBytes, activation_bytes, lora_input_width
 from bench.estimate.prediction import (CALIBRATION, COMPONENTS, ESTIMATOR_VERSION, GIB, Calibration, Prediction, margins_for,
                                        with_capacity)
@@ -278,6 +278,9 @@ def reserved_only_blocks(cell: CellSettings, shape: ModelShape, strategy: Strate
     - ``fsdp_offload_init_blocks``: FSDP1 with parameter offload made each FlatParameter on the GPU before
       sending its shard to the host; what its root unit's blocks (and the loss's own) hold free at the peak,
       replayed through the allocator model (bench/estimate/offload_blocks.py). Replaces the two above.
+    - ``fsdp_offload_grad_stream_pool`` / ``fsdp_offload_cast_stream_pool``: the same strategy's post-backward
+      stream keeps every trained unit's sharded gradient until the backward ends, and its pre-unshard stream
+      casts the offloaded fp32 shards through a GPU copy: pools compute cannot use (bench/estimate/offload_streams.py).
     - ``zero3_gather_stream_pool`` / ``zero3_reduce_stream_pool``: ZeRO-3 (n > 1) gathers parameters and
       reduce-scatters gradients on their own streams; the caching allocator keeps per-stream pools, so the
       gathered working set's and the reduce bucket's segments are not reusable by compute.
@@ -296,6 +299,11 @@ def reserved_only_blocks(cell: CellSettings, shape: ModelShape, strategy: Strate
             cell, shape, acts, layer_bytes, root_bytes, on_host, offload_blocks.shards(cell, strategy), compute_bytes(cell),
             4 if converts_outputs_to_fp32(cell, strategy) else compute_bytes(cell), calib.backward_temp_fraction,
             phase)
+        # Its post-backward and pre-unshard streams keep their own pools: the sharded gradients, kept until the
+        # backward ends, and the cast copies of the offloaded fp32 shards (bench/estimate/offload_streams.py).
+        adapter_bytes = compute_bytes(cell) if cell.adapter.type == "qlora" else 4
+        out.update(offload_streams.side_stream_pools(
+            cell, shape, offload_blocks.shards(cell, strategy), int(root_bytes), adapter_bytes, compute_bytes(cell)))
         return {k: v for k, v in out.items() if v}
     if qlora_builds_on_host(cell):
         # Each layer is materialised in bf16 on the GPU, quantised, and sent to the host: what stays cached
