@@ -19,10 +19,13 @@ PREDICTION_VERSION = 1  # the stored form's schema
 # The estimator's own version: bump it with every change that can move a prediction. A predicted_oom record
 # made by another version is re-evaluated on resume (bench/launch/campaign.py), reports show the version that made
 # each stored prediction, and the margins file must be regenerated (bench estimate-margins).
-ESTIMATOR_VERSION = 3
+ESTIMATOR_VERSION = 4
 # 3: ZeRO-3's replay keeps each sub-group's fp32 copy until the next is made, gathers on the all-gather stream
 #    (one-parameter gathers without a flat buffer); FSDP1 parameter offload reserves its initialisation's blocks
 #    (bench/estimate/offload_blocks.py) and keeps the offloaded shard copy only for an uncast root.
+# 4: FSDP1 parameter offload reserves its post-backward stream's pool (every trained unit's sharded gradient,
+#    upcast to the flat parameter's dtype, kept until the backward ends) and its pre-unshard stream's (the cast
+#    of each offloaded fp32 shard through a GPU copy): bench/estimate/offload_streams.py.
 COMPONENTS = ("params", "grads", "optimizer", "master_weights", "activations", "adapter", "overhead")
 
 

@@ -29,11 +29,14 @@ TUNING_FOLDERS: tuple[str, ...] = (
     # Looked at (2026-12-01) to fix its two misses, ZeRO-3 full 3B and QLoRA FSDP offload 3B: in-sample since
     # (estimator version 3). Its successor judge is matrices/estimate-judge-2.yaml.
     "estimate-judge-h200",
+    # Looked at (2026-12-01) to fix its one miss, FSDP1 parameter offload with full fine-tuning (3B, -20.0 %):
+    # in-sample since (estimator version 4). Its successor judge is matrices/estimate-judge-3.yaml.
+    "estimate-judge-2-h200",
 )
 # Out-of-sample folders whose errors set the margins: the judge matrix's and the H200 runs committed after
 # the protocol (issue 23). Paths relative to results/; a pattern may name the runs under a folder.
 JUDGE_PATTERNS: tuple[str, ...] = (
-    "estimate-judge-2-h200", "estimate-judge-*", "llama-full-h200-a", "llama-full-h200-b",
+    "estimate-judge-3-h200", "estimate-judge-*", "llama-full-h200-a", "llama-full-h200-b",
     "llama8b-h200-a", "llama8b-h200-b", "nightly-h200/*",
     # Added 2026-11-30, judge-only (nothing tuned on them): the small-step nights (seq 1024 x mb 4) and the
     # step-size probe and slowed nights (seq 2048 x mb 8), 1B on 2x H200; shapes no tuning folder holds.
