@@ -11,8 +11,10 @@ Two ways to be wrong, two margins:
 
 Both are floored at 0 and computed by ``bench estimate-margins`` from the judge folders
 (bench/estimate/protocol.py) into ``MARGINS_FILE``, a committed, generated file: never typed in. A
-framework with fewer than ``MIN_CELLS`` judged cells takes the margins of all judged cells together; with
-no judged cell at all, the stated defaults hold (``DEFAULT_FIT``, ``DEFAULT_SKIP``).
+framework with fewer than ``MIN_CELLS`` judged cells takes the margins of all judged cells together, but never
+less than the stated defaults (``DEFAULT_FIT``, ``DEFAULT_SKIP``): other frameworks' errors say little about
+its own (an offload path's allocator pools are not DDP's), and too small a margin is the costly mistake; with
+no judged cell at all, the defaults hold.
 """
 
 from __future__ import annotations
@@ -110,9 +112,9 @@ def margin_for_framework(framework: str, data: dict | None) -> Margin:
         return Margin(own["fit"], own["skip"], f"{framework}: {own['cells']} judged cells, {COVERAGE:.0%} covered")
     pooled = data["pooled"]
     have = own["cells"] if own else 0
-    return Margin(pooled["fit"], pooled["skip"],
+    return Margin(max(pooled["fit"], DEFAULT_FIT), max(pooled["skip"], DEFAULT_SKIP),
                   f"all frameworks: {pooled['cells']} judged cells ({framework} has {have}, under {MIN_CELLS}), "
-                  f"{COVERAGE:.0%} covered")
+                  f"{COVERAGE:.0%} covered, floored at the defaults ({DEFAULT_FIT:.0%} fit, {DEFAULT_SKIP:.0%} skip)")
 
 
 def margin_for(strategy, data: dict | None = None) -> Margin:

@@ -102,6 +102,17 @@ def test_a_cell_launched_on_several_nights_counts_once(tmp_path):
     assert len(distinct_cells(rows)) == len({r.cell_id for r in rows}) == once
 
 
+def test_a_thinly_judged_framework_never_gets_less_than_the_defaults(tmp_path):
+    """Every judged cell exact: the pooled margins are 0, yet a framework with too few cells of its own keeps
+    the stated defaults (other frameworks' errors do not vouch for it)."""
+    _judge_copy(tmp_path, "estimate-judge-3-h200", 1.0)
+    data = estimate_margins.compute(tmp_path)
+    assert data["pooled"]["fit"] < estimate_margins.DEFAULT_FIT
+    m = estimate_margins.margin_for_framework("no-such-framework", data)
+    assert (m.fit, m.skip) == (estimate_margins.DEFAULT_FIT, estimate_margins.DEFAULT_SKIP)
+    assert "floored" in m.source
+
+
 def test_margins_default_without_judge_records(tmp_path):
     data = estimate_margins.compute(tmp_path)
     m = estimate_margins.margin_for_framework("deepspeed", data)
