@@ -140,7 +140,7 @@ def run_slurm_plan(plan: LaunchPlan, matrix_name: str, env_fingerprint: dict, op
     ranks = rank_files.read_json_files(plan.rank_dir, "rank")
     status, error = classify(outcome, plan.rank_dir, plan.cell.processes, plan.limits, log_path)
     if outcome.stopped_by is None:
-        status, error = _with_job_state(status, error, info, len(ranks) == plan.cell.processes, options)
+        status, error = status_after_job(status, error, info, len(ranks) == plan.cell.processes, options)
     node_names = _node_names(info.node_list, ends)
     failed_node = None
     if status not in ("ok", "interrupted"):
@@ -150,7 +150,7 @@ def run_slurm_plan(plan: LaunchPlan, matrix_name: str, env_fingerprint: dict, op
         matrix=matrix_name, cell_id=plan.cell.cell_id, label=plan.cell.label, repeat=plan.repeat,
         settings=plan.cell.model_dump(mode="json"), strategy_info=strategy_info or {}, status=status, error=error,
         env={**env_fingerprint, "nodes": read_node_fingerprints(plan.cell_dir)}, ranks=ranks,
-        nvml=merge_node_samples(plan.cell_dir, plan.cell.nodes) if sample else None,
+        nvml=merge_node_samples(plan.cell_dir, plan.cell.nodes, node_names) if sample else None,
         prediction=prediction, started_at=started, wall_s=time.time() - started,
         first_step_s=(outcome.first_step_at - running_since) if outcome.first_step_at and running_since else None,
         cell_dir=str(plan.cell_dir), command=f"sbatch {script}",
@@ -162,7 +162,7 @@ def run_slurm_plan(plan: LaunchPlan, matrix_name: str, env_fingerprint: dict, op
     return record
 
 
-def _with_job_state(status: str, error: CellError | None, info, ranks_ok: bool,
+def status_after_job(status: str, error: CellError | None, info, ranks_ok: bool,
                     options: SlurmOptions) -> tuple[str, CellError | None]:
     """What the scheduler's end of the job adds to what the ranks left: a job cancelled from outside, or
     stopped at Slurm's own time limit, or killed by Slurm's memory limit, says so whatever the ranks wrote."""

@@ -109,9 +109,9 @@ def read_node_samples(folder: Path, nodes: int) -> dict[int, dict | None]:
     return out
 
 
-def _node_entry(rank: int, data: dict | None) -> dict:
+def _node_entry(rank: int, data: dict | None, name: str | None) -> dict:
     if data is None:
-        return {"node_rank": rank, "state": "missing", "available": None,
+        return {"node_rank": rank, "node": name, "state": "missing", "available": None,
                 "reason": "no sampler file: the node's sampler did not start (or the node never ran its command)"}
     summary = data.get("summary") or {}
     entry = {k: data.get(k) for k in PER_NODE_KEYS}
@@ -139,10 +139,12 @@ def merge_traces(summaries: list[tuple[str, dict]]) -> dict:
     return {"t": [round(float(t), 3) for t in base_t], "gpus": gpus}
 
 
-def merge_node_samples(folder: Path, nodes: int) -> dict:
-    """The record's ``nvml`` for a cell of ``nodes`` nodes, from their sampler files in ``folder``."""
+def merge_node_samples(folder: Path, nodes: int, node_names: list[str] | None = None) -> dict:
+    """The record's ``nvml`` for a cell of ``nodes`` nodes, from their sampler files in ``folder``;
+    ``node_names`` (by node rank, from the job's node list) names the nodes that left no file."""
     found = read_node_samples(folder, nodes)
-    per_node = [_node_entry(rank, data) for rank, data in found.items()]
+    names = list(node_names or [])
+    per_node = [_node_entry(rank, data, names[rank] if rank < len(names) else None) for rank, data in found.items()]
     sampled = {rank: d for rank, d in found.items() if d and d.get("summary")}
     summaries = [(str(d.get("node") or rank), d["summary"]) for rank, d in sampled.items()]
     per_gpu = [{**g, "node": str(d.get("node") or rank), "node_rank": rank}
