@@ -26,8 +26,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 from bench.machine import gpu_state
 from bench.machine.sampler import NvmlSampler
 
@@ -124,6 +122,8 @@ def _node_entry(rank: int, data: dict | None, name: str | None) -> dict:
 def merge_traces(summaries: list[tuple[str, dict]]) -> dict:
     """One trace over every node's cards, on the time axis of the first node's trace: each node's series is
     interpolated at those moments from its own clock (its ``started_at`` + t). Keys: ``<node>:<index>``."""
+    import numpy as np  # here: the sampler itself runs on every node with the standard library and pynvml only
+
     traced = [(node, s) for node, s in summaries if len((s.get("trace") or {}).get("t") or []) >= 2]
     if not traced:
         return {"t": [], "gpus": {}}
