@@ -417,6 +417,18 @@ def _build_moment(cell: CellSettings, shape: ModelShape, strategy: Strategy, sta
     return {"build": _Parts(components, {"bf16_layer_being_quantised": compute_bytes(cell) * layer})}
 
 
+def shard_view(cell: CellSettings, strategy: Strategy) -> CellSettings:
+    """The cell as one rank's memory sees it: ``gpus`` = the ranks its states are split over, on one node.
+
+    A cell of ``nodes`` x ``gpus`` ranks shards over all of them (ZeRO, FSDP full sharding), so it is
+    predicted as one node of that many ranks; sharding within a node (FSDP1 HYBRID_SHARD: replicas across
+    nodes) splits over the node's ``gpus`` only. A one-node cell is itself."""
+    if cell.nodes == 1:
+        return cell
+    within_node = strategy.shard_level and strategy.shard_scope == "node"
+    return cell.model_copy(update={"nodes": 1, "gpus": cell.gpus if within_node else cell.processes})
+
+
 def predict(cell: CellSettings, calib: Calibration = CALIBRATION, margin: float | None = None,
             capacity_gib: float | None = None, capacity_source: str | None = None,
             built_on_meta: bool | None = None) -> Prediction | None:
@@ -425,10 +437,14 @@ def predict(cell: CellSettings, calib: Calibration = CALIBRATION, margin: float 
     ``built_on_meta``: None for the way bench builds the cell now (model_build.builds_on_meta); a record's
     check passes the way that record was built (``model_init``), as older records built FSDP+LoRA on the GPU.
     ``margin``: the skip margin; None takes the framework's from the margins file, as does the fit margin.
+    A cell of several nodes is predicted per card with its states sharded over all its ranks (``shard_view``);
+    ``host_gib`` is then the host memory of every rank on every node together.
     """
     strategy = describe_strategy(cell)
     if strategy is None:
         return None
+    ranks = cell.processes
+    cell = shard_view(cell, strategy)
     if built_on_meta is None:
         built_on_meta = builds_on_meta(cell, strategy)
     shape = ModelShape.of(cell.model)
@@ -471,7 +487,7 @@ def predict(cell: CellSettings, calib: Calibration = CALIBRATION, margin: float 
                              **{f"cached:{k}": v / GIB for k, v in cached.items()}, "allocator_slack": slack / GIB},
         activations_detail_gib={k: v / GIB for k, v in acts.as_dict().items()},
         bytes_per_param=bytes_per_param_summary(states, strategy, cell.gpus),
-        host_gib=cell.gpus * host_rank / GIB, host_per_rank_gib=host_rank / GIB,
+        host_gib=ranks * host_rank / GIB, host_per_rank_gib=host_rank / GIB,
         calibration=asdict(calib), reserved_model="replay" if rep is not None else "additive",
         estimator_version=ESTIMATOR_VERSION, **margins_for(strategy, margin),
     )

@@ -55,7 +55,8 @@ def fits_line(cell: CellSettings, pred: Prediction | None) -> str:
     if pred is None:
         return "fits on cards with: unknown (the strategy config could not be read)"
     if cell.device == "cpu":
-        return f"runs on CPU: about {_fmt(pred.host_gib)} GiB of host memory for all processes"
+        per_node = f" ({_fmt(pred.host_gib / cell.nodes)} GiB per node)" if cell.nodes > 1 else ""
+        return f"runs on CPU: about {_fmt(pred.host_gib)} GiB of host memory for all processes{per_node}"
     return f"fits on cards with >= {card_gib(pred):g} GiB (fit margin {pred.fit_margin:.0%})"
 
 
@@ -69,6 +70,8 @@ def render(rows: list[tuple[CellSettings, Prediction | None]], console: Console)
     else:
         render_blocks(rows, console)
     console.print(f"[dim]{escape(LEGEND)}[/]")
+    if any(cell.nodes > 1 for cell, _ in rows):
+        console.print(f"[dim]{escape(NODES_NOTE)}[/]")
 
 
 LEGEND = ("B/param per rank: weights + grads + (master + optimizer) in the ZeRO paper's notation, /N = sharded over "
@@ -76,6 +79,10 @@ LEGEND = ("B/param per rank: weights + grads + (master + optimizer) in the ZeRO 
           "(offloaded states + processes). verdict: fits = within capacity with the framework's fit margin to "
           "spare; tight = not so; skip = predicted_oom (over capacity by more than the skip margin), launched "
           "anyway with --force. Margins: bench/estimate/margins.json.")
+
+
+NODES_NOTE = ("Cells of several nodes (label 'Nnodes'): per-card figures for nodes x gpus ranks; ZeRO and FSDP shard "
+              "over all of them (FSDP HYBRID_SHARD within a node only), so /N in B/param counts every rank.")
 
 
 def _formula(pred: Prediction) -> str:
@@ -145,7 +152,8 @@ def run_estimate(matrix_path: str, device: str | None, capacity_gib: float | Non
                  exclude: list[str], as_json: bool, console: Console | None = None, max_gpus: int | None = None) -> int:
     rows = estimate_cells(matrix_path, device, capacity_gib, only, exclude, max_gpus)
     if as_json:
-        print(json.dumps([{"cell_id": c.cell_id, "label": c.label, "prediction": prediction_dict(p)}
+        print(json.dumps([{"cell_id": c.cell_id, "label": c.label, "nodes": c.nodes, "ranks": c.processes,
+                           "prediction": prediction_dict(p)}
                           for c, p in rows], indent=1))
     else:
         render(rows, console or Console())

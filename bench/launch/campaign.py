@@ -89,7 +89,7 @@ def prepare(matrix_path: str, opts: RunOptions) -> Prepared:
     check_names(cells, matrix_path)
     from bench.launch.slurm_runner import check_launcher
 
-    check_launcher(matrix, cells, matrix_path)
+    check_launcher(matrix, cells, matrix_path, submitting=not opts.dry_run)
     here = visible_gpus()
     # A dry run plans each cell for its own target machine; so does a Slurm run (its cells run elsewhere).
     target = None if opts.dry_run or matrix.launcher == "slurm" else here
@@ -165,7 +165,8 @@ def planned_elsewhere_note(cells: list[CellSettings], here: int) -> str | None:
     return f"planned for a machine with {need} GPU(s); this machine has {here}" if need > here else None
 
 
-def print_dry_run(console: Console, items: list, here: int) -> None:
+def print_dry_run(console: Console, items: list, here: int, matrix: Matrix | None = None) -> None:
+    """Every plan's command and configs; under `launcher: slurm` the batch script `bench run` would submit."""
     for auto in (i for i in items if isinstance(i, AutoCell)):
         console.print(f"[dim]micro_batch auto[/]: {escape(auto.cell.label)}: "
                       + escape(f"proposed {auto.proposed} for {auto.capacity_gib:.1f} GiB ({auto.capacity_source})"
@@ -177,7 +178,10 @@ def print_dry_run(console: Console, items: list, here: int) -> None:
     for i, plan in enumerate(plans, 1):
         console.rule(f"[bold]cell {i}/{len(plans)}[/] {plan.cell.label}  id={plan.cell.cell_id}")
         console.print(f"[dim]folder:[/] {plan.cell_dir}")
-        console.print(plan.shell_command(), soft_wrap=True, markup=False)
+        if matrix is not None and matrix.launcher == "slurm":
+            _print_batch_script(console, plan, matrix)
+        else:
+            console.print(plan.shell_command(), soft_wrap=True, markup=False)
         for name, content in plan.files.items():
             if name in ("accelerate.yaml", "deepspeed.json"):
                 console.print(f"[dim]--- {name}[/]")
@@ -187,6 +191,16 @@ def print_dry_run(console: Console, items: list, here: int) -> None:
         console.rule(f"[bold]{len(skipped)} run(s) would be recorded unsupported[/]")
         for line in collapse([(u.cell, list(u.reasons)) for u in skipped]):
             console.print(line, markup=False, soft_wrap=True)
+
+
+def _print_batch_script(console: Console, plan: LaunchPlan, matrix: Matrix) -> None:
+    from bench.launch.slurm import SCRIPT_FILE
+    from bench.launch.slurm_runner import job_script
+
+    path = plan.cell_dir / SCRIPT_FILE
+    console.print(f"sbatch --parsable {path}", soft_wrap=True, markup=False)
+    console.print(f"[dim]--- {SCRIPT_FILE} (written to {escape(str(path))} when the cell runs)[/]")
+    console.print(job_script(plan, matrix.slurm), soft_wrap=True, markup=False)
 
 
 def resume_command(matrix_path: str, opts: RunOptions) -> str:
@@ -237,7 +251,7 @@ def run_matrix(matrix_path: str, opts: RunOptions, console: Console | None = Non
     console = console or Console()
     prep = prepare(matrix_path, opts)
     if opts.dry_run:
-        print_dry_run(console, make_plans(prep, opts), prep.visible_gpus)
+        print_dry_run(console, make_plans(prep, opts), prep.visible_gpus, prep.matrix)
         return 0
     with folder_lock.hold(prep.results_dir, wait=opts.wait_for_lock,
                           on_wait=lambda who: console.print(f"waiting for the results folder, held by {escape(who)}"),

@@ -151,7 +151,7 @@ def root_cause_lines(log_path: Path) -> str:
         return ""
     keys = ("Error", "error:", "Exception", "Traceback", "Killed", "Signal", "signal", "exitcode")
     hits = [i for i, line in enumerate(text) if any(k in line for k in keys)]
-    keep = sorted({j for i in hits[:20] for j in range(max(0, i - 1), i + 2)})
+    keep = sorted({j for i in hits[:20] for j in range(max(0, i - 1), min(len(text), i + 2))})  # a hit may be the last line
     return "\n".join(text[j] for j in keep)[-4000:]
 
 

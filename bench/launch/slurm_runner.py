@@ -21,6 +21,8 @@ from bench.launch.runner import CellInterrupted, archive_previous_attempt, watch
 from bench.launch.slurm import (SlurmJob, accelerate_node_command, bench_status, commands, failed_nodes,
                                 read_node_ends, render_batch_script, write_batch_script)
 from bench.machine.node_env import read_node_fingerprints
+from bench.machine.node_sampler import NODE_SAMPLES_FILE, merge_node_samples
+from bench.machine.sampler import sampler_enabled
 from bench.records import CellError, RunRecord, rank_files
 from bench.spec import CellSettings, Matrix, MatrixError
 from bench.spec.slurm import SlurmOptions
@@ -30,31 +32,46 @@ ENV_NODE_FILE = "env-node-{node_rank}.json"  # each node's fingerprint (bench/ma
 LOG_FILE = "launch.log"  # the job's output and error files joined, for the failure classification
 
 
-def check_launcher(matrix: Matrix, cells: list[CellSettings], source: str) -> None:
-    """Refuse, before anything launches, what the launcher cannot run."""
+def check_launcher(matrix: Matrix, cells: list[CellSettings], source: str, submitting: bool = True) -> None:
+    """Refuse, before anything launches, what the launcher cannot run. ``submitting``: False for a dry run,
+    which prints the batch scripts and needs no Slurm."""
     if matrix.launcher == "local":
         if multi := sorted({c.nodes for c in cells if c.nodes > 1}):
             raise MatrixError(f"{source}: nodes {multi} needs several machines, but launcher is 'local' (this host "
                               "only). Fix: set `launcher: slurm` (with a `slurm:` section: partition, time_limit_s, "
                               "gpus_per_node), or nodes: 1")
         return
-    if shutil.which("sbatch") is None:
+    if submitting and shutil.which("sbatch") is None:
         raise MatrixError(f"{source}: launcher: slurm, but `sbatch` is not on PATH. Fix: run bench on a Slurm login "
                           "node (or load the Slurm module so that sbatch, squeue, scontrol and scancel are found), "
                           "or set `launcher: local`")
 
 
-def node_command(plan: LaunchPlan) -> str:
-    """One node's shell text: its fingerprint, then its `accelerate launch` (the local argv, less the port
-    the batch script now owns)."""
+def _node_file(plan: LaunchPlan, pattern: str) -> str:
+    """A per-node file of the cell's folder as shell text, its node rank expanded by each task."""
+    return shlex.quote(str(plan.cell_dir)) + "/" + pattern.format(node_rank='"$SLURM_NODEID"')
+
+
+def node_command(plan: LaunchPlan, sample: bool | None = None) -> str:
+    """One node's shell text: its fingerprint; its NVML sampler in the background (bench/machine/
+    node_sampler.py, stopped with SIGTERM once the launch returns, and waited for so that its summary is
+    written before the job ends); its `accelerate launch` (the local argv, less the port the batch script
+    now owns). ``sample``: None follows BENCH_SAMPLER (on unless it says off)."""
     argv = list(plan.argv)
     if "--main_process_port" in argv:
         i = argv.index("--main_process_port")
         del argv[i:i + 2]
-    env_file = shlex.quote(str(plan.cell_dir)) + "/" + ENV_NODE_FILE.format(node_rank='"$SLURM_NODEID"')
-    fingerprint = f"{shlex.quote(sys.executable)} -m bench.machine.node_env {env_file} || true"
-    launch = accelerate_node_command(argv[:3], argv[3:], plan.cell.nodes, plan.cell.gpus)
-    return f"{fingerprint}\n{launch}"
+    python = shlex.quote(sys.executable)
+    lines = [f"{python} -m bench.machine.node_env {_node_file(plan, ENV_NODE_FILE)} || true"]
+    if sampler_enabled() if sample is None else sample:
+        gpus = plan.cell.gpus if plan.cell.device == "cuda" else 0
+        lines.append(f"{python} -m bench.machine.node_sampler {_node_file(plan, NODE_SAMPLES_FILE)} --gpus {gpus} "
+                     f"--ranks {shlex.quote(str(plan.rank_dir))} &")
+        lines.append("sampler_pid=$!")
+    lines.append(accelerate_node_command(argv[:3], argv[3:], plan.cell.nodes, plan.cell.gpus))
+    if len(lines) > 2:
+        lines += ["rc=$?", 'kill -TERM "$sampler_pid" 2>/dev/null', 'wait "$sampler_pid"', "exit $rc"]
+    return "\n".join(lines)
 
 
 def job_options(plan: LaunchPlan, options: SlurmOptions) -> SlurmOptions:
@@ -64,11 +81,15 @@ def job_options(plan: LaunchPlan, options: SlurmOptions) -> SlurmOptions:
     return options.model_copy(update={"env": {**env, **options.env}})
 
 
-def write_job_script(plan: LaunchPlan, options: SlurmOptions) -> Path:
-    text = render_batch_script(job_name=f"bench-{plan.cell.cell_id}", folder=plan.cell_dir, nodes=plan.cell.nodes,
-                               node_command=node_command(plan), options=job_options(plan, options),
+def job_script(plan: LaunchPlan, options: SlurmOptions, sample: bool | None = None) -> str:
+    """The cell's batch script, as `bench run` submits it (and `bench run --dry-run` prints it)."""
+    return render_batch_script(job_name=f"bench-{plan.cell.cell_id}", folder=plan.cell_dir, nodes=plan.cell.nodes,
+                               node_command=node_command(plan, sample), options=job_options(plan, options),
                                workdir=Path.cwd())
-    return write_batch_script(plan.cell_dir, text)
+
+
+def write_job_script(plan: LaunchPlan, options: SlurmOptions, sample: bool | None = None) -> Path:
+    return write_batch_script(plan.cell_dir, job_script(plan, options, sample))
 
 
 def _watch_job(job: SlurmJob, plan: LaunchPlan, outcome: Outcome, poll_s: float) -> float | None:
@@ -99,9 +120,10 @@ def run_slurm_plan(plan: LaunchPlan, matrix_name: str, env_fingerprint: dict, op
     """Submit, watch, cancel if needed, classify. Raises CellInterrupted (with the record) on Ctrl-C."""
     archive_previous_attempt(plan)
     write_plan_files(plan)
-    for old in plan.cell_dir.glob("env-node-*.json"):
+    for old in [*plan.cell_dir.glob("env-node-*.json"), *plan.cell_dir.glob("nvml-node-*.json")]:
         old.unlink()
-    script = write_job_script(plan, options)
+    sample = sampler_enabled()
+    script = write_job_script(plan, options, sample)
     outcome = Outcome()
     started = time.time()
     running_since = None
@@ -118,7 +140,7 @@ def run_slurm_plan(plan: LaunchPlan, matrix_name: str, env_fingerprint: dict, op
     ranks = rank_files.read_json_files(plan.rank_dir, "rank")
     status, error = classify(outcome, plan.rank_dir, plan.cell.processes, plan.limits, log_path)
     if outcome.stopped_by is None:
-        status, error = _with_job_state(status, error, info, len(ranks) == plan.cell.processes, options)
+        status, error = status_after_job(status, error, info, len(ranks) == plan.cell.processes, options)
     node_names = _node_names(info.node_list, ends)
     failed_node = None
     if status not in ("ok", "interrupted"):
@@ -127,7 +149,8 @@ def run_slurm_plan(plan: LaunchPlan, matrix_name: str, env_fingerprint: dict, op
     record = RunRecord(
         matrix=matrix_name, cell_id=plan.cell.cell_id, label=plan.cell.label, repeat=plan.repeat,
         settings=plan.cell.model_dump(mode="json"), strategy_info=strategy_info or {}, status=status, error=error,
-        env={**env_fingerprint, "nodes": read_node_fingerprints(plan.cell_dir)}, ranks=ranks, nvml=None,
+        env={**env_fingerprint, "nodes": read_node_fingerprints(plan.cell_dir)}, ranks=ranks,
+        nvml=merge_node_samples(plan.cell_dir, plan.cell.nodes, node_names) if sample else None,
         prediction=prediction, started_at=started, wall_s=time.time() - started,
         first_step_s=(outcome.first_step_at - running_since) if outcome.first_step_at and running_since else None,
         cell_dir=str(plan.cell_dir), command=f"sbatch {script}",
@@ -139,7 +162,7 @@ def run_slurm_plan(plan: LaunchPlan, matrix_name: str, env_fingerprint: dict, op
     return record
 
 
-def _with_job_state(status: str, error: CellError | None, info, ranks_ok: bool,
+def status_after_job(status: str, error: CellError | None, info, ranks_ok: bool,
                     options: SlurmOptions) -> tuple[str, CellError | None]:
     """What the scheduler's end of the job adds to what the ranks left: a job cancelled from outside, or
     stopped at Slurm's own time limit, or killed by Slurm's memory limit, says so whatever the ranks wrote."""

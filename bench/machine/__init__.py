@@ -3,7 +3,8 @@
 Rooms: ``gpu_state`` (NVML handles of a cell's GPUs, the processes on them, whether they are busy),
 ``sampler`` (NVML sampled in the parent while a cell runs: power, clocks, energy, throttling),
 ``envinfo`` (the environment fingerprint every record keeps), ``bytecode`` (whether the training
-libraries' bytecode is cached). Read by the launch side, the estimator (a card's capacity) and the
+libraries' bytecode is cached), ``node_env`` and ``node_sampler`` (each node's fingerprint and NVML
+sampler inside a multi-node job, run as ``python -m``; the merge of the nodes' samples). Read by the launch side, the estimator (a card's capacity) and the
 report (throttle reasons); imports nothing else of bench.
 """
 

@@ -82,7 +82,11 @@ def _safe(fn):
         return None
 
 
-def _cpu_model() -> str:
+def library_versions() -> dict[str, str | None]:
+    return {lib: _version(lib) for lib in LIBRARIES}
+
+
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -102,9 +106,9 @@ def fingerprint() -> dict:
         "host": socket.gethostname(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
-        "libraries": {lib: _version(lib) for lib in LIBRARIES},
+        "libraries": library_versions(),
         "cuda": torch.version.cuda,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
         "git_sha": git_sha(),

@@ -119,6 +119,11 @@ class NvmlSampler:
     def available(self) -> bool:
         return self.lib is not None
 
+    @property
+    def running(self) -> bool:
+        """Started and sampling (False where NVML is absent or the cards could not be opened)."""
+        return self._thread is not None
+
     def _open(self) -> None:
         lib = self.lib
         if lib is gpu_state.nvml():

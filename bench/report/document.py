@@ -293,6 +293,20 @@ def trace_section(records: list[RunRecord], options: ReportOptions, out_dir: Pat
     return section
 
 
+def nodes_section(records: list[RunRecord], console: Console) -> Section | None:
+    table = nodes.node_table(records)
+    if table is None:
+        return None
+    differ = table[table["nodes differ"] != "no"]
+    for _, row in differ.iterrows():
+        console.print(f"[bold red]{escape(row['cell'])}: its nodes differ: {escape(row['nodes differ'])}[/]")
+    return Section("Nodes", ["Cells of several nodes: each node's own fingerprint (env.nodes) and NVML sampler "
+                             "(nvml.per_node). 'nodes differ' names every setting (software, cards, driver, "
+                             "NCCL/GLOO variables, NICs, InfiniBand ports) that is not the same on every node."],
+                   [Table("nodes", "The nodes of each multi-node cell", table,
+                          [f"{r['cell']}: its nodes differ ({r['nodes differ']})" for _, r in differ.iterrows()])])
+
+
 def all_cells_table(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, row in df.iterrows():
@@ -328,7 +342,8 @@ def write_report(results_dirs: list[Path], out_dir: Path, console: Console | Non
     sections = [verdict_section(df), definitions_section(), scaling_section(df, out_dir),
                 head_to_head_section(df, table_options), memory_section(df, out_dir), efficiency_section(df),
                 energy_section(df)]
-    optional = (card_state_section(df), prediction_section(df, out_dir), trace_section(records, options, out_dir))
+    optional = (card_state_section(df), prediction_section(df, out_dir), trace_section(records, options, out_dir),
+                nodes_section(records, console))
     sections += [s for s in optional if s]
     sections.append(Section("All cells", ["Raw figures of every cell: cells.csv."],
                             [Table("all_cells", "Every cell", all_cells_table(df))]))

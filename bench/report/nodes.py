@@ -5,12 +5,17 @@ Inside one node (the ``gpus`` axis at ``nodes: 1``) ranks talk over the node's o
 questions, so a matrix with cells of several nodes gets the ordinary scaling table of its one-node
 cells and, beside it, this table: per processes-per-node, throughput per process at each node count and
 the speedup over the same strategy at one node with as many processes per node (efficiency: speedup / nodes).
+
+``node_table``: each multi-node cell's nodes as their own fingerprints and samplers describe them (network
+settings, NICs, InfiniBand, what NVML sampled), and what is not the same on every node.
 """
 
 from __future__ import annotations
 
 import pandas as pd
 
+from bench.machine.node_env import differences
+from bench.records import RunRecord
 from bench.report.metrics import THROUGHPUT
 from bench.report.text import throughput_text, unit
 
@@ -56,3 +61,40 @@ def node_scaling_table(group: pd.DataFrame) -> pd.DataFrame | None:
                 out[f"{n} node(s): vs 1 node"] = _across_text(row, at.get(1))
         rows.append(out)
     return pd.DataFrame(rows)
+
+
+def _differ_text(nodes: list[dict]) -> str:
+    diff = differences(nodes)
+    return "; ".join(f"{key}: " + ", ".join(f"{node}={value}" for node, value in values.items())
+                     for key, values in diff.items()) or "no"
+
+
+def _sampler_text(record: RunRecord) -> str:
+    per_node = (record.nvml or {}).get("per_node")
+    if not per_node:
+        return "not run" if record.slurm else ""
+    return ", ".join(f"{n.get('node') or n.get('node_rank')}: {n.get('state')}"
+                     + (f" ({len(n.get('gpu_indices') or [])} GPUs)" if n.get("state") == "done" else "")
+                     for n in per_node)
+
+
+def node_table(records: list[RunRecord]) -> pd.DataFrame | None:
+    """One row per cell of several nodes (its latest run): the nodes, the first node's network settings, NICs
+    and InfiniBand ports, each node's NVML sampler, and the keys whose values differ between nodes. None
+    when no record has several nodes' fingerprints."""
+    latest = {r.cell_id: r for r in records if len(r.env.get("nodes") or []) > 1}
+    rows = []
+    for record in latest.values():
+        nodes = record.env["nodes"]
+        first = nodes[0]
+        ib = [f"{d['name']}/{p['port']} {p.get('state')} {p.get('rate')}" for d in first.get("infiniband") or []
+              for p in d.get("ports", [])]
+        rows.append({"cell": record.label, "status": record.status,
+                     "nodes": ", ".join(str(n.get("slurm_node") or n.get("hostname")) for n in nodes),
+                     "network env (first node)": " ".join(f"{k}={v}" for k, v in (first.get("network_env") or {}).items())
+                     or "none set",
+                     "NICs (first node)": ", ".join(first.get("nics") or [i["name"] for i in first.get("interfaces", [])]),
+                     "InfiniBand (first node)": ", ".join(ib) or "none",
+                     "NVML sampler per node": _sampler_text(record),
+                     "nodes differ": _differ_text(nodes)})
+    return pd.DataFrame(rows) if rows else None

@@ -286,3 +286,34 @@ def test_estimator_imports_without_torch():
     repo = REPO
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo)
     assert done.returncode == 0, done.stderr
+
+
+def _nodes(c: CellSettings, nodes: int, gpus: int) -> CellSettings:
+    return c.model_copy(update={"nodes": nodes, "gpus": gpus})
+
+
+@pytest.mark.parametrize("strategy, like_gpus", [("zero3", 8), ("fsdp_full_shard", 8), ("zero2", 8), ("ddp", 8),
+                                                  ("fsdp_hybrid_shard", 4)])
+def test_a_cell_of_several_nodes_is_predicted_per_card_over_all_its_ranks(strategy, like_gpus):
+    """2 nodes x 4 GPUs: ZeRO and FSDP full sharding split the states over all 8 ranks (as one node of 8);
+    HYBRID_SHARD over the node's 4 only (as one node of 4)."""
+    base = cell(model="llama-3.2-1b", strategy=strategy)
+    two_nodes = predict(_nodes(base, 2, 4))
+    alike = predict(_nodes(base, 1, like_gpus))
+    assert two_nodes.peak_reserved_gib == pytest.approx(alike.peak_reserved_gib)
+    assert two_nodes.components_gib == pytest.approx(alike.components_gib)
+    assert two_nodes.bytes_per_param == alike.bytes_per_param
+    one_node = predict(_nodes(base, 1, 4))
+    assert two_nodes.host_gib == pytest.approx(2 * one_node.host_gib)  # every rank of both nodes together
+    if strategy != "ddp":  # DDP holds the states whole: as much per card at any world size
+        assert (two_nodes.peak_reserved_gib < one_node.peak_reserved_gib) == (like_gpus == 8)
+
+
+def test_estimate_on_a_slurm_matrix_shows_each_cells_ranks_and_their_shard_degree(tmp_path):
+    matrix = write_matrix(tmp_path, "est", device="cuda", launcher="slurm", slurm={"gpus_per_node": 4},
+                          train={"precision": "bf16"}, grid={"strategy": ["zero3"], "nodes": [1, 2], "gpus": [4]})
+    rows = json.loads(bench("estimate", str(matrix), "--json", check=True).stdout)
+    assert [(r["nodes"], r["ranks"]) for r in rows] == [(1, 4), (2, 8)]
+    assert [r["prediction"]["bytes_per_param"]["per_rank"] for r in rows] == ["16/4", "16/8"]
+    table = bench("estimate", str(matrix), "--device", "cuda", check=True).stdout
+    assert "2nodes" in table and "16/8" in table and "nodes x gpus ranks" in table

@@ -295,3 +295,13 @@ def test_gpu_faults_oom_kill_and_stuck_nccl_collective(tmp_path):
     assert by_seed[3].status == "oom", by_seed[3].error  # a real CUDA OOM under a 0.05 GiB cap
     for record in by_seed.values():
         assert_gpus_released(record)
+
+
+def test_root_cause_lines_of_a_log_whose_last_line_is_the_error(tmp_path):
+    """srun's last words ("srun: error: n1: task 0: Terminated") end a Slurm job's log."""
+    from bench.launch.failures import root_cause_lines
+
+    log = tmp_path / "launch.log"
+    log.write_text("step 1\nsrun: error: n2: task 1: Terminated\nsrun: error: n1: task 0: Terminated\n")
+    assert root_cause_lines(log).splitlines() == ["step 1", "srun: error: n2: task 1: Terminated",
+                                                  "srun: error: n1: task 0: Terminated"]

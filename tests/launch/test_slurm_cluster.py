@@ -5,7 +5,7 @@ that did not come up cannot pass CI silently.
 
 Slurm's own time limit is not tested here: it counts in whole minutes and slurmctld checks it every
 30 s, so a 1-minute job ends TIMEOUT after about 90 s (measured: 87 s). bench's own limit, which cancels
-the job, is tested instead; the TIMEOUT state's meaning is in test_slurm_script.py.
+the job, is tested here; a whole cell past Slurm's limit once, marked slow, in test_slurm_runs.py.
 """
 
 from __future__ import annotations

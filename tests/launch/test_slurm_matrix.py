@@ -62,3 +62,33 @@ def test_the_node_command_owns_the_port_and_the_site_env_wins(tmp_path):
     assert options.env["OMP_NUM_THREADS"] == "2" and options.env["ACCELERATE_USE_CPU"] == "1"
     cuda = build_plan(CellSettings(device="cuda", nodes=2, gpus=2), tmp_path, Limits(), parent_visible_devices=None)
     assert "CUDA_VISIBLE_DEVICES" not in job_options(cuda, SlurmOptions()).env  # Slurm's --gres decides
+
+
+def test_the_node_command_runs_the_nodes_sampler_and_waits_for_it(tmp_path):
+    plan = build_plan(CellSettings(device="cuda", nodes=2, gpus=4), tmp_path, Limits(), parent_visible_devices=None)
+    lines = node_command(plan, sample=True).splitlines()
+    sampler = next(i for i, line in enumerate(lines) if "bench.machine.node_sampler" in line)
+    launch = next(i for i, line in enumerate(lines) if "accelerate" in line)
+    assert sampler < launch and lines[sampler].endswith("&") and "--gpus 4" in lines[sampler]
+    assert 'nvml-node-"$SLURM_NODEID".json' in lines[sampler]
+    assert lines[launch + 1:] == ["rc=$?", 'kill -TERM "$sampler_pid" 2>/dev/null', 'wait "$sampler_pid"', "exit $rc"]
+    cpu = build_plan(CellSettings(device="cpu", nodes=2, gpus=2), tmp_path, Limits())
+    assert "--gpus 0" in node_command(cpu, sample=True)  # a CPU cell samples no card, but its sampler says so
+    assert "node_sampler" not in node_command(cpu, sample=False)  # BENCH_SAMPLER=0
+
+
+def test_a_dry_run_prints_each_cells_batch_script_without_slurm(tmp_path):
+    """A user reads the scripts before submitting, on a machine without Slurm: nothing is written or submitted."""
+    matrix = write_matrix(tmp_path, "dry", launcher="slurm",
+                          slurm={"partition": "gpu", "time_limit_s": 900, "env": {"NCCL_SOCKET_IFNAME": "ib0"}},
+                          grid={"strategy": ["ddp", "zero2"], "nodes": [2], "gpus": [2]})
+    exe_dir = str(Path(os.sys.executable).parent)  # no sbatch on this PATH
+    proc = bench("run", str(matrix), "--results", str(tmp_path / "r"), "--dry-run", env={"PATH": exe_dir})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert out.count("#!/bin/bash") == 2 and out.count("sbatch --parsable") == 2
+    for line in ("#SBATCH --nodes=2", "#SBATCH --partition=gpu", "#SBATCH --time=0-00:15:00", "export NCCL_SOCKET_IFNAME=ib0",
+                 "srun --nodes=2 --ntasks-per-node=1", "bench.machine.node_sampler", "--deepspeed_multinode_launcher"):
+        assert line in out, line
+    assert "slurm.sbatch" in out
+    assert not (tmp_path / "r").exists()

@@ -20,6 +20,7 @@ import pytest
 
 from bench.launch.plan import build_plan
 from bench.launch.slurm_runner import run_slurm_plan
+from bench.machine.node_env import differences
 from bench.records import load_records
 from bench.spec import CellSettings, Limits, Train
 from bench.spec.slurm import SlurmOptions
@@ -50,7 +51,17 @@ def test_ddp_and_zero2_on_two_nodes_of_two_processes(tmp_path):
         assert {r["world_size"] for r in record.ranks} == {4}
         assert {r["backend"] for r in record.ranks} == {"gloo"}
         assert [n["slurm_node"] for n in record.env["nodes"]] == ["n1", "n2"]  # each node's own fingerprint
-        assert all(n["interfaces"] for n in record.env["nodes"])
+        for node in record.env["nodes"]:
+            assert node["interfaces"] and node["nics"] == [i["name"] for i in node["interfaces"]]
+            assert node["libraries"]["torch"] and node["python"] and isinstance(node["infiniband"], list)
+        assert differences(record.env["nodes"]) == {}  # one host: the two nodes agree
+        # Each node's NVML sampler ran (its own file) and found no GPU; the merged record names both nodes.
+        for node_rank in (0, 1):
+            assert json.loads(Path(record.cell_dir, f"nvml-node-{node_rank}.json").read_text())["node_rank"] == node_rank
+        per_node = [(n["node_rank"], n["node"], n["state"], n["available"]) for n in record.nvml["per_node"]]
+        assert per_node == [(0, "n1", "no_gpu", False), (1, "n2", "no_gpu", False)]
+        assert all("no NVML" in n["reason"] for n in record.nvml["per_node"]), record.nvml["per_node"]
+        assert record.nvml["per_gpu"] == [] and record.nvml["energy_timed_j"] is None
         assert Path(record.cell_dir, "slurm.sbatch").is_file()  # the script a user can submit by hand
     assert {r.strategy_info["family"] for r in records} == {"ddp", "deepspeed"}
     assert {r.ranks[0]["distributed_type"] for r in records} == {"MULTI_CPU", "DEEPSPEED"}
@@ -84,6 +95,22 @@ def test_a_cell_past_its_time_is_a_timeout_and_its_job_is_cancelled(tmp_path):
     assert record.status == "timeout", record.error
     assert "limits.timeout_s" in record.error.message
     assert record.slurm["state"] == "CANCELLED"
+    assert _queue_empty_of(record.slurm["job_id"])
+
+
+def test_a_job_past_slurms_own_time_limit_is_a_timeout_keeping_the_slurm_state(tmp_path):
+    """Slurm's --time (1 minute, its least), bench's limits far off: every rank sleeps in its first step until
+    slurmctld ends the job TIMEOUT (it checks limits every 30 s: about 60-95 s)."""
+    matrix = write_matrix(tmp_path, "slurm-time", launcher="slurm", slurm={"time_limit_s": 60},
+                          limits={"timeout_s": 400, "hang_s": 400, "startup_s": 300, "collective_timeout_s": 400},
+                          grid={"nodes": [2], "gpus": [1]})
+    proc = bench("run", str(matrix), "--results", str(tmp_path / "results"), "--worker", "fault_worker",
+                 env={"BENCH_FAULT": "stuck", "BENCH_FAULT_RANK": "all"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [record] = load_records(tmp_path / "results")
+    assert record.status == "timeout", record.error
+    assert record.slurm["state"] == "TIMEOUT"
+    assert "past Slurm's time limit" in record.error.message and "slurm.time_limit_s" in record.error.message
     assert _queue_empty_of(record.slurm["job_id"])
 
 

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from bench.launch.slurm import (JobInfo, NodeEnd, SlurmOptions, accelerate_node_command, bench_status, failed_nodes,
                                 render_batch_script, slurm_time, srun_errors, write_batch_script)
+from bench.launch.slurm_runner import status_after_job
 
 # `scontrol -o show job` of a job whose second node's task was killed (shortened, fields as printed).
 FAILED_JOB = ("JobId=5 JobName=bench-test UserId=root(0) GroupId=root(0) MCS_label=N/A Priority=4294901755 "
@@ -135,3 +136,30 @@ def test_failing_node_named_from_srun_and_node_files():
     assert failed_nodes(info, ends, KILLED_ERR) == ["node n2 (task 1): Killed", "node n2 (node rank 1) exited 3"]
     assert failed_nodes(info, {0: ends[0], 1: None}, "") == [
         "node rank(s) 1 left no node file (killed before their command returned)"]
+
+
+# `scontrol -o show job` as the test cluster prints it (a finished job of tests/launch/test_slurm_runs.py,
+# shortened), with the state, reason and exit code Slurm gives a job whose step its memory limit killed
+# (task/cgroup): the test cluster enforces no memory limit (task/none, CR_CPU), so it cannot end one so.
+OOM_JOB = ("JobId=7 JobName=bench-1f9d45c0c47f UserId=root(0) GroupId=root(0) MCS_label=N/A Priority=4294901759 "
+           "Nice=0 Account=(null) QOS=(null) JobState=OUT_OF_MEMORY Reason=OutOfMemory Dependency=(null) Requeue=1 "
+           "Restarts=0 BatchFlag=1 Reboot=0 ExitCode=0:125 RunTime=00:00:41 TimeLimit=00:10:00 TimeMin=N/A "
+           "Partition=debug AllocNode:Sid=localhost:434 ReqNodeList=(null) ExcNodeList=(null) NodeList=n[1-2] "
+           "BatchHost=n1 NumNodes=2 NumCPUs=2 NumTasks=2 CPUs/Task=1 ReqB:S:C:T=0:0:*:* MinMemoryNode=0 Power= ")
+
+
+def test_a_job_slurm_ended_out_of_memory_is_an_oom_keeping_the_state():
+    info = JobInfo.from_scontrol(7, OOM_JOB)
+    assert (info.state, info.exit_code, info.signal, info.reason, info.node_list) == \
+        ("OUT_OF_MEMORY", 0, 125, "OutOfMemory", "n[1-2]")
+    assert bench_status(info, ranks_ok=False) == "oom"
+    status, error = status_after_job("crash", None, info, ranks_ok=False, options=SlurmOptions())
+    assert status == "oom" and error.kind == "oom"
+    assert "Slurm job 7 ended OUT_OF_MEMORY (OutOfMemory)" in error.message
+
+
+def test_a_job_past_slurms_time_limit_is_a_timeout_naming_the_limit():
+    info = JobInfo.from_scontrol(1, TIMEOUT_JOB)
+    status, error = status_after_job("crash", None, info, ranks_ok=False, options=SlurmOptions(time_limit_s=60))
+    assert status == "timeout" and error.kind == "timeout"
+    assert "ended TIMEOUT (TimeLimit)" in error.message and "slurm.time_limit_s 60 s" in error.message

@@ -34,3 +34,34 @@ def test_one_node_records_and_old_records_get_no_across_table():
     assert nodes.node_scaling_table(pd.DataFrame([_row("ddp", 2, 1, 10.0)])) is None
     old = pd.DataFrame([_row("ddp", 2, 1, 10.0)]).drop(columns=["nodes", "processes"])
     assert not nodes.has_several_nodes(old) and len(nodes.one_node(old)) == 1
+
+
+def _record(cell_id: str, env_nodes: list[dict], nvml: dict | None = None):
+    from bench.records import RunRecord
+
+    return RunRecord(matrix="m", cell_id=cell_id, label=f"tiny ddp x2 2nodes {cell_id}", settings={}, status="ok",
+                     env={"host": "login", "nodes": env_nodes}, nvml=nvml, started_at=0.0, wall_s=1.0,
+                     slurm={"job_id": 1})
+
+
+def test_the_node_table_shows_each_node_and_names_what_differs():
+    def node(name: str, driver: str, ifname: str) -> dict:
+        return {"slurm_node": name, "hostname": name, "driver": driver, "network_env": {"NCCL_SOCKET_IFNAME": ifname},
+                "nics": ["eth0", "ib0"], "infiniband": [{"name": "mlx5_0", "ports": [
+                    {"port": "1", "state": "4: ACTIVE", "rate": "400 Gb/sec"}]}]}
+
+    sampled = {"per_node": [{"node": "n1", "state": "done", "gpu_indices": [0, 1]},
+                            {"node": "n2", "state": "no_gpu"}]}
+    same = _record("a", [node("n1", "550", "ib0"), node("n2", "550", "ib0")], sampled)
+    differ = _record("b", [node("n1", "550", "ib0"), node("n2", "535", "eth0")])
+    local = _record("c", [node("n1", "550", "ib0")])  # one node: not in the table
+    table = nodes.node_table([same, differ, local])
+    assert list(table["nodes"]) == ["n1, n2", "n1, n2"]
+    assert table.iloc[0]["nodes differ"] == "no"
+    assert table.iloc[0]["NVML sampler per node"] == "n1: done (2 GPUs), n2: no_gpu"
+    assert table.iloc[0]["InfiniBand (first node)"] == "mlx5_0/1 4: ACTIVE 400 Gb/sec"
+    assert table.iloc[0]["network env (first node)"] == "NCCL_SOCKET_IFNAME=ib0"
+    assert table.iloc[1]["nodes differ"] == ("driver: n1=550, n2=535; "
+                                             "network_env: n1={'NCCL_SOCKET_IFNAME': 'ib0'}, n2={'NCCL_SOCKET_IFNAME': 'eth0'}")
+    assert table.iloc[1]["NVML sampler per node"] == "not run"
+    assert nodes.node_table([local]) is None and nodes.node_table([]) is None
