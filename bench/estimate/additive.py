@@ -418,6 +418,9 @@ def predict(cell: CellSettings, calib: Calibration = CALIBRATION, margin: float 
     check passes the way that record was built (``model_init``), as older records built FSDP+LoRA on the GPU.
     ``margin``: the skip margin; None takes the framework's from the margins file, as does the fit margin.
     """
+    if cell.train.micro_batch == "auto":  # a size is needed: propose() (bench/estimate/auto_batch.py) tries them
+        raise ValueError("train.micro_batch auto has no single prediction: predict at a number (with_micro_batch) "
+                         "or let bench.estimate.auto_batch.propose find the largest that fits")
     strategy = describe_strategy(cell)
     if strategy is None:
         return None
