@@ -440,6 +440,9 @@ def predict(cell: CellSettings, calib: Calibration = CALIBRATION, margin: float 
     A cell of several nodes is predicted per card with its states sharded over all its ranks (``shard_view``);
     ``host_gib`` is then the host memory of every rank on every node together.
     """
+    if cell.train.micro_batch == "auto":  # a size is needed: propose() (bench/estimate/auto_batch.py) tries them
+        raise ValueError("train.micro_batch auto has no single prediction: predict at a number (with_micro_batch) "
+                         "or let bench.estimate.auto_batch.propose find the largest that fits")
     strategy = describe_strategy(cell)
     if strategy is None:
         return None

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.estimate.additive import predict
+from bench.estimate.auto_batch import with_micro_batch
 from bench.estimate.prediction import ESTIMATOR_VERSION, GIB, Prediction
 from bench.estimate.protocol import (MIN_JUDGED_GIB, MIN_JUDGED_PARAMS, TOLERANCE, framework_of, judge_folders, sample_of,
                                      tuning_folders)
@@ -81,6 +82,11 @@ def predict_for_record(record: RunRecord) -> Prediction | None:
         cell = CellSettings.model_validate(record.settings)
     except Exception:  # noqa: BLE001 - a record from an older schema has no current prediction
         return None
+    if cell.train.micro_batch == "auto":  # the micro-batch its launch confirmed; none when none fit
+        chosen = (getattr(record, "micro_batch_auto", None) or {}).get("chosen")
+        if not chosen:
+            return None
+        cell = with_micro_batch(cell, chosen)
     return predict(cell, built_on_meta=built_on_meta(record))
 
 

@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bench.estimate.additive import predict
+from bench.estimate.auto_batch import propose, with_micro_batch
 from bench.estimate.capacity import capacity_for
 from bench.estimate.prediction import COMPONENTS, Prediction, prediction_dict
 from bench.spec import CellSettings, MatrixError, expand, load_matrix, select
@@ -21,9 +22,10 @@ SHORT = {"params": "params", "grads": "grads", "optimizer": "optim", "master_wei
 
 def estimate_cells(matrix_path: str, device: str | None, capacity_gib: float | None,
                    only: list[str], exclude: list[str],
-                   max_gpus: int | None = None) -> list[tuple[CellSettings, Prediction | None]]:
-    """Each selected cell with its prediction. Estimating plans a GPU run, so an ``auto`` device means cuda.
-    ``max_gpus`` keeps the cells a box of that many GPUs can run."""
+                   max_gpus: int | None = None) -> list[tuple[CellSettings, Prediction | None, str]]:
+    """Each selected cell, its prediction and its name in the table (an auto cell predicted at its proposal).
+    Estimating plans a GPU run, so an ``auto`` device means cuda. ``max_gpus`` keeps the cells a box of that
+    many GPUs can run."""
     matrix = load_matrix(matrix_path)
     device = device or ("cuda" if matrix.device == "auto" else matrix.device)
     cells = select(expand(matrix, source=matrix_path, device=device), only, exclude)
@@ -37,8 +39,33 @@ def estimate_cells(matrix_path: str, device: str | None, capacity_gib: float | N
     out = []
     for cell in cells:
         capacity, source = capacity_for(cell, capacity_gib)
-        out.append((cell, predict(cell, margin=matrix.estimate_margin, capacity_gib=capacity, capacity_source=source)))
+        if cell.train.micro_batch == "auto":  # shown at the micro-batch bench run would launch first
+            concrete, pred = _auto_row(cell, capacity, source, matrix.estimate_margin)
+            out.append((cell, pred, row_name(concrete, auto=True)))  # the auto cell's id, as bench run keeps it
+            continue
+        pred = predict(cell, margin=matrix.estimate_margin, capacity_gib=capacity, capacity_source=source)
+        out.append((cell, pred, row_name(cell)))
     return out
+
+
+def row_name(cell: CellSettings, auto: bool = False) -> str:
+    """The cell's label with what tells cells of one setting apart here: micro-batch and fast paths."""
+    t = cell.train
+    fast = "".join([f", kernels {t.kernels}" if t.kernels != "none" else "", ", compile" if t.compile else ""])
+    return f"{cell.label} mb {t.micro_batch}{' (auto)' if auto else ''}{fast}"
+
+
+def _auto_row(cell: CellSettings, capacity: float | None, source: str | None,
+              margin: float | None) -> tuple[CellSettings, Prediction | None]:
+    """An auto cell at the largest micro-batch predicted to fit (its launch confirms or steps down)."""
+    if capacity is None:
+        raise MatrixError(f"{cell.label}: train.micro_batch auto is sized to a GPU's memory, unknown here. Fix: pass "
+                          "--capacity-gib (e.g. 139 for an H200) or set gpu_memory_gib")
+    proposed, pred = propose(cell, capacity, source, margin)
+    if proposed is None:  # not even 1 fits: shown at 1, whose verdict says by how much
+        return with_micro_batch(cell, 1), predict(with_micro_batch(cell, 1), margin=margin, capacity_gib=capacity,
+                                                  capacity_source=source)
+    return with_micro_batch(cell, proposed), pred
 
 
 def _fmt(gib: float) -> str:
@@ -60,7 +87,7 @@ def fits_line(cell: CellSettings, pred: Prediction | None) -> str:
     return f"fits on cards with >= {card_gib(pred):g} GiB (fit margin {pred.fit_margin:.0%})"
 
 
-def render(rows: list[tuple[CellSettings, Prediction | None]], console: Console) -> None:
+def render(rows: list[tuple[CellSettings, Prediction | None, str]], console: Console) -> None:
     """The table where it fits the terminal; else (its 15 columns would shrink to ellipses) a block per cell."""
     table = build_table(rows)
     natural = console.measure(table, options=console.options.update_width(10_000)).maximum
@@ -70,7 +97,7 @@ def render(rows: list[tuple[CellSettings, Prediction | None]], console: Console)
     else:
         render_blocks(rows, console)
     console.print(f"[dim]{escape(LEGEND)}[/]")
-    if any(cell.nodes > 1 for cell, _ in rows):
+    if any(cell.nodes > 1 for cell, _, _ in rows):
         console.print(f"[dim]{escape(NODES_NOTE)}[/]")
 
 
@@ -104,11 +131,11 @@ def _packed(items: list[str], width: int, indent: str = "  ") -> list[str]:
     return lines + ([indent + line] if line else [])
 
 
-def render_blocks(rows: list[tuple[CellSettings, Prediction | None]], console: Console) -> None:
+def render_blocks(rows: list[tuple[CellSettings, Prediction | None, str]], console: Console) -> None:
     """Narrow terminals: one block per cell, every figure on lines that fit the width."""
     console.print("Predicted peak GPU memory per rank (GiB; torch reserved = sum of the components)")
-    for cell, pred in rows:
-        console.print(f"[bold]{escape(cell.label)}[/]  id={cell.cell_id}")
+    for cell, pred, name in rows:
+        console.print(f"[bold]{escape(name)}[/]  id={cell.cell_id}")
         if pred is not None:
             console.print(f"  B/param per rank: {escape(_formula(pred))}")
             parts = [f"{SHORT[c]} {_fmt(pred.components_gib[c])}" for c in COMPONENTS]
@@ -120,7 +147,7 @@ def render_blocks(rows: list[tuple[CellSettings, Prediction | None]], console: C
         console.print(f"  {escape(fits_line(cell, pred))}")
 
 
-def build_table(rows: list[tuple[CellSettings, Prediction | None]]) -> Table:
+def build_table(rows: list[tuple[CellSettings, Prediction | None, str]]) -> Table:
     table = Table(title="Predicted peak GPU memory per rank (GiB; torch reserved = sum of the components)")
     table.add_column("cell", overflow="fold")
     table.add_column("B/param per rank", overflow="fold")
@@ -128,12 +155,12 @@ def build_table(rows: list[tuple[CellSettings, Prediction | None]]) -> Table:
         table.add_column(SHORT[name], justify="right")
     for name in ("reserved", "+ctx", "capacity", "verdict", "host", "card >= GiB"):
         table.add_column(name, justify="right" if name != "verdict" else "left")
-    for cell, pred in rows:
+    for cell, pred, name in rows:
         if pred is None:
-            table.add_row(escape(cell.label), "?", *[""] * len(COMPONENTS), "", "", "", "unknown strategy config",
+            table.add_row(escape(name), "?", *[""] * len(COMPONENTS), "", "", "", "unknown strategy config",
                           "", "?")
             continue
-        table.add_row(escape(cell.label), escape(_formula(pred)), *[_fmt(pred.components_gib[c]) for c in COMPONENTS],
+        table.add_row(escape(name), escape(_formula(pred)), *[_fmt(pred.components_gib[c]) for c in COMPONENTS],
                       _fmt(pred.peak_reserved_gib), _fmt(pred.device_total_gib),
                       "-" if pred.capacity_gib is None else _fmt(pred.capacity_gib), verdict(pred),
                       _fmt(pred.host_gib), "-" if cell.device == "cpu" else f"{card_gib(pred):g}")
@@ -152,9 +179,9 @@ def run_estimate(matrix_path: str, device: str | None, capacity_gib: float | Non
                  exclude: list[str], as_json: bool, console: Console | None = None, max_gpus: int | None = None) -> int:
     rows = estimate_cells(matrix_path, device, capacity_gib, only, exclude, max_gpus)
     if as_json:
-        print(json.dumps([{"cell_id": c.cell_id, "label": c.label, "nodes": c.nodes, "ranks": c.processes,
-                           "prediction": prediction_dict(p)}
-                          for c, p in rows], indent=1))
+        print(json.dumps([{"cell_id": c.cell_id, "label": c.label, "name": name, "nodes": c.nodes,
+                           "ranks": c.processes, "prediction": prediction_dict(p)}
+                          for c, p, name in rows], indent=1))
     else:
         render(rows, console or Console())
     return 0

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table as RichTable
 
 from bench.report import flops, metrics, plots, verdict
-from bench.report import nodes, tables
+from bench.report import fast_paths, nodes, tables
 from bench.records.caveats import CPU_CAVEAT
 from bench.spec import MatrixError, TokenBudget, load_matrix
 from bench.report.render import Plot, Section, Table, to_html, to_markdown, write_csvs
@@ -340,8 +340,12 @@ def write_report(results_dirs: list[Path], out_dir: Path, console: Console | Non
     table_options = tables.TableOptions(budget=resolve_budget(options, results_dirs), compare=tuple(options.compare),
                                         compare_gpus=options.compare_gpus)
     sections = [verdict_section(df), definitions_section(), scaling_section(df, out_dir),
-                head_to_head_section(df, table_options), memory_section(df, out_dir), efficiency_section(df),
-                energy_section(df)]
+                head_to_head_section(df, table_options)]
+    printed = list(sections)  # the answer, then scaling and head-to-head (and the fast paths) in the terminal
+    if fast := fast_paths.section(df):  # only where the records hold a fast path beside the plain step
+        sections.append(fast)
+        printed.append(fast)
+    sections += [memory_section(df, out_dir), efficiency_section(df), energy_section(df)]
     optional = (card_state_section(df), prediction_section(df, out_dir), trace_section(records, options, out_dir),
                 nodes_section(records, console))
     sections += [s for s in optional if s]
@@ -357,7 +361,7 @@ def write_report(results_dirs: list[Path], out_dir: Path, console: Console | Non
     df.drop(columns=["setting_key"]).to_csv(out_dir / "cells.csv", index=False)
     (out_dir / "index.md").write_text(to_markdown(title, intro, sections, out_dir))
     (out_dir / "index.html").write_text(to_html(title, intro, sections))
-    for section in (sections[0], sections[2], sections[3]):  # the answer, then scaling and head-to-head
+    for section in (printed[0], *printed[2:]):
         for item in section.items:
             if isinstance(item, Table):
                 print_table(console, f"{section.title}: {item.title}", item.frame)

@@ -59,3 +59,20 @@ def across_launches(values, confidence: float = CONFIDENCE) -> Interval | None:
 def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
     """Two closed intervals share a point."""
     return a[0] <= b[1] and b[0] <= a[1]
+
+
+def ratio(numerator: tuple[float, float, float], denominator: tuple[float, float, float],
+          confidence: float = CONFIDENCE) -> Interval | None:
+    """Interval of a / b from each figure's (value, low, high) interval, the two measured independently.
+
+    On the log scale a ratio is a difference: its half-width is the two half-widths added in quadrature,
+    laid around log(a / b) (normal approximation; each interval taken as symmetric on the log scale, which
+    the across-launch intervals are and the order-statistic ones nearly are). None without both intervals.
+    """
+    (a, a_low, a_high), (b, b_low, b_high) = numerator, denominator
+    values = (a, a_low, a_high, b, b_low, b_high)
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values):
+        return None
+    half = math.hypot(math.log(a_high / a_low) / 2, math.log(b_high / b_low) / 2)
+    centre = a / b
+    return Interval(centre * math.exp(-half), centre * math.exp(half), confidence)

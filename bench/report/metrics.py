@@ -455,8 +455,9 @@ def clock_spread(rows: pd.DataFrame) -> tuple[float, float] | None:
     return (float(clocks.min()), float(clocks.max())) if len(clocks) > 1 else None
 
 
-def setting_title(setting_key: str) -> str:
-    """A short human title for a setting group: model, adapter, sequence and batch shape."""
+def setting_title(setting_key: str, mb: str | None = None) -> str:
+    """A short human title for a setting group: model, adapter, sequence and batch shape (``mb``: the
+    micro-batch text, for a title over several micro-batches)."""
     s = json.loads(setting_key)
     t, a = s["train"], s["adapter"]
     adapter = "full fine-tune" if a["type"] == "none" else f"{a['type'].upper()} r={a['r']}"
@@ -465,7 +466,7 @@ def setting_title(setting_key: str) -> str:
     fast = "".join([f", kernels {t['kernels']}" if t.get("kernels", "none") != "none" else "",
                     ", torch.compile" if t.get("compile") else ""])  # absent in older records
     # an auto group compares each strategy at its own best micro-batch; a number, all at the same one
-    mb = ("mb auto (each strategy at its largest fitting micro-batch)" if t["micro_batch"] == "auto"
-          else f"mb {t['micro_batch']} (same micro-batch for all)")
+    mb = mb or ("mb auto (each strategy at its largest fitting micro-batch)" if t["micro_batch"] == "auto"
+                else f"mb {t['micro_batch']} (same micro-batch for all)")
     return (f"{s['model']} {adapter}, seq {t['seq_len']} x {mb} x ga {t['grad_accum']}, "
             f"{t['precision']}, {t['optimizer']}{ckpt}{fast}{cap} [{s['device']}]")

@@ -108,10 +108,11 @@ def fast_path_problems(cell: CellSettings, strat: strategies.Strategy | None, he
         if model_type != "llama":  # the one architecture bench ships and applies Liger to (apply_liger_kernel_to_llama)
             out.append(f"train.kernels liger is applied to Llama models only; {cell.model} is {model_type!r}. "
                        "Fix: train.kernels: none for this model")
-    if t.compile and strat is not None and strat.family == "fsdp":
-        # Not verified: FSDP1's flat parameters need use_orig_params for compiled layers, which bench does not set.
-        out.append("train.compile under FSDP1 is not supported by bench (not verified; FSDP1 flattens the "
-                   "parameters a compiled layer reads). Fix: use fsdp2, ddp or zero*, or train.compile: false")
+    if t.compile and strat is not None and strat.fsdp_version == 1:
+        # accelerate compiles FSDP1 models only with use_orig_params (its flat parameters are not what a compiled
+        # layer reads), which bench does not set; DDP, DeepSpeed and FSDP2 go through accelerate's regional path.
+        out.append("train.compile under FSDP1 is not supported by bench (FSDP1 flattens the parameters a compiled "
+                   "layer reads; it would need use_orig_params). Fix: use fsdp2, ddp or zero*, or train.compile: false")
     if t.micro_batch == "auto" and cell.device != "cuda":
         out.append("train.micro_batch auto picks the largest micro-batch that fits a GPU's memory; on CPU there "
                    "is no such capacity. Fix: give a number (e.g. train.micro_batch: 4) on CPU")

@@ -4,11 +4,19 @@
 Liger patches transformers' Llama module (RMSNorm, SwiGLU MLP, RoPE, and the causal LM's forward with the
 fused linear cross-entropy, which never materialises the full logits) before the model is built, as
 ``liger_kernel.transformers.apply_liger_kernel_to_llama`` is documented to be called; the built model is
-then read back to say which modules are Liger's. torch.compile compiles each decoder layer in place
-(``Module.compile``), before accelerate wraps the model, so DDP and DeepSpeed wrap the same modules; the
-compilation happens in the first (warm-up) steps, which the schema requires (train.warmup_steps >= 1), and
-the time torch itself counts as compiling is recorded apart from the step times, with a flag when any of it
-fell in a timed step.
+then read back to say which modules are Liger's.
+
+torch.compile is accelerate's to apply (``Accelerator(dynamo_plugin=...)``), with regional compilation
+(each repeated block compiled once and reused, the rest of the model apart), so that each framework gets
+the path accelerate and DeepSpeed support: under DeepSpeed, after ``deepspeed.initialize``, accelerate
+compiles ``engine.module``'s blocks in place (``compile_regions_deepspeed``, ``Module.compile``: the
+engine's hooks and ZeRO's parameter fetches stay on the call path; DeepSpeed marks its ZeRO-3 hooks
+``torch.compiler.disable``); under FSDP2 in place after ``fully_shard`` (``compile_regions_fsdp2``); under
+DDP or one process last in ``prepare`` (``compile_regions``). DeepSpeed's own ``engine.compile()`` is
+what accelerate calls without regional compilation: the whole model as one graph. The compilation
+happens in the first (warm-up) steps, which the schema requires (train.warmup_steps >= 1), and the time
+torch itself counts as compiling is recorded apart from the step times, with a flag when any of it fell
+in a timed step.
 """
 
 from __future__ import annotations
@@ -45,23 +53,41 @@ def kernels_in_model(model) -> dict:
 
 
 def decoder_layers(model) -> list:
-    """The decoder layers: the ModuleList named ``layers`` (under peft's wrappers too)."""
+    """The decoder layers: the ModuleList named ``layers`` (under peft's and the frameworks' wrappers too)."""
     import torch
 
     return [layer for name, module in model.named_modules()
             if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1] == "layers" for layer in module]
 
 
-def compile_layers(cell: CellSettings, model) -> dict | None:
-    """torch.compile every decoder layer in place; None when train.compile is off."""
+def dynamo_plugin(cell: CellSettings):
+    """accelerate's TorchDynamoPlugin for train.compile (inductor, default mode, regional); None when off."""
     if not cell.train.compile:
         return None
-    layers = decoder_layers(model)
+    from accelerate.utils import TorchDynamoPlugin
+
+    return TorchDynamoPlugin(backend="inductor", mode="default", use_regional_compilation=True)
+
+
+def is_compiled(module) -> bool:
+    """Compiled in place (``Module.compile``) or wrapped by ``torch.compile`` (an OptimizedModule)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return isinstance(module, OptimizedModule) or getattr(module, "_compiled_call_impl", None) is not None
+
+
+def compiled_regions(cell: CellSettings, model) -> dict | None:
+    """What accelerate compiled in the prepared model; None when train.compile is off. A prepared model
+    with no compiled decoder layer means the plugin was not applied: an error, not a plain-step record."""
+    if not cell.train.compile:
+        return None
+    layers = sum(is_compiled(layer) for layer in decoder_layers(model))
     if not layers:
-        raise RuntimeError("train.compile: no decoder layers (a ModuleList named 'layers') found to compile")
-    for layer in layers:
-        layer.compile()
-    return {"compiled": "each decoder layer, torch.compile (inductor, default mode)", "layers": len(layers)}
+        raise RuntimeError("train.compile: accelerate compiled no decoder layer (a ModuleList named 'layers') of "
+                           "the prepared model; the step would run uncompiled")
+    regions = sum(is_compiled(m) for m in model.modules())
+    return {"compiled": "accelerate regional compilation (TorchDynamoPlugin, inductor, default mode)",
+            "layers": layers, "regions": regions}
 
 
 def torch_compile_seconds() -> float:

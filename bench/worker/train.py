@@ -47,6 +47,8 @@ def make_accelerator(cell: CellSettings):
 
     timeout = timedelta(seconds=int(os.environ.get("BENCH_COLLECTIVE_TIMEOUT_S", "120")))
     kwargs = {"kwargs_handlers": [InitProcessGroupKwargs(timeout=timeout)]}
+    if plugin := fast_paths.dynamo_plugin(cell):  # train.compile: accelerate compiles in prepare (fast_paths.py)
+        kwargs["dynamo_plugin"] = plugin
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
         # Under DeepSpeed the JSON owns accumulation (accelerate refuses it twice).
         kwargs["gradient_accumulation_steps"] = cell.train.grad_accum
@@ -308,7 +310,6 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     on_meta = builds_on_meta(cell, strategy)
     kernels = fast_paths.apply_kernels_before_build(cell)  # Liger patches the model code it is built from
     model = build_model(cell, device, on_meta)
-    compiled = fast_paths.compile_layers(cell, model)  # before accelerate wraps the layers
     fit_fsdp1_wrap_to_adapter(cell, model, accelerator)
     startup["build_model_s"] = time.time() - t_build
     t = time.time()
@@ -318,6 +319,7 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
         optimizer = make_optimizer(cell, model, accelerator)
         model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    compiled = fast_paths.compiled_regions(cell, model)  # what accelerate's prepare compiled (train.compile)
     startup["optimizer_and_prepare_s"] = time.time() - t
     build_memory = build_memory_and_reset(device)
     t = time.time()

@@ -61,3 +61,32 @@ def test_out_of_memory_at_the_proposal_steps_down_to_one_record(tmp_path, monkey
     assert record.micro_batch_auto["chosen"] == 3 and record.status == "ok"
     assert record.cell_id == cell.cell_id and record.settings["train"]["micro_batch"] == "auto"
     assert {s["tokens"] for s in record.ranks[0]["steps"]} == {3 * 32}  # the launch measured ran micro-batch 3
+
+
+def test_an_auto_cell_has_no_single_prediction_and_a_record_is_predicted_at_its_choice():
+    from bench.estimate import predict_for_record
+    from bench.records import RunRecord
+
+    cell = CellSettings.model_validate(LLAMA8B_LORA)
+    with pytest.raises(ValueError, match="train.micro_batch auto"):
+        predict(cell)
+    record = RunRecord(matrix="m", cell_id=cell.cell_id, label=cell.label, settings=cell.model_dump(mode="json"),
+                       status="ok", started_at=0.0, wall_s=1.0,
+                       micro_batch_auto={"proposed": 6, "trail": [{"mb": 6, "status": "ok"}], "chosen": 6})
+    assert predict_for_record(record).peak_reserved_gib == predict(with_micro_batch(cell, 6)).peak_reserved_gib
+    none_fit = record.model_copy(update={"micro_batch_auto": {"proposed": 2, "trail": [], "chosen": None}})
+    assert predict_for_record(none_fit) is None
+
+
+def test_estimate_shows_each_auto_cell_at_its_proposal(tmp_path):
+    from bench.spec import expand, load_matrix
+    from conftest import bench, write_matrix
+
+    matrix = write_matrix(tmp_path, "auto", **{k: v for k, v in LLAMA8B_LORA.items() if k != "train"},
+                          train={**LLAMA8B_LORA["train"]}, grid={"kernels": ["none", "liger"]})
+    rows = json.loads(bench("estimate", str(matrix), "--capacity-gib", "80", "--json", check=True).stdout)
+    plain, liger = (propose(cell, 80.0, "x")[0] for cell in expand(load_matrix(matrix)))
+    assert [r["name"] for r in rows] == [f"llama-3.1-8b lora ddp x1gpu mb {plain} (auto)",
+                                         f"llama-3.1-8b lora ddp x1gpu mb {liger} (auto), kernels liger"]
+    refused = bench("estimate", str(matrix))
+    assert refused.returncode == 2 and "--capacity-gib" in refused.stderr + refused.stdout
