@@ -14,6 +14,7 @@ import socket
 import time
 from pathlib import Path
 
+from bench.launch.build_locks import release_locks_left_by
 from bench.launch.failures import Outcome, classify, oom_kill_counters
 from bench.launch.plan import LaunchPlan, write_plan_files
 from bench.launch.process_tree import ProcessTree
@@ -141,6 +142,8 @@ def run_plan(plan: LaunchPlan, matrix_name: str, env_fingerprint: dict, sampler=
     nvml = sampler.stop(ranks) if sampler is not None else None
     gpu_left = _leftover_gpu_processes(tree, plan) if plan.cell.device == "cuda" else None
     status, error = classify(outcome, plan.rank_dir, plan.cell.gpus, plan.limits, log_path)
+    # A cell stopped mid-build would leave DeepSpeed's op build locked for every later cell.
+    released = release_locks_left_by(tree.started) if status != "ok" else []
     record = RunRecord(
         matrix=matrix_name, cell_id=plan.cell.cell_id, label=plan.cell.label, repeat=plan.repeat,
         settings=plan.cell.model_dump(mode="json"), strategy_info=strategy_info or {}, status=status, error=error,
@@ -149,6 +152,7 @@ def run_plan(plan: LaunchPlan, matrix_name: str, env_fingerprint: dict, sampler=
         first_step_s=(outcome.first_step_at - tree.started) if outcome.first_step_at else None,
         cell_dir=str(plan.cell_dir), command=plan.shell_command(),
         leftover_processes=leftovers, leftover_gpu_processes=gpu_left,
+        released_build_locks=[str(p) for p in released],
     )
     if status == "interrupted":
         raise CellInterrupted(record)

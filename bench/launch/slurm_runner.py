@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.launch.build_locks import release_locks_left_by
 from bench.launch.failures import Outcome, classify
 from bench.launch.plan import LaunchPlan, write_plan_files
 from bench.launch.runner import CellInterrupted, archive_previous_attempt, watchdog
@@ -146,6 +147,8 @@ def run_slurm_plan(plan: LaunchPlan, matrix_name: str, env_fingerprint: dict, op
     if status not in ("ok", "interrupted"):
         error, failed_node = _name_nodes(error, plan, ranks, node_names,
                                          failed_nodes(info, ends, log_path.read_text(errors="replace")))
+    # Seen from the submitting host only: the nodes' caches are cleaned where they share its home (NFS).
+    released = release_locks_left_by(started) if status != "ok" else []
     record = RunRecord(
         matrix=matrix_name, cell_id=plan.cell.cell_id, label=plan.cell.label, repeat=plan.repeat,
         settings=plan.cell.model_dump(mode="json"), strategy_info=strategy_info or {}, status=status, error=error,
@@ -156,6 +159,7 @@ def run_slurm_plan(plan: LaunchPlan, matrix_name: str, env_fingerprint: dict, op
         cell_dir=str(plan.cell_dir), command=f"sbatch {script}",
         slurm={"job_id": job.job_id, "node_list": info.node_list, "nodes": node_names, "state": info.state,
                "exit_code": info.exit_code, "signal": info.signal, "failed_node": failed_node},
+        released_build_locks=[str(p) for p in released],
     )
     if status == "interrupted":
         raise CellInterrupted(record)

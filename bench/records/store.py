@@ -74,6 +74,9 @@ class RunRecord(BaseModel):
     # left on the GPUs after it (None where NVML is absent, e.g. on CPU).
     leftover_processes: list[dict[str, Any]] = []
     leftover_gpu_processes: list[dict[str, Any]] | None = None
+    # torch extension build locks (DeepSpeed op builds) this cell left when stopped, deleted after it
+    # (bench/launch/build_locks.py)
+    released_build_locks: list[str] = []
     # train.micro_batch auto: {proposed, capacity_gib, capacity_source, trail: [{mb, status, peak_gib}], chosen}
     # (bench/launch/auto_batch.py); settings keep "auto", the cell id is the auto cell's. Absent otherwise.
     micro_batch_auto: dict[str, Any] | None = None

@@ -4,7 +4,7 @@
 
 The fault is chosen by environment variables, which `accelerate launch` passes on to every rank:
 
-    BENCH_FAULT        oom | stuck | kill | host_oom | ignore_term | orphan | slow   (unset: a normal run)
+    BENCH_FAULT        oom | stuck | kill | host_oom | ignore_term | orphan | slow | build_lock   (unset: a normal run)
     BENCH_FAULT_RANK   the rank that fails (default 1; "all" for every rank)
     BENCH_FAULT_STEP   the training step at which it fails (default 1)
     BENCH_FAULT_SIGNAL the signal name for ``kill`` (default SIGKILL)
@@ -73,6 +73,15 @@ def inject(fault: dict) -> None:
         # A helper process that escapes the launcher's tree; the runner must still find and end it.
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True,
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if fault["fault"] == "build_lock":
+        # Stopped in the middle of a DeepSpeed op build: torch's build lock taken (as cpp_extension.load
+        # takes it, in TORCH_EXTENSIONS_DIR) and never released.
+        from torch.utils.file_baton import FileBaton
+
+        build = Path(os.environ["TORCH_EXTENSIONS_DIR"], "py_fault", "fault_op")
+        build.mkdir(parents=True, exist_ok=True)
+        assert FileBaton(str(build / "lock")).try_acquire()
+        _sleep_forever()
     if fault["fault"] == "slow":
         time.sleep(float(os.environ.get("BENCH_FAULT_SLEEP_S", "5")))
 
