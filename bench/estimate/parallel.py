@@ -1,11 +1,11 @@
 """One rank's view of a tensor- or context-parallel cell, for the additive model (bench/estimate/additive.py).
 
 - Tensor parallelism (degree t, transformers' plan: bench/worker/parallel.py) splits every decoder linear by
-  heads (q, k, v, o) or by the MLP width (gate, up, down), and an untied LM head by vocabulary: one rank is
-  the same architecture with heads/t, kv_heads/t and intermediate/t (``rank_shape``), which gives both its
-  parameters and the activations its layers save (q, k, v, attention output and the MLP's intermediates are
-  split; the residual stream, the norms and the logits, gathered for the loss, are whole on every rank).
-  Embeddings, norms and a head tied to the embedding stay whole.
+  heads (q, k, v, o) or by the MLP width (gate, up, down), and the embedding and LM head by vocabulary: one rank
+  is the same architecture with heads/t, kv_heads/t, intermediate/t and vocab/t of the embedding and head
+  (``rank_shape``), which gives both its parameters and the activations its layers save (q, k, v, attention
+  output and the MLP's intermediates are split; the residual stream, the norms and the logits, gathered for
+  the loss, are whole on every rank). Only the norms stay whole.
 - Data-parallel sharding divides those per-rank states by the state shard degree (``shard_ranks``): under
   accelerate's FSDP2 the flattened dp_shard x cp mesh, so context ranks shard states too; without sharding
   (tensor parallelism alone) nothing more.
@@ -13,7 +13,7 @@
   activation term scales with the tokens (SDPA's flash/efficient kernels save no s x s scores).
 
 Per rank, full fine-tune, Adam in fp32, FSDP2 + tp t + cp c over W ranks (dp_shard d = W/(t c)):
-weights + grads + optimizer = 16 B x [layers x linear/t + norms + embedding + head/t] / (d c).
+weights + grads + optimizer = 16 B x [layers x linear/t + norms + (embedding + head)/t] / (d c).
 Pure arithmetic: no torch import.
 """
 
@@ -32,7 +32,7 @@ def rank_shape(shape: ModelShape, strategy: Strategy) -> ModelShape:
     if t == 1:
         return shape
     return replace(shape, heads=shape.heads // t, kv_heads=shape.kv_heads // t, intermediate=shape.intermediate // t,
-                   head_shards=shape.head_shards * t)
+                   vocab_shards=shape.vocab_shards * t)
 
 
 def shard_ranks(cell: CellSettings, strategy: Strategy) -> int:

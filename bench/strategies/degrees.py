@@ -91,10 +91,6 @@ def degree_problems(cell: CellSettings, strat: Strategy) -> list[str]:
                    "LoRA to the local shard of transformers' tensor-parallel layers but never reduces the adapter "
                    "path of row-wise layers across ranks (the loss differs from the unsplit model). "
                    "Fix: adapter.type none, or tp: 1 (cp or plain fsdp2 for LoRA)")
-    if strat.fsdp_version == 2 and cell.tp > 1 and models.ModelShape.of(cell.model).tied_embeddings:
-        out.append(f"fsdp2 with tp on {cell.model}, whose LM head is tied to the embedding: accelerate's tensor "
-                   "parallel preparation (1.15, _prepare_tp under FSDP2) replaces the embedding's weight alone and "
-                   "unties the head. Fix: strategy tp, or a model without tied embeddings")
     if cell.cp > 1:
         out += _context_problems(cell)
     if cell.device == "cpu":

@@ -2,13 +2,14 @@
 step inside torch's context-parallel context. accelerate's ParallelismConfig (the cell's accelerate.yaml,
 ``parallelism_config``) builds the device mesh; this module only uses it.
 
-Tensor parallelism: transformers' own plan for the architecture (Llama's ``base_model_tp_plan``: q/k/v and
-gate/up column-wise, o/down row-wise; the head's ``_tp_plan`` column-wise with gathered output), applied by
-transformers' ``apply_tensor_parallelism`` on the mesh's "tp" dimension: what ``from_pretrained(tp_plan="auto")``
-does, for a model built from a config. It shards meta tensors as well as real ones, so a model built on meta
-is split before any storage exists (bench/worker/meta_init.py then gives each rank its slices). A head tied to
-the embedding stays whole on every rank: the plan names ``lm_head.weight``, which a tied model lists only as
-the embedding's, and splitting the head alone would untie it.
+Tensor parallelism: transformers' own plan for the architecture (Llama in transformers 5.24: q/k/v and
+gate/up column-wise, o/down row-wise, the embedding row-wise by vocabulary, the head column-wise by vocabulary
+with gathered output), applied by transformers' ``apply_tensor_parallelism`` on the mesh's "tp" dimension: what
+``from_pretrained(tp_plan="auto")`` does, for a model built from a config. It shards meta tensors as well as
+real ones, so a model built on meta is split before any storage exists (bench/worker/meta_init.py then gives
+each rank its slices). A head tied to the embedding: both split the one (vocab, hidden) weight by rows, so the
+embedding's split weight is given back to the head (the plan's ``lm_head.weight`` names a parameter a tied
+model lists under the embedding only) and the head keeps its gathering forward.
 
 Context parallelism: accelerate's ``maybe_context_parallel`` shards the listed buffers along the sequence
 (load-balanced: 2 x cp chunks) for the forward and backward, and torch swaps SDPA for ring attention. The
@@ -30,14 +31,13 @@ IGNORE_INDEX = -100
 
 
 def tensor_parallel_plan(model, tp: int) -> dict[str, str]:
-    """The model's tensor-parallel plan resolved for its modules (``layers.*`` expanded), less what a tied model
-    lists under the embedding's name only (its head: see the module docstring)."""
+    """The model's tensor-parallel plan resolved for its modules and parameters (``layers.*`` expanded), less the
+    parameter names a tied model does not list (its head's weight is the embedding's: see the module docstring)."""
     from transformers.distributed import DistributedConfig
 
     plan, _, _ = model._resolve_parallel_plans(DistributedConfig(tp_size=tp))
     names = set(dict(model.named_parameters())) | set(dict(model.named_modules()))
-    tied_away = {name.rsplit(".", 1)[0] for name in plan if name not in names}  # e.g. lm_head for lm_head.weight
-    return {name: style for name, style in plan.items() if name in names and name not in tied_away}
+    return {name: style for name, style in plan.items() if name in names}
 
 
 def apply_tensor_parallel(model, tp_mesh, tp: int):
@@ -46,7 +46,11 @@ def apply_tensor_parallel(model, tp_mesh, tp: int):
     from transformers.distributed import DistributedConfig
     from transformers.distributed.tensor_parallel import apply_tensor_parallelism
 
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and head.weight is embedding.weight
     model = apply_tensor_parallelism(model, tp_mesh, tensor_parallel_plan(model, tp))
+    if tied:  # the split replaced the embedding's parameter only: the head takes the same split weight
+        head.weight = embedding.weight
     model.config.distributed_config = DistributedConfig(tp_size=tp)
     return model
 
