@@ -82,7 +82,7 @@ def check_parallel_degrees(cell: CellSettings, parallelism_config) -> None:
 
 
 def guard_distributed_setup(cell: CellSettings, accelerator, world_size: int, cell_dir: Path | None = None) -> None:
-    check_parallel_degrees(cell, accelerator.parallelism_config)
+    check_parallel_degrees(cell, getattr(accelerator, "parallelism_config", None))
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
     check_distributed_setup(cell.strategy, cell_strategy(cell, cell_dir), cell.processes,
                             str(accelerator.distributed_type), world_size,

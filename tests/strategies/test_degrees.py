@@ -124,3 +124,14 @@ def test_cpu_tensor_parallel_cell_is_listed_unsupported_not_refused(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "3 run(s) would be recorded unsupported" in out and "tp/cp need CUDA GPUs" in out
+
+
+def test_the_worker_refuses_degrees_accelerate_did_not_take():
+    from types import SimpleNamespace
+
+    from bench.worker.guard import check_parallel_degrees
+
+    check_parallel_degrees(cell(), None)  # no degrees asked, none needed
+    check_parallel_degrees(cell(cp=2), SimpleNamespace(tp_size=1, cp_size=2))
+    with pytest.raises(RuntimeError, match="accelerate's parallelism config has tp 1, cp 1"):
+        check_parallel_degrees(cell(cp=2), None)
