@@ -16,12 +16,19 @@ What the stack does, as read from its source (accelerate 1.15, transformers 5.24
 - Context parallelism (torch's ``context_parallel``) shards the SDPA ops of CUDA; the CPU's flash kernel has
   no sharding rule (checked: NotImplementedError on gloo). It load-balances by cutting each sequence into
   2 x cp chunks. accelerate drops the attention mask (causal only), so padded batches would attend padding.
+- FSDP2 with tensor parallelism: accelerate's preparation imports ``ReplicateParallel`` from transformers'
+  old tensor-parallel module, gone from transformers 5.24: the combination fails at prepare, so it is refused
+  while that holds (``fsdp2_tensor_parallel_importable``); tensor parallelism alone does not take that path.
 - LoRA on transformers' tensor-parallel layers: peft sizes the adapters to the local shard, but the adapter
   path of a row-wise layer is never reduced across ranks: on 2 CPU ranks the loss differs from the same
   adapters on the whole model (tests/worker/test_tensor_parallel_cpu.py keeps that evidence).
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
 
 from bench.spec import models
 from bench.spec.schema import CellSettings
@@ -83,6 +90,11 @@ def degree_problems(cell: CellSettings, strat: Strategy) -> list[str]:
     if strat.fsdp_version == 2 and cell.tp > 1 and cell.cp == 1 and strat.dp_degree(ranks) == 1:
         out.append(f"fsdp2 with tp {cell.tp} on {ranks} rank(s) leaves FSDP nothing to shard over (dp_shard 1): "
                    "accelerate refuses it. Fix: strategy tp (tensor parallelism alone), or more ranks")
+    if strat.fsdp_version == 2 and cell.tp > 1 and not fsdp2_tensor_parallel_importable():
+        out.append("fsdp2 with tp does not run on the installed stack: accelerate's FSDP2 tensor-parallel preparation "
+                   "(Accelerator._prepare_tp) imports ReplicateParallel from transformers.integrations.tensor_parallel, "
+                   "which this transformers no longer has (ImportError at prepare). Fix: strategy tp (tensor "
+                   "parallelism alone), or fsdp2 without tp")
     if strat.tensor_only and cell.cp > 1:
         out.append("strategy tp with cp: context parallelism needs FSDP2 to average gradients over the context "
                    "ranks (accelerate). Fix: use fsdp2 with cp")
@@ -100,6 +112,18 @@ def degree_problems(cell: CellSettings, strat: Strategy) -> list[str]:
         out.append("train.compile and train.kernels with tp/cp are not verified by bench. Fix: train.compile: "
                    "false and train.kernels: none")
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def fsdp2_tensor_parallel_importable() -> bool:
+    """Whether transformers still provides the name accelerate's FSDP2 tensor-parallel preparation imports
+    (accelerate 1.15: ``from transformers.integrations.tensor_parallel import ReplicateParallel``; transformers 5.24
+    moved tensor parallelism to transformers.distributed without it). Read from the module's source, so that
+    planning a matrix imports neither torch nor transformers."""
+    spec = importlib.util.find_spec("transformers.integrations.tensor_parallel")
+    if spec is None or not spec.origin:
+        return False
+    return "ReplicateParallel" in Path(spec.origin).read_text(errors="replace")
 
 
 def _context_problems(cell: CellSettings) -> list[str]:

@@ -84,7 +84,7 @@ def test_layouts_the_stack_cannot_run_are_unsupported_with_the_reason(kw, says):
 
 
 def test_runnable_layouts_have_no_problem():
-    for kw in ({"cp": 2}, {"strategy": "tp", "tp": 2}, {"tp": 2, "gpus": 4, "model": "llama-3.1-8b"},
+    for kw in ({"cp": 2}, {"strategy": "tp", "tp": 2}, {"cp": 2, "gpus": 4, "model": "llama-3.1-8b"},
                {"cp": 2, "adapter": {"type": "lora"}}):
         assert cell_problems(cell(**kw), None) == [], kw
 
@@ -135,3 +135,20 @@ def test_the_worker_refuses_degrees_accelerate_did_not_take():
     check_parallel_degrees(cell(cp=2), SimpleNamespace(tp_size=1, cp_size=2))
     with pytest.raises(RuntimeError, match="accelerate's parallelism config has tp 1, cp 1"):
         check_parallel_degrees(cell(cp=2), None)
+
+
+def test_fsdp2_with_tp_is_refused_while_accelerate_imports_what_transformers_dropped():
+    """accelerate's FSDP2 tensor-parallel preparation imports a name transformers no longer has. If either side
+    changes, this test fails: then lift the refusal (bench/strategies/degrees.py) and run fsdp2+tp on 4 GPUs."""
+    import inspect
+
+    import accelerate
+
+    assert "ReplicateParallel" in inspect.getsource(accelerate.Accelerator._prepare_tp)
+    with pytest.raises(ImportError):
+        exec("from transformers.integrations.tensor_parallel import ReplicateParallel")
+    from bench.strategies.degrees import fsdp2_tensor_parallel_importable
+
+    assert not fsdp2_tensor_parallel_importable()
+    reasons = cell_problems(cell(tp=2, gpus=4, model="llama-3.1-8b"), None)
+    assert any("ReplicateParallel" in r for r in reasons), reasons
