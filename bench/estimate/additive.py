@@ -32,6 +32,7 @@ from typing import Any
 
 from bench.estimate import offload_blocks, offload_streams
 from bench.estimate.activations import LORA_TARGET_INPUTS, ActivationBytes, activation_bytes, lora_input_width
+from bench.estimate.parallel import rank_seq_len, rank_shape, shard_ranks
 from bench.estimate.prediction import (CALIBRATION, COMPONENTS, ESTIMATOR_VERSION, GIB, Calibration, Prediction, margins_for,
                                        with_capacity)
 from bench.estimate.replay import replay
@@ -74,7 +75,7 @@ class ModelStates:
 
 def model_states(cell: CellSettings, shape: ModelShape, strategy: Strategy) -> ModelStates:
     sharding = sharding_for(strategy)
-    n, t = cell.gpus, cell.train
+    n, t = shard_ranks(cell, strategy), cell.train
     bpp = bytes_per_trainable_param(policy_for(cell).name, strategy.uses_deepspeed, t.optimizer, t.precision)
     if cell.adapter.type == "none":
         return ModelStates(shard_states(shape.params, bpp, sharding, n), StateBytes(0, 0, 0, 0, 0),
@@ -137,7 +138,7 @@ def activations_for(cell: CellSettings, shape: ModelShape, strategy: Strategy, c
     targets = frozenset()
     if cell.adapter.type != "none":
         targets = frozenset(LORA_TARGET_INPUTS if cell.adapter.target == "all-linear" else cell.adapter.target)
-    return activation_bytes(shape, cell.train.seq_len, cell.train.micro_batch, compute_bytes(cell),
+    return activation_bytes(shape, rank_seq_len(cell, strategy), cell.train.micro_batch, compute_bytes(cell),
                             residual_bytes(cell, strategy), cell.train.grad_checkpointing,
                             calib.backward_temp_fraction, dropout_width, rank_width,
                             4 if converts_outputs_to_fp32(cell, strategy) else None,
@@ -233,7 +234,7 @@ def backward_buffers(cell: CellSettings, shape: ModelShape, strategy: Strategy, 
             # ZeRO-1/2 allocate their (double, with overlap_comm) reduce bucket at the first gradient
             # hook, after the loss's backward: whole, whatever the model size.
             out["zero_reduce_buckets"] = calib.ds_overlap_buffers * DEEPSPEED.reduce_bucket_size * grad_bytes
-    if strategy.is_fsdp and strategy.shards_grads and cell.gpus > 1:  # FSDP1 on one rank runs as NO_SHARD: nothing is gathered
+    if strategy.is_fsdp and strategy.shards_grads and shard_ranks(cell, strategy) > 1:  # FSDP1 on one rank: NO_SHARD
         w, w_root = _gathered_weight_bytes(cell, states), compute_bytes(cell)
         resharded = strategy.reshards_after_forward
         # Resharding units hold the root (not resharded) plus, in the layers' backward, the current and
@@ -286,7 +287,7 @@ def reserved_only_blocks(cell: CellSettings, shape: ModelShape, strategy: Strate
       gathered working set's and the reduce bucket's segments are not reusable by compute.
     """
     out: dict[str, float] = {}
-    n = cell.gpus
+    n = shard_ranks(cell, strategy)
     built = _built_weight_bytes(cell, states)
     if offload_blocks.applies(cell, strategy) and phase != "build":
         # FSDP1's parameter offload makes each FlatParameter on the GPU before sending its shard to the host:
@@ -345,7 +346,7 @@ def step_buffers(cell: CellSettings, strategy: Strategy, states: ModelStates) ->
     """Temporaries of the optimizer step (bytes, one rank)."""
     out: dict[str, float] = {}
     sharding = sharding_for(strategy)
-    local = states.trainable / cell.gpus if sharding.optimizer else states.trainable
+    local = states.trainable / shard_ranks(cell, strategy) if sharding.optimizer else states.trainable
     if sharding.optimizer_on_host:
         return out
     foreach = cell.train.optimizer == "adamw_torch"
@@ -450,7 +451,7 @@ def predict(cell: CellSettings, calib: Calibration = CALIBRATION, margin: float 
     cell = shard_view(cell, strategy)
     if built_on_meta is None:
         built_on_meta = builds_on_meta(cell, strategy)
-    shape = ModelShape.of(cell.model)
+    shape = rank_shape(ModelShape.of(cell.model), strategy)  # one tensor-parallel rank's part (all at tp 1)
     states = model_states(cell, shape, strategy)
     acts = activations_for(cell, shape, strategy, calib)
     moments = peak_moments(cell, shape, strategy, states, acts, calib)
@@ -489,7 +490,7 @@ def predict(cell: CellSettings, calib: Calibration = CALIBRATION, margin: float 
         overhead_detail_gib={**{k: v / GIB for k, v in parts.buffers.items()},
                              **{f"cached:{k}": v / GIB for k, v in cached.items()}, "allocator_slack": slack / GIB},
         activations_detail_gib={k: v / GIB for k, v in acts.as_dict().items()},
-        bytes_per_param=bytes_per_param_summary(states, strategy, cell.gpus),
+        bytes_per_param=bytes_per_param_summary(states, strategy, shard_ranks(cell, strategy)),
         host_gib=ranks * host_rank / GIB, host_per_rank_gib=host_rank / GIB,
         calibration=asdict(calib), reserved_model="replay" if rep is not None else "additive",
         estimator_version=ESTIMATOR_VERSION, **margins_for(strategy, margin),

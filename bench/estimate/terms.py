@@ -17,7 +17,9 @@ from bench.strategies.precision import policy_for
 def describe_strategy(cell: CellSettings) -> Strategy | None:
     """The catalogue entry, or what a user's config file amounts to; None if it cannot be told."""
     try:
-        return strategies.get(cell.strategy)
+        if strategies.is_user_config(cell.strategy):
+            return strategies.get(cell.strategy)
+        return strategies.for_cell(cell)  # at the cell's tensor and context degrees
     except Exception:  # noqa: BLE001 - a user config we cannot read is estimated as unknown, never fatal
         return None
 

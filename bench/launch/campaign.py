@@ -152,6 +152,10 @@ def strategy_info(cell: CellSettings) -> dict:
     info = {"precision_policy": policy_for(cell).description}
     s = strategies.get(cell.strategy)  # a user config is described from its content (family, ZeRO stage, offload)
     info.update(family=s.family, summary=s.summary)
+    if cell.tp > 1 or cell.cp > 1:  # the degrees and the data-parallel layout they leave (absent at 1, as before)
+        s = s.with_degrees(cell.tp, cell.cp)
+        info.update(label=s.label, tp=s.tp, cp=s.cp, dp=s.dp_degree(cell.processes),
+                    dp_shard=s.dp_shard(cell.processes) if s.shards else 1)
     if strategies.is_user_config(cell.strategy):
         from bench.strategies.user_configs import deepspeed_own_blocks
 

@@ -18,7 +18,7 @@ import yaml
 
 from bench import strategies
 from bench.spec import CellSettings, Limits
-from bench.strategies.render import accelerate_config, deepspeed_config
+from bench.strategies.render import accelerate_config, deepspeed_config, parallelism_env
 
 WORKER_MODULE = "bench.worker"
 
@@ -114,7 +114,7 @@ def build_plan(cell: CellSettings, results_dir: Path, limits: Limits, repeat: in
         files.update(originals)
         files["resolution_notes.txt"] = "\n".join(notes) + "\n"
     else:
-        strategy = strategies.get(cell.strategy)
+        strategy = strategies.for_cell(cell)  # at the cell's tensor and context degrees
         ds = deepspeed_config(strategy, cell)
         accel = accelerate_config(strategy, cell, cell_dir / "deepspeed.json" if ds else None)
     if ds is not None:
@@ -132,6 +132,8 @@ def build_plan(cell: CellSettings, results_dir: Path, limits: Limits, repeat: in
         argv.insert(argv.index("--config_file"), "--multi_gpu")
     env = _launch_env(cell, limits, deepspeed=accel.get("distributed_type") == "DEEPSPEED",
                       parent_visible=parent_visible_devices)
+    if not strategies.is_user_config(cell.strategy):
+        env.update(parallelism_env(strategies.for_cell(cell), cell.processes))
     env.update(extra_env or {})
     plan = LaunchPlan(cell, cell_dir, argv, env, files, limits, repeat, worker_module, notes)
     files["launch.sh"] = _launch_script(plan)

@@ -7,8 +7,10 @@ Definitions (the report states them):
 - launches are the unit: a cell's figure is the median over its ok launches (repeats), with a 95 %
   t-interval of the launch figures on the log scale (2+ launches); one launch keeps its within-launch
   interval and says so. The p10-p90 spread of the steps stays a separate, named figure.
-- throughput: real (non-padding) tokens per step over all ranks / step time; per GPU = that / number of
-  processes. ``tokens_per_s`` counts every computed token, padding included (what HFU uses).
+- throughput: real (non-padding) tokens per step over all data-parallel replicas / step time; per GPU = that /
+  number of processes. The ranks of a tensor- or context-parallel group (tp x cp of them) share one batch, so
+  a batch counts once per group, never once per rank; the FLOPs of MFU are then counted once too.
+  ``tokens_per_s`` counts every computed token, padding included (what HFU uses).
 - speedup at N: throughput over a 1-process cell of the same model and training settings, on the same kind
   of GPU (or CPU) and under the same precision policy: the same strategy at 1 first, else a plain run of
   that policy, else another strategy of its family, else any 1-process cell of that policy. The ratio
@@ -59,11 +61,13 @@ def timed_step_times(record: RunRecord) -> list[float]:
 
 
 def tokens_per_step(record: RunRecord, real: bool = False) -> float:
-    """Tokens of one step over all ranks (median per rank); ``real``: without padding (a step that does not
-    say how many were real had none: synthetic data)."""
+    """Tokens of one step over all data-parallel replicas (median per rank; the tp x cp ranks of a group each
+    report the batch they share, so the sum over ranks is divided by tp x cp: records without the degrees have
+    1); ``real``: without padding (a step that does not say how many were real had none: synthetic data)."""
     key = "real_tokens" if real else "tokens"
     per_rank = [[s.get(key, s["tokens"]) for s in r["steps"] if s["phase"] == "timed"] for r in record.ranks]
-    return float(sum(median(p) for p in per_rank if p))
+    group = record.settings.get("tp", 1) * record.settings.get("cp", 1)
+    return float(sum(median(p) for p in per_rank if p)) / group
 
 
 def gpu_name(record: RunRecord) -> str | None:
@@ -98,13 +102,25 @@ def strategy_family(record: RunRecord, cell: CellSettings) -> str:
         return "unknown"
 
 
+def strategy_label(cell: CellSettings) -> str:
+    """The strategy as tables name it, with its tensor and context degrees ("fsdp2+tp2", "tp2")."""
+    if cell.tp == 1 and cell.cp == 1:
+        return cell.strategy
+    try:
+        return strategies.for_cell(cell).label
+    except Exception:  # noqa: BLE001 - an unreadable user config: its name and the degrees
+        return cell.strategy + cell.degrees_suffix
+
+
 def figures(record: RunRecord) -> dict:
     """One row of derived figures for a record (one launch); empty figures for failed runs."""
     cell = CellSettings.model_validate(record.settings)
     card = gpu_name(record)
     row = {
         "cell_id": record.cell_id, "repeat": record.repeat, "label": record.label, "status": record.status,
-        "model": cell.model, "adapter": cell.adapter.type, "strategy": cell.strategy, "gpus": cell.gpus,
+        "model": cell.model, "adapter": cell.adapter.type, "strategy": strategy_label(cell), "gpus": cell.gpus,
+        # tensor and context degrees (1 in records from before them); dp: the data-parallel replicas they leave
+        "tp": cell.tp, "cp": cell.cp, "dp": max(1, cell.processes // (cell.tp * cell.cp)),
         # gpus: processes per node; nodes: machines (1 in records from before multi-node cells); processes: all ranks
         "nodes": cell.nodes, "processes": cell.processes,
         "family": strategy_family(record, cell), "precision_policy": precision_policy(record, cell),
@@ -147,7 +163,8 @@ def figures(record: RunRecord) -> dict:
         "final_loss": record.ranks[0]["steps"][-1]["loss"],
     })
     row.update(_timing_figures(record))
-    sequences = cell.processes * micro_batch_used(record, cell) * cell.train.grad_accum
+    # sequences of one step: one micro-batch per data-parallel replica (a tensor/context group shares it)
+    sequences = max(1, cell.processes // (cell.tp * cell.cp)) * micro_batch_used(record, cell) * cell.train.grad_accum
     row.update(_flop_figures(record, card, real / sequences, tokens / sequences))
     row.update(_energy_figures(record, real * len(arr)))
     return row

@@ -65,6 +65,9 @@ class ModelShape:
     head_dim: int
     vocab: int
     tied_embeddings: bool
+    # Ranks the embedding and LM head are split over by vocabulary (tensor parallelism); 1: whole. The estimator's
+    # per-rank view of a tensor-parallel model (bench/estimate/parallel.py) sets it.
+    vocab_shards: int = 1
 
     @classmethod
     def of(cls, model: str) -> "ModelShape":
@@ -103,11 +106,11 @@ class ModelShape:
 
     @property
     def embedding_params(self) -> int:
-        return self.vocab * self.hidden
+        return self.vocab * self.hidden // self.vocab_shards
 
     @property
     def lm_head_params(self) -> int:
-        return 0 if self.tied_embeddings else self.vocab * self.hidden
+        return 0 if self.tied_embeddings else self.vocab * self.hidden // self.vocab_shards
 
     @property
     def params(self) -> int:

@@ -113,6 +113,10 @@ class CellSettings(_Strict):
     strategy: str = "ddp"
     gpus: int = Field(1, gt=0, description="processes per node: GPUs on a GPU machine, CPU processes on CPU")
     nodes: int = Field(1, gt=0, description="machines the cell spans (launcher: slurm); it runs nodes x gpus ranks")
+    # Tensor and context parallel degrees (bench/strategies/strategy.py): the ranks of one group split each
+    # layer (tp) or each sequence (cp) and share one batch; data parallelism gets gpus x nodes / (tp x cp).
+    tp: int = Field(1, gt=0, description="tensor parallel degree: ranks that split each layer's weights")
+    cp: int = Field(1, gt=0, description="context parallel degree: ranks that split each sequence")
     device: Literal["cuda", "cpu"] = "cpu"
     gpu_memory_gib: float | None = Field(None, gt=0, description="per-process GPU memory cap")
     adapter: Adapter = Adapter()
@@ -126,8 +130,9 @@ class CellSettings(_Strict):
 
     @property
     def cell_id(self) -> str:
-        # nodes came later: a one-node cell hashes without it, so that existing cells keep their ids.
-        canonical = json.dumps(self.model_dump(mode="json", exclude={"nodes"} if self.nodes == 1 else None),
+        # nodes, tp and cp came later: at 1 a cell hashes without them, so that existing cells keep their ids.
+        later = {k for k in ("nodes", "tp", "cp") if getattr(self, k) == 1}
+        canonical = json.dumps(self.model_dump(mode="json", exclude=later or None),
                                sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
@@ -137,13 +142,19 @@ class CellSettings(_Strict):
         cap = f" cap{self.gpu_memory_gib:g}G" if self.gpu_memory_gib else ""
         unit = "gpu" if self.device == "cuda" else "proc"
         nodes = f" {self.nodes}nodes" if self.nodes > 1 else ""
-        return f"{self.model} {adapter} {self.strategy} x{self.gpus}{unit}{nodes}{cap}"
+        return f"{self.model} {adapter} {self.strategy}{self.degrees_suffix} x{self.gpus}{unit}{nodes}{cap}"
+
+    @property
+    def degrees_suffix(self) -> str:
+        """The tensor and context degrees above 1, as labels carry them: "+tp2", "+tp2+cp2", ""."""
+        return "".join(f"+{k}{v}" for k, v in (("tp", self.tp), ("cp", self.cp)) if v > 1)
 
     @property
     def setting_key(self) -> str:
-        """Everything but strategy and process count: cells with equal keys are compared in scaling tables."""
+        """Everything but strategy (its degrees too) and process count: cells with equal keys are compared in
+        scaling tables."""
         d = self.model_dump(mode="json")
-        for k in ("strategy", "gpus", "nodes"):
+        for k in ("strategy", "gpus", "nodes", "tp", "cp"):
             d.pop(k)
         return json.dumps(d, sort_keys=True)
 
@@ -173,6 +184,8 @@ class Matrix(_Strict):
     strategy: str = "ddp"
     gpus: int = Field(1, gt=0)
     nodes: int = Field(1, gt=0)
+    tp: int = Field(1, gt=0)
+    cp: int = Field(1, gt=0)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     gpu_memory_gib: float | None = None
     adapter: Adapter = Adapter()

@@ -16,7 +16,7 @@ from bench.strategies.registry import is_user_config
 def builds_on_meta(cell: CellSettings, strategy) -> bool:
     """Whether the cell's model is built on the meta device and materialised per shard by FSDP.
 
-    Only FSDP's families take a meta model (ZeRO-3 has zero.Init): full fine-tuning, and LoRA (on linear
+    Only FSDP's families and tensor parallelism take a meta model (ZeRO-3 has zero.Init): full fine-tuning, and LoRA (on linear
     layers, all a matrix may name; the adapters get peft's own init when materialised:
     meta_init.mark_lora_init). Left out: QLoRA (built layer by layer into 4-bit already), local weights
     (they must be loaded), CPU (accelerate's FSDP is CUDA-only), parameter offload and users' own accelerate configs.
@@ -24,7 +24,8 @@ def builds_on_meta(cell: CellSettings, strategy) -> bool:
     """
     # A user's own accelerate config runs as written (it may load weights its own way, e.g. with
     # cpu_ram_efficient_loading, which broadcasts rank 0's state dict and cannot start from meta).
-    return (strategy.is_fsdp and cell.device == "cuda"
+    # Tensor parallelism (tp alone too) splits the meta model by its plan before any storage exists.
+    return ((strategy.is_fsdp or strategy.splits_layers) and cell.device == "cuda"
             and cell.adapter.type in ("none", "lora") and not models.has_local_weights(cell.model) and not strategy.offloads
             and not is_user_config(cell.strategy))
 

@@ -64,6 +64,10 @@ for _s in [
              shard_level=3, reshard_after_forward=False),
     Strategy("fsdp2_offload", "fsdp2", "FSDP2 with parameters offloaded to the CPU",
              shard_level=3, reshard_after_forward=True, offload_params=True),
+    # Tensor parallelism alone: the cell's tp is its world; each rank holds a slice of every layer and no data
+    # parallel wrapper runs (accelerate refuses FSDP2 with nothing left to shard over: dp_shard 1, cp 1).
+    Strategy("tp", "torch", "tensor parallelism alone: each rank holds a slice of every layer, one batch for all",
+             tensor_only=True),
 ]:
     register(_s)
 
@@ -80,6 +84,11 @@ def check_strategy_name(strategy: str) -> str | None:
         return None
     return (f"unknown strategy {strategy!r}: use one of {', '.join(CATALOGUE)}, "
             "or the path of your own DeepSpeed JSON (.json) or accelerate config (.yaml)")
+
+
+def for_cell(cell) -> Strategy:
+    """The cell's strategy at the cell's tensor and context degrees (settings ``tp``, ``cp``)."""
+    return get(cell.strategy).with_degrees(getattr(cell, "tp", 1), getattr(cell, "cp", 1))
 
 
 def get(strategy: str) -> Strategy:

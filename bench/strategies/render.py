@@ -37,6 +37,8 @@ class Renderer:
             "downcast_bf16": "no",
         }
         self.distributed(config, strategy, cell, ds_config_path)
+        if strategy.uses_parallelism_config:
+            config["parallelism_config"] = parallelism_config(strategy, cell.processes)
         if cell.device == "cuda" and config["distributed_type"] != "NO":
             config["gpu_ids"] = "all"
         return config
@@ -46,10 +48,39 @@ class Renderer:
         raise NotImplementedError
 
 
+def parallelism_config(strategy: Strategy, world: int) -> dict[str, Any]:
+    """accelerate's parallelism_config section (as `accelerate config` writes it): `accelerate launch` exports it
+    as PARALLELISM_CONFIG_* variables, from which each rank's Accelerator builds its ParallelismConfig."""
+    config: dict[str, Any] = {
+        "parallelism_config_dp_replicate_size": strategy.dp_replicate(world) if strategy.shards else 1,
+        "parallelism_config_dp_shard_size": strategy.dp_shard(world) if strategy.shards else 1,
+        "parallelism_config_tp_size": strategy.tp,
+        "parallelism_config_cp_size": strategy.cp,
+    }
+    if strategy.cp > 1:
+        config["parallelism_config_cp_backend"] = "torch"
+        config["parallelism_config_cp_comm_strategy"] = "allgather"  # accelerate's default rotation
+    return config
+
+
+def parallelism_env(strategy: Strategy, world: int) -> dict[str, str]:
+    """The variables `accelerate launch` derives from the parallelism_config section (utils/launch.py:
+    prepare_extend_env_parallelism_config). The plan sets them too: a launch with --multi_gpu on the command
+    line skips the section of the config file (commands/launch.py reads it only without such a flag)."""
+    if not strategy.uses_parallelism_config:
+        return {}
+    env = {"ACCELERATE_USE_PARALLELISM_CONFIG": "true"}
+    for key, value in parallelism_config(strategy, world).items():
+        env[key.upper()] = str(value)
+    return env
+
+
 class TorchRenderer(Renderer):
     def distributed(self, config, strategy, cell, ds_config_path):
         # On CPU too: MULTI_GPU plus ACCELERATE_USE_CPU=1 gives gloo ranks (MULTI_CPU would want mpirun).
-        config["distributed_type"] = "MULTI_GPU" if strategy.uses_ddp(cell.processes) else "NO"
+        # Tensor parallelism alone is a multi-GPU launch with a parallelism config and no wrapper.
+        multi = strategy.uses_ddp(cell.processes) or (strategy.tensor_only and cell.processes > 1)
+        config["distributed_type"] = "MULTI_GPU" if multi else "NO"
 
 
 class DeepSpeedRenderer(Renderer):

@@ -8,6 +8,7 @@ from pathlib import Path
 from bench.spec import models
 from bench.spec.schema import CellSettings, MatrixError
 from bench.strategies import registry as strategies
+from bench.strategies.degrees import degree_errors, degree_problems
 
 
 def name_problem(cell: CellSettings) -> str | None:
@@ -21,10 +22,15 @@ def name_problem(cell: CellSettings) -> str | None:
 
 
 def check_names(cells: list[CellSettings], source: str) -> None:
-    """Refuse the matrix (MatrixError) when a cell names a model or strategy that does not exist."""
+    """Refuse the matrix (MatrixError) when a cell names a model or strategy that does not exist, or asks for
+    tensor/context degrees its ranks, model or sequence cannot be split by (bench/strategies/degrees.py)."""
     problems = [(cell, [msg]) for cell in cells if (msg := name_problem(cell))]
     if problems:
         raise MatrixError(f"{source}: {len(problems)} cell(s) name what does not exist\n"
+                          + "\n".join(collapse(problems)))
+    problems = [(cell, reasons) for cell in cells if (reasons := degree_errors(cell))]
+    if problems:
+        raise MatrixError(f"{source}: {len(problems)} cell(s) ask for degrees that do not divide\n"
                           + "\n".join(collapse(problems)))
 
 
@@ -36,6 +42,8 @@ def cell_problems(cell: CellSettings, visible_gpus: int | None) -> list[str]:
     """
     if msg := name_problem(cell):
         return [msg]
+    if errors := degree_errors(cell):
+        return errors
     out: list[str] = []
     if strategies.is_user_config(cell.strategy):
         from bench.strategies.user_configs import check_user_config
@@ -46,6 +54,8 @@ def cell_problems(cell: CellSettings, visible_gpus: int | None) -> list[str]:
         strat = strategies.get(cell.strategy)
     except MatrixError:  # a user config that cannot be read: said above; the rest is checked without it
         strat = None
+    if strat is not None:
+        out += degree_problems(cell, strat)
     if strat is not None and strat.single_process and cell.gpus != 1:
         out.append("strategy 'single' runs one process: set gpus: 1, or use ddp/zero*/fsdp* for more")
     if cell.device == "cpu":

@@ -3,8 +3,11 @@
 Degrees, as torchtitan's ParallelDims: how the ranks of one cell split the work.
 
 - ``dp_replicate`` x ``dp_shard`` x ``tp`` x ``cp`` = the world. Data parallel ranks either hold a
-  replica (replicate) or a slice (shard) of the model states; ``tp`` (tensor) and ``cp`` (context) are 1
-  today: no catalogue strategy splits a layer or a sequence.
+  replica (replicate) or a slice (shard) of the model states; the ``tp`` (tensor) ranks of a group each hold a
+  slice of every layer's weights, the ``cp`` (context) ranks each a slice of every sequence. A catalogue
+  strategy has both at 1; a cell's settings ``tp``/``cp`` give them (``with_degrees``), through accelerate's
+  ParallelismConfig over FSDP2 (``tensor_only``: tensor parallelism alone, no data parallel wrapper).
+  accelerate's FSDP2 shards the states over the flattened dp_shard x cp mesh (``state_shards``).
 - ``shard_level``: which states the data-parallel shard degree splits, ZeRO's stages as the scale:
   0 none (DDP, FSDP NO_SHARD), 1 optimizer states, 2 + gradients (ZeRO-2, FSDP SHARD_GRAD_OP),
   3 + parameters (ZeRO-3, FSDP FULL_SHARD, FSDP2).
@@ -21,10 +24,10 @@ The record field ``strategy_info.family`` is derived (``family``), as records ha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
-Family = Literal["single", "ddp", "deepspeed", "fsdp", "fsdp2"]
+Family = Literal["single", "ddp", "tp", "deepspeed", "fsdp", "fsdp2"]
 Framework = Literal["torch", "deepspeed", "fsdp1", "fsdp2"]
 ShardScope = Literal["world", "node"]
 
@@ -46,6 +49,7 @@ class Strategy:
     offload_params: bool = False
     reshard_after_forward: bool | None = None  # FSDP2 only
     single_process: bool = False  # one process, no distributed wrapper at all ("single")
+    tensor_only: bool = False  # tensor parallelism over all ranks, no data parallel wrapper ("tp")
     tp: int = 1
     cp: int = 1
 
@@ -54,6 +58,47 @@ class Strategy:
             raise ValueError(f"strategy {self.name!r}: shard_level is 0..3, not {self.shard_level}")
         if self.framework == "fsdp1" and (self.shard_level, self.shard_scope) not in FSDP1_SHARDING.values():
             raise ValueError(f"strategy {self.name!r}: FSDP1 has no sharding strategy of these degrees")
+
+    # ------------------------------------------------------------ tensor and context degrees
+
+    def with_degrees(self, tp: int, cp: int) -> "Strategy":
+        """This strategy at a cell's tensor and context degrees."""
+        return replace(self, tp=tp, cp=cp)
+
+    @property
+    def label(self) -> str:
+        """The name tables show, saying the degrees: "fsdp2", "fsdp2+tp2", "fsdp2+cp2", "tp2"."""
+        if self.tensor_only:
+            return f"tp{self.tp}" + (f"+cp{self.cp}" if self.cp > 1 else "")
+        return self.name + "".join(f"+{k}{v}" for k, v in (("tp", self.tp), ("cp", self.cp)) if v > 1)
+
+    @property
+    def splits_layers(self) -> bool:
+        """Tensor parallel: every rank of a group holds a slice of each layer's weights."""
+        return self.tp > 1
+
+    @property
+    def splits_sequences(self) -> bool:
+        """Context parallel: every rank of a group holds a slice of each sequence."""
+        return self.cp > 1
+
+    @property
+    def uses_parallelism_config(self) -> bool:
+        """Launched with accelerate's ParallelismConfig (a tensor or context degree above 1)."""
+        return self.splits_layers or self.splits_sequences
+
+    @property
+    def allows_parallel_degrees(self) -> bool:
+        """accelerate composes tensor and context parallelism with FSDP2 only (ParallelismConfig), or runs
+        tensor parallelism alone (no wrapper); offload is left out (not verified by bench)."""
+        return (self.fsdp_version == 2 or self.tensor_only) and not self.offloads
+
+    def state_shards(self, world: int) -> int:
+        """Ranks one copy of the (sharded) model states is split over, the tensor split apart: accelerate's FSDP2
+        shards over the flattened dp_shard x cp mesh (dp_shard_cp), so context ranks shard states too."""
+        if not self.shards:
+            return 1
+        return self.dp_shard(world) * (self.cp if self.is_fsdp else 1)
 
     # ------------------------------------------------------------ degrees at a world size
 
@@ -115,7 +160,7 @@ class Strategy:
 
     def uses_ddp(self, world: int) -> bool:
         """DistributedDataParallel wraps the model (a catalogue DDP cell at one process runs plain)."""
-        return self.is_plain and not self.single_process and world > 1
+        return self.is_plain and not self.single_process and not self.tensor_only and world > 1
 
     @property
     def uses_deepspeed(self) -> bool:
@@ -154,5 +199,5 @@ class Strategy:
     def family(self) -> Family:
         """The label records carry (strategy_info.family) and reports group by."""
         if self.is_plain:
-            return "single" if self.single_process else "ddp"
+            return "single" if self.single_process else "tp" if self.tensor_only else "ddp"
         return {"deepspeed": "deepspeed", "fsdp1": "fsdp", "fsdp2": "fsdp2"}[self.framework]

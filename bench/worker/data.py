@@ -21,9 +21,21 @@ def synthetic_batches(cell: CellSettings, vocab: int, rank: int, device: torch.d
         yield {"input_ids": ids, "labels": ids, "real_tokens": ids.numel()}
 
 
-def batch_source(cell: CellSettings, vocab: int, rank: int, device: torch.device) -> Iterator[dict]:
+def data_parallel_rank(cell: CellSettings, rank: int, world: int) -> tuple[int, int]:
+    """(data-parallel rank, degree) of a global rank: the ranks of one tensor/context group share a batch.
+
+    accelerate lays the mesh out as (dp_replicate, dp_shard, cp, tp) with tp innermost (ParallelismConfig.
+    _get_mesh): ranks r and r' are in one tp x cp group when r // (tp x cp) == r' // (tp x cp).
+    """
+    group = cell.tp * cell.cp
+    return rank // group, max(1, world // group)
+
+
+def batch_source(cell: CellSettings, vocab: int, rank: int, device: torch.device, world: int = 1) -> Iterator[dict]:
+    """``rank``/``world``: the global ones; every rank of a tensor/context group gets the same batches."""
+    dp_rank, dp_world = data_parallel_rank(cell, rank, world)
     if cell.data.source == "synthetic":
-        return synthetic_batches(cell, vocab, rank, device)
+        return synthetic_batches(cell, vocab, dp_rank, device)
     from bench.worker.local_data import local_batches
 
-    return local_batches(cell, rank, device)
+    return local_batches(cell, dp_rank, device, dp_world)

@@ -21,6 +21,8 @@ def expected_distributed_types(strategy: Strategy, processes: int, user_config: 
     """
     if strategy.uses_deepspeed:
         return {"DEEPSPEED"}
+    if strategy.tensor_only and processes > 1:
+        return {"MULTI_GPU"}  # tensor parallelism alone: a multi-GPU launch with a parallelism config
     if strategy.is_fsdp:
         return {"FSDP"}
     if strategy.uses_ddp(processes) or (user_config and strategy.is_plain and not strategy.single_process):
@@ -56,7 +58,7 @@ def cell_strategy(cell: CellSettings, cell_dir: Path | None = None):
     """The cell's strategy; a user config (.json/.yaml) is read as bench.strategies.get reads it, falling
     back to the resolved accelerate.yaml in the cell's folder if the user's path is not readable here."""
     try:
-        return strategies.get(cell.strategy)
+        return strategies.for_cell(cell)
     except (OSError, MatrixError):
         if cell_dir is None or not strategies.is_user_config(cell.strategy):
             raise
@@ -67,7 +69,20 @@ def strategy_family(cell: CellSettings, cell_dir: Path | None = None) -> str:
     return cell_strategy(cell, cell_dir).family
 
 
+def check_parallel_degrees(cell: CellSettings, parallelism_config) -> None:
+    """Raise RuntimeError if accelerate's ParallelismConfig does not hold the cell's tensor and context degrees
+    (a parallelism_config section that did not reach the ranks would measure plain FSDP2 under another name)."""
+    if cell.tp == 1 and cell.cp == 1:
+        return
+    got = (getattr(parallelism_config, "tp_size", 1), getattr(parallelism_config, "cp_size", 1))
+    if got != (cell.tp, cell.cp):
+        raise RuntimeError(f"the cell asks for tp {cell.tp}, cp {cell.cp}; accelerate's parallelism config has tp "
+                           f"{got[0]}, cp {got[1]}. The cell is not measured: check PARALLELISM_CONFIG_* in the "
+                           "cell's launch.sh and the parallelism_config section of its accelerate.yaml")
+
+
 def guard_distributed_setup(cell: CellSettings, accelerator, world_size: int, cell_dir: Path | None = None) -> None:
+    check_parallel_degrees(cell, getattr(accelerator, "parallelism_config", None))
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
     check_distributed_setup(cell.strategy, cell_strategy(cell, cell_dir), cell.processes,
                             str(accelerator.distributed_type), world_size,

@@ -34,9 +34,10 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _token_lists(cell: CellSettings, rank: int, tokenizer) -> Iterator[list[int]]:
-    """This rank's records as token id lists, forever (a new pass when the shard runs out)."""
-    _, world = _world()
+def _token_lists(cell: CellSettings, rank: int, tokenizer, world: int | None = None) -> Iterator[list[int]]:
+    """This rank's records as token id lists, forever (a new pass when the shard runs out). ``rank`` and
+    ``world``: the data-parallel rank and degree (None: torch.distributed's world)."""
+    world = world or _world()[1]
     shard = load_records(cell).shard(num_shards=world, index=rank, contiguous=True)
     if len(shard) == 0:
         raise ValueError(f"data.source {cell.data.source!r}: rank {rank} got no records ({world} ranks); "
@@ -80,12 +81,13 @@ def _packed_batches(cell: CellSettings, docs: Iterator[list[int]], eos_id: int |
         yield {"input_ids": ids, "labels": ids.clone(), "real_tokens": ids.numel()}
 
 
-def local_batches(cell: CellSettings, rank: int, device: torch.device) -> Iterator[dict]:
-    """Batches of (micro_batch, seq_len) at most from this rank's shard, on ``device``."""
+def local_batches(cell: CellSettings, rank: int, device: torch.device, world: int | None = None) -> Iterator[dict]:
+    """Batches of (micro_batch, seq_len) at most from this rank's shard, on ``device``. Under tensor or context
+    parallelism ``rank`` and ``world`` are the data-parallel ones: the ranks of a group read the same shard."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cell.data.tokenizer)
-    docs = _token_lists(cell, rank, tokenizer)
+    docs = _token_lists(cell, rank, tokenizer, world)
     if cell.data.padding == "pack":
         batches = _packed_batches(cell, docs, tokenizer.eos_token_id)
     else:

@@ -24,7 +24,7 @@ from bench.records.rank_files import RankFiles, classify_exception
 from bench.spec import CellSettings
 from bench.strategies.build import builds_on_meta
 from bench.strategies.precision import policy_for
-from bench.worker import fast_paths, slowdown, transfers
+from bench.worker import fast_paths, parallel, slowdown, transfers
 from bench.worker.gc_window import GcWindow
 from bench.worker.guard import cell_strategy, guard_distributed_setup
 from bench.worker.timing import StoppingRule
@@ -99,6 +99,9 @@ def prepare_meta_model(cell: CellSettings, model, accelerator, device: torch.dev
 
     from bench.worker.meta_init import materialise, materialise_module
 
+    if fsdp_version is None:  # tensor parallelism alone: no wrapper to shard it, the plan has split it already
+        materialise(model, device)
+        return accelerator.prepare(model, make_optimizer(cell, model, accelerator))
     if fsdp_version == 1:
         plugin = accelerator.state.fsdp_plugin
         plugin.sync_module_states = False
@@ -144,10 +147,10 @@ def make_optimizer(cell: CellSettings, model, accelerator):
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
 
 
-def make_batches(cell: CellSettings, vocab: int, rank: int, device: torch.device):
+def make_batches(cell: CellSettings, vocab: int, rank: int, device: torch.device, world_size: int = 1):
     from bench.worker.data import batch_source
 
-    return batch_source(cell, vocab, rank, device)
+    return batch_source(cell, vocab, rank, device, world_size)
 
 
 # ---------------------------------------------------------------- the loop
@@ -174,14 +177,18 @@ def train_step(cell: CellSettings, model, optimizer, accelerator, batches, devic
     deepspeed = is_deepspeed(accelerator)
     for _ in range(cell.train.grad_accum):
         batch = next(batches)
+        tokens += batch["input_ids"].numel()  # before context parallelism splits the inputs in place
+        real += int(batch["real_tokens"])
+        inputs = parallel.model_inputs(cell, batch)
         with accelerator.accumulate(model):
             t0 = time.perf_counter()
-            out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch})
-            if deepspeed:  # as accelerate's DeepSpeedEngineWrapper.backward, split in two
-                model.set_gradient_accumulation_boundary(is_boundary=accelerator.sync_gradients)
-                model.backward(out.loss)
-            else:
-                accelerator.backward(out.loss)
+            with parallel.split_sequences(accelerator, cell, inputs):  # cp > 1: bench/worker/parallel.py
+                out = model(**inputs)
+                if deepspeed:  # as accelerate's DeepSpeedEngineWrapper.backward, split in two
+                    model.set_gradient_accumulation_boundary(is_boundary=accelerator.sync_gradients)
+                    model.backward(out.loss)
+                else:
+                    accelerator.backward(out.loss)
             sync(device)
             t1 = time.perf_counter()
             if deepspeed:
@@ -196,8 +203,6 @@ def train_step(cell: CellSettings, model, optimizer, accelerator, batches, devic
             fwd_bwd_s += t1 - t0
             optim_s += time.perf_counter() - t1
         losses.append(out.loss.detach())
-        tokens += batch["input_ids"].numel()
-        real += int(batch["real_tokens"])
     return {"loss": float(torch.stack(losses).float().mean()), "tokens": tokens, "real_tokens": real,
             "fwd_bwd_s": fwd_bwd_s, "optim_s": optim_s}
 
@@ -310,6 +315,8 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     on_meta = builds_on_meta(cell, strategy)
     kernels = fast_paths.apply_kernels_before_build(cell)  # Liger patches the model code it is built from
     model = build_model(cell, device, on_meta)
+    if strategy.splits_layers:  # before accelerate wraps it: the plan names the model's own modules
+        model = parallel.apply_tensor_parallel(model, parallel.tensor_mesh(accelerator), cell.tp)
     fit_fsdp1_wrap_to_adapter(cell, model, accelerator)
     startup["build_model_s"] = time.time() - t_build
     t = time.time()
@@ -323,7 +330,7 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     startup["optimizer_and_prepare_s"] = time.time() - t
     build_memory = build_memory_and_reset(device)
     t = time.time()
-    batches = make_batches(cell, model_vocab(model), rank, device)
+    batches = make_batches(cell, model_vocab(model), rank, device, world_size)
     startup["batches_s"] = time.time() - t
     init_s = time.time() - t_build
 
@@ -346,6 +353,8 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     report["gc"] = collector
     report["startup_breakdown"] = startup  # where the time before the first step went
     report["model_init"] = "meta, materialised per shard" if on_meta else "on device"
+    if degrees := parallel.describe(accelerator, cell):
+        report["parallel"] = degrees  # the tensor/context degrees accelerate's ParallelismConfig ran
     if kernels:
         report["kernels"] = {**kernels, **fast_paths.kernels_in_model(unwrap(model))}
     if compiled:

@@ -50,7 +50,7 @@ def test_framework_answers_agree(name):
     assert (s.reshard_after_forward is not None) == (s.fsdp_version == 2)
     assert s.single_process <= s.is_plain and not (s.is_plain and s.shards)
     assert s.runs_on_cpu == (not s.is_fsdp)
-    assert s.uses_ddp(2) == (s.is_plain and not s.single_process) and not s.uses_ddp(1)
+    assert s.uses_ddp(2) == (s.is_plain and not s.single_process and not s.tensor_only) and not s.uses_ddp(1)
     assert s.family in strategies.families(lambda t: t.framework == s.framework)
 
 
@@ -61,7 +61,7 @@ def test_the_registry_knows_each_name_once():
         strategies.register(Strategy("zero3", "deepspeed", "again", shard_level=3))
     with pytest.raises(ValueError, match="FSDP1 has no sharding strategy"):
         Strategy("fsdp_odd", "fsdp1", "optimizer-only FSDP", shard_level=1)
-    assert strategies.families(lambda s: s.is_plain) == ("single", "ddp")
+    assert strategies.families(lambda s: s.is_plain) == ("single", "ddp", "tp")
 
 
 def test_hybrid_shard_shards_within_a_node_and_replicates_across():
