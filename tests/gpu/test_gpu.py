@@ -168,13 +168,14 @@ def test_fsdp_builds_no_whole_model_on_a_gpu(tmp_path, strategy, adapter):
 
     The full fine-tune's fp32 model is 1.24e9 x 4 B = 4.6 GiB (LoRA: a bf16 base and fp32 adapters). FSDP2
     holds half of it before the first step; FSDP1 half of the layers plus 2.5 x its root unit (the
-    embedding, materialised, flattened, its half cloned): bench.worker.meta_init.build_peak_bytes. Built whole on
+    embedding, materialised, flattened, its half cloned): bench.worker.prepare.build_peak_bytes. Built whole on
     the GPU, the peak would be at least the whole model. (The first H100 run found the FSDP1 figure at
     4.26 GiB, 0.93 x the model, which a flat 0.8 x bound had wrongly called a failure; the prediction now
     matches every H100 record: tests/worker/test_meta_init.py.)
     """
     from bench.spec import CellSettings
-    from bench.worker.meta_init import build_peak_bytes, parameter_bytes
+    from bench.worker.meta_init import parameter_bytes
+    from bench.worker.prepare import build_peak_bytes
     from bench.worker.train import build_model
 
     if visible() < 2:
