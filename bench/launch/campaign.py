@@ -151,7 +151,8 @@ def strategy_info(cell: CellSettings) -> dict:
 
     info = {"precision_policy": policy_for(cell).description}
     s = strategies.get(cell.strategy)  # a user config is described from its content (family, ZeRO stage, offload)
-    info.update(family=s.family, summary=s.summary)
+    # degrees: what the report asks of the strategy, kept so that it can ask even once a user's config is gone
+    info.update(family=s.family, summary=s.summary, degrees=s.degrees())
     if strategies.is_user_config(cell.strategy):
         from bench.strategies.user_configs import deepspeed_own_blocks
 

@@ -19,6 +19,8 @@ import yaml
 
 from conftest import bench
 
+from bench import strategies
+
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -144,10 +146,10 @@ def test_family_runs_and_is_measured(gpu_records, test_id):
     assert len(nvml["per_gpu"]) == CELLS[test_id]["gpus"]
     assert all(g["mem_used_peak_bytes"] > 0 and g["power_mean_w"] > 0 for g in nvml["per_gpu"])
     assert nvml["achieved_hz"] >= 10
-    meta = CELLS[test_id]["strategy"].startswith("fsdp") and "offload" not in CELLS[test_id]["strategy"] \
-        and cell_settings(test_id)["adapter"]["type"] in ("none", "lora")
+    strategy = strategies.get(CELLS[test_id]["strategy"])
+    meta = strategy.is_fsdp and not strategy.offloads and cell_settings(test_id)["adapter"]["type"] in ("none", "lora")
     assert all(rank["model_init"] == ("meta, materialised per shard" if meta else "on device") for rank in r["ranks"])
-    if "offload" in CELLS[test_id]["strategy"]:  # host-device copies of one profiled step (bench/worker/transfers.py)
+    if strategy.offloads:  # host-device copies of one profiled step (bench/worker/transfers.py)
         for rank in r["ranks"]:
             traffic = rank["host_device_traffic"]
             assert "error" not in traffic, traffic
