@@ -179,8 +179,8 @@ def only_record(by_label: dict, label: str):
 # ---------------------------------------------------------------- the watchdog and the process tree
 
 # Each cell of the timeout test waits this long. A tiny cell reaches its first step 5-8 s after launch on 2
-# shared cores (first_step_s of these records), so the start-up allowance below it keeps 3x headroom.
-TIMEOUT_S = 25
+# shared cores (first_step_s of these records), so the start-up allowance below it keeps 2.5x headroom.
+TIMEOUT_S = 20
 
 
 def test_cell_timeout_records_timeout_for_every_cell(tmp_path):
