@@ -60,3 +60,14 @@ def cpu_results(tmp_path_factory) -> Path:
     proc = bench("run", str(matrix), "--results", str(folder / "results"), check=True)
     (folder / "run-console.txt").write_text(proc.stdout)  # what the user saw, for tests of the console
     return folder / "results"
+
+
+# ---------------------------------------------------------------- what a run selected, said even under -q
+# pytest -q prints no "collected ... / N selected" line, and an interrupted run's summary names only the
+# deselected tests ("104 deselected in 211s"), which reads as if nothing had been selected while a selected
+# test's fixture (e.g. tests/worker/test_qlora.py's GPU cells) was still running real launches.
+
+def pytest_report_collectionfinish(config, start_path, items):
+    if config.getoption("markexpr") or config.getoption("keyword"):
+        return f"selected {len(items)} test(s)" + (f", the first: {items[0].nodeid}" if items else "")
+    return None

@@ -156,6 +156,8 @@ def strategy_info(cell: CellSettings) -> dict:
         s = s.with_degrees(cell.tp, cell.cp)
         info.update(label=s.label, tp=s.tp, cp=s.cp, dp=s.dp_degree(cell.processes),
                     dp_shard=s.dp_shard(cell.processes) if s.shards else 1)
+    # degrees: what the report asks of the strategy, kept so that it can ask even once a user's config is gone
+    info["degrees"] = s.degrees()
     if strategies.is_user_config(cell.strategy):
         from bench.strategies.user_configs import deepspeed_own_blocks
 

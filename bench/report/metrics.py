@@ -37,10 +37,10 @@ from bench.report import flops, intervals
 from bench.spec import CellSettings
 from bench.strategies.precision import policy_for
 
-# The record families of plain PyTorch runs: at one process none wraps the model (what a user runs today);
-# of those, the ones without any wrapper are preferred as the baseline.
-PLAIN_FAMILIES = strategies.families(lambda s: s.is_plain)
-UNWRAPPED_FAMILIES = strategies.families(lambda s: s.single_process)
+# What the baselines ask of each row's strategy (bench/strategies/strategy.py), kept as columns: plain PyTorch
+# (at one process nothing wraps the model: what a user runs today), of those the runs without any wrapper
+# (preferred as the baseline), and the framework (a strategy of the same one is the next best baseline).
+ANSWERS = ("plain", "unwrapped", "framework")
 # Figures that are medians over launches (one repeat = one fresh launch of the cell).
 REPEAT_MEDIAN_COLUMNS = ("tokens_per_s", "tokens_per_s_per_gpu", "real_tokens_per_s", "real_tokens_per_s_per_gpu",
                          "step_time_s", "joules_per_token", "power_mean_w", "util_mean_pct", "sm_clock_mean_mhz",
@@ -92,14 +92,12 @@ def precision_policy(record: RunRecord, cell: CellSettings) -> str:
         return "unknown"
 
 
-def strategy_family(record: RunRecord, cell: CellSettings) -> str:
-    family = (record.strategy_info or {}).get("family")
-    if family:
-        return family
-    try:
-        return strategies.get(cell.strategy).family
-    except Exception:  # noqa: BLE001 - an unreadable user config
-        return "unknown"
+def strategy_answers(strategy: strategies.Strategy | None) -> dict:
+    """The row's ANSWERS (and its family label, as records spell it) from the strategy; unknown: none."""
+    if strategy is None:
+        return {"plain": False, "unwrapped": False, "framework": "unknown", "family": "unknown"}
+    return {"plain": strategy.is_plain, "unwrapped": strategy.single_process, "framework": strategy.framework,
+            "family": strategy.family}
 
 
 def strategy_label(cell: CellSettings) -> str:
@@ -123,7 +121,8 @@ def figures(record: RunRecord) -> dict:
         "tp": cell.tp, "cp": cell.cp, "dp": max(1, cell.processes // (cell.tp * cell.cp)),
         # gpus: processes per node; nodes: machines (1 in records from before multi-node cells); processes: all ranks
         "nodes": cell.nodes, "processes": cell.processes,
-        "family": strategy_family(record, cell), "precision_policy": precision_policy(record, cell),
+        # the strategy it ran: its kept degrees, its name, or an older record's family label
+        **strategy_answers(strategies.of_record(cell.strategy, record.strategy_info)), "precision_policy": precision_policy(record, cell),
         "device": cell.device, "setting_key": cell.setting_key, "gpu_memory_gib": cell.gpu_memory_gib,
         "hardware": record.env.get("hardware", "unknown"), "gpu_model": card,
         # what must match for two cells to be compared: the card (1 GPU of a 1- or 8-GPU host alike) or the CPU
@@ -402,25 +401,35 @@ def processes(frame: pd.DataFrame) -> pd.Series:
     return frame["processes"] if "processes" in frame.columns else frame["gpus"]
 
 
-def _families(group: pd.DataFrame) -> pd.Series:
-    return group["family"] if "family" in group.columns else group["strategy"]
+def answer(row: pd.Series, question: str):
+    """One of ANSWERS for a row: its column, or, in a frame made without it, asked of the strategy by name."""
+    if question in row.index:
+        return row[question]
+    return strategy_answers(strategies.of_record(row["strategy"], None))[question]
+
+
+def answers(frame: pd.DataFrame, question: str) -> pd.Series:
+    """``answer`` for every row of ``frame``."""
+    if question in frame.columns:
+        return frame[question]
+    return frame["strategy"].map(lambda name: strategy_answers(strategies.of_record(name, None))[question])
 
 
 def plain_baseline(group: pd.DataFrame) -> pd.Series | None:
     """The plain 1-process run of a setting group (what a user runs today), ok or not; None if absent."""
-    ones = group[(processes(group) == 1) & _families(group).isin(PLAIN_FAMILIES)]
+    ones = group[(processes(group) == 1) & answers(group, "plain").astype(bool)]
     if not len(ones):
         return None
     ok = ones[ones["status"] == "ok"]
     # prefer `single` (no wrapper at all), then ddp at 1, each only if it ran
     pick = ok if len(ok) else ones
-    return pick.sort_values("strategy", key=lambda s: ~_families(pick).isin(UNWRAPPED_FAMILIES), kind="stable").iloc[0]
+    return pick.sort_values("strategy", key=lambda s: ~answers(pick, "unwrapped").astype(bool), kind="stable").iloc[0]
 
 
 def same_policy_baseline(row: pd.Series, group: pd.DataFrame) -> pd.Series | None:
     """The ok 1-process cell of ``row``'s precision policy it is measured against; None if there is none.
 
-    Order: the same strategy at 1; a plain run (single/ddp) of that policy; another strategy of its family
+    Order: the same strategy at 1; a plain run (single/ddp) of that policy; another strategy of its framework
     (DeepSpeed against DeepSpeed at one GPU); any other 1-process cell of that policy, by name.
     """
     ones = group[(processes(group) == 1) & (group["status"] == "ok")]
@@ -428,9 +437,8 @@ def same_policy_baseline(row: pd.Series, group: pd.DataFrame) -> pd.Series | Non
         ones = ones[ones["precision_policy"] == row.get("precision_policy")]
     if not len(ones):
         return None
-    families = _families(ones)
-    rank = np.select([ones["strategy"] == row["strategy"], families.isin(PLAIN_FAMILIES),
-                      families == row.get("family", row["strategy"])], [0, 1, 2], default=3)
+    rank = np.select([ones["strategy"] == row["strategy"], answers(ones, "plain").astype(bool),
+                      answers(ones, "framework") == answer(row, "framework")], [0, 1, 2], default=3)
     order = ones.assign(_rank=rank).sort_values(["_rank", "strategy"], kind="stable")
     return ones.loc[order.index[0]]
 

@@ -11,7 +11,7 @@ reason a cell cannot run, before launch). Imports only bench.spec.
 """
 
 from bench.strategies.registry import (CATALOGUE, USER_CONFIG_SUFFIXES, check_strategy_name, families, for_cell, get,
-                                       is_user_config, names, register)
+                                       is_user_config, names, of_record, register)
 from bench.strategies.strategy import Family, Framework, Strategy
 from bench.strategies.precision import PrecisionPolicy, policy_for
 from bench.strategies.runnable import (cell_problems, check_names, check_runnable, collapse, name_problem, unrunnable,
@@ -20,5 +20,5 @@ from bench.strategies.runnable import (cell_problems, check_names, check_runnabl
 __all__ = [
     "CATALOGUE", "Family", "Framework", "PrecisionPolicy", "Strategy", "USER_CONFIG_SUFFIXES", "cell_problems",
     "check_names", "check_runnable", "check_strategy_name", "collapse", "families", "for_cell", "get", "is_user_config",
-    "name_problem", "names", "policy_for", "register", "unrunnable", "validate_cells",
+    "name_problem", "names", "of_record", "policy_for", "register", "unrunnable", "validate_cells",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from bench.strategies.strategy import FSDP1_SHARDING, Strategy
+from bench.strategies.strategy import FAMILY_DEGREES, FSDP1_SHARDING, Strategy
 
 CATALOGUE: dict[str, Strategy] = {}
 
@@ -98,3 +98,20 @@ def get(strategy: str) -> Strategy:
     from bench.strategies.user_configs import describe_user_config
 
     return describe_user_config(strategy)
+
+
+def of_record(strategy: str, info: dict | None) -> Strategy | None:
+    """The strategy a record ran, as it was then: rebuilt from the degrees the record kept
+    (``strategy_info.degrees``), else looked up by name (the catalogue, or a user's config still readable),
+    else, for an older record whose config is gone, from its family label: framework and whether one process
+    ran without a wrapper are known, sharding and offload are not (left at none). None if nothing says."""
+    info = info or {}
+    if info.get("degrees"):
+        return Strategy.from_degrees(strategy, info.get("summary", ""), info["degrees"])
+    try:
+        return get(strategy)
+    except Exception:  # noqa: BLE001 - an unreadable or vanished user config: the record's label may still say
+        if info.get("family") not in FAMILY_DEGREES:
+            return None
+        framework, alone = FAMILY_DEGREES[info["family"]]
+        return Strategy(strategy, framework, info.get("summary", ""), single_process=alone)

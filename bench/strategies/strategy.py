@@ -24,7 +24,7 @@ The record field ``strategy_info.family`` is derived (``family``), as records ha
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
 Family = Literal["single", "ddp", "tp", "deepspeed", "fsdp", "fsdp2"]
@@ -35,6 +35,13 @@ ShardScope = Literal["world", "node"]
 FSDP1_SHARDING: dict[str, tuple[int, ShardScope]] = {
     "NO_SHARD": (0, "world"), "SHARD_GRAD_OP": (2, "world"), "FULL_SHARD": (3, "world"),
     "HYBRID_SHARD": (3, "node"), "HYBRID_SHARD_ZERO2": (2, "node"),
+}
+
+# What the record label (``family``) was derived from: (framework, one process without any wrapper). Read back
+# only for older records whose strategy can no longer be read (a user's config file gone since).
+FAMILY_DEGREES: dict[str, tuple[Framework, bool]] = {
+    "single": ("torch", True), "ddp": ("torch", False), "deepspeed": ("deepspeed", False),
+    "fsdp": ("fsdp1", False), "fsdp2": ("fsdp2", False),
 }
 
 
@@ -99,6 +106,18 @@ class Strategy:
         if not self.shards:
             return 1
         return self.dp_shard(world) * (self.cp if self.is_fsdp else 1)
+
+    # ------------------------------------------------------------ as a record holds it
+
+    def degrees(self) -> dict:
+        """Everything but the name and summary: what a record keeps (strategy_info.degrees) to rebuild it."""
+        return {k: v for k, v in asdict(self).items() if k not in ("name", "summary")}
+
+    @classmethod
+    def from_degrees(cls, name: str, summary: str, degrees: dict) -> "Strategy":
+        """The strategy a record's degrees describe; keys this version does not know are left out."""
+        known = {f.name for f in fields(cls)} - {"name", "summary"}
+        return cls(name=name, summary=summary, **{k: v for k, v in degrees.items() if k in known})
 
     # ------------------------------------------------------------ degrees at a world size
 

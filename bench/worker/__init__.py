@@ -1,7 +1,8 @@
 """The worker: the code inside each rank, run as ``python -m bench.worker`` under `accelerate launch`.
 
 Rooms: ``train`` (the fixed step, read top to bottom like a plain training script: parse, build, wrap,
-warm up, time, report), ``guard`` (the launch did what the cell asked), ``model_build``, ``meta_init``,
+warm up, time, report), ``guard`` (the launch did what the cell asked), ``prepare``
+(each framework's wrapping, backward and optimizer step), ``model_build``, ``meta_init``,
 ``qlora`` (building the model), ``data``, ``local_data`` (batches), ``timing`` (when to stop timing),
 ``gc_window`` (the garbage collector kept out of the timed window), ``transfers`` (host-device traffic
 under offload), ``slowdown`` (a slowdown injected on purpose). It imports only bench.spec,

@@ -51,7 +51,6 @@ import math
 import torch
 from torch import nn
 
-from bench import strategies
 
 # Set on a LoRA adapter Linear by mark_lora_init: its init, used instead of the base model's _init_weights.
 LORA_INIT_ATTRIBUTE = "_bench_lora_init"
@@ -189,23 +188,3 @@ def parameter_bytes(model) -> tuple[int, int]:
         return sum(p.numel() * p.element_size() for p in params)
 
     return size(model.parameters()), size(_root_unit_parameters(model))
-
-
-def build_peak_bytes(strategy: str, world: int, total_bytes: int, root_bytes: int) -> int:
-    """GPU memory that building and sharding a meta model peaks at on one rank, before the first step.
-
-    FSDP2 materialises only each rank's shard: the model / world. FSDP1 materialises one wrapping unit whole,
-    copies it into a flat parameter and keeps a clone of this rank's slice (``FlatParamHandle.shard``),
-    so a unit costs (2 + 1 / world) x its size at the moment it is sharded; the largest unit is the root
-    (for Llama the embedding: 21 % of the 1B model), wrapped last, beside every layer's shard. Without
-    sharding (NO_SHARD, and every FSDP1 strategy on one rank) the flat parameter is the whole unit and no
-    clone is made. Matches the GPU records
-    of Llama-3.2-1B/3B at 2 and 4 ranks to within 0.1 % (tests/worker/test_meta_init.py).
-    """
-    s = strategies.get(strategy)
-    if s.fsdp_version == 2:
-        return round(total_bytes / world)
-    if not s.shards_at(world):  # NO_SHARD; FSDP1 switches any strategy to NO_SHARD on one rank
-        return total_bytes + root_bytes
-    # FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD (one node: sharded over all its ranks)
-    return round((total_bytes - root_bytes) / world + root_bytes * (2 + 1 / world))

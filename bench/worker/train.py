@@ -27,6 +27,7 @@ from bench.strategies.precision import policy_for
 from bench.worker import fast_paths, parallel, slowdown, transfers
 from bench.worker.gc_window import GcWindow
 from bench.worker.guard import cell_strategy, guard_distributed_setup
+from bench.worker.prepare import Preparer, preparer_for, unwrap
 from bench.worker.timing import StoppingRule
 
 PROCESS_START = time.time()
@@ -78,73 +79,11 @@ def build_model(cell: CellSettings, device: torch.device, on_meta: bool = False)
 
     Under ZeRO-3 transformers builds the model inside deepspeed.zero.Init (accelerate registered the
     DeepSpeed config), so each rank only ever holds its own shard. ``on_meta``: no storage at all until
-    FSDP has sharded it (see prepare_meta_model).
+    FSDP has sharded it (bench/worker/prepare.py).
     """
     from bench.worker.model_build import build_causal_lm
 
     return build_causal_lm(cell, device, policy_for(cell), on_meta=on_meta)
-
-
-def prepare_meta_model(cell: CellSettings, model, accelerator, device: torch.device, fsdp_version: int):
-    """Wrap a meta-device model in FSDP, each rank materialising and initialising only its own shard;
-    (model, optimizer), both prepared.
-
-    FSDP1 materialises unit by unit through the plugin's param_init_fn (accelerate replaces it when
-    sync_module_states is on, so that stays off: there is nothing to broadcast from rank 0); the optimizer
-    is made afterwards from the sharded parameters. FSDP2: accelerate prepares model and optimizer only
-    together and maps the optimizer's parameters to the sharded ones by data_ptr(), 0 for every meta
-    tensor; so the optimizer, still without state, is pointed at the materialised shards afterwards.
-    """
-    from functools import partial
-
-    from bench.worker.meta_init import materialise, materialise_module
-
-    if fsdp_version is None:  # tensor parallelism alone: no wrapper to shard it, the plan has split it already
-        materialise(model, device)
-        return accelerator.prepare(model, make_optimizer(cell, model, accelerator))
-    if fsdp_version == 1:
-        plugin = accelerator.state.fsdp_plugin
-        plugin.sync_module_states = False
-        plugin.param_init_fn = partial(materialise_module, device=device, model=model)
-        model = accelerator.prepare(model)
-        return model, accelerator.prepare(make_optimizer(cell, model, accelerator))
-    model, optimizer = accelerator.prepare(model, make_optimizer(cell, model, accelerator))
-    materialise(unwrap(model), device)
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps torch's
-    inner.param_groups[0]["params"] = [p for p in model.parameters() if p.requires_grad]
-    return model, optimizer
-
-
-def fit_fsdp1_wrap_to_adapter(cell: CellSettings, model, accelerator) -> None:
-    """LoRA under FSDP1: give each trainable adapter Linear its own FSDP unit.
-
-    FSDP1 flattens the parameters of a wrapped unit into one FlatParameter of one dtype, so a frozen
-    bf16 base layer and its fp32 adapter cannot share a unit. peft's policy wraps every leaf module
-    with trainable weights apart, plus the transformer layers (as HF Trainer and TRL do).
-    FSDP2 shards parameters one by one and needs no such policy.
-    """
-    plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    if plugin is None or cell.adapter.type == "none" or getattr(plugin, "fsdp_version", 1) != 1:
-        return
-    from peft.utils.other import fsdp_auto_wrap_policy
-
-    plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
-
-
-def make_optimizer(cell: CellSettings, model, accelerator):
-    params = [p for p in model.parameters() if p.requires_grad]
-    t = cell.train
-    ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if ds_plugin is not None and "optimizer" in ds_plugin.deepspeed_config:
-        from accelerate.utils import DummyOptim
-
-        return DummyOptim(params, lr=t.lr, weight_decay=t.weight_decay)
-    if t.optimizer == "adamw_bnb_8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
-    fused = t.optimizer == "adamw_torch_fused"
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
 
 
 def make_batches(cell: CellSettings, vocab: int, rank: int, device: torch.device, world_size: int = 1):
@@ -160,21 +99,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def is_deepspeed(accelerator) -> bool:
-    return str(accelerator.distributed_type).endswith("DEEPSPEED")
-
-
-def train_step(cell: CellSettings, model, optimizer, accelerator, batches, device: torch.device) -> dict:
+def train_step(cell: CellSettings, model, optimizer, accelerator, batches, device: torch.device,
+               preparer: Preparer) -> dict:
     """One optimizer step over grad_accum micro-batches, timed in two parts.
 
     ``fwd_bwd_s``: forward and backward of every micro-batch; ``optim_s``: gradient clipping, the
     optimizer step and zeroing (where ZeRO-Offload's host-device traffic shows). The device is
     synchronised between the parts so that each figure holds its own kernels, at the cost of one
-    short bubble per step. Under DeepSpeed, accelerate's backward also steps the engine; the engine's
-    backward and step are called here directly (exactly what accelerate calls) to time them apart.
+    short bubble per step. The framework's ``preparer`` runs backward and step (bench/worker/prepare.py).
     """
     losses, tokens, real, fwd_bwd_s, optim_s = [], 0, 0, 0.0, 0.0
-    deepspeed = is_deepspeed(accelerator)
     for _ in range(cell.train.grad_accum):
         batch = next(batches)
         tokens += batch["input_ids"].numel()  # before context parallelism splits the inputs in place
@@ -184,21 +118,10 @@ def train_step(cell: CellSettings, model, optimizer, accelerator, batches, devic
             t0 = time.perf_counter()
             with parallel.split_sequences(accelerator, cell, inputs):  # cp > 1: bench/worker/parallel.py
                 out = model(**inputs)
-                if deepspeed:  # as accelerate's DeepSpeedEngineWrapper.backward, split in two
-                    model.set_gradient_accumulation_boundary(is_boundary=accelerator.sync_gradients)
-                    model.backward(out.loss)
-                else:
-                    accelerator.backward(out.loss)
+                preparer.backward(model, out.loss, accelerator)
             sync(device)
             t1 = time.perf_counter()
-            if deepspeed:
-                if accelerator.sync_gradients:
-                    model.step()  # clips per the JSON's gradient_clipping, steps, zeroes
-            else:
-                if accelerator.sync_gradients and cell.train.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cell.train.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            preparer.step(cell, model, optimizer, accelerator)
             sync(device)
             fwd_bwd_s += t1 - t0
             optim_s += time.perf_counter() - t1
@@ -317,14 +240,11 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     model = build_model(cell, device, on_meta)
     if strategy.splits_layers:  # before accelerate wraps it: the plan names the model's own modules
         model = parallel.apply_tensor_parallel(model, parallel.tensor_mesh(accelerator), cell.tp)
-    fit_fsdp1_wrap_to_adapter(cell, model, accelerator)
+    preparer = preparer_for(strategy)
+    preparer.before_prepare(cell, model, accelerator)
     startup["build_model_s"] = time.time() - t_build
     t = time.time()
-    if on_meta:
-        model, optimizer = prepare_meta_model(cell, model, accelerator, device, strategy.fsdp_version)
-    else:
-        optimizer = make_optimizer(cell, model, accelerator)
-        model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = preparer.prepare(cell, model, accelerator, device, on_meta)
     model.train()
     compiled = fast_paths.compiled_regions(cell, model)  # what accelerate's prepare compiled (train.compile)
     startup["optimizer_and_prepare_s"] = time.time() - t
@@ -335,7 +255,7 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
     init_s = time.time() - t_build
 
     def one_step() -> dict:
-        return train_step(cell, model, optimizer, accelerator, batches, device)
+        return train_step(cell, model, optimizer, accelerator, batches, device, preparer)
 
     one_step = clock = fast_paths.CompileClock(one_step, cell.train.warmup_steps) if compiled else one_step
 
@@ -412,12 +332,6 @@ def innermost_optimizer(model, optimizer) -> str:
 
 def model_vocab(model) -> int:
     return unwrap(model).config.vocab_size
-
-
-def unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def rank_report(cell, accelerator, model, rank, world_size, device, steps, init_s, window) -> dict:

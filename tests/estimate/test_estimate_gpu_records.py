@@ -88,7 +88,7 @@ def test_replayed_build_matches_the_records_before_the_first_step(folder):
     for record, build_peak, reserved in _before_first_step(folder):
         cell = CellSettings.model_validate(record.settings)
         strategy = get_strategy(cell.strategy)
-        if strategy.family not in ("fsdp", "fsdp2") and not (strategy.family == "deepspeed" and strategy.zero_stage < 3):
+        if not strategy.is_fsdp and not (strategy.uses_deepspeed and strategy.zero_stage < 3):
             continue
         rep = replay(cell, ModelShape.of(cell.model), strategy)
         assert rep.build_peak_allocated == pytest.approx(build_peak, rel=0.01), record.label

@@ -19,6 +19,8 @@ import yaml
 
 from conftest import bench
 
+from bench import strategies
+
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -144,10 +146,10 @@ def test_family_runs_and_is_measured(gpu_records, test_id):
     assert len(nvml["per_gpu"]) == CELLS[test_id]["gpus"]
     assert all(g["mem_used_peak_bytes"] > 0 and g["power_mean_w"] > 0 for g in nvml["per_gpu"])
     assert nvml["achieved_hz"] >= 10
-    meta = CELLS[test_id]["strategy"].startswith("fsdp") and "offload" not in CELLS[test_id]["strategy"] \
-        and cell_settings(test_id)["adapter"]["type"] in ("none", "lora")
+    strategy = strategies.get(CELLS[test_id]["strategy"])
+    meta = strategy.is_fsdp and not strategy.offloads and cell_settings(test_id)["adapter"]["type"] in ("none", "lora")
     assert all(rank["model_init"] == ("meta, materialised per shard" if meta else "on device") for rank in r["ranks"])
-    if "offload" in CELLS[test_id]["strategy"]:  # host-device copies of one profiled step (bench/worker/transfers.py)
+    if strategy.offloads:  # host-device copies of one profiled step (bench/worker/transfers.py)
         for rank in r["ranks"]:
             traffic = rank["host_device_traffic"]
             assert "error" not in traffic, traffic
@@ -168,13 +170,14 @@ def test_fsdp_builds_no_whole_model_on_a_gpu(tmp_path, strategy, adapter):
 
     The full fine-tune's fp32 model is 1.24e9 x 4 B = 4.6 GiB (LoRA: a bf16 base and fp32 adapters). FSDP2
     holds half of it before the first step; FSDP1 half of the layers plus 2.5 x its root unit (the
-    embedding, materialised, flattened, its half cloned): bench.worker.meta_init.build_peak_bytes. Built whole on
+    embedding, materialised, flattened, its half cloned): bench.worker.prepare.build_peak_bytes. Built whole on
     the GPU, the peak would be at least the whole model. (The first H100 run found the FSDP1 figure at
     4.26 GiB, 0.93 x the model, which a flat 0.8 x bound had wrongly called a failure; the prediction now
     matches every H100 record: tests/worker/test_meta_init.py.)
     """
     from bench.spec import CellSettings
-    from bench.worker.meta_init import build_peak_bytes, parameter_bytes
+    from bench.worker.meta_init import parameter_bytes
+    from bench.worker.prepare import build_peak_bytes
     from bench.worker.train import build_model
 
     if visible() < 2:

@@ -156,3 +156,20 @@ def test_gpu_record_energy_memory_and_mfu(records):
     assert row["mfu"] == pytest.approx(expected_tflops / 989.4)
     unknown = metrics.add_flop_rates(metrics.frame([as_gpu_record(rec, gpu_name="NVIDIA A10G")]))
     assert np.isnan(unknown["mfu"].iloc[0]) and unknown["model_tflops_per_gpu"].iloc[0] > 0
+
+
+def test_a_record_whose_config_is_gone_keeps_its_answers(records, tmp_path):
+    """A user's config renamed since the run: the report asks the degrees the record kept, else (older
+    records) its family label, and the record still serves as the plain baseline."""
+    one = copy.deepcopy(records["tiny-llama full ddp x1proc"])
+    one.settings = {**one.settings, "strategy": str(tmp_path / "gone.yaml")}
+    older = copy.deepcopy(one)
+    older.strategy_info = {k: v for k, v in older.strategy_info.items() if k != "degrees"}
+    assert "degrees" in one.strategy_info  # written by the run itself
+    for record in (one, older):
+        row = metrics.figures(record)
+        assert (row["plain"], row["unwrapped"], row["framework"], row["family"]) == (True, False, "torch", "ddp")
+    older.strategy_info = {}
+    assert metrics.figures(older)["framework"] == "unknown"  # nothing says: no baseline is claimed for it
+    frame = metrics.frame([one])
+    assert metrics.plain_baseline(frame)["strategy"] == one.settings["strategy"]

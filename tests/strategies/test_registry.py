@@ -15,7 +15,7 @@ from bench.spec import CellSettings
 from bench.spec.models import ModelShape
 from bench.strategies.constants import DEEPSPEED, FSDP, TORCH_DDP
 from bench.strategies.render import accelerate_config, deepspeed_config
-from bench.strategies.strategy import FSDP1_SHARDING, Strategy
+from bench.strategies.strategy import FAMILY_DEGREES, FSDP1_SHARDING, Strategy
 
 WORLDS = [1, 2, 3, 4, 8]
 
@@ -77,37 +77,73 @@ def test_hybrid_shard_shards_within_a_node_and_replicates_across():
 # Attributes naming a strategy (its name, record family, framework; a cell's strategy name) and bare names.
 _STRATEGY_ATTRS = {"family", "framework", "strategy"}
 _STRATEGY_NAMES = {"family", "framework", "strategy", "strategy_name"}
+# What names a strategy as a value: its name, its record label, its framework (the literals a scan looks for).
+_NAME_VALUES = set(strategies.names()) | set(FAMILY_DEGREES) | {s.framework for s in strategies.CATALOGUE.values()}
 
 
 def _names_strategy(node: ast.AST) -> bool:
+    """``strategy.family``, ``cell.strategy``, ``strat.name``, a bare ``family``, and the same keys read from a
+    record or a frame (``row["strategy"]``, ``info.get("family")``), or any of these through ``str()``."""
     if isinstance(node, ast.Attribute):
         if node.attr in _STRATEGY_ATTRS:
             return True
         # ``strategy.name`` / ``strat.name``: not other objects' names (a precision policy's)
         return node.attr == "name" and isinstance(node.value, ast.Name) and "strat" in node.value.id
+    if isinstance(node, ast.Subscript):
+        return _is_key(node.slice)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+        return bool(node.args) and _is_key(node.args[0])
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "str":
+        return bool(node.args) and _names_strategy(node.args[0])
     return isinstance(node, ast.Name) and node.id in _STRATEGY_NAMES
 
 
-def _is_literal(node: ast.AST) -> bool:
+def _is_key(node: ast.AST) -> bool:
+    return isinstance(node, ast.Constant) and node.value in _STRATEGY_ATTRS
+
+
+def _strings(node: ast.AST) -> list[str] | None:
+    """The string literal(s) of a constant or a tuple/list/set of them; None for anything else."""
     if isinstance(node, ast.Constant):
-        return isinstance(node.value, str)
-    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
-        return bool(node.elts) and all(_is_literal(e) for e in node.elts)
-    return False
+        return [node.value] if isinstance(node.value, str) else None
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and node.elts:
+        parts = [_strings(e) for e in node.elts]
+        return None if any(p is None for p in parts) else [v for p in parts for v in p]
+    return None
+
+
+def _is_literal(node: ast.AST) -> bool:
+    return _strings(node) is not None
+
+
+def _is_a_strategy_name(node: ast.AST) -> bool:
+    """A literal that is a strategy's name, family or framework (``x in ("zero3", "zero2")``, whatever x is)."""
+    return any(v in _NAME_VALUES for v in _strings(node) or [])
+
+
+def _is_a_name_prefix(node: ast.AST) -> bool:
+    """A literal that begins or ends some strategy name (``x.startswith("zero")``), file suffixes apart."""
+    return any(len(v) >= 3 and not v.startswith(".") and any(n.startswith(v) or n.endswith(v) for n in _NAME_VALUES)
+               for v in _strings(node) or [])
 
 
 def name_comparisons(source: str) -> list[int]:
-    """Lines comparing a strategy's name/family/framework to a string literal, or matching its prefix."""
+    """Lines comparing a strategy's name/family/framework to a string literal, matching its prefix, or
+    comparing anything to a literal that is a strategy's name (the value gives it away whatever the variable)."""
     lines = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Compare):
             sides = [node.left, *node.comparators]
-            if any(_names_strategy(a) for a in sides) and any(_is_literal(a) for a in sides):
+            if (any(_names_strategy(a) for a in sides) and any(_is_literal(a) for a in sides)) \
+                    or any(_is_a_strategy_name(a) for a in sides):
                 lines.append(node.lineno)
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
-                and node.func.attr in ("startswith", "endswith") and _names_strategy(node.func.value) \
-                and node.args and _is_literal(node.args[0]) and not _is_suffix_of_a_file(node.args[0]):
+                and node.func.attr in ("startswith", "endswith") and node.args and _is_literal(node.args[0]) \
+                and ((_names_strategy(node.func.value) and not _is_suffix_of_a_file(node.args[0]))
+                     or _is_a_name_prefix(node.args[0])):
             lines.append(node.lineno)
+        elif isinstance(node, ast.Match) and _names_strategy(node.subject):
+            lines.extend(case.pattern.lineno for case in node.cases if isinstance(case.pattern, ast.MatchValue))
     return lines
 
 
@@ -133,13 +169,24 @@ def test_no_module_outside_the_strategies_compares_a_strategy_by_name():
     'ok = strategy.startswith("fsdp2")',
     'ok = "deepspeed" != strat.framework',
     'ok = strategy.name == "zero3"',
+    'ok = name in ("zero3", "zero2")',
+    'ok = label.startswith("zero")',
+    'ok = str(cell.strategy).startswith("fsdp")',
+    'ok = row["strategy"] == "my_own"',
+    'ok = info.get("family") != "other"',
+    'ok = df["family"].str.endswith("_offload")',
 ])
 def test_the_scan_catches_a_name_comparison(code):
     assert name_comparisons(code) == [1]
 
 
+def test_the_scan_catches_a_match_on_a_name():
+    assert name_comparisons('match cell.strategy:\n    case "zero3":\n        pass\n    case _:\n        pass') == [2]
+
+
 def test_the_scan_leaves_questions_alone():
     assert name_comparisons('ok = strategy.uses_deepspeed and policy.name == "autocast" and s.fsdp_version == 2') == []
+    assert name_comparisons('ok = path.endswith(".json") and t.optimizer == "adamw_torch_fused" and x == row["gpus"]') == []
 
 
 # ---------------------------------------------------------------- one constant, two readers
@@ -186,3 +233,24 @@ def test_the_rendered_fsdp_config_holds_the_fsdp_settings():
     assert (fsdp["fsdp_backward_prefetch"], fsdp["fsdp_forward_prefetch"], fsdp["fsdp_transformer_layer_cls_to_wrap"]) \
         == (FSDP.backward_prefetch, FSDP.forward_prefetch, FSDP.transformer_layer)
     assert deepspeed_config(strategies.get("fsdp2"), _cell("fsdp2")) is None
+
+
+# ---------------------------------------------------------------- a strategy as a record keeps it
+
+@pytest.mark.parametrize("name", strategies.names())
+def test_a_records_degrees_give_the_strategy_back(name):
+    s = strategies.get(name)
+    assert strategies.of_record(name, {"summary": s.summary, "degrees": s.degrees()}) == s
+    assert strategies.of_record(name, None) == s
+    if not s.tensor_only:  # tensor parallelism came after records kept degrees: its records always carry them
+        assert FAMILY_DEGREES[s.family] == (s.framework, s.single_process)  # the label read back says the same
+
+
+def test_an_older_record_of_a_vanished_config_is_known_by_its_label(tmp_path):
+    gone = str(tmp_path / "mine.json")
+    s = strategies.of_record(gone, {"family": "deepspeed", "summary": "DeepSpeed ZeRO-2"})
+    assert (s.framework, s.is_plain, s.single_process) == ("deepspeed", False, False)
+    assert strategies.of_record(gone, {"family": "single"}).single_process
+    assert strategies.of_record(gone, {}) is None
+    kept = {"framework": "fsdp2", "shard_level": 3, "a_degree_of_a_later_version": 2}
+    assert strategies.of_record(gone, {"degrees": kept}).fsdp_version == 2

@@ -326,7 +326,9 @@ def _accelerate_worker(rank: int, world: int, port: int, version: int, precision
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
+    from bench import strategies
     from bench.worker import train as worker
+    from bench.worker.prepare import preparer_for
     from bench.spec import CellSettings
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -353,9 +355,10 @@ def _accelerate_worker(rank: int, world: int, port: int, version: int, precision
                         adapter=LORA if adapter == "lora" else {"type": "none"})
     torch.manual_seed(0)
     model = worker.build_model(cell, device, on_meta=True)
-    worker.fit_fsdp1_wrap_to_adapter(cell, model, accelerator)  # as worker.run does: adapters in units apart
+    preparer = preparer_for(strategies.get(cell.strategy))
+    preparer.before_prepare(cell, model, accelerator)  # as worker.run does: FSDP1's adapters in units apart
     full_numel = sum(p.numel() for p in model.parameters())
-    model, optimizer = worker.prepare_meta_model(cell, model, accelerator, device, version)
+    model, optimizer = preparer.prepare(cell, model, accelerator, device, on_meta=True)
     params = [p for p in model.parameters() if p.requires_grad]
     in_optimizer = [p for g in optimizer.param_groups for p in g["params"]]
 
@@ -364,7 +367,7 @@ def _accelerate_worker(rank: int, world: int, port: int, version: int, precision
 
     before = [local(p).detach().clone() for p in params]  # FSDP1 views: a rank may hold none of a tensor
     batches = worker.make_batches(cell, worker.model_vocab(model), rank, device)
-    losses = [worker.train_step(cell, model, optimizer, accelerator, batches, device)["loss"] for _ in range(2)]
+    losses = [worker.train_step(cell, model, optimizer, accelerator, batches, device, preparer)["loss"] for _ in range(2)]
     report = {
         "full_numel": full_numel, "local_numel": sum(local(p).numel() for p in model.parameters()),
         "meta_left": [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta],
@@ -389,7 +392,7 @@ def _accelerate_worker(rank: int, world: int, port: int, version: int, precision
                           (2, "bf16", "lora")],
                          ids=["fsdp1-bf16", "fsdp2-bf16", "fsdp1-fp32", "fsdp1-bf16-lora", "fsdp2-bf16-lora"])
 def test_worker_meta_path_through_accelerate(version, precision, adapter, tmp_path):
-    """bench.worker's build_model(on_meta) + prepare_meta_model under accelerate's own FSDP prepare, 2 ranks;
+    """bench.worker's build_model(on_meta) + the FSDP preparer's prepare under accelerate's own FSDP prepare, 2 ranks;
     with LoRA, the adapters start as peft starts them (B zero) and are what trains."""
     import torch.multiprocessing as mp
 
@@ -430,10 +433,11 @@ def _meta_built_records():
 def test_gpu_build_peaks_of_meta_models_match_the_fsdp_sharding_prediction():
     """H100 and H200 records (Llama-3.2-1B/3B full fine-tune: FSDP1 x3 kinds, NO_SHARD and FSDP2 at 2 and 4
     ranks; Llama-3.2-1B and Llama-3.1-8B LoRA under FSDP1/FSDP2): the peak that building and sharding
-    reached is the prediction of bench.worker.meta_init.build_peak_bytes, and under every sharding strategy it
+    reached is the prediction of bench.worker.prepare.build_peak_bytes, and under every sharding strategy it
     stays below the whole model, which an on-device build would hold at least."""
     from bench.spec import CellSettings
-    from bench.worker.meta_init import build_peak_bytes, parameter_bytes
+    from bench.worker.meta_init import parameter_bytes
+    from bench.worker.prepare import build_peak_bytes
     from bench.worker.train import build_model
 
     sizes = {}

@@ -33,7 +33,7 @@ class Fsdp1Run(FsdpRun):
         """FSDP1 with param_init_fn on a meta model: each unit materialised whole (fp32, one tensor per
         parameter), flattened into a FlatParameter (torch.cat), this rank's slice cloned and the full flat
         parameter freed (FlatParamHandle.shard), then the originals (the module drops them once its
-        parameters are views of the shard): (2 + 1/N) x the unit at once, as meta_init.build_peak_bytes.
+        parameters are views of the shard): (2 + 1/N) x the unit at once, as bench/worker/prepare.py's build_peak_bytes.
         NO_SHARD keeps the flat parameter whole."""
         for unit, params in self.units():
             numel = sum(k for _, k in params)
