@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bench.launch.plan import build_plan
 from bench.launch.slurm_runner import job_options, node_command
+from bench.records import load_records
 from bench.spec import CellSettings, Limits
 from bench.spec.slurm import SlurmOptions
 from conftest import REPO, bench, write_matrix
@@ -19,7 +20,8 @@ def test_one_node_cells_keep_their_ids_and_more_nodes_get_new_ones():
     settings without nodes), so resume and baselines still find them."""
     for cell in (CellSettings(), CellSettings(gpus=2, strategy="zero2", device="cuda")):
         before = cell.model_dump(mode="json")
-        before.pop("nodes")
+        for later in ("nodes", "tp", "cp"):  # settings added after records were on file
+            before.pop(later)
         canonical = json.dumps(before, sort_keys=True, separators=(",", ":"))
         assert cell.cell_id == hashlib.sha256(canonical.encode()).hexdigest()[:12]
     one = CellSettings(gpus=2)
@@ -27,6 +29,15 @@ def test_one_node_cells_keep_their_ids_and_more_nodes_get_new_ones():
     two = CellSettings(gpus=2, nodes=2)
     assert two.cell_id != one.cell_id and two.processes == 4 and two.setting_key == one.setting_key
     assert "2nodes" in two.label and "nodes" not in one.label
+
+
+def test_committed_records_keep_their_cell_ids():
+    """The H200 nights (written before tp and cp existed) still hash to the ids they were recorded under, so the
+    promoted baseline keeps matching the nightly matrix."""
+    records = load_records(REPO / "results" / "nightly-h200" / "2026-11-30-997c560")
+    assert records
+    for record in records:
+        assert CellSettings(**record.settings).cell_id == record.cell_id
 
 
 def test_several_nodes_with_the_local_launcher_are_refused(tmp_path):

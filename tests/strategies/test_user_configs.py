@@ -1,6 +1,6 @@
 """Users' own configs as the strategy: Trainer-style "auto" DeepSpeed JSON and `accelerate config` YAML.
 
-Two real CPU launches through the CLI (ZeRO-2 from a Trainer-style JSON, DDP from a user YAML) plus
+A real CPU launch through the CLI (DDP from a user YAML), the plan of a Trainer-style ZeRO-2 JSON, plus
 fast checks of the resolution rules and of bad input (exit 2 before anything is launched).
 """
 
@@ -15,7 +15,9 @@ import yaml
 
 from conftest import REPO, bench, write_matrix
 
-from bench.spec import CellSettings, MatrixError
+from bench.launch.campaign import strategy_info
+from bench.launch.plan import build_plan
+from bench.spec import CellSettings, MatrixError, expand, load_matrix
 from bench.strategies.user_configs import describe_user_config, resolve_user_config, resolve_with_originals
 
 CONFIGS = REPO / "configs"
@@ -39,31 +41,28 @@ def _user_ddp_yaml(folder: Path) -> Path:
 
 # ---------------------------------------------------------------- real launches
 
-def test_trainer_style_zero2_json_runs_on_two_cpu_processes(tmp_path):
+def test_trainer_style_zero2_json_is_resolved_and_planned_for_two_cpu_processes(tmp_path):
+    """The plan a Trainer-style JSON gets (what the launch runs); a JSON optimizer block's launch is the corpus's
+    (tests/strategies/test_corpus.py launches one and checks the ranks' optimizer class), which spares CI a
+    second build of DeepSpeed's CPU Adam op."""
     ds = tmp_path / "ds_config.json"
     shutil.copy(CONFIGS / "ds_zero2_auto.json", ds)
-    matrix = write_matrix(tmp_path, "userds", strategy=str(ds), gpus=2)
-    results = tmp_path / "results"
-    bench("run", str(matrix), "--results", str(results), check=True)
-    (record,) = _records(results)
-    assert record["status"] == "ok", record.get("error")
-    assert {r["world_size"] for r in record["ranks"]} == {2}
-    cell_dir = Path(record["cell_dir"])
-    resolved = json.loads((cell_dir / "deepspeed.json").read_text())
+    matrix = load_matrix(write_matrix(tmp_path, "userds", strategy=str(ds), gpus=2))
+    (cell,) = expand(matrix, device="cpu")
+    plan = build_plan(cell, tmp_path / "results", matrix.limits)
+    resolved = json.loads(plan.files["deepspeed.json"])
     assert "auto" not in json.dumps(resolved)
     assert resolved["train_micro_batch_size_per_gpu"] == 2 and resolved["train_batch_size"] == 4
     assert resolved["zero_optimization"]["reduce_bucket_size"] == 128 * 128  # tiny-llama hidden 128
     assert resolved["bf16"]["enabled"] is False and resolved["fp16"]["enabled"] is False
-    assert (cell_dir / "original_ds_config.json").read_text() == ds.read_text()
-    accel = yaml.safe_load((cell_dir / "accelerate.yaml").read_text())
-    assert accel["distributed_type"] == "DEEPSPEED"
-    assert accel["deepspeed_config"]["deepspeed_config_file"] == str(cell_dir / "deepspeed.json")
-    # The JSON's own optimizer and scheduler blocks ran, and the record says so.
-    assert record["strategy_info"]["optimizer"].startswith("DeepSpeed AdamW from the JSON's optimizer block")
-    assert record["strategy_info"]["scheduler"] == "DeepSpeed WarmupDecayLR from the JSON's scheduler block"
-    # On CPU DeepSpeed steps the JSON's AdamW with torch's implementation (FusedAdam needs CUDA: test_gpu.py).
-    assert {rank["optimizer_class"] for rank in record["ranks"]} <= {"AdamW", "DeepSpeedCPUAdam", "FusedAdam"}
-    assert all(rank["optimizer_class"] != "DummyOptim" for rank in record["ranks"])
+    assert plan.files["original_ds_config.json"] == ds.read_text()
+    accel = yaml.safe_load(plan.files["accelerate.yaml"])
+    assert accel["distributed_type"] == "DEEPSPEED" and accel["num_processes"] == 2
+    assert accel["deepspeed_config"]["deepspeed_config_file"] == str(plan.cell_dir / "deepspeed.json")
+    # The JSON's own optimizer and scheduler blocks run, and the record will say so.
+    info = strategy_info(cell)
+    assert info["optimizer"].startswith("DeepSpeed AdamW from the JSON's optimizer block")
+    assert info["scheduler"] == "DeepSpeed WarmupDecayLR from the JSON's scheduler block"
 
 
 def test_user_accelerate_yaml_ddp_runs_with_the_cells_process_count(tmp_path):
