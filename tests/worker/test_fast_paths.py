@@ -75,19 +75,24 @@ def test_prediction_with_liger_is_lower_by_at_least_the_logits():
     assert plain.peak_allocated_gib - liger.peak_allocated_gib > logits_gib
 
 
-@pytest.mark.slow
-def test_compile_runs_the_tiny_model_on_cpu_and_records_compile_time(tmp_path):
-    """A real launch: every decoder layer compiled, the compilation carried by the warm-up step."""
+def _compiled_cell(tmp_path, **fields) -> dict:
+    """One real `bench run` of a tiny compiled cell on CPU; its record, which must be ok."""
     from conftest import bench, write_matrix
 
-    matrix = write_matrix(tmp_path, name="compile", device="cpu", model="tiny-llama",
+    matrix = write_matrix(tmp_path, "compile", device="cpu", model="tiny-llama",
                           train={"seq_len": 32, "compile": True, "warmup_steps": 1, "steps": 3,
-                                 "timing": {"max_steps": 3, "max_timed_s": 20}})
+                                 "timing": {"max_steps": 3, "max_timed_s": 20}}, **fields)
     proc = bench("run", str(matrix), "--results", str(tmp_path / "results"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = json.loads((tmp_path / "results" / "runs.jsonl").read_text().splitlines()[-1])
     assert record["status"] == "ok", record.get("error")
-    compiled = record["ranks"][0]["compile"]
+    return record
+
+
+@pytest.mark.slow
+def test_compile_runs_the_tiny_model_on_cpu_and_records_compile_time(tmp_path):
+    """A real launch: every decoder layer compiled, the compilation carried by the warm-up step."""
+    compiled = _compiled_cell(tmp_path)["ranks"][0]["compile"]
     assert compiled["layers"] == 4 and compiled["compile_s"] > 0
     assert compiled["regions"] > compiled["layers"]  # accelerate's regional compilation: the rest apart
     assert compiled["compiled_in_timed_steps"] is False
@@ -97,18 +102,9 @@ def test_compile_runs_the_tiny_model_on_cpu_and_records_compile_time(tmp_path):
 @pytest.mark.parametrize("strategy", ["ddp", "zero3"])
 def test_compile_under_two_gloo_processes(tmp_path, strategy):
     """accelerate compiles after wrapping: DDP's module (compile_regions) and DeepSpeed's engine.module in place
-    (compile_regions_deepspeed, after deepspeed.initialize), each rank's decoder layers compiled, the loss
-    finite, compilation in the warm-up."""
-    from conftest import bench, write_matrix
-
-    matrix = write_matrix(tmp_path, "compile2", device="cpu", model="tiny-llama", strategy=strategy, gpus=2,
-                          train={"seq_len": 32, "compile": True, "warmup_steps": 1, "steps": 3,
-                                 "timing": {"max_steps": 3, "max_timed_s": 20}})
-    proc = bench("run", str(matrix), "--results", str(tmp_path / "results"))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    record = json.loads((tmp_path / "results" / "runs.jsonl").read_text().splitlines()[-1])
-    assert record["status"] == "ok", record.get("error")
-    for rank in record["ranks"]:
+    (compile_regions_deepspeed, after deepspeed.initialize; ZeRO-2 takes the same path), each rank's decoder
+    layers compiled, the loss finite, compilation in the warm-up."""
+    for rank in _compiled_cell(tmp_path, strategy=strategy, gpus=2)["ranks"]:
         assert rank["compile"]["layers"] == 4 and rank["compile"]["compile_s"] > 0
         assert rank["compile"]["compiled_in_timed_steps"] is False
         assert all(s["loss"] == s["loss"] for s in rank["steps"])  # no NaN
