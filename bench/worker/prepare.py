@@ -65,14 +65,11 @@ class Preparer:
 
 
 class PlainPreparer(Preparer):
-    """No wrapper at one process, DistributedDataParallel at more: the base as it is."""
-
-
-class TensorParallelPreparer(Preparer):
-    """Tensor parallelism alone (strategy tp): no wrapper; the model, built on meta, was split by the
-    tensor-parallel plan before this (bench/worker/parallel.py), so each rank materialises its own slices."""
+    """No wrapper at one process, DistributedDataParallel at more, or tensor parallelism alone (strategy tp)."""
 
     def prepare_meta(self, cell: CellSettings, model, accelerator, device: torch.device):
+        """A plain model built on meta (tensor parallelism: split by its plan before this, bench/worker/parallel.py):
+        each rank materialises what it holds, then accelerate prepares it as any other."""
         from bench.worker.meta_init import materialise
 
         materialise(model, device)
@@ -165,8 +162,6 @@ PREPARERS: dict[str, type[Preparer]] = {
 
 
 def preparer_for(strategy: Strategy) -> Preparer:
-    if strategy.tensor_only:  # framework torch, but split and built on meta: no DDP wrapper to prepare
-        return TensorParallelPreparer()
     return PREPARERS[strategy.framework]()
 
 
