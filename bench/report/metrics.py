@@ -107,7 +107,7 @@ def strategy_label(cell: CellSettings) -> str:
     try:
         return strategies.for_cell(cell).label
     except Exception:  # noqa: BLE001 - an unreadable user config: its name and the degrees
-        return cell.strategy + cell.degrees_suffix
+        return cell.strategy_label
 
 
 def figures(record: RunRecord) -> dict:

@@ -142,12 +142,16 @@ class CellSettings(_Strict):
         cap = f" cap{self.gpu_memory_gib:g}G" if self.gpu_memory_gib else ""
         unit = "gpu" if self.device == "cuda" else "proc"
         nodes = f" {self.nodes}nodes" if self.nodes > 1 else ""
-        return f"{self.model} {adapter} {self.strategy}{self.degrees_suffix} x{self.gpus}{unit}{nodes}{cap}"
+        return f"{self.model} {adapter} {self.strategy_label} x{self.gpus}{unit}{nodes}{cap}"
 
     @property
-    def degrees_suffix(self) -> str:
-        """The tensor and context degrees above 1, as labels carry them: "+tp2", "+tp2+cp2", ""."""
-        return "".join(f"+{k}{v}" for k, v in (("tp", self.tp), ("cp", self.cp)) if v > 1)
+    def strategy_label(self) -> str:
+        """The strategy with its tensor and context degrees above 1: "fsdp2", "fsdp2+tp2+cp2"; a strategy named
+        after its degree (tensor parallelism alone) is said by the degree: "tp2", not "tp+tp2". The strategy
+        registry's own label says the same (tests/strategies/test_degrees.py holds them together)."""
+        degrees = [f"{k}{v}" for k, v in (("tp", self.tp), ("cp", self.cp)) if v > 1]
+        named_by_its_degree = bool(degrees) and degrees[0] == f"{self.strategy}{self.tp}"
+        return "+".join(degrees if named_by_its_degree else [self.strategy, *degrees])
 
     @property
     def setting_key(self) -> str:

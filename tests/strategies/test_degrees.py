@@ -44,6 +44,8 @@ def test_degrees_are_grid_axes_and_keep_old_cell_ids():
     ("fsdp2", 2, 2, "fsdp2+tp2+cp2")])
 def test_table_names_say_the_degrees(name, tp, cp, label):
     assert strategies.get(name).with_degrees(tp, cp).label == label
+    # the cell's own label (progress lines, dry runs, records) says the same, without the registry
+    assert cell(strategy=name, gpus=4, tp=tp, cp=cp).strategy_label == label
 
 
 def test_degrees_split_the_world():
