@@ -49,10 +49,8 @@ def estimate_cells(matrix_path: str, device: str | None, capacity_gib: float | N
 
 
 def row_name(cell: CellSettings, auto: bool = False) -> str:
-    """The cell's label with what tells cells of one setting apart here: micro-batch and fast paths."""
-    t = cell.train
-    fast = "".join([f", kernels {t.kernels}" if t.kernels != "none" else "", ", compile" if t.compile else ""])
-    return f"{cell.label} mb {t.micro_batch}{' (auto)' if auto else ''}{fast}"
+    """The cell's label (which names its fast paths) with its micro-batch, the proposal's when auto."""
+    return f"{cell.label} mb {cell.train.micro_batch}{' (auto)' if auto else ''}"
 
 
 def _auto_row(cell: CellSettings, capacity: float | None, source: str | None,

@@ -142,7 +142,16 @@ class CellSettings(_Strict):
         cap = f" cap{self.gpu_memory_gib:g}G" if self.gpu_memory_gib else ""
         unit = "gpu" if self.device == "cuda" else "proc"
         nodes = f" {self.nodes}nodes" if self.nodes > 1 else ""
-        return f"{self.model} {adapter} {self.strategy_label} x{self.gpus}{unit}{nodes}{cap}"
+        return f"{self.model} {adapter} {self.strategy_label} x{self.gpus}{unit}{nodes}{cap}{self.fast_path_suffix}"
+
+    @property
+    def fast_path_suffix(self) -> str:
+        """What tells apart cells that differ only in fast paths (kernels, compile, micro-batch auto), which a
+        matrix may put on grid axes: " liger compile mb-auto"; empty for the plain step (old labels unchanged)."""
+        t = self.train
+        words = [t.kernels if t.kernels != "none" else "", "compile" if t.compile else "",
+                 "mb-auto" if t.micro_batch == "auto" else ""]
+        return "".join(f" {w}" for w in words if w)
 
     @property
     def strategy_label(self) -> str:

@@ -101,3 +101,12 @@ def test_select_only_and_exclude(tmp_path):
     assert len(select(cells, [], ["strategy=zero2"])) == 4
     with pytest.raises(MatrixError, match="not a setting"):
         select(cells, ["colour=red"], [])
+
+
+def test_labels_tell_fast_path_variants_apart(tmp_path):
+    m = _load(tmp_path, model="llama-3.2-1b", device="cuda", gpus=1,
+              grid={"train.kernels": ["none", "liger"], "train.micro_batch": [4, "auto"]})
+    labels = [c.label for c in expand(m)]
+    assert len(set(labels)) == 4, labels  # progress lines and tables no longer show four look-alikes
+    assert labels[0] == "llama-3.2-1b full ddp x1gpu"  # the plain step's label is the one records always had
+    assert {lab.removeprefix(labels[0]) for lab in labels} == {"", " mb-auto", " liger", " liger mb-auto"}
