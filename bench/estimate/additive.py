@@ -9,14 +9,13 @@ over the three moments that can hold it: the loss's backward (the logits peak), 
 (one recomputed layer, ZeRO-1/2 reduce buckets, gradients arriving) and the optimizer step (all
 gradients plus the step's temporaries).
 
-Torch reserved: for full fine-tuning on CUDA without offload (catalogue strategies), both peaks come from
-replaying the cell's allocations through a model of the caching allocator (bench/estimate/replay/,
-bench/estimate/allocator.py), which is where the free blocks held at the peak come from (segment sizes,
-best fit, per-stream pools, the first step's states landing in the activations' blocks); the formula's
-moment at the replay's peak phase gives the breakdown, and the overhead holds the rest. Elsewhere (adapters,
-offload, users' configs) reserved is the additive model: the allocated peak plus named free blocks
-(reserved_only_blocks) plus allocator_slack, a fraction chosen by hand (no fit). Judged against GPU records by
-`bench estimate-check`, in-sample and out-of-sample apart (bench/estimate/protocol.py, results/ESTIMATOR.md).
+Torch reserved: for full fine-tuning on CUDA (catalogue strategies; of the offloads ZeRO-1/2's optimizer and
+FSDP2's CPU offload), both peaks come from replaying the cell's allocations through a model of the caching
+allocator (bench/estimate/replay/, bench/estimate/allocator.py: segment sizes, best fit, per-stream pools, the
+first step's states landing in the activations' blocks); the formula's moment at the replay's peak phase gives
+the breakdown, the overhead the rest. Elsewhere (adapters, offload, users' configs) reserved is the additive
+model: the allocated peak plus named free blocks (reserved_only_blocks) plus allocator_slack, a fraction chosen
+by hand (no fit). Judged by `bench estimate-check` (bench/estimate/protocol.py, results/ESTIMATOR.md).
 
 ``predicted_oom(prediction)`` is the pre-flight decision: a cell whose requirement exceeds its capacity
 by more than the skip margin is recorded as ``predicted_oom`` without launching (``bench run --force``
@@ -35,7 +34,7 @@ from bench.estimate.activations import LORA_TARGET_INPUTS, ActivationBytes, acti
 from bench.estimate.parallel import rank_seq_len, rank_shape, shard_ranks
 from bench.estimate.prediction import (CALIBRATION, COMPONENTS, ESTIMATOR_VERSION, GIB, Calibration, Prediction, margins_for,
                                        with_capacity)
-from bench.estimate.replay import replay
+from bench.estimate.replay import offload_copy_in_pool, replay
 from bench.estimate.states import (NF4_PACKED_BYTES, BytesPerParam, Sharding, StateBytes, bytes_per_frozen_param,
                                    bytes_per_trainable_param, frozen_states, shard_states)
 from bench.estimate.terms import compute_bytes, converts_outputs_to_fp32, describe_strategy, is_half, residual_bytes, sharding_for
@@ -43,8 +42,7 @@ from bench.spec import CellSettings
 from bench.spec.models import ModelShape
 from bench.strategies import Strategy, is_user_config
 from bench.strategies.constants import DEEPSPEED
-from bench.strategies.build import builds_on_host as qlora_builds_on_host
-from bench.strategies.build import builds_on_meta
+from bench.strategies.build import builds_on_host as qlora_builds_on_host, builds_on_meta
 from bench.strategies.build import upcasts_to_fp32 as qlora_upcasts_to_fp32
 from bench.strategies.precision import policy_for
 
@@ -239,16 +237,12 @@ def backward_buffers(cell: CellSettings, shape: ModelShape, strategy: Strategy, 
         resharded = strategy.reshards_after_forward
         # Resharding units hold the root (not resharded) plus, in the layers' backward, the current and
         # the prefetched layer; at the loss only the root (the head) is gathered.
-        if resharded:
-            layers_gathered = 0 if moment == "loss" else 2
-        else:
-            layers_gathered = shape.layers
+        layers_gathered = (0 if moment == "loss" else 2) if resharded else shape.layers
         out["fsdp_gathered_params"] = w_root * root + w * min(shape.layers, layers_gathered) * layer
-        if strategy.offload_params and _root_weight_bytes(cell, states) == w_root:
-            # Parameter offload: a gathered unit's own shard is first copied from the host to the GPU and
-            # stays there while the unit is unsharded (the root all along): FlatParamHandle.pre_unshard's
-            # flat_param_to(device). Not where the flat parameter is cast (fp32 weights, bf16 compute):
-            # _use_low_precision_shard copies into the 16-bit _mp_shard instead, freed by post_unshard.
+        if strategy.offload_params and strategy.fsdp_version == 1 and _root_weight_bytes(cell, states) == w_root:
+            # FSDP1 parameter offload: a gathered unit's shard is copied to the GPU and stays while the unit is
+            # unsharded (the root all along): FlatParamHandle.pre_unshard's flat_param_to(device); not where it
+            # is cast (_use_low_precision_shard's 16-bit _mp_shard, freed by post_unshard). FSDP2: its copy-in pool.
             out["fsdp_offloaded_shard_copy"] = w_root * root / cell.gpus
         if states.base_bpp is not None and moment == "layers":
             out["fsdp_unsharded_grads"] = compute_bytes(cell) * (layer + shape.lm_head_params)
@@ -282,6 +276,7 @@ def reserved_only_blocks(cell: CellSettings, shape: ModelShape, strategy: Strate
     - ``fsdp_offload_grad_stream_pool`` / ``fsdp_offload_cast_stream_pool``: the same strategy's post-backward
       stream keeps every trained unit's sharded gradient until the backward ends, and its pre-unshard stream
       casts the offloaded fp32 shards through a GPU copy: pools compute cannot use (bench/estimate/offload_streams.py).
+    - ``fsdp2_offload_copy_in_pool``: FSDP2 + CPU offload copies each shard to the GPU on its copy-in stream.
     - ``zero3_gather_stream_pool`` / ``zero3_reduce_stream_pool``: ZeRO-3 (n > 1) gathers parameters and
       reduce-scatters gradients on their own streams; the caching allocator keeps per-stream pools, so the
       gathered working set's and the reduce bucket's segments are not reusable by compute.
@@ -328,6 +323,11 @@ def reserved_only_blocks(cell: CellSettings, shape: ModelShape, strategy: Strate
         if strategy.shards_at(n) and layer / n <= largest_linear:
             released -= built * shape.layers * layer / n
         out["released_build_blocks"] = released
+    elif strategy.fsdp_version == 2 and strategy.offload_params:
+        # CPUOffloadPolicy: every shard goes to the host (nothing refills the built model's segments) and comes
+        # back through the copy-in stream's pool (bench/estimate/replay/fsdp2.py replays full fine-tuning).
+        out["released_build_blocks"] = built * shape.params
+        out["fsdp2_offload_copy_in_pool"] = offload_copy_in_pool(cell, shape, strategy, int(built))
     elif strategy.fsdp_version == 2 and n > 1:
         out["released_build_blocks"] = built * shape.params * (1 - 1 / n)  # per-parameter shards refill them
     elif strategy.uses_deepspeed and strategy.shard_level in (1, 2):

@@ -160,6 +160,16 @@ class CachingAllocator:
     def live_names(self, prefix: str) -> list[str]:
         return [n for n in self._live if n.startswith(prefix)]
 
+    def reserved_on(self, stream: str) -> int:
+        """Bytes of the segments made for ``stream`` (its pools, small and large): what it holds reserved."""
+        total = 0
+        for first in self._segments.values():
+            block = first
+            while block is not None:
+                total += block.size if block.stream == stream else 0
+                block = block.next
+        return total
+
     def empty_cache(self) -> None:
         """torch.cuda.empty_cache: release every segment that is one free block."""
         for seg_id, first in list(self._segments.items()):

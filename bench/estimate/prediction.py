@@ -19,13 +19,17 @@ PREDICTION_VERSION = 1  # the stored form's schema
 # The estimator's own version: bump it with every change that can move a prediction. A predicted_oom record
 # made by another version is re-evaluated on resume (bench/launch/campaign.py), reports show the version that made
 # each stored prediction, and the margins file must be regenerated (bench estimate-margins).
-ESTIMATOR_VERSION = 4
+ESTIMATOR_VERSION = 5
 # 3: ZeRO-3's replay keeps each sub-group's fp32 copy until the next is made, gathers on the all-gather stream
 #    (one-parameter gathers without a flat buffer); FSDP1 parameter offload reserves its initialisation's blocks
 #    (bench/estimate/offload_blocks.py) and keeps the offloaded shard copy only for an uncast root.
 # 4: FSDP1 parameter offload reserves its post-backward stream's pool (every trained unit's sharded gradient,
 #    upcast to the flat parameter's dtype, kept until the backward ends) and its pre-unshard stream's (the cast
 #    of each offloaded fp32 shard through a GPU copy): bench/estimate/offload_streams.py.
+# 5: FSDP2 with CPU offload: full fine-tuning replayed (the model built on the GPU, all of it then cached free;
+#    each shard copied and cast on the copy-in stream, the all-gather output kept to the next copy-out in the
+#    forward; the reduce-scatter stream's output and fp32 upcast dropped once copied to the host), and the
+#    additive model's build blocks and copy-in pool for adapters: bench/estimate/replay/fsdp2.py.
 COMPONENTS = ("params", "grads", "optimizer", "master_weights", "activations", "adapter", "overhead")
 
 

@@ -32,6 +32,9 @@ TUNING_FOLDERS: tuple[str, ...] = (
     # Looked at (2026-12-01) to fix its one miss, FSDP1 parameter offload with full fine-tuning (3B, -20.0 %):
     # in-sample since (estimator version 4). Its successor judge is matrices/estimate-judge-3.yaml.
     "estimate-judge-2-h200",
+    # Looked at (2026-12-01) to fix its one miss, FSDP2 with CPU offload, full fine-tune (1B, -11.5 %): in-sample
+    # since (estimator version 5). Its successor judge is matrices/estimate-judge-4.yaml.
+    "estimate-judge-3-h200",
 )
 # Out-of-sample folders whose errors set the margins: the judge matrix's and the H200 runs committed after
 # the protocol (issue 23). Paths relative to results/; a pattern may name the runs under a folder.

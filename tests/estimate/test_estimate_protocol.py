@@ -44,19 +44,20 @@ def test_committed_folders_are_in_sample_and_new_ones_out_of_sample(tmp_path):
     assert sample_of(RESULTS / "llama-full-h200") == "in-sample"
     assert sample_of(RESULTS / "estimate-judge-h200") == "in-sample"  # looked at to fix its misses (version 3)
     assert sample_of(RESULTS / "estimate-judge-2-h200") == "in-sample"  # looked at to fix its miss (version 4)
-    assert sample_of(RESULTS / "estimate-judge-3-h200") == "out-of-sample"
+    assert sample_of(RESULTS / "estimate-judge-3-h200") == "in-sample"  # looked at to fix its miss (version 5)
+    assert sample_of(RESULTS / "estimate-judge-4-h200") == "out-of-sample"
     assert sample_of(tmp_path / "results" / "nightly-h200" / "2026-12-01") == "out-of-sample"
-    judge = _judge_copy(tmp_path / "results", "estimate-judge-3-h200", 1.0)
+    judge = _judge_copy(tmp_path / "results", "estimate-judge-4-h200", 1.0)
     _judge_copy(tmp_path / "results", "llama-full", 1.0)  # a tuning folder's name never judges
     assert judge_folders(tmp_path / "results") == [judge]
 
 
 def test_estimate_check_exit_codes_name_the_missed_cell(tmp_path, capsys):
     assert run_check([RESULTS / "llama-full-h200"]) == 0  # in-sample misses never fail the check
-    judge = _judge_copy(tmp_path / "results", "estimate-judge-3-h200", 1.0)
+    judge = _judge_copy(tmp_path / "results", "estimate-judge-4-h200", 1.0)
     assert run_check([judge]) == 0  # the same records, out of sample: all within 10 % today
     capsys.readouterr()
-    under = _judge_copy(tmp_path / "results2", "estimate-judge-3-h200", 1.25)  # measured 25 % above: under-predicted
+    under = _judge_copy(tmp_path / "results2", "estimate-judge-4-h200", 1.25)  # measured 25 % above: under-predicted
     assert run_check([under]) == 1
     out = capsys.readouterr().out
     assert "MISS" in out and "llama-3.2-1b full ddp x2gpu" in out and "out-of-sample" in out
@@ -69,7 +70,7 @@ def test_estimate_check_cli_exit_code(tmp_path):
 
     from bench.cli import app
 
-    under = _judge_copy(tmp_path / "results", "estimate-judge-3-h200", 1.25)
+    under = _judge_copy(tmp_path / "results", "estimate-judge-4-h200", 1.25)
     result = CliRunner().invoke(app, ["estimate-check", str(under), "--tolerance", "0.1"])
     assert result.exit_code == 1, result.output
     assert CliRunner().invoke(app, ["estimate-check", str(tmp_path / "none")]).exit_code == 2
@@ -77,9 +78,9 @@ def test_estimate_check_cli_exit_code(tmp_path):
 
 def test_margins_come_from_the_judged_errors(tmp_path):
     """Measured 25 % above every prediction: the fit margin covers it (at least 95 % of cells right)."""
-    _judge_copy(tmp_path, "estimate-judge-3-h200", 1.25)
+    _judge_copy(tmp_path, "estimate-judge-4-h200", 1.25)
     data = estimate_margins.compute(tmp_path)
-    rows = check_folder(tmp_path / "estimate-judge-3-h200")
+    rows = check_folder(tmp_path / "estimate-judge-4-h200")
     for fw, entry in data["frameworks"].items():
         group = [r for r in rows if r.framework == fw]
         assert entry["cells"] == len(group)
@@ -92,20 +93,20 @@ def test_margins_come_from_the_judged_errors(tmp_path):
 
 def test_a_cell_launched_on_several_nights_counts_once(tmp_path):
     """Two nights of the same cells: the margins and the table count each cell once, at its median launch."""
-    _judge_copy(tmp_path, "estimate-judge-3-h200", 1.0)
-    shutil.copytree(tmp_path / "estimate-judge-3-h200", tmp_path / "estimate-judge-again")
-    once = len(check_folder(tmp_path / "estimate-judge-3-h200"))
+    _judge_copy(tmp_path, "estimate-judge-4-h200", 1.0)
+    shutil.copytree(tmp_path / "estimate-judge-4-h200", tmp_path / "estimate-judge-again")
+    once = len(check_folder(tmp_path / "estimate-judge-4-h200"))
     data = estimate_margins.compute(tmp_path)
     assert sum(e["cells"] for e in data["frameworks"].values()) == len(
-        [r for r in check_folder(tmp_path / "estimate-judge-3-h200") if judged(r)]) < 2 * once
-    rows = check_folder(tmp_path / "estimate-judge-3-h200") + check_folder(tmp_path / "estimate-judge-again")
+        [r for r in check_folder(tmp_path / "estimate-judge-4-h200") if judged(r)]) < 2 * once
+    rows = check_folder(tmp_path / "estimate-judge-4-h200") + check_folder(tmp_path / "estimate-judge-again")
     assert len(distinct_cells(rows)) == len({r.cell_id for r in rows}) == once
 
 
 def test_a_thinly_judged_framework_never_gets_less_than_the_defaults(tmp_path):
     """Every judged cell exact: the pooled margins are 0, yet a framework with too few cells of its own keeps
     the stated defaults (other frameworks' errors do not vouch for it)."""
-    _judge_copy(tmp_path, "estimate-judge-3-h200", 1.0)
+    _judge_copy(tmp_path, "estimate-judge-4-h200", 1.0)
     data = estimate_margins.compute(tmp_path)
     assert data["pooled"]["fit"] < estimate_margins.DEFAULT_FIT
     m = estimate_margins.margin_for_framework("no-such-framework", data)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from bench.estimate.replay.base import Replay, Run
 from bench.estimate.replay.ddp import DdpRun
 from bench.estimate.replay.fsdp1 import Fsdp1Run
-from bench.estimate.replay.fsdp2 import Fsdp2Run
+from bench.estimate.replay.fsdp2 import Fsdp2Run, offload_copy_in_pool
 from bench.estimate.replay.tensors import layer_activations
 from bench.estimate.replay.zero12 import Zero12Run
 from bench.estimate.replay.zero3 import Zero3Run
@@ -14,7 +14,7 @@ from bench.spec.schema import CellSettings
 from bench.spec.models import ModelShape, has_local_weights
 from bench.strategies import Strategy, is_user_config
 
-__all__ = ["RUNS", "Replay", "covers", "layer_activations", "replay", "run_for"]
+__all__ = ["RUNS", "Replay", "covers", "layer_activations", "offload_copy_in_pool", "replay", "run_for"]
 
 RUNS: tuple[type[Run], ...] = (DdpRun, Zero12Run, Zero3Run, Fsdp1Run, Fsdp2Run)
 
@@ -26,8 +26,8 @@ def run_for(strategy: Strategy) -> type[Run] | None:
 
 def covers(cell: CellSettings, strategy: Strategy | None) -> bool:
     """Cells whose allocations are written down here: full fine-tuning on CUDA from a random init (local
-    weights load another way), no offload but ZeRO-1/2's optimizer offload, catalogue strategies (a user's
-    config may set anything)."""
+    weights load another way), no offload but ZeRO-1/2's optimizer offload and FSDP2's CPU offload, catalogue
+    strategies (a user's config may set anything)."""
     return (strategy is not None and cell.device == "cuda" and cell.adapter.type == "none"
             and not strategy.uses_parallelism_config  # tensor/context parallel layouts: the additive model
             and not is_user_config(cell.strategy) and not has_local_weights(cell.model)
