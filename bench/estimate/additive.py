@@ -493,6 +493,6 @@ def predict(cell: CellSettings, calib: Calibration = CALIBRATION, margin: float 
         bytes_per_param=bytes_per_param_summary(states, strategy, shard_ranks(cell, strategy)),
         host_gib=ranks * host_rank / GIB, host_per_rank_gib=host_rank / GIB,
         calibration=asdict(calib), reserved_model="replay" if rep is not None else "additive",
-        estimator_version=ESTIMATOR_VERSION, **margins_for(strategy, margin),
+        estimator_version=ESTIMATOR_VERSION, **margins_for(strategy, margin, cell.adapter.type),
     )
     return with_capacity(pred, capacity_gib, capacity_source)

@@ -110,7 +110,7 @@ def check_records(records: list[RunRecord], folder: Path | None = None) -> list[
         cell = CellSettings.model_validate(record.settings)
         rows.append(CheckRow(record.matrix, record.label, record.cell_id, pred.peak_reserved_gib, measured[0],
                              pred.peak_allocated_gib, measured[1], pred.peak_phase, cell.strategy,
-                             pred.reserved_model, framework_of(describe_strategy(cell)), sample,
+                             pred.reserved_model, framework_of(describe_strategy(cell), cell.adapter.type), sample,
                              str(folder) if folder is not None else "", ModelShape.of(cell.model).params))
     return rows
 

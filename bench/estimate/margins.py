@@ -117,9 +117,10 @@ def margin_for_framework(framework: str, data: dict | None) -> Margin:
                   f"{COVERAGE:.0%} covered, floored at the defaults ({DEFAULT_FIT:.0%} fit, {DEFAULT_SKIP:.0%} skip)")
 
 
-def margin_for(strategy, data: dict | None = None) -> Margin:
-    """The margins for a cell's strategy (``bench.strategies.Strategy`` or None), from the committed file."""
-    return margin_for_framework(framework_of(strategy), load() if data is None else data)
+def margin_for(strategy, adapter: str = "none", data: dict | None = None) -> Margin:
+    """The margins for a cell's strategy (``bench.strategies.Strategy`` or None) and adapter type, from the
+    committed file."""
+    return margin_for_framework(framework_of(strategy, adapter), load() if data is None else data)
 
 
 def as_dict(m: Margin) -> dict:

@@ -83,12 +83,12 @@ class Prediction(BaseModel):
 
 # ---------------------------------------------------------------- the fit decision
 
-def margins_for(strategy: Strategy, skip: float | None) -> dict[str, Any]:
-    """The framework's margins (bench/estimate/margins.py); an explicit skip margin (a matrix's
+def margins_for(strategy: Strategy, skip: float | None, adapter: str = "none") -> dict[str, Any]:
+    """The framework's margins (bench/estimate/margins.py; QLoRA apart); an explicit skip margin (a matrix's
     estimate_margin) replaces the measured one."""
     from bench.estimate.margins import margin_for
 
-    m = margin_for(strategy)
+    m = margin_for(strategy, adapter)
     source = m.source if skip is None else f"skip {skip:.0%} set by the matrix (estimate_margin); fit from {m.source}"
     return {"margin": m.skip if skip is None else skip, "fit_margin": m.fit, "margin_source": source}
 

@@ -139,6 +139,17 @@ def test_prediction_carries_the_version_and_both_margins():
     assert tight.fit_margin > 0.01 and not tight.fits and not tight.predicted_oom
 
 
+def test_qlora_takes_margins_of_its_own():
+    """QLoRA's 4-bit memory is judged apart: with no judged QLoRA cell under ddp, a ddp QLoRA cell gets the
+    floored defaults, not the margin that 16-bit ddp cells earned (estimate-judge-3: QLoRA -7.7 % under ddp)."""
+    assert framework_of(get_strategy("ddp"), "qlora") == "ddp+qlora" and framework_of(get_strategy("ddp"), "lora") == "ddp"
+    data = {"pooled": {"cells": 30, "fit": 0.02, "skip": 0.02},
+            "frameworks": {"ddp": {"cells": 6, "fit": 0.002, "skip": 0.05}}}
+    qlora = estimate_margins.margin_for(get_strategy("ddp"), "qlora", data)
+    assert (qlora.fit, qlora.skip) == (estimate_margins.DEFAULT_FIT, estimate_margins.DEFAULT_SKIP)
+    assert estimate_margins.margin_for(get_strategy("ddp"), "lora", data).fit == 0.002
+
+
 def test_report_and_check_share_one_prediction_path():
     """The report's current-estimator figure is the check's: same record, same build path."""
     from bench.report.metrics import _current_prediction_gib
