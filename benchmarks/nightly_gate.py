@@ -17,6 +17,13 @@ Each folder is one night. Three parts:
    cell and the detection rate of the same slowdown. A projection from measured spreads, not a measurement.
 4. With ``--grid``: the same simulation over a grid of spreads (between nights 0-2 %, within a night 1-5 %,
    2 launches a night, 5 baseline nights): which spreads let the gate catch the slowdown.
+5. With ``--window S``: the stopping rule (bench/worker/timing.py) replayed on launches resampled from the
+   recorded steps, once with each cell's recorded timing settings and once with a fixed window of S timed
+   seconds (``train.timing.min_timed_s = max_timed_s = S``): per cell, the share of launches that stop
+   "converged" before their cap, and the spread of the launch figure (s.d. of the log median step time), which
+   then feeds the projection of part 3 (1 launch a night). Resampling keeps runs of consecutive steps together
+   (blocks of ``--block`` steps, drawn from any launch of the cell), so steps that come in episodes stay so;
+   it sees only the spread inside launches, none that whole launches or nights add.
 """
 
 from __future__ import annotations
@@ -29,7 +36,10 @@ from pathlib import Path
 import numpy as np
 
 from bench.check import load_nights
-from bench.check.gate import Thresholds, prediction_interval, run_check, scaled
+from bench.check.gate import Thresholds, is_timed_ok, prediction_interval, run_check, scaled
+from bench.report.metrics import timed_step_times
+from bench.spec import CellSettings
+from bench.worker.timing import StoppingRule
 
 
 def leave_one_out(folders: list[Path], factor: float, t: Thresholds) -> list[str]:
@@ -91,12 +101,67 @@ def simulate(sd_between: float, sd_within: float, launches: int, nights: int, sh
     return false / draws, hits / draws
 
 
+def resampled_launch(series: list[np.ndarray], rule: StoppingRule, block: int,
+                     rng: np.random.Generator) -> tuple[float, bool]:
+    """One launch stepped until ``rule`` stops it, its steps drawn in runs of ``block`` consecutive recorded
+    steps (a random launch, a random start): (median step time, whether it stopped converged before the
+    time cap)."""
+    times: list[float] = []
+    while True:
+        launch = series[rng.integers(len(series))]
+        start = rng.integers(max(1, len(launch) - block + 1))
+        for t in launch[start:start + block]:
+            times.append(float(t))
+            if reason := rule.stop_reason(times, timed_s := sum(times)):
+                return float(np.median(times)), reason == "converged" and timed_s < rule.max_timed_s
+
+
+def replay_window(folders: list[Path], window_s: float, block: int, draws: int,
+                  rng: np.random.Generator) -> dict[str, tuple[str, dict[str, tuple[float, float, float]]]]:
+    """Per cell: label, and for "recorded" and "window" rules (share stopped converged before the time cap,
+    s.d. of the log launch figure, mean log change of the launch figure against the recorded rule's)."""
+    out = {}
+    by_cell: dict[str, list] = {}
+    for r in load_nights(folders):
+        if is_timed_ok(r) and (times := timed_step_times(r)):
+            by_cell.setdefault(r.cell_id, []).append((r, np.asarray(times)))
+    for cell_id, launches in by_cell.items():
+        series = [t for _, t in launches]
+        recorded = StoppingRule.from_train(CellSettings.model_validate(launches[0][0].settings).train)
+        rules = {"recorded": recorded, "window": replace(recorded, min_timed_s=window_s, max_timed_s=window_s)}
+        figures = {name: [resampled_launch(series, rule, block, rng) for _ in range(draws)]
+                   for name, rule in rules.items()}
+        centre = float(np.mean(np.log([m for m, _ in figures["recorded"]])))
+        out[cell_id] = (launches[0][0].label, {
+            name: (float(np.mean([early for _, early in f])),
+                   float(np.std(np.log([m for m, _ in f]), ddof=1)),
+                   float(np.mean(np.log([m for m, _ in f]))) - centre)
+            for name, f in figures.items()})
+    return out
+
+
+def print_window(folders: list[Path], args, t: Thresholds, rng: np.random.Generator) -> None:
+    print(f"\nstopping rule replayed ({args.replay_draws} resampled launches a cell, blocks of {args.block} steps): "
+          f"recorded timing settings vs a fixed {args.window:g} s window; then the projection of part 3 with that "
+          f"spread, 1 launch a night: false alarms / x{args.slowdown:g} detected")
+    for label, rows in replay_window(folders, args.window, args.block, args.replay_draws, rng).values():
+        for name, (early, sd, shift) in rows.items():
+            proj = "  ".join(f"k={k}: {fa:.1%} / {hit:.0%}" for k in (5, 10)
+                             for fa, hit in [simulate(0.0, sd, 1, k, args.slowdown, t, args.draws, rng)])
+            print(f"  {label:45s} {name:8s} converged before the cap {early:4.0%}  launch s.d. {sd:5.1%}  "
+                  f"figure {np.expm1(shift):+5.1%}   {proj}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("nights", nargs="+", type=Path, help="night folders (3 or more), one hardware")
     p.add_argument("--slowdown", type=float, default=1.10, help="step-time factor of the synthetic slowdown")
     p.add_argument("--draws", type=int, default=5000, help="simulated nights per cell and baseline size")
     p.add_argument("--grid", action="store_true", help="also simulate a grid of spreads (part 4)")
+    p.add_argument("--window", type=float, help="also replay the stopping rule with a fixed window of this many "
+                                                "timed seconds (part 5)")
+    p.add_argument("--block", type=int, default=10, help="consecutive recorded steps kept together (part 5)")
+    p.add_argument("--replay-draws", type=int, default=400, help="resampled launches per cell and rule (part 5)")
     args = p.parse_args(argv)
     t = Thresholds()
     print("\n".join(leave_one_out(args.nights, args.slowdown, t)))
@@ -122,6 +187,8 @@ def main(argv=None) -> int:
             row = [f"within {sd_w:.0%}: {fa:.1%} / {hit:.0%}" for sd_w in (0.01, 0.02, 0.03, 0.05)
                    for fa, hit in [simulate(sd_b, sd_w, 2, 5, args.slowdown, t, args.draws, rng)]]
             print(f"  between {sd_b:.0%}:  " + "  ".join(row))
+    if args.window:
+        print_window(args.nights, args, t, rng)
     return 0
 
 

@@ -16,7 +16,7 @@ day and commit gets ``-2``, ``-3``, ...), so a night can only be judged on launc
 The baseline is ``<baselines-dir>/<hardware-slug>.jsonl`` for the machine it runs on (``--baseline auto``).
 Exit codes: 0 clean; 1 a regression, or a night that measured nothing; 2 bad input, found before anything
 launches: a bad matrix, no baseline for this hardware (unless --no-verdict), a baseline of fewer than 3
-nights, or one that shares no cell with the matrix.
+nights, one that shares no cell with the matrix, or one holding a cell the matrix no longer runs.
 """
 
 from __future__ import annotations
@@ -80,6 +80,14 @@ def load_baseline(hardware: str, cell_ids: set[str], opts: NightOptions) -> tupl
             f"{path} holds none of this matrix's cells (cell ids are hashes of every setting: the matrix changed "
             f"since the baseline was made?). Fix: make a new baseline from nights of this matrix "
             f"(`bench nightly MATRIX --no-verdict`, 3 or more, then `bench baseline promote NIGHT_DIR...`)")
+    if stale := sorted({f"{r.label} [{r.cell_id}]" for r in records if r.cell_id not in cell_ids}):
+        # Run anyway and each of these would be "missing" tonight: a verdict of exit 1 on every night, for a
+        # matrix change rather than a regression. Said before anything launches instead.
+        raise BaselineError(
+            f"{path} holds cells this matrix no longer runs ({'; '.join(stale)}): the matrix changed since the "
+            f"baseline was made (a cell's id is a hash of every setting, its timing too). Fix: make a new "
+            f"baseline from nights of this matrix (`bench nightly MATRIX --no-verdict`, 3 or more, then "
+            f"`bench baseline promote NIGHT_DIR...`)")
     return path, records
 
 

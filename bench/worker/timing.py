@@ -3,7 +3,13 @@
 A fixed handful of timed steps does not repeat: on 2x H200 three launches of 4 timed steps of a 1B full
 fine-tune differed by 13-23 %, of 40 steps by 1-5 %. So a cell keeps stepping until the confidence
 interval of its MEDIAN step time is within ``ci_target`` of the median (both sides), after at least
-``min_steps`` timed steps, or until ``max_steps`` timed steps or ``max_timed_s`` timed seconds.
+``min_steps`` timed steps and ``min_timed_s`` timed seconds, or until ``max_steps`` timed steps or
+``max_timed_s`` timed seconds.
+
+The interval takes the steps as independent. Steps that come in episodes (runs of fast steps, then runs of
+slow ones) break that: inside one episode the interval looks tight while the launch's median is far from
+settled. ``min_timed_s`` makes such a cell time a window long enough to span several episodes
+(``min_timed_s == max_timed_s``: a fixed window); 0, the default, leaves the rule as it was.
 
 The interval is distribution-free: for n sorted step times, the median lies between the l-th and the
 (n+1-l)-th with probability 1 - 2 P(B <= l-1), B ~ Binomial(n, 1/2) (the number of steps below the true
@@ -24,7 +30,8 @@ import numpy as np
 from scipy.stats import binom
 
 RULE = ("median step time, distribution-free order-statistic interval (binomial); stop when the interval "
-        "lies within median x (1 ± ci_target) after at least min_steps, or at max_steps / max_timed_s")
+        "lies within median x (1 ± ci_target) after at least min_steps and min_timed_s, or at max_steps / "
+        "max_timed_s")
 STOP_REASONS = ("converged", "max_steps", "max_timed_s")
 
 
@@ -76,12 +83,13 @@ class StoppingRule:
     min_steps: int = 20
     max_steps: int = 300
     max_timed_s: float = 60.0
+    min_timed_s: float = 0.0
 
     @classmethod
     def from_train(cls, train) -> StoppingRule:
         """The rule a cell's ``train`` settings ask for: ``train.steps`` is the minimum of timed steps."""
         t = train.timing
-        return cls(t.ci_target, t.confidence, train.steps, t.max_steps, t.max_timed_s)
+        return cls(t.ci_target, t.confidence, train.steps, t.max_steps, t.max_timed_s, t.min_timed_s)
 
     def stop_reason(self, times, timed_s: float) -> str | None:
         """Why to stop after these timed steps and ``timed_s`` seconds of timed window, or None to go on.
@@ -92,7 +100,7 @@ class StoppingRule:
         if n < self.min_steps:
             return None
         interval = median_interval(times, self.confidence)
-        if interval is not None and interval.rel_half_width <= self.ci_target:
+        if interval is not None and interval.rel_half_width <= self.ci_target and timed_s >= self.min_timed_s:
             return "converged"
         if n >= self.max_steps:
             return "max_steps"
@@ -106,6 +114,7 @@ class StoppingRule:
         return {
             "rule": RULE, "ci_target": self.ci_target, "confidence": self.confidence,
             "min_steps": self.min_steps, "max_steps": self.max_steps, "max_timed_s": self.max_timed_s,
+            "min_timed_s": self.min_timed_s,
             "stop_reason": reason, "timed_steps": len(times), "timed_s": timed_s,
             "median_s": interval.median if interval else (float(np.median(times)) if len(times) else None),
             "ci_low_s": interval.low if interval else None,

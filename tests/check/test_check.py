@@ -210,6 +210,24 @@ def test_nightly_matrix_covers_strategies_and_adapters():
     assert not [msg for c in cells if (msg := check_runnable(c, visible_gpus=2))]
 
 
+def test_nightly_zero3_times_a_fixed_window_and_only_it_leaves_the_h200_nights(tmp_path):
+    """ZeRO-3's steps come in episodes (results/baselines/README.md): it times a fixed 60 s window, which makes
+    it a new cell; the three others keep the ids of the committed H200 nights. A baseline of those nights holds
+    a ZeRO-3 cell the matrix no longer runs: `bench nightly` refuses it before launching, naming the cell."""
+    from bench.check.nightly import NightOptions, load_baseline
+
+    cells = expand(load_matrix(REPO / "matrices" / "nightly.yaml"), source="nightly.yaml")
+    windows = {c.strategy: (c.train.timing.min_timed_s, c.train.timing.max_timed_s) for c in cells}
+    assert windows == {"ddp": (0, 30), "zero2": (0, 30), "fsdp_full_shard": (0, 30), "zero3": (60, 60)}
+    folders = sorted((RESULTS / "nightly-h200").glob("2026-11-30-997c560*"))
+    nights = {r.cell_id: r.label for r in load_nights(folders)}
+    assert {c.cell_id for c in cells} - set(nights) == {c.cell_id for c in cells if c.strategy == "zero3"}
+    (old_zero3,) = [cell_id for cell_id, label in nights.items() if "zero3" in label]
+    promote(folders, tmp_path)
+    with pytest.raises(BaselineError, match=rf"no longer runs \(llama-3.2-1b full zero3 x2gpu \[{old_zero3}\]\).*Fix"):
+        load_baseline("2x NVIDIA H200", {c.cell_id for c in cells}, NightOptions(baselines_dir=tmp_path))
+
+
 def test_workflows_run_the_nightly_with_least_privilege():
     import yaml
 

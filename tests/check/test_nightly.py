@@ -40,6 +40,9 @@ def assert_measured_by(night: Path, since: float, until: float) -> None:
     assert all(r.status == "ok" for r in records)
     for name in ("check.md", "check.json", "night.json", "report/index.md"):
         assert (night / name).is_file(), name
+    for rank in (rank for r in records for rank in r.ranks):  # the matrix's time window reached the worker:
+        timing = rank["timing"]  # 6 steady steps (~0.8 s) converge; 12 steps take at least 1.2 s (100 ms waits)
+        assert timing["min_timed_s"] == 1.0 and timing["timed_s"] >= 1.0, timing
 
 
 def run_night(root: Path, baselines: Path, *extra: str, **kwargs):

@@ -22,6 +22,7 @@ from bench.report import metrics
 from bench.spec import CellSettings, Limits, Matrix, MatrixError, Train, check_time_budget, expand
 from bench.worker.gc_window import GcWindow, POLICY
 from bench.worker.timing import STOP_REASONS, StoppingRule, median_interval, order_statistic_ranks
+from conftest import REPO
 
 
 def exact_coverage(n: int, l: int) -> float:
@@ -109,13 +110,63 @@ def test_summary_of_a_capped_cell_keeps_its_interval():
             "ci_high_s", "ci_coverage"} <= set(s)
 
 
+def episodes(fast: int, slow: int, rounds: int, seed: int = 0) -> list[float]:
+    """ZeRO-3's step on 2x H200 (results/nightly-h200): runs of ~365 ms steps, then runs of ~430 ms ones."""
+    rng = np.random.default_rng(seed)
+    out: list[float] = []
+    for _ in range(rounds):
+        out += list(0.365 * (1 + 0.004 * rng.standard_normal(fast)))
+        out += list(0.430 * (1 + 0.04 * rng.standard_normal(slow)))
+    return out
+
+
+def test_a_fast_episode_looks_converged_and_a_time_window_waits_past_it():
+    times = episodes(fast=20, slow=40, rounds=4)
+    first = times[:20]  # 20 steps of one fast episode: 7.3 timed seconds
+    assert RULE.stop_reason(first, timed_s=sum(first)) == "converged"
+    window = StoppingRule(0.01, 0.95, 20, 300, max_timed_s=60.0, min_timed_s=60.0)
+    assert window.stop_reason(first, timed_s=sum(first)) is None
+    n = next(i for i in range(20, len(times) + 1) if window.stop_reason(times[:i], sum(times[:i])))
+    assert sum(times[:n]) >= 60.0 and n > 120  # several episodes inside the window
+    assert np.median(times[:n]) > 1.02 * np.median(first)  # the fast episode's median was not the launch's
+
+
+def test_min_timed_s_only_holds_back_convergence():
+    rule = StoppingRule(0.01, 0.95, 20, 300, max_timed_s=60.0, min_timed_s=30.0)
+    assert rule.stop_reason(steady(20), timed_s=24.0) is None
+    assert rule.stop_reason(steady(25), timed_s=30.0) == "converged"
+    assert rule.stop_reason(noisy(300), timed_s=20.0) == "max_steps"  # a cap still stops it
+    assert rule.summary(steady(25), 30.0, "converged")["min_timed_s"] == 30.0  # the record says so
+
+
 # ---------------------------------------------------------------- the settings
 
 def test_rule_from_a_cell_and_old_settings_still_validate():
     cell = CellSettings(train={"steps": 25, "timing": {"ci_target": 0.02, "max_timed_s": 90}})
     assert StoppingRule.from_train(cell.train) == StoppingRule(0.02, 0.95, 25, 300, 90.0)
+    window = CellSettings(train={"timing": {"min_timed_s": 60, "max_timed_s": 60}})
+    assert StoppingRule.from_train(window.train).min_timed_s == 60.0
     old = {"seq_len": 512, "micro_batch": 1, "warmup_steps": 2, "steps": 6}  # a record before train.timing
     assert Train.model_validate(old).timing.max_steps == 300
+    assert Train.model_validate(old).timing.min_timed_s == 0
+
+
+def test_min_timed_s_keeps_old_cell_ids_at_its_default_and_changes_them_when_set():
+    """Cells recorded before the key hash as they did (a committed night of the nightly matrix); set, it is a
+    different cell."""
+    from bench.records import load_records
+
+    record = load_records(REPO / "results" / "nightly-h200" / "2026-11-30-997c560")[0]
+    cell = CellSettings.model_validate(record.settings)
+    assert cell.cell_id == record.cell_id and "min_timed_s" not in record.settings["train"]["timing"]
+    timing = {**record.settings["train"]["timing"], "min_timed_s": 10}
+    changed = CellSettings.model_validate({**record.settings, "train": {**record.settings["train"], "timing": timing}})
+    assert changed.cell_id != record.cell_id
+
+
+def test_min_timed_s_above_max_timed_s_is_refused_naming_both_keys():
+    with pytest.raises(ValueError, match=r"train.timing.min_timed_s \(90\).*train.timing.max_timed_s \(60\).*Fix"):
+        Train(timing={"min_timed_s": 90, "max_timed_s": 60})
 
 
 def test_max_steps_below_the_minimum_is_refused_naming_both_keys():
