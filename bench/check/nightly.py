@@ -16,7 +16,8 @@ day and commit gets ``-2``, ``-3``, ...), so a night can only be judged on launc
 The baseline is ``<baselines-dir>/<hardware-slug>.jsonl`` for the machine it runs on (``--baseline auto``).
 Exit codes: 0 clean; 1 a regression, or a night that measured nothing; 2 bad input, found before anything
 launches: a bad matrix, no baseline for this hardware (unless --no-verdict), a baseline of fewer than 3
-nights, one that shares no cell with the matrix, or one holding a cell the matrix no longer runs.
+nights, or one that shares no cell with the matrix. Baseline cells the matrix no longer runs are left out of
+the comparison and named in check.md.
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ def night_folder(root: Path, git_sha: str | None, day: str) -> Path:
     return folder
 
 
-def load_baseline(hardware: str, cell_ids: set[str], opts: NightOptions) -> tuple[Path, list[RunRecord]] | None:
-    """This hardware's baseline, validated before anything launches; None with --no-verdict."""
+def load_baseline(hardware: str, cell_ids: set[str], opts: NightOptions
+                  ) -> tuple[Path, list[RunRecord], list[str]] | None:
+    """This hardware's baseline, validated before anything launches, as (path, the records of the cells this
+    matrix runs, the labels of those it no longer runs); None with --no-verdict."""
     if opts.no_verdict:
         return None
     path = baseline_path(hardware, opts.baselines_dir)
@@ -80,15 +83,11 @@ def load_baseline(hardware: str, cell_ids: set[str], opts: NightOptions) -> tupl
             f"{path} holds none of this matrix's cells (cell ids are hashes of every setting: the matrix changed "
             f"since the baseline was made?). Fix: make a new baseline from nights of this matrix "
             f"(`bench nightly MATRIX --no-verdict`, 3 or more, then `bench baseline promote NIGHT_DIR...`)")
-    if stale := sorted({f"{r.label} [{r.cell_id}]" for r in records if r.cell_id not in cell_ids}):
-        # Run anyway and each of these would be "missing" tonight: a verdict of exit 1 on every night, for a
-        # matrix change rather than a regression. Said before anything launches instead.
-        raise BaselineError(
-            f"{path} holds cells this matrix no longer runs ({'; '.join(stale)}): the matrix changed since the "
-            f"baseline was made (a cell's id is a hash of every setting, its timing too). Fix: make a new "
-            f"baseline from nights of this matrix (`bench nightly MATRIX --no-verdict`, 3 or more, then "
-            f"`bench baseline promote NIGHT_DIR...`)")
-    return path, records
+    # A cell the matrix no longer runs (its settings changed, so its id) would read "missing" every night: a
+    # verdict of exit 1 for a matrix change, not a regression. It leaves the comparison, said in check.md;
+    # the cells both hold stay gated, and a changed cell shows as "new" until a baseline with it is promoted.
+    retired = sorted({f"{r.label} [{r.cell_id}]" for r in records if r.cell_id not in cell_ids})
+    return path, [r for r in records if r.cell_id in cell_ids], retired
 
 
 def unmeasured(records: list[RunRecord], planned: int, started: float) -> str | None:
@@ -153,6 +152,10 @@ def run_night(matrix_path: str, opts: NightOptions, console: Console | None = No
     else:
         result = run_check(records, baseline[1], opts.thresholds, str(night), str(baseline[0]))
         text, summary, code = to_markdown(result), to_json(result), result.exit_code
+        if retired := baseline[2]:
+            text += (f"\nBaseline cells this matrix no longer runs, left out of the comparison: {'; '.join(retired)}. "
+                     f"Promote nights of the current matrix to gate its changed cells.\n")
+            summary["baseline_cells_not_in_matrix"] = retired
     problem = unmeasured(records, len(prep.todo), started)
     if problem:
         text += f"\n**The night measured nothing it can be judged on**: {problem}\n"
