@@ -81,7 +81,8 @@ class RunRecord(BaseModel):
     # (bench/launch/auto_batch.py); settings keep "auto", the cell id is the auto cell's. Absent otherwise.
     micro_batch_auto: dict[str, Any] | None = None
     # A cell run as a Slurm job (launcher: slurm): job_id, node_list, nodes, state, exit_code, signal, failed_node,
-    # memory_kills (slurmstepd's --mem kills: node, step, used_bytes, limit_bytes; absent in older records); None locally.
+    # memory_kills (slurmstepd's --mem kills: node, step, used_bytes, limit_bytes; absent in older records).
+    # None locally.
     slurm: dict[str, Any] | None = None
 
 
