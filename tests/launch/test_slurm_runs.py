@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -131,6 +132,30 @@ def test_a_cell_past_its_time_is_a_timeout_and_its_job_is_cancelled(tmp_path):
     record = run_slurm_plan(plan, "t", {}, SlurmOptions(time_limit_s=600), poll_s=0.5)
     assert record.status == "timeout", record.error
     assert "limits.timeout_s" in record.error.message
+    assert record.slurm["state"] == "CANCELLED"
+    assert _queue_empty_of(record.slurm["job_id"])
+
+
+def test_a_job_someone_else_cancels_is_cancelled(tmp_path):
+    """scancel from outside bench (a person, or the scheduler's preemption) as soon as the job runs."""
+    plan = _plan(tmp_path, Limits(timeout_s=600, startup_s=600, hang_s=600, collective_timeout_s=30))
+
+    def cancel_once_running() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            out = subprocess.run(["squeue", "-h", "-n", f"bench-{plan.cell.cell_id}", "-o", "%i %T"],
+                                 capture_output=True, text=True).stdout.split()
+            if out[1:] == ["RUNNING"]:
+                subprocess.run(["scancel", out[0]], check=True)
+                return
+            time.sleep(0.2)
+
+    canceller = threading.Thread(target=cancel_once_running)
+    canceller.start()
+    record = run_slurm_plan(plan, "t", {}, SlurmOptions(time_limit_s=600), poll_s=0.5)
+    canceller.join()
+    assert record.status == "cancelled", record.error
+    assert record.error.kind == "cancelled" and "cancelled by a person or the scheduler" in record.error.message
     assert record.slurm["state"] == "CANCELLED"
     assert _queue_empty_of(record.slurm["job_id"])
 
