@@ -8,6 +8,7 @@
 #
 # No systemd: the daemons are started directly. Both "nodes" are slurmd processes on this host
 # (NodeHostname = this host, NodeAddr 127.0.0.1, one port each); n1 and n2 resolve through /etc/hosts.
+# Memory: a job's --mem is enforced per node without cgroups, by Slurm's accounting poll (see write_conf).
 # Start needs root (apt, /etc/hosts, /etc/slurm). State, logs and pid files live in $BENCH_SLURM_DIR.
 set -euo pipefail
 
@@ -54,6 +55,13 @@ write_conf() {
     mkdir -p /etc/slurm
     # config_overrides: two nodes of CPUs=2 on a 2-core host would otherwise be drained as "low cpu count".
     # KillWait=2: a cancelled or timed-out job is SIGKILLed 2 s after SIGTERM (default 30 s).
+    # Memory is enforced without cgroups (none here, task/none): memory is a consumable resource
+    # (CR_CPU_Memory; a job without --mem gets DefMemPerNode), and the jobacct_gather/linux poll kills a
+    # step whose processes' RSS on a node passes the job's limit (OverMemoryKill; the job then ends
+    # FAILED, not OUT_OF_MEMORY, which needs task/cgroup). The poll runs every 30 s (Slurm's default),
+    # so it costs the other jobs nothing; a job that tests the limit asks `--acctg-freq=task=1`.
+    # RealMemory is not this host's (config_overrides): both nodes share it, and only a job's own
+    # limit is meant to be reached.
     cat >"$CONF" <<EOF
 $MARK
 ClusterName=bench
@@ -65,11 +73,14 @@ AuthType=auth/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherParams=OverMemoryKill
+JobAcctGatherFrequency=task=30
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
+SelectTypeParameters=CR_CPU_Memory
+DefMemPerNode=8000
 SlurmdParameters=config_overrides
 ReturnToService=2
 KillWait=2
@@ -81,7 +92,7 @@ SlurmctldPidFile=$DIR/slurmctld.pid
 SlurmdPidFile=$DIR/slurmd.%n.pid
 SlurmctldLogFile=$DIR/slurmctld.log
 SlurmdLogFile=$DIR/slurmd.%n.log
-NodeName=n[1-2] NodeHostname=$host NodeAddr=127.0.0.1 Port=[17001-17002] CPUs=2 RealMemory=1000 State=UNKNOWN
+NodeName=n[1-2] NodeHostname=$host NodeAddr=127.0.0.1 Port=[17001-17002] CPUs=2 RealMemory=16000 State=UNKNOWN
 PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
 EOF
 }

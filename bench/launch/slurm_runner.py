@@ -19,8 +19,8 @@ from bench.launch.build_locks import release_locks_left_by
 from bench.launch.failures import Outcome, classify
 from bench.launch.plan import LaunchPlan, write_plan_files
 from bench.launch.runner import CellInterrupted, archive_previous_attempt, watchdog
-from bench.launch.slurm import (SlurmJob, accelerate_node_command, bench_status, commands, failed_nodes,
-                                read_node_ends, render_batch_script, write_batch_script)
+from bench.launch.slurm import (MemoryKill, SlurmJob, accelerate_node_command, bench_status, commands, failed_nodes,
+                                memory_kills, read_node_ends, render_batch_script, write_batch_script)
 from bench.machine.node_env import read_node_fingerprints
 from bench.machine.node_sampler import NODE_SAMPLES_FILE, merge_node_samples
 from bench.machine.sampler import sampler_enabled
@@ -137,16 +137,17 @@ def run_slurm_plan(plan: LaunchPlan, matrix_name: str, env_fingerprint: dict, op
     info = commands.job_info(job.job_id)
     outcome.returncode = info.exit_code
     log_path = _join_logs(plan.cell_dir, job.job_id)
+    log_text = log_path.read_text(errors="replace")
     ends = read_node_ends(plan.cell_dir, plan.cell.nodes)
     ranks = rank_files.read_json_files(plan.rank_dir, "rank")
+    kills = memory_kills(log_text)
     status, error = classify(outcome, plan.rank_dir, plan.cell.processes, plan.limits, log_path)
     if outcome.stopped_by is None:
-        status, error = status_after_job(status, error, info, len(ranks) == plan.cell.processes, options)
+        status, error = status_after_job(status, error, info, len(ranks) == plan.cell.processes, options, kills)
     node_names = _node_names(info.node_list, ends)
     failed_node = None
     if status not in ("ok", "interrupted"):
-        error, failed_node = _name_nodes(error, plan, ranks, node_names,
-                                         failed_nodes(info, ends, log_path.read_text(errors="replace")))
+        error, failed_node = _name_nodes(error, plan, ranks, node_names, failed_nodes(info, ends, log_text))
     # Seen from the submitting host only: the nodes' caches are cleaned where they share its home (NFS).
     released = release_locks_left_by(started) if status != "ok" else []
     record = RunRecord(
@@ -158,7 +159,8 @@ def run_slurm_plan(plan: LaunchPlan, matrix_name: str, env_fingerprint: dict, op
         first_step_s=(outcome.first_step_at - running_since) if outcome.first_step_at and running_since else None,
         cell_dir=str(plan.cell_dir), command=f"sbatch {script}",
         slurm={"job_id": job.job_id, "node_list": info.node_list, "nodes": node_names, "state": info.state,
-               "exit_code": info.exit_code, "signal": info.signal, "failed_node": failed_node},
+               "exit_code": info.exit_code, "signal": info.signal, "failed_node": failed_node,
+               "memory_kills": [k.model_dump() for k in kills]},
         released_build_locks=[str(p) for p in released],
     )
     if status == "interrupted":
@@ -166,10 +168,12 @@ def run_slurm_plan(plan: LaunchPlan, matrix_name: str, env_fingerprint: dict, op
     return record
 
 
-def status_after_job(status: str, error: CellError | None, info, ranks_ok: bool,
-                    options: SlurmOptions) -> tuple[str, CellError | None]:
+def status_after_job(status: str, error: CellError | None, info, ranks_ok: bool, options: SlurmOptions,
+                     kills: list[MemoryKill] = ()) -> tuple[str, CellError | None]:
     """What the scheduler's end of the job adds to what the ranks left: a job cancelled from outside, or
-    stopped at Slurm's own time limit, or killed by Slurm's memory limit, says so whatever the ranks wrote."""
+    stopped at Slurm's own time limit, or killed by Slurm's memory limit (JobState OUT_OF_MEMORY where
+    cgroups enforce it; slurmstepd's ``kills`` where its accounting poll does, the job then FAILED),
+    says so whatever the ranks wrote."""
     job_status = bench_status(info, ranks_ok=ranks_ok)
     what = f"Slurm job {info.job_id} ended {info.state}" + (f" ({info.reason})" if info.reason else "")
     if job_status == "cancelled":
@@ -179,6 +183,12 @@ def status_after_job(status: str, error: CellError | None, info, ranks_ok: bool,
                                     f"{options.time_limit_s} s). Fix: raise slurm.time_limit_s")
     if job_status == "oom" and status != "oom":
         return "oom", CellError(kind="oom", message=f"{what}: a node's memory limit (host memory)")
+    if kills and status != "oom":
+        nodes = ", ".join(sorted({k.node or "?" for k in kills}))
+        return "oom", CellError(kind="oom", message=(
+            f"{what}: Slurm killed its step past the job's host memory limit on node {nodes} "
+            f"({kills[0].used_bytes / 2**20:.0f} MiB > {kills[0].limit_bytes / 2**20:.0f} MiB). Fix: ask for more "
+            "host memory (--mem in slurm.extra_sbatch), or use less of it (CPU offload, pinned buffers)"))
     if status == "ok" and job_status != "ok":
         return "crash", CellError(kind="crash", message=f"{what} with exit code {info.exit_code}")
     return status, error
@@ -210,6 +220,10 @@ def _name_nodes(error: CellError | None, plan: LaunchPlan, ranks: list[dict], no
     missing = [r for r in range(plan.cell.processes) if r not in reported]
     lines = []
     failed_node = None
+    if error.rank is None and error.kind == "oom" and from_slurm and gpus == 1:
+        # Slurm names the node past its memory limit; with one process per node that is the rank.
+        named = _node_named(from_slurm[0])
+        error = error.model_copy(update={"rank": node_names.index(named) if named in node_names else None})
     if error.rank is not None:
         lines.append(f"failing: {where(error.rank)}")
         node = error.rank // gpus
@@ -218,6 +232,11 @@ def _name_nodes(error: CellError | None, plan: LaunchPlan, ranks: list[dict], no
         lines.append("no rank report from: " + "; ".join(where(r) for r in missing))
     lines += [f"Slurm: {text}" for text in from_slurm]
     if failed_node is None and from_slurm:
-        failed_node = from_slurm[0].split()[1]  # "node n2 (...)"
+        failed_node = _node_named(from_slurm[0])
     message = "\n".join([*lines, error.message]) if lines else error.message
     return error.model_copy(update={"message": message, "node": failed_node, "missing_ranks": missing}), failed_node
+
+
+def _node_named(text: str) -> str:
+    """The node of one of failed_nodes' lines: "node n2 (task 1): ..." or "node n2: ..." -> n2."""
+    return text.split()[1].rstrip(":")

@@ -80,7 +80,9 @@ class RunRecord(BaseModel):
     # train.micro_batch auto: {proposed, capacity_gib, capacity_source, trail: [{mb, status, peak_gib}], chosen}
     # (bench/launch/auto_batch.py); settings keep "auto", the cell id is the auto cell's. Absent otherwise.
     micro_batch_auto: dict[str, Any] | None = None
-    # A cell run as a Slurm job (launcher: slurm): job_id, node_list, state, exit_code, failed_node; None locally.
+    # A cell run as a Slurm job (launcher: slurm): job_id, node_list, nodes, state, exit_code, signal, failed_node,
+    # memory_kills (slurmstepd's --mem kills: node, step, used_bytes, limit_bytes; absent in older records).
+    # None locally.
     slurm: dict[str, Any] | None = None
 
 

@@ -129,18 +129,20 @@ def scaling_section(df: pd.DataFrame, out_dir: Path) -> Section:
                                   "speedup (efficiency) against the same-policy 1-process baseline, and the "
                                   "ratio to the plain 1-process run, labelled cross-policy where the policies "
                                   "differ (never a parallel speedup then)."])
-    for i, (_m, _k, title, group) in enumerate(tables.setting_groups(df), 1):
-        across = nodes.node_scaling_table(group)
-        if across is not None:
-            group = nodes.one_node(group)  # inside one node apart from across nodes (bench/report/nodes.py)
-            title = f"{title}, within one node"
+    for i, (_m, _k, title, whole) in enumerate(tables.setting_groups(df), 1):
+        # Inside one node apart from across nodes (bench/report/nodes.py): each its own table and plot.
+        across = nodes.node_scaling_table(whole)
+        group = nodes.one_node(whole) if across is not None else whole
+        inside = f"{title}, within one node" if across is not None else title
         if len(group):
-            section.items.append(Table(f"scaling_{i}", title, tables.scaling_table(group), tables.warnings_for(group)))
+            section.items.append(Table(f"scaling_{i}", inside, tables.scaling_table(group), tables.warnings_for(group)))
         if across is not None:
-            section.items.append(Table(f"scaling_nodes_{i}", f"{title.removesuffix(', within one node')}, across "
-                                       "nodes (speedup over 1 node at the same processes per node)", across, []))
-        if len(group) and (path := plots.scaling_curves(group, title, out_dir / f"scaling_{i}.png")):
-            section.items.append(Plot(path, f"Scaling curves, {title}"))
+            section.items.append(Table(f"scaling_nodes_{i}", f"{title}, across nodes (speedup over 1 node at the "
+                                       "same processes per node)", across, []))
+        if len(group) and (path := plots.scaling_curves(group, inside, out_dir / f"scaling_{i}.png")):
+            section.items.append(Plot(path, f"Scaling curves, {inside}"))
+        if across is not None and (path := plots.node_scaling_curves(whole, title, out_dir / f"scaling_nodes_{i}.png")):
+            section.items.append(Plot(path, f"Scaling across nodes, {title}"))
     return section
 
 

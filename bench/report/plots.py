@@ -81,6 +81,40 @@ def scaling_curves(group: pd.DataFrame, title: str, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def node_scaling_curves(group: pd.DataFrame, title: str, path: Path) -> Path | None:
+    """Across nodes: real tokens/s (all ranks) vs node count, one line per strategy and processes per node,
+    95 % interval bars, a dotted ideal line from the same strategy at one node with as many processes per
+    node. None without an ok cell of several nodes (inside one node is scaling_curves' plot)."""
+    ok = group[(group["status"] == "ok") & group["nodes"].notna()]
+    multi = ok.groupby(["strategy", "gpus"], sort=False).filter(lambda rows: bool((rows["nodes"] > 1).any()))
+    if not len(multi):
+        return None
+    u = unit(group["device"].iloc[0])
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    counts = sorted(int(n) for n in group["nodes"].dropna().unique())
+    for (strategy, per_node), rows in multi.groupby(["strategy", "gpus"], sort=False):
+        rows = rows.sort_values("nodes")
+        y = rows[metrics.THROUGHPUT].to_numpy(dtype=float)
+        low = rows["real_tokens_per_s_ci_low"].fillna(rows[metrics.THROUGHPUT]).to_numpy(dtype=float)
+        high = rows["real_tokens_per_s_ci_high"].fillna(rows[metrics.THROUGHPUT]).to_numpy(dtype=float)
+        yerr = np.vstack([np.clip(y - low, 0, None), np.clip(high - y, 0, None)])
+        line = ax.errorbar(rows["nodes"], y, yerr=yerr, marker="o", capsize=3,
+                           label=f"{strategy}, {int(per_node)} {u}s per node")
+        one = rows[rows["nodes"] == 1]
+        if len(one):
+            ax.plot(counts, [float(one[metrics.THROUGHPUT].iloc[0]) * n for n in counts], ":", linewidth=0.8,
+                    color=line[0].get_color())
+    ax.set_xticks(counts)
+    ax.set_xlabel("number of nodes")
+    ax.set_ylabel("real tokens/s (all ranks), 95% CI")
+    ax.set_ylim(bottom=0)
+    ax.set_title(_wrap(f"Scaling across nodes (dotted: linear from the same strategy at 1 node): {title}"),
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def memory_column(group: pd.DataFrame) -> tuple[str, str]:
     """What to draw as 'peak memory': torch reserved on GPU, host RSS on CPU (no device memory there)."""
     if group["device"].iloc[0] == "cuda":

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -82,6 +83,43 @@ def test_a_rank_killed_on_the_second_node_is_a_crash_naming_node_and_rank(tmp_pa
     assert _queue_empty_of(record.slurm["job_id"])
 
 
+def _memory_enforced() -> str | None:
+    """Why the cluster would not kill a job past its --mem, or None (.ci/slurm-cluster.sh's config)."""
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+    settings = dict(line.split("=", 1) for line in config.splitlines() if "=" in line)
+    settings = {k.strip(): v.strip() for k, v in settings.items()}
+    if "OverMemoryKill" in settings.get("JobAcctGatherParams", "") and "MEMORY" in settings.get(
+            "SelectTypeParameters", ""):
+        return None
+    return (f"the running cluster enforces no --mem (JobAcctGatherParams={settings.get('JobAcctGatherParams')}, "
+            f"SelectTypeParameters={settings.get('SelectTypeParameters')}): restart it with this checkout's "
+            ".ci/slurm-cluster.sh (stop, then start)")
+
+
+def test_a_rank_past_the_jobs_memory_limit_is_an_oom_naming_its_node_and_rank(tmp_path):
+    """Rank 1, alone on node n2, touches 2 GiB of host memory past the job's --mem=2000M per node (a rank
+    with torchrun needs about 1 GB here): n2's slurmstepd, polling every second, kills the step."""
+    if (problem := _memory_enforced()) is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(problem, pytrace=False)
+        pytest.skip(problem)
+    slurm = {"time_limit_s": 600, "extra_sbatch": ["--mem=2000M", "--acctg-freq=task=1"]}
+    matrix = write_matrix(tmp_path, "mem", launcher="slurm", slurm=slurm, grid={"nodes": [2], "gpus": [1]})
+    proc = bench("run", str(matrix), "--results", str(tmp_path / "results"), "--worker", "fault_worker",
+                 env={"BENCH_FAULT": "host_alloc", "BENCH_FAULT_RANK": "1", "BENCH_FAULT_MIB": "2048",
+                      "BENCH_FAULT_STEP": "0"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [record] = load_records(tmp_path / "results")
+    assert record.status == "oom", record.error
+    assert record.error.rank == 1 and record.error.node == "n2", record.error.message
+    assert record.error.message.splitlines()[0] == "failing: rank 1 on node n2 (node rank 1, local rank 0)"
+    assert "Slurm killed its step past the job's host memory limit on node n2" in record.error.message
+    assert record.slurm["state"] == "FAILED" and record.slurm["failed_node"] == "n2"
+    [kill] = record.slurm["memory_kills"]
+    assert kill["node"] == "n2" and kill["limit_bytes"] == 2000 * 2**20 < kill["used_bytes"]
+    assert _queue_empty_of(record.slurm["job_id"])
+
+
 def _plan(tmp_path: Path, limits: Limits):
     cell = CellSettings(model="tiny-llama", device="cpu", nodes=2, gpus=2,
                         train=Train(seq_len=64, micro_batch=2, precision="fp32", warmup_steps=1, steps=3))
@@ -94,6 +132,30 @@ def test_a_cell_past_its_time_is_a_timeout_and_its_job_is_cancelled(tmp_path):
     record = run_slurm_plan(plan, "t", {}, SlurmOptions(time_limit_s=600), poll_s=0.5)
     assert record.status == "timeout", record.error
     assert "limits.timeout_s" in record.error.message
+    assert record.slurm["state"] == "CANCELLED"
+    assert _queue_empty_of(record.slurm["job_id"])
+
+
+def test_a_job_someone_else_cancels_is_cancelled(tmp_path):
+    """scancel from outside bench (a person, or the scheduler's preemption) as soon as the job runs."""
+    plan = _plan(tmp_path, Limits(timeout_s=600, startup_s=600, hang_s=600, collective_timeout_s=30))
+
+    def cancel_once_running() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            out = subprocess.run(["squeue", "-h", "-n", f"bench-{plan.cell.cell_id}", "-o", "%i %T"],
+                                 capture_output=True, text=True).stdout.split()
+            if out[1:] == ["RUNNING"]:
+                subprocess.run(["scancel", out[0]], check=True)
+                return
+            time.sleep(0.2)
+
+    canceller = threading.Thread(target=cancel_once_running)
+    canceller.start()
+    record = run_slurm_plan(plan, "t", {}, SlurmOptions(time_limit_s=600), poll_s=0.5)
+    canceller.join()
+    assert record.status == "cancelled", record.error
+    assert record.error.kind == "cancelled" and "cancelled by a person or the scheduler" in record.error.message
     assert record.slurm["state"] == "CANCELLED"
     assert _queue_empty_of(record.slurm["job_id"])
 

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from bench.launch.slurm import (JobInfo, NodeEnd, SlurmOptions, accelerate_node_command, bench_status, failed_nodes,
-                                render_batch_script, slurm_time, srun_errors, write_batch_script)
+                                memory_kills, render_batch_script, slurm_time, srun_errors, write_batch_script)
 from bench.launch.slurm_runner import status_after_job
 
 # `scontrol -o show job` of a job whose second node's task was killed (shortened, fields as printed).
@@ -140,7 +140,8 @@ def test_failing_node_named_from_srun_and_node_files():
 
 # `scontrol -o show job` as the test cluster prints it (a finished job of tests/launch/test_slurm_runs.py,
 # shortened), with the state, reason and exit code Slurm gives a job whose step its memory limit killed
-# (task/cgroup): the test cluster enforces no memory limit (task/none, CR_CPU), so it cannot end one so.
+# through cgroups (task/cgroup): the test cluster has no cgroups (task/none) and enforces --mem by polling
+# (OverMemoryKill), which ends such a job FAILED (below), so it cannot end one OUT_OF_MEMORY.
 OOM_JOB = ("JobId=7 JobName=bench-1f9d45c0c47f UserId=root(0) GroupId=root(0) MCS_label=N/A Priority=4294901759 "
            "Nice=0 Account=(null) QOS=(null) JobState=OUT_OF_MEMORY Reason=OutOfMemory Dependency=(null) Requeue=1 "
            "Restarts=0 BatchFlag=1 Reboot=0 ExitCode=0:125 RunTime=00:00:41 TimeLimit=00:10:00 TimeMin=N/A "
@@ -163,3 +164,35 @@ def test_a_job_past_slurms_time_limit_is_a_timeout_naming_the_limit():
     status, error = status_after_job("crash", None, info, ranks_ok=False, options=SlurmOptions(time_limit_s=60))
     assert status == "timeout" and error.kind == "timeout"
     assert "ended TIMEOUT (TimeLimit)" in error.message and "slurm.time_limit_s 60 s" in error.message
+
+
+# The job's error file (test cluster, OverMemoryKill) after rank 1, alone on node n2, touched 2 GiB past
+# the job's --mem=2000M: n2's slurmstepd kills the step; srun's first error names n1, reaped first.
+MEMORY_KILLED_ERR = """slurmstepd-n2: error: StepId=3.0 exceeded memory limit (2321281024 > 2097152000), being killed
+srun: Job step aborted: Waiting up to 4 seconds for job step to finish.
+slurmstepd-n1: error: Exceeded job memory limit
+slurmstepd-n1: error: *** STEP 3.0 ON n1 CANCELLED AT 2026-11-30T07:52:31 ***
+slurmstepd-n2: error: StepId=3.0 exceeded memory limit (2321281024 > 2097152000), being killed
+slurmstepd-n1: error: Exceeded job memory limit
+srun: error: n1: task 0: Killed
+srun: launch/slurm: _step_signal: Terminating StepId=3.0
+srun: error: n2: task 1: Killed
+"""
+
+
+def test_a_step_slurm_killed_past_the_memory_limit_is_an_oom_naming_its_node():
+    [kill] = memory_kills(MEMORY_KILLED_ERR)  # printed twice, counted once
+    assert (kill.node, kill.step, kill.used_bytes, kill.limit_bytes, kill.virtual) == \
+        ("n2", "StepId=3.0", 2321281024, 2097152000, False)
+    info = JobInfo(job_id=3, state="FAILED", exit_code=137, node_list="n[1-2]", reason="NonZeroExitCode")
+    named = failed_nodes(info, {0: None, 1: None}, MEMORY_KILLED_ERR)
+    assert named[0] == "node n2: StepId=3.0 exceeded the job's memory limit (2214 MiB > 2000 MiB), killed by Slurm"
+    assert named[1] == "node n1 (task 0): Killed"
+    status, error = status_after_job("crash", None, info, ranks_ok=False, options=SlurmOptions(), kills=[kill])
+    assert status == "oom" and error.kind == "oom"
+    assert "ended FAILED" in error.message and "node n2" in error.message and "--mem" in error.message
+    # Without slurmstepd's line a FAILED job stays a crash; a rank's own oom is kept as it is.
+    assert status_after_job("crash", None, info, ranks_ok=False, options=SlurmOptions())[0] == "crash"
+    own = error.model_copy(update={"message": "OutOfMemoryError: CUDA out of memory", "rank": 1})
+    assert status_after_job("oom", own, info, ranks_ok=False, options=SlurmOptions(), kills=[kill]) == ("oom", own)
+    assert memory_kills("slurmstepd: error: Exceeded job memory limit\n") == []

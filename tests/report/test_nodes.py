@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 
-from bench.report import nodes
+from bench.report import nodes, plots
 from bench.report.metrics import THROUGHPUT
 
 
@@ -28,6 +28,17 @@ def test_across_nodes_is_measured_against_one_node_at_the_same_gpus_per_node():
     assert table.iloc[1]["2 node(s): vs 1 node"] == "crash"
     assert table.iloc[1]["1 node(s): tok/s/GPU [95% CI]"] == "no record"
     assert list(nodes.one_node(group)["processes"]) == [1, 4]  # the within-node table keeps the gpus axis
+
+
+def test_the_across_nodes_plot_draws_each_strategy_and_gpus_per_node_that_ran_on_several_nodes(tmp_path):
+    group = pd.DataFrame([_row("ddp", 1, 1, 100.0), _row("ddp", 4, 1, 360.0), _row("ddp", 4, 2, 630.0),
+                          _row("zero2", 4, 1, 300.0), _row("zero2", 4, 2, 0.0, status="crash")])
+    path = plots.node_scaling_curves(group, "tiny", tmp_path / "across.png")
+    assert path == tmp_path / "across.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Only one-node cells, or no ok cell of several nodes: nothing to draw across nodes.
+    assert plots.node_scaling_curves(group[group["nodes"] == 1], "tiny", tmp_path / "one.png") is None
+    assert plots.node_scaling_curves(group[group["strategy"] == "zero2"], "tiny", tmp_path / "crash.png") is None
+    assert not (tmp_path / "one.png").exists()
 
 
 def test_one_node_records_and_old_records_get_no_across_table():

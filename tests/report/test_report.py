@@ -237,3 +237,20 @@ def test_trace_shading_counts_from_the_samplers_start(cpu, tmp_path):
     folder = write_folder(tmp_path / "trace", [rec])
     out = report.write_report([folder], tmp_path / "rep")
     assert (out / "nvml_trace.png").is_file()
+
+
+def test_cells_of_several_nodes_get_an_across_nodes_table_and_plot(cpu, tmp_path):
+    """A 2-node x 1-process ddp cell (the ranks of a real 2-process run, relabelled) beside the 1-node cells."""
+    two = copy.deepcopy(cpu["tiny-llama full ddp x2proc"])
+    two.settings = {**two.settings, "gpus": 1, "nodes": 2}
+    cell = CellSettings.model_validate(two.settings)
+    two.cell_id, two.label = cell.cell_id, cell.label
+    folder = write_folder(tmp_path / "nodes", [cpu["tiny-llama full ddp x1proc"], cpu["tiny-llama full ddp x2proc"], two])
+    out = report.write_report([folder], tmp_path / "rep")
+    assert_self_contained(out)
+    assert {"scaling_1.png", "scaling_nodes_1.png"} <= {p.name for p in out.glob("*.png")}
+    tables = csv_tables(out)
+    assert list(tables["scaling_1"]["strategy"]) == ["ddp"]  # within one node: the 1-node cells only
+    across = tables["scaling_nodes_1"].set_index("strategy")
+    assert re.fullmatch(r"\d+\.\d\dx \(\d+%\)", across.loc["ddp", "2 node(s): vs 1 node"])
+    assert "Scaling across nodes" in (out / "index.md").read_text()

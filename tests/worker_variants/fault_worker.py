@@ -4,12 +4,15 @@
 
 The fault is chosen by environment variables, which `accelerate launch` passes on to every rank:
 
-    BENCH_FAULT        oom | stuck | kill | host_oom | ignore_term | orphan | slow | build_lock   (unset: a normal run)
+    BENCH_FAULT        oom | stuck | kill | host_oom | host_alloc | ignore_term | orphan | slow | build_lock
+                       (unset: a normal run)
     BENCH_FAULT_RANK   the rank that fails (default 1; "all" for every rank)
     BENCH_FAULT_STEP   the training step at which it fails (default 1)
     BENCH_FAULT_SIGNAL the signal name for ``kill`` (default SIGKILL)
     BENCH_FAULT_CGROUP for ``host_oom``: a memory cgroup (made by the test, with a small limit) to join
-    BENCH_FAULT_SLEEP_S for ``slow``: seconds to sleep (default 5)
+    BENCH_FAULT_SLEEP_S for ``slow``: seconds to sleep (default 5); for ``host_alloc``: how long to wait to be
+                       killed (default 60)
+    BENCH_FAULT_MIB    for ``host_alloc``: MiB of host memory to allocate and touch (default 1024)
     BENCH_FAULT_PLAN   JSON {"<train.seed>": {"fault": ..., "rank": ..., "signal": ...}}: a different fault
                        per cell of one matrix (cells told apart by their seed); a seed not listed runs clean;
                        a key "mb<N>" picks the cells of micro-batch N (train.micro_batch auto's step-down)
@@ -64,6 +67,14 @@ def inject(fault: dict) -> None:
         Path(os.environ["BENCH_FAULT_CGROUP"], "cgroup.procs").write_text(str(os.getpid()))
         hog = [bytearray(16 * 2**20) for _ in range(64)]
         raise RuntimeError(f"host_oom fault: allocated {len(hog) * 16} MiB without being killed")
+    if fault["fault"] == "host_alloc":
+        # Allocate and touch host memory past a limit someone else enforces (Slurm's --mem, polled by its
+        # jobacct_gather plugin), then wait to be killed; a limit that never acts fails the rank.
+        hog = bytearray(int(os.environ.get("BENCH_FAULT_MIB", "1024")) * 2**20)
+        for i in range(0, len(hog), 4096):
+            hog[i] = 1
+        time.sleep(float(os.environ.get("BENCH_FAULT_SLEEP_S", "60")))
+        raise RuntimeError(f"host_alloc fault: touched {len(hog) // 2**20} MiB without being killed")
     if fault["fault"] == "ignore_term":
         # A rank that ignores SIGTERM (a process stuck in the driver): only SIGKILL ends it.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

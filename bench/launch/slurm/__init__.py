@@ -13,12 +13,12 @@ from bench.launch.slurm.commands import SlurmError, cancel, job_info, node_hostn
 from bench.launch.slurm.job import JobEnd, SlurmJob
 from bench.launch.slurm.script import (NODE_FILE, SCRIPT_FILE, SlurmOptions, accelerate_node_command,
                                        render_batch_script, slurm_time, write_batch_script)
-from bench.launch.slurm.states import (ACTIVE, BenchStatus, JobInfo, NodeEnd, SrunError, bench_status, failed_nodes,
-                                       read_node_ends, srun_errors)
+from bench.launch.slurm.states import (ACTIVE, BenchStatus, JobInfo, MemoryKill, NodeEnd, SrunError, bench_status,
+                                       failed_nodes, memory_kills, read_node_ends, srun_errors)
 
 __all__ = [
-    "ACTIVE", "BenchStatus", "JobEnd", "JobInfo", "NODE_FILE", "NodeEnd", "SCRIPT_FILE", "SlurmError", "SlurmJob",
-    "SlurmOptions", "SrunError", "accelerate_node_command", "bench_status", "cancel", "failed_nodes", "job_info",
-    "node_hostnames", "queue_state", "read_node_ends", "render_batch_script", "slurm_time", "srun_errors", "submit",
-    "write_batch_script",
+    "ACTIVE", "BenchStatus", "JobEnd", "JobInfo", "MemoryKill", "NODE_FILE", "NodeEnd", "SCRIPT_FILE", "SlurmError",
+    "SlurmJob", "SlurmOptions", "SrunError", "accelerate_node_command", "bench_status", "cancel", "failed_nodes",
+    "job_info", "memory_kills", "node_hostnames", "queue_state", "read_node_ends", "render_batch_script", "slurm_time",
+    "srun_errors", "submit", "write_batch_script",
 ]

@@ -6,6 +6,11 @@ ok only when every rank left its report (``srun`` hides which task failed, and a
 after a failed step); FAILED and NODE_FAIL are crashes; TIMEOUT a timeout; CANCELLED and PREEMPTED
 ``cancelled`` (a person or the scheduler ended it); OUT_OF_MEMORY an oom. A job that bench itself
 cancelled past its time limit is a timeout whatever Slurm calls it.
+
+Slurm ends a job OUT_OF_MEMORY only where its task/cgroup plugin enforces memory. A cluster that
+enforces ``--mem`` by polling instead (``JobAcctGatherParams=OverMemoryKill``, no cgroups) cancels the
+whole step and the job ends FAILED; the only sign is slurmstepd's line naming the node that went past
+the limit (``memory_kills``), while srun's first error line names whichever task it reaped first.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ _FINAL_STATUS: dict[str, BenchStatus] = {
 UNKNOWN = "UNKNOWN"  # the controller no longer knows the job (purged after MinJobAge) and no sacct
 
 _FIELD = re.compile(r"(?:^|\s)([A-Za-z][\w:/]*)=(\S*)")
+# slurmstepd's jobacct_gather (OverMemoryKill): "slurmstepd-n2: error: StepId=3.0 exceeded memory limit
+# (2321281024 > 2097152000), being killed"; the node suffix is there when slurmstepd knows its node name.
+_MEMORY_KILL = re.compile(r"^slurmstepd(?:-(?P<node>[^:\s]+))?: error: (?P<step>.+?) exceeded (?P<virtual>virtual )?"
+                          r"memory limit \((?P<used_bytes>\d+) > (?P<limit_bytes>\d+)\), being killed$", re.M)
 _SRUN_ERROR = re.compile(r"^srun: error: (?P<node>[^:\s]+): tasks? (?P<tasks>[\d,\-]+): (?P<what>.+)$", re.M)
 
 
@@ -86,6 +95,30 @@ class SrunError(BaseModel):
     what: str
 
 
+class MemoryKill(BaseModel):
+    """One node's step that Slurm's accounting poll found past the job's memory limit, and killed."""
+
+    node: str | None  # the Slurm node name, None where slurmstepd's log prefix does not carry it
+    step: str  # e.g. StepId=3.0
+    used_bytes: int  # the step's memory on that node at the poll (the sum of its processes' RSS)
+    limit_bytes: int
+    virtual: bool = False  # the virtual-memory limit (VSizeFactor) rather than the real one
+
+    def describe(self) -> str:
+        what = "virtual memory" if self.virtual else "memory"
+        return (f"{self.step} exceeded the job's {what} limit ({self.used_bytes / 2**20:.0f} MiB > "
+                f"{self.limit_bytes / 2**20:.0f} MiB), killed by Slurm")
+
+
+def memory_kills(err_text: str) -> list[MemoryKill]:
+    """slurmstepd's memory-limit kills in the job's error file, once per node and step, in order."""
+    kills: dict[tuple, MemoryKill] = {}
+    for m in _MEMORY_KILL.finditer(err_text):
+        kill = MemoryKill(**{**m.groupdict(), "virtual": bool(m.group("virtual"))})
+        kills.setdefault((kill.node, kill.step), kill)
+    return list(kills.values())
+
+
 def read_node_ends(folder: Path, nodes: int) -> dict[int, NodeEnd | None]:
     """Node rank -> its end, None for a node that wrote no file (killed, or never started)."""
     ends: dict[int, NodeEnd | None] = {}
@@ -102,9 +135,10 @@ def srun_errors(err_text: str) -> list[SrunError]:
 
 
 def failed_nodes(info: JobInfo, ends: dict[int, NodeEnd | None], err_text: str) -> list[str]:
-    """Who failed, in words (empty when nothing points at a node): srun's first error names the node and
-    task; node files with a non-zero exit code name node and node rank; missing node files last."""
-    named: list[str] = []
+    """Who failed, in words (empty when nothing points at a node), each "node NAME ...": a node whose step
+    Slurm killed past the memory limit first; then srun's first error (node and task); node files with
+    a non-zero exit code (node and node rank); missing node files last."""
+    named = [f"node {k.node}: {k.describe()}" for k in memory_kills(err_text) if k.node]
     errors = srun_errors(err_text)
     if errors:
         first = errors[0]
