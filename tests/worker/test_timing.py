@@ -22,6 +22,7 @@ from bench.records import RunRecord
 from bench.report import metrics
 from bench.spec import CellSettings, Limits, Matrix, MatrixError, Train, check_time_budget, expand
 from bench.worker.gc_window import GcWindow, POLICY
+from bench.worker.timing import RULE as RULE_TEXT
 from bench.worker.timing import (RULE_INDEPENDENT, STOP_REASONS, StoppingRule, dependence, effective_ranks,
                                  median_interval, order_statistic_ranks)
 from conftest import REPO
@@ -243,6 +244,21 @@ def test_min_timed_s_keeps_old_cell_ids_at_its_default_and_changes_them_when_set
     timing = {**record.settings["train"]["timing"], "min_timed_s": 10}
     changed = CellSettings.model_validate({**record.settings, "train": {**record.settings["train"], "timing": timing}})
     assert changed.cell_id != record.cell_id
+
+
+def test_committed_records_name_the_independent_rule_and_still_give_their_interval():
+    """Records timed before serial dependence was accounted for: their rule string says so, they have no
+    rho1 / n_eff, and the report still reads their interval from them."""
+    from bench.records import load_records
+
+    for record in load_records(REPO / "results" / "nightly-h200" / "2026-11-30-997c560-5"):
+        timing = record.ranks[0]["timing"]
+        assert "n_eff" not in timing["rule"] and "n_eff" in RULE_TEXT and "n_eff" not in RULE_INDEPENDENT
+        assert "n_eff" not in timing and "rho1" not in timing
+        assert CellSettings.model_validate(record.settings).cell_id == record.cell_id  # ids unchanged
+        times = metrics.timed_step_times(record)
+        low, high, _, source = metrics._launch_interval(record, times, float(np.median(times)))
+        assert source == "timing" and low < float(np.median(times)) < high
 
 
 def test_min_timed_s_above_max_timed_s_is_refused_naming_both_keys():
