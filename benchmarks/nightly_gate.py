@@ -20,9 +20,11 @@ Each folder is one night. Three parts:
 5. With ``--window S``: the stopping rule (bench/worker/timing.py) replayed on launches resampled from the
    recorded steps, with each cell's recorded timing settings under three rules: ``independent`` (the
    interval taking steps as independent, the rule before serial dependence was accounted for), ``serial``
-   (the current rule: the interval on the effective number of steps) and ``window`` (a fixed window of S
-   timed seconds, ``train.timing.min_timed_s = max_timed_s = S``): per cell, the share of launches that
-   stop "converged" before their cap, the steps taken, and the spread of the launch figure (s.d. of the
+   (the current rule: the interval on the effective number of steps), ``serial-cap`` (the same with S timed
+   seconds as its cap, no minimum) and ``window`` (a fixed window of S timed seconds,
+   ``train.timing.min_timed_s = max_timed_s = S``): per cell, the share of launches that
+   stop "converged" before their cap (and of those, with a figure more than 3 % from the median of all the
+   cell's recorded steps: fooled by an unrepresentative stretch), the steps taken, and the spread of the launch figure (s.d. of the
    log median step time), which then feeds the projection of part 3 (1 launch a night). Resampling keeps
    runs of consecutive steps together (blocks of ``--block`` steps), so steps that come in episodes stay
    so; ``--draw launch`` picks a recorded launch, then a start in it (a short launch's steps weigh as much
@@ -110,6 +112,9 @@ def simulate(sd_between: float, sd_within: float, launches: int, nights: int, sh
     return false / draws, hits / draws
 
 
+FOOLED = 0.03  # a launch figure this far from all recorded steps' median, stopped converged: fooled
+
+
 def block_starts(series: list[np.ndarray], block: int) -> list[tuple[int, int]]:
     """(launch, start) of every run of ``block`` consecutive recorded steps (a shorter launch: its start)."""
     return [(i, start) for i, launch in enumerate(series) for start in range(max(1, len(launch) - block + 1))]
@@ -142,25 +147,30 @@ def resampled_launch(series: list[np.ndarray], rule: StoppingRule, block: int, r
                               tuple(times))
 
 
-def recorded_stop(times: np.ndarray, rule: StoppingRule) -> int | None:
-    """The step at which ``rule`` would have stopped this recorded series; None if not within it."""
+def recorded_stop(times: np.ndarray, rule: StoppingRule) -> tuple[int, str] | None:
+    """(step, reason) at which ``rule`` would have stopped this recorded series; None if not within it."""
     elapsed = np.cumsum(times)
-    return next((n for n in range(1, len(times) + 1) if rule.stop_reason(list(times[:n]), float(elapsed[n - 1]))),
-                None)
+    for n in range(1, len(times) + 1):
+        if reason := rule.stop_reason(list(times[:n]), float(elapsed[n - 1])):
+            return n, reason
+    return None
 
 
 def replay_rules(recorded: StoppingRule, window_s: float) -> dict[str, StoppingRule]:
-    """The rules part 5 compares, each with the cell's recorded settings."""
+    """The rules part 5 compares, each with the cell's recorded settings; ``serial-cap``: the serial rule with
+    the window's length as its cap only (may it stop earlier, or does the cell need the fixed window?)."""
     return {"independent": replace(recorded, serial=False), "serial": replace(recorded, serial=True),
+            "serial-cap": replace(recorded, serial=True, max_timed_s=window_s),
             "window": replace(recorded, min_timed_s=window_s, max_timed_s=window_s)}
 
 
 def replay_window(folders: list[Path], window_s: float, block: int, draws: int, rng: np.random.Generator,
                   draw: str = "launch") -> dict[str, tuple[str, dict[str, dict]]]:
     """Per cell: label, and per rule of ``replay_rules``: ``early`` (share stopped converged before the time
-    cap), ``sd`` (s.d. of the log launch figure), ``shift`` (mean log change of the launch figure against the
-    independent rule's), ``steps`` (steps taken, each resampled launch) and ``recorded`` (where it would
-    have stopped each recorded series, None past its end, with the series' length)."""
+    cap), ``fooled`` (those of them whose figure lies more than ``FOOLED`` from the median of all the cell's
+    recorded steps: converged on an unrepresentative stretch, such as one fast episode), ``sd`` (s.d. of the log launch figure), ``shift`` (mean log change of the launch figure against the
+    independent rule's), ``steps`` (steps taken, each resampled launch) and ``recorded`` (where and why it
+    would have stopped each recorded series, None past its end, with the series' length)."""
     out = {}
     by_cell: dict[str, list] = {}
     for r in load_nights(folders):
@@ -173,8 +183,10 @@ def replay_window(folders: list[Path], window_s: float, block: int, draws: int, 
         figures = {name: [resampled_launch(series, rule, block, rng, draw) for _ in range(draws)]
                    for name, rule in rules.items()}
         centre = float(np.mean(np.log([f.median for f in figures["independent"]])))
+        pooled = float(np.median(np.concatenate(series)))
         out[cell_id] = (launches[0][0].label, {
             name: {"early": float(np.mean([f.early for f in fs])),
+                   "fooled": float(np.mean([f.early and abs(f.median / pooled - 1) > FOOLED for f in fs])),
                    "sd": float(np.std(np.log([f.median for f in fs]), ddof=1)),
                    "shift": float(np.mean(np.log([f.median for f in fs]))) - centre,
                    "steps": [len(f.times) for f in fs],
@@ -186,14 +198,16 @@ def replay_window(folders: list[Path], window_s: float, block: int, draws: int, 
 def print_window(folders: list[Path], args, t: Thresholds, rng: np.random.Generator) -> None:
     print(f"\nstopping rule replayed ({args.replay_draws} resampled launches a cell, blocks of {args.block} steps, "
           f"drawn by {args.draw}): recorded timing settings, steps taken as independent / the serial-dependence "
-          f"interval / a fixed {args.window:g} s window; then the projection of part 3 with that spread, 1 launch "
+          f"interval / the same capped at {args.window:g} s / a fixed {args.window:g} s window; then the projection of part 3 with that spread, 1 launch "
           f"a night: false alarms / x{args.slowdown:g} detected; and where each rule stops the recorded series")
     for label, rows in replay_window(folders, args.window, args.block, args.replay_draws, rng, args.draw).values():
         for name, row in rows.items():
             proj = "  ".join(f"k={k}: {fa:.1%} / {hit:.0%}" for k in (5, 10)
                              for fa, hit in [simulate(0.0, row["sd"], 1, k, args.slowdown, t, args.draws, rng)])
-            stops = ", ".join(str(n) if n else f">{length}" for n, length in row["recorded"])
-            print(f"  {label:45s} {name:11s} converged before the cap {row['early']:4.0%}  steps median "
+            stops = ", ".join(f">{length}" if stop is None else str(stop[0]) if stop[1] == "converged"
+                              else f"{stop[0]} ({stop[1]})" for stop, length in row["recorded"])
+            print(f"  {label:45s} {name:11s} converged before the cap {row['early']:4.0%} (>{FOOLED:.0%} off: "
+                  f"{row['fooled']:4.1%})  steps median "
                   f"{np.median(row['steps']):4.0f} mean {np.mean(row['steps']):5.1f}  launch s.d. {row['sd']:5.1%}  "
                   f"figure {np.expm1(row['shift']):+5.1%}   {proj}   recorded series stop at [{stops}]")
 

@@ -76,7 +76,11 @@ def test_replay_on_the_committed_zero3_nights():
     out = ng.replay_window(folders, 60.0, 10, 40, np.random.default_rng(1))
     (rows,) = [rows for label, rows in out.values() if "zero3" in label]
     assert rows["window"]["early"] == 0 and 0 < rows["window"]["sd"] < rows["independent"]["sd"] < 0.05
+    assert rows["window"]["fooled"] == 0 and 0 <= rows["serial"]["fooled"] <= rows["serial"]["early"] <= 1
     # the recorded series as they were: the independent rule stops the fifth night's at its 20th step, as it did
-    assert (20, 20) in rows["independent"]["recorded"] and [n for n, _ in rows["window"]["recorded"]] == [None] * 5
+    assert ((20, "converged"), 20) in rows["independent"]["recorded"]
+    assert [stop for stop, _ in rows["window"]["recorded"]] == [None] * 5  # no night timed 60 s
+    # the other cells' recorded series: the rule they ran stopped each converged within 20-28 steps, as recorded
     others = [rows for label, rows in out.values() if "zero3" not in label]
-    assert len(others) == 3 and all(max(r["independent"]["recorded"])[0] <= 28 for r in others)
+    assert len(others) == 3
+    assert all(stop[1] == "converged" and 20 <= stop[0] <= 28 for r in others for stop, _ in r["independent"]["recorded"])
