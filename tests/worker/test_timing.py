@@ -122,12 +122,15 @@ def first_stop(rule: StoppingRule, times: list[float]) -> tuple[int, str]:
 
 
 def test_independent_steps_cost_about_what_they_did():
-    """1 % and 2 % jitter, independent: the dependence estimate's own noise costs a few steps, not more."""
-    independent = replace(RULE, serial=False)
-    for sd, allowed in ((0.01, 1.1), (0.02, 1.2)):
+    """Independent steps: the dependence estimate's own noise (tau above 1 on about half of such series) costs
+    some steps, never saves any (the interval is never narrower), and nothing at all on steady steps.
+    Measured on these 60 series: x1.01 at 0.5 % jitter, x1.08 at 1 %, x1.30 at 2 %."""
+    uncapped = replace(RULE, max_timed_s=1e9)
+    independent = replace(uncapped, serial=False)
+    for sd, allowed in ((0.005, 1.03), (0.01, 1.15), (0.02, 1.4)):
         series = [list(1.2 * (1 + sd * np.random.default_rng(s).standard_normal(300))) for s in range(60)]
         old = np.mean([first_stop(independent, x)[0] for x in series])
-        new = np.mean([first_stop(RULE, x)[0] for x in series])
+        new = np.mean([first_stop(uncapped, x)[0] for x in series])
         assert old <= new <= allowed * old, (sd, old, new)
 
 
