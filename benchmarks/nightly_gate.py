@@ -18,12 +18,22 @@ Each folder is one night. Three parts:
 4. With ``--grid``: the same simulation over a grid of spreads (between nights 0-2 %, within a night 1-5 %,
    2 launches a night, 5 baseline nights): which spreads let the gate catch the slowdown.
 5. With ``--window S``: the stopping rule (bench/worker/timing.py) replayed on launches resampled from the
-   recorded steps, once with each cell's recorded timing settings and once with a fixed window of S timed
-   seconds (``train.timing.min_timed_s = max_timed_s = S``): per cell, the share of launches that stop
-   "converged" before their cap, and the spread of the launch figure (s.d. of the log median step time), which
-   then feeds the projection of part 3 (1 launch a night). Resampling keeps runs of consecutive steps together
-   (blocks of ``--block`` steps, drawn from any launch of the cell), so steps that come in episodes stay so;
-   it sees only the spread inside launches, none that whole launches or nights add.
+   recorded steps, with each cell's recorded timing settings under three rules: ``independent`` (the
+   interval taking steps as independent, the rule before serial dependence was accounted for), ``serial``
+   (the current rule: the interval on the effective number of steps), ``serial-cap`` (the same with S timed
+   seconds as its cap, no minimum) and ``window`` (a fixed window of S timed seconds,
+   ``train.timing.min_timed_s = max_timed_s = S``): per cell, the share of launches that
+   stop "converged" before their cap (and of those, with a figure more than 3 % from the median of all the
+   cell's recorded steps: fooled by an unrepresentative stretch), the steps taken, and the spread of the launch figure (s.d. of the
+   log median step time), which then feeds the projection of part 3 (1 launch a night). Resampling keeps
+   runs of consecutive steps together (blocks of ``--block`` steps), so steps that come in episodes stay
+   so; ``--draw launch`` picks a recorded launch, then a start in it (a short launch's steps weigh as much
+   as a long one's), ``--draw step`` a start among all recorded blocks (each recorded step alike),
+   ``--draw within`` one recorded launch for all of a resampled launch's blocks (no shift between nights'
+   levels inside a launch: what a rule costs on steps as steady as one launch's). It sees
+   only the spread inside launches, none that whole launches or nights add. It also replays each rule on
+   every recorded series as it was, step by step: where it would have stopped (``>n``: not within the n
+   recorded steps).
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -101,25 +112,65 @@ def simulate(sd_between: float, sd_within: float, launches: int, nights: int, sh
     return false / draws, hits / draws
 
 
-def resampled_launch(series: list[np.ndarray], rule: StoppingRule, block: int,
-                     rng: np.random.Generator) -> tuple[float, bool]:
+FOOLED = 0.03  # a launch figure this far from all recorded steps' median, stopped converged: fooled
+
+
+def block_starts(series: list[np.ndarray], block: int) -> list[tuple[int, int]]:
+    """(launch, start) of every run of ``block`` consecutive recorded steps (a shorter launch: its start)."""
+    return [(i, start) for i, launch in enumerate(series) for start in range(max(1, len(launch) - block + 1))]
+
+
+class Launch(NamedTuple):
+    median: float
+    early: bool  # stopped converged before the time cap
+    times: tuple[float, ...]  # the steps it took
+
+
+def resampled_launch(series: list[np.ndarray], rule: StoppingRule, block: int, rng: np.random.Generator,
+                     draw: str = "launch") -> Launch:
     """One launch stepped until ``rule`` stops it, its steps drawn in runs of ``block`` consecutive recorded
-    steps (a random launch, a random start): (median step time, whether it stopped converged before the
-    time cap)."""
+    steps (``draw``: "launch", a random launch then a random start; "step", a random start among all recorded
+    blocks; "within", a random start in one launch picked once)."""
+    starts = block_starts(series, block) if draw == "step" else None
+    one = rng.integers(len(series))
     times: list[float] = []
     while True:
-        launch = series[rng.integers(len(series))]
-        start = rng.integers(max(1, len(launch) - block + 1))
-        for t in launch[start:start + block]:
+        if starts is not None:
+            i, start = starts[rng.integers(len(starts))]
+        else:
+            i = one if draw == "within" else rng.integers(len(series))
+            start = rng.integers(max(1, len(series[i]) - block + 1))
+        for t in series[i][start:start + block]:
             times.append(float(t))
             if reason := rule.stop_reason(times, timed_s := sum(times)):
-                return float(np.median(times)), reason == "converged" and timed_s < rule.max_timed_s
+                return Launch(float(np.median(times)), reason == "converged" and timed_s < rule.max_timed_s,
+                              tuple(times))
 
 
-def replay_window(folders: list[Path], window_s: float, block: int, draws: int,
-                  rng: np.random.Generator) -> dict[str, tuple[str, dict[str, tuple[float, float, float]]]]:
-    """Per cell: label, and for "recorded" and "window" rules (share stopped converged before the time cap,
-    s.d. of the log launch figure, mean log change of the launch figure against the recorded rule's)."""
+def recorded_stop(times: np.ndarray, rule: StoppingRule) -> tuple[int, str] | None:
+    """(step, reason) at which ``rule`` would have stopped this recorded series; None if not within it."""
+    elapsed = np.cumsum(times)
+    for n in range(1, len(times) + 1):
+        if reason := rule.stop_reason(list(times[:n]), float(elapsed[n - 1])):
+            return n, reason
+    return None
+
+
+def replay_rules(recorded: StoppingRule, window_s: float) -> dict[str, StoppingRule]:
+    """The rules part 5 compares, each with the cell's recorded settings; ``serial-cap``: the serial rule with
+    the window's length as its cap only (may it stop earlier, or does the cell need the fixed window?)."""
+    return {"independent": replace(recorded, serial=False), "serial": replace(recorded, serial=True),
+            "serial-cap": replace(recorded, serial=True, max_timed_s=window_s),
+            "window": replace(recorded, min_timed_s=window_s, max_timed_s=window_s)}
+
+
+def replay_window(folders: list[Path], window_s: float, block: int, draws: int, rng: np.random.Generator,
+                  draw: str = "launch") -> dict[str, tuple[str, dict[str, dict]]]:
+    """Per cell: label, and per rule of ``replay_rules``: ``early`` (share stopped converged before the time
+    cap), ``fooled`` (those of them whose figure lies more than ``FOOLED`` from the median of all the cell's
+    recorded steps: converged on an unrepresentative stretch, such as one fast episode), ``sd`` (s.d. of the log launch figure), ``shift`` (mean log change of the launch figure against the
+    independent rule's), ``steps`` (steps taken, each resampled launch) and ``recorded`` (where and why it
+    would have stopped each recorded series, None past its end, with the series' length)."""
     out = {}
     by_cell: dict[str, list] = {}
     for r in load_nights(folders):
@@ -128,28 +179,37 @@ def replay_window(folders: list[Path], window_s: float, block: int, draws: int,
     for cell_id, launches in by_cell.items():
         series = [t for _, t in launches]
         recorded = StoppingRule.from_train(CellSettings.model_validate(launches[0][0].settings).train)
-        rules = {"recorded": recorded, "window": replace(recorded, min_timed_s=window_s, max_timed_s=window_s)}
-        figures = {name: [resampled_launch(series, rule, block, rng) for _ in range(draws)]
+        rules = replay_rules(recorded, window_s)
+        figures = {name: [resampled_launch(series, rule, block, rng, draw) for _ in range(draws)]
                    for name, rule in rules.items()}
-        centre = float(np.mean(np.log([m for m, _ in figures["recorded"]])))
+        centre = float(np.mean(np.log([f.median for f in figures["independent"]])))
+        pooled = float(np.median(np.concatenate(series)))
         out[cell_id] = (launches[0][0].label, {
-            name: (float(np.mean([early for _, early in f])),
-                   float(np.std(np.log([m for m, _ in f]), ddof=1)),
-                   float(np.mean(np.log([m for m, _ in f]))) - centre)
-            for name, f in figures.items()})
+            name: {"early": float(np.mean([f.early for f in fs])),
+                   "fooled": float(np.mean([f.early and abs(f.median / pooled - 1) > FOOLED for f in fs])),
+                   "sd": float(np.std(np.log([f.median for f in fs]), ddof=1)),
+                   "shift": float(np.mean(np.log([f.median for f in fs]))) - centre,
+                   "steps": [len(f.times) for f in fs],
+                   "recorded": [(recorded_stop(t, rules[name]), len(t)) for t in series]}
+            for name, fs in figures.items()})
     return out
 
 
 def print_window(folders: list[Path], args, t: Thresholds, rng: np.random.Generator) -> None:
-    print(f"\nstopping rule replayed ({args.replay_draws} resampled launches a cell, blocks of {args.block} steps): "
-          f"recorded timing settings vs a fixed {args.window:g} s window; then the projection of part 3 with that "
-          f"spread, 1 launch a night: false alarms / x{args.slowdown:g} detected")
-    for label, rows in replay_window(folders, args.window, args.block, args.replay_draws, rng).values():
-        for name, (early, sd, shift) in rows.items():
+    print(f"\nstopping rule replayed ({args.replay_draws} resampled launches a cell, blocks of {args.block} steps, "
+          f"drawn by {args.draw}): recorded timing settings, steps taken as independent / the serial-dependence "
+          f"interval / the same capped at {args.window:g} s / a fixed {args.window:g} s window; then the projection of part 3 with that spread, 1 launch "
+          f"a night: false alarms / x{args.slowdown:g} detected; and where each rule stops the recorded series")
+    for label, rows in replay_window(folders, args.window, args.block, args.replay_draws, rng, args.draw).values():
+        for name, row in rows.items():
             proj = "  ".join(f"k={k}: {fa:.1%} / {hit:.0%}" for k in (5, 10)
-                             for fa, hit in [simulate(0.0, sd, 1, k, args.slowdown, t, args.draws, rng)])
-            print(f"  {label:45s} {name:8s} converged before the cap {early:4.0%}  launch s.d. {sd:5.1%}  "
-                  f"figure {np.expm1(shift):+5.1%}   {proj}")
+                             for fa, hit in [simulate(0.0, row["sd"], 1, k, args.slowdown, t, args.draws, rng)])
+            stops = ", ".join(f">{length}" if stop is None else str(stop[0]) if stop[1] == "converged"
+                              else f"{stop[0]} ({stop[1]})" for stop, length in row["recorded"])
+            print(f"  {label:45s} {name:11s} converged before the cap {row['early']:4.0%} (>{FOOLED:.0%} off: "
+                  f"{row['fooled']:4.1%})  steps median "
+                  f"{np.median(row['steps']):4.0f} mean {np.mean(row['steps']):5.1f}  launch s.d. {row['sd']:5.1%}  "
+                  f"figure {np.expm1(row['shift']):+5.1%}   {proj}   recorded series stop at [{stops}]")
 
 
 def main(argv=None) -> int:
@@ -162,6 +222,9 @@ def main(argv=None) -> int:
                                                 "timed seconds (part 5)")
     p.add_argument("--block", type=int, default=10, help="consecutive recorded steps kept together (part 5)")
     p.add_argument("--replay-draws", type=int, default=400, help="resampled launches per cell and rule (part 5)")
+    p.add_argument("--draw", choices=("launch", "step", "within"), default="launch",
+                   help="part 5: a random launch then a start in it, a start among all recorded blocks, or starts "
+                        "in one launch")
     args = p.parse_args(argv)
     t = Thresholds()
     print("\n".join(leave_one_out(args.nights, args.slowdown, t)))
