@@ -86,7 +86,8 @@ def pytest_report_collectionfinish(config, start_path, items):
 # lanes, each lane one xdist group on one worker, as they ran before xdist:
 #   "launch":       DeepSpeed cells (their ops build into and load from torch's extension cache), the Slurm
 #                   cluster (two jobs at most fit at once), the session's `cpu_results`, and any `slow` test
-#                   that names no lane. The default: a launch test left unmarked runs here.
+#                   that names no lane (marker `launch` for a quick one). A launch test with none of these marks
+#                   would run beside both lanes as if it were pure Python: mark it.
 #   "launch-aside": DDP / FSDP / plain-gloo launches only (marker `launch_aside`), with a TORCH_EXTENSIONS_DIR of
 #                   their own: a cell that ends non-ok releases every build lock made since it started
 #                   (bench/launch/build_locks.py), which must never be the other lane's live DeepSpeed build.
