@@ -53,6 +53,7 @@ def run_night(root: Path, baselines: Path, *extra: str, **kwargs):
     return proc, night, t0, time.time()
 
 
+@pytest.mark.launch_aside
 @pytest.mark.slow
 def test_nights_make_a_baseline_and_the_gate_flags_a_slowed_night(tmp_path):
     root, baselines = tmp_path / "nights", tmp_path / "baselines"
@@ -95,6 +96,7 @@ def test_nights_make_a_baseline_and_the_gate_flags_a_slowed_night(tmp_path):
     assert {r.cell_id for r in load_any(night)} == {r.cell_id for r in load_any(nights[0])}
 
 
+@pytest.mark.launch_aside
 @pytest.mark.slow
 def test_a_night_that_measures_nothing_fails(tmp_path):
     root = tmp_path / "nights"
@@ -105,6 +107,7 @@ def test_a_night_that_measures_nothing_fails(tmp_path):
     assert check["exit_code"] == 1 and "no launch measured anything" in check["unmeasured"]
 
 
+@pytest.mark.launch_aside
 def test_resume_refuses_records_it_did_not_write(tmp_path):
     """A folder holding records of other hardware and another commit (a committed H200 night) is not resumed."""
     results = tmp_path / "results"

@@ -53,6 +53,7 @@ def test_records_of_real_cpu_runs(cpu_results):
     assert "distributed_type: DEEPSPEED" in open(f"{cell_dir}/accelerate.yaml").read()
 
 
+@pytest.mark.launch_aside
 def test_timing_goes_past_the_minimum_until_the_rule_stops_it(tmp_path):
     """Two gloo ranks under the default-style rule with CPU-sized caps: at least train.steps timed steps,
     and the reason recorded agrees with the interval, the step count and the time reached."""

@@ -194,6 +194,7 @@ def test_estimate_command_prints_every_cell(tmp_path):
     assert "skip (" in table and "fits (" in table  # ZeRO's 5e8-element reduce buckets alone exceed 1.5 GiB
 
 
+@pytest.mark.launch_aside
 def test_run_skips_a_cell_predicted_not_to_fit_and_force_launches_it(tmp_path):
     matrix = write_matrix(tmp_path, "pre", strategy="ddp", gpus=1)
     results = tmp_path / "results"

@@ -41,6 +41,7 @@ def test_step_down_lowers_by_a_quarter_and_stops_below_one():
     assert [step_down(m) for m in (16, 8, 4, 3, 2, 1)] == [12, 6, 3, 2, 1, None]
 
 
+@pytest.mark.launch_aside
 @pytest.mark.slow
 def test_out_of_memory_at_the_proposal_steps_down_to_one_record(tmp_path, monkeypatch):
     from bench.launch.plan import build_plan

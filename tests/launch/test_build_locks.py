@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
 from conftest import bench, write_matrix
 from torch.utils.file_baton import FileBaton
 
@@ -34,6 +35,7 @@ def test_no_extensions_folder_releases_nothing(tmp_path):
     assert release_locks_left_by(0.0, tmp_path / "absent") == []
 
 
+@pytest.mark.launch_aside
 def test_a_hung_cell_holding_a_build_lock_is_recorded_with_the_lock_released(tmp_path):
     """Real launch: the rank takes torch's build lock and hangs; bench stops it as a hang, deletes the lock
     and names it in the record."""

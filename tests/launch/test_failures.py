@@ -25,6 +25,7 @@ from bench.records import load_records
 
 FAULTY = "tiny-llama full ddp x2proc"
 HEALTHY = "tiny-llama full ddp x1proc"
+pytestmark = pytest.mark.launch_aside  # DDP cells only (tests/conftest.py: launch lanes)
 
 # One matrix, one fault per cell (cells told apart by train.seed): the faults must not stop the others.
 FAULT_PLAN = {

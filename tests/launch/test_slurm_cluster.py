@@ -5,7 +5,8 @@ that did not come up cannot pass CI silently.
 
 Slurm's own time limit is not tested here: it counts in whole minutes and slurmctld checks it every
 30 s, so a 1-minute job ends TIMEOUT after about 90 s (measured: 87 s). bench's own limit, which cancels
-the job, is tested here; a whole cell past Slurm's limit once, marked slow, in test_slurm_runs.py.
+the job, is tested here; a whole cell past Slurm's limit once, marked slow, in test_slurm_runs.py: its job
+is submitted by this module's cluster fixture and waited for at the end of the session.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,34 +27,17 @@ import yaml
 from bench.launch.slurm import (SlurmJob, SlurmOptions, accelerate_node_command, bench_status, failed_nodes, job_info,
                                 queue_state, read_node_ends, render_batch_script, write_batch_script)
 
-from conftest import REPO, WORKER_VARIANTS
+from conftest import REPO, SLURM_TIME_LIMIT_TEST, WORKER_VARIANTS, require_slurm_cluster
 
 pytestmark = pytest.mark.slurm
-NODES = ("n1", "n2")
-
-
-def _cluster_problem() -> str | None:
-    """Why the two-node cluster is not usable here, or None."""
-    if shutil.which("sinfo") is None:
-        return "sinfo not found: no Slurm client here (start a test cluster: sudo .ci/slurm-cluster.sh start)"
-    proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=30)
-    if proc.returncode != 0:
-        return f"sinfo failed ({proc.stderr.strip()}): is slurmctld up? (.ci/slurm-cluster.sh start)"
-    states = dict(line.split() for line in proc.stdout.splitlines() if line.strip())
-    usable = [n for n in NODES if states.get(n, "").rstrip("*") in ("idle", "mix", "alloc", "comp")]
-    if len(usable) < 2:
-        return f"nodes n1 n2 not both up (sinfo: {states}): .ci/slurm-cluster.sh status"
-    return None
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cluster() -> None:
-    problem = _cluster_problem()
-    if problem is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true and the Slurm test cluster is not usable: {problem}", pytrace=False)
-    pytest.skip(problem)
+def cluster(request) -> None:
+    require_slurm_cluster()
+    if any(item.originalname == SLURM_TIME_LIMIT_TEST for item in request.session.items):
+        # Submitted now, with the first Slurm test; its test runs last and waits for it (tests/conftest.py).
+        request.getfixturevalue("slurm_time_limit_run")
 
 
 def _script(folder: Path, node_command: str, nodes: int = 2, **options) -> Path:

@@ -160,16 +160,13 @@ def test_a_job_someone_else_cancels_is_cancelled(tmp_path):
     assert _queue_empty_of(record.slurm["job_id"])
 
 
-def test_a_job_past_slurms_own_time_limit_is_a_timeout_keeping_the_slurm_state(tmp_path):
+def test_a_job_past_slurms_own_time_limit_is_a_timeout_keeping_the_slurm_state(slurm_time_limit_run):
     """Slurm's --time (1 minute, its least), bench's limits far off: every rank sleeps in its first step until
-    slurmctld ends the job TIMEOUT (it checks limits every 30 s: about 60-95 s)."""
-    matrix = write_matrix(tmp_path, "slurm-time", launcher="slurm", slurm={"time_limit_s": 60},
-                          limits={"timeout_s": 400, "hang_s": 400, "startup_s": 300, "collective_timeout_s": 400},
-                          grid={"nodes": [2], "gpus": [1]})
-    proc = bench("run", str(matrix), "--results", str(tmp_path / "results"), "--worker", "fault_worker",
-                 env={"BENCH_FAULT": "stuck", "BENCH_FAULT_RANK": "all"})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    [record] = load_records(tmp_path / "results")
+    slurmctld ends the job TIMEOUT (it checks limits every 30 s: about 60-95 s). The run (tests/conftest.py's
+    slurm_time_limit_run) was started with the first Slurm test; this test runs last and waits for it."""
+    returncode, output = slurm_time_limit_run.wait(timeout=600)
+    assert returncode == 0, output
+    [record] = load_records(slurm_time_limit_run.folder / "results")
     assert record.status == "timeout", record.error
     assert record.slurm["state"] == "TIMEOUT"
     assert "past Slurm's time limit" in record.error.message and "slurm.time_limit_s" in record.error.message

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -25,6 +26,7 @@ def _first_batch(vocab: int, seq_len: int, micro_batch: int) -> torch.Tensor:
     return torch.randint(0, vocab, (micro_batch, seq_len), generator=g)
 
 
+@pytest.mark.launch_aside
 def test_local_folder_loads_its_weights(tmp_path):
     model = _save_tiny_model(tmp_path / "my-model")
     assert any((tmp_path / "my-model").glob("*.safetensors"))

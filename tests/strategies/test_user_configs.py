@@ -65,6 +65,7 @@ def test_trainer_style_zero2_json_is_resolved_and_planned_for_two_cpu_processes(
     assert info["scheduler"] == "DeepSpeed WarmupDecayLR from the JSON's scheduler block"
 
 
+@pytest.mark.launch_aside
 def test_user_accelerate_yaml_ddp_runs_with_the_cells_process_count(tmp_path):
     user = _user_ddp_yaml(tmp_path)
     matrix = write_matrix(tmp_path, "useryaml", strategy=str(user), gpus=2)

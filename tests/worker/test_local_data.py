@@ -53,6 +53,7 @@ def _cell(source: Path, tokenizer: Path, padding: str) -> CellSettings:
 
 # ---------------------------------------------------------------- real CPU cells through the CLI
 
+@pytest.mark.launch_aside
 def test_each_padding_mode_runs_and_counts_real_tokens(tmp_path, corpus):
     data = {"source": str(corpus["jsonl"]), "tokenizer": str(corpus["tokenizer"])}
     matrix = write_matrix(tmp_path, "local", gpus=2, data=data, grid={"data.padding": ["longest", "max_length", "pack"]})

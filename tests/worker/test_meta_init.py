@@ -199,6 +199,7 @@ def _sharded_worker(rank: int, world: int, port: int, flavour: str, tie: bool, o
         dist.destroy_process_group()
 
 
+@pytest.mark.launch_aside
 @pytest.mark.timeout(120)
 # About 10 s each on 2 cores. FSDP1 runs only tied: its BFS reaches lm_head before embed_tokens, the
 # case where replacing (rather than swapping) the parameter would split the tie.
@@ -391,6 +392,7 @@ def _accelerate_worker(rank: int, world: int, port: int, version: int, precision
                          [(1, "bf16", "none"), (2, "bf16", "none"), (1, "fp32", "none"), (1, "bf16", "lora"),
                           (2, "bf16", "lora")],
                          ids=["fsdp1-bf16", "fsdp2-bf16", "fsdp1-fp32", "fsdp1-bf16-lora", "fsdp2-bf16-lora"])
+@pytest.mark.launch_aside
 def test_worker_meta_path_through_accelerate(version, precision, adapter, tmp_path):
     """bench.worker's build_model(on_meta) + the FSDP preparer's prepare under accelerate's own FSDP prepare, 2 ranks;
     with LoRA, the adapters start as peft starts them (B zero) and are what trains."""

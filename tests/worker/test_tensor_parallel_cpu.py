@@ -126,6 +126,7 @@ def _spawn(tmp_path, *args) -> list[dict]:
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
+@pytest.mark.launch_aside
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
@@ -139,6 +140,7 @@ def test_tensor_parallel_trains_as_the_whole_model(tie, tmp_path):
         assert rep["losses"][-1] < rep["losses"][0]
 
 
+@pytest.mark.launch_aside
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_meta_model_split_then_materialised_holds_each_rank_s_slices(tmp_path):
@@ -150,6 +152,7 @@ def test_meta_model_split_then_materialised_holds_each_rank_s_slices(tmp_path):
     assert reports[0]["q_first"] != reports[1]["q_first"]  # two slices of one weight, not one slice twice
 
 
+@pytest.mark.launch_aside
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_lora_on_the_split_model_computes_another_loss(tmp_path):
@@ -180,6 +183,7 @@ def _cp_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.launch_aside
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_context_parallel_has_no_rule_for_the_cpu_attention_kernel(tmp_path):

@@ -349,6 +349,7 @@ def as_record(cell: CellSettings, ranks: list[dict]) -> RunRecord:
                      status="ok", ranks=ranks, started_at=0.0, wall_s=1.0)
 
 
+@pytest.mark.launch_aside
 def test_ranks_of_different_speeds_stop_together_on_the_slowest_series(tmp_path):
     # ci_target far below any real jitter: the rule runs to max_steps, the same step on both ranks.
     cell = CellSettings(gpus=2, train={"warmup_steps": 1, "steps": 6,
@@ -367,6 +368,7 @@ def test_ranks_of_different_speeds_stop_together_on_the_slowest_series(tmp_path)
     assert np.median([s["time_s"] for s in fast["steps"][1:]]) < fast["timing"]["median_s"]
 
 
+@pytest.mark.launch_aside
 def test_a_steady_loop_stops_converged_and_keeps_the_collector_out(tmp_path):
     cell = CellSettings(train={"warmup_steps": 1, "steps": 6,
                                "timing": {"ci_target": 0.5, "max_steps": 50, "max_timed_s": 600}})
