@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# Re-run this cell by hand
+BENCH_COLLECTIVE_TIMEOUT_S=60 CUDA_VISIBLE_DEVICES=0,1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TORCH_CUDA_ARCH_LIST=9.0 TORCH_NCCL_ASYNC_ERROR_HANDLING=1 TRANSFORMERS_OFFLINE=1 /opt/torch/.venv/bin/python3 -m accelerate.commands.launch --config_file /work/main/results/nightly-h200-w60/2026-11-30-213e3ff-2/cells/71a6ee54997a/accelerate.yaml --main_process_port 48051 -m bench.worker --cell /work/main/results/nightly-h200-w60/2026-11-30-213e3ff-2/cells/71a6ee54997a/cell.json --out /work/main/results/nightly-h200-w60/2026-11-30-213e3ff-2/cells/71a6ee54997a/ranks
