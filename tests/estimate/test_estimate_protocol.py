@@ -65,6 +65,13 @@ def test_estimate_check_exit_codes_name_the_missed_cell(tmp_path, capsys):
     assert run_check([tmp_path / "no-such-folder"]) == 2
 
 
+def test_committed_judge_folder_holds_the_published_out_of_sample_figure(capsys):
+    """README's version-5 table: the 13 judge-4 cells (2x H200) all within 10 %, counted as distinct cells."""
+    assert run_check([RESULTS / "estimate-judge-4-h200"]) == 0
+    out = capsys.readouterr().out
+    assert "out-of-sample: 13/13 judged cells within 10% (13 launches, 0 off by more)" in out
+
+
 def test_estimate_check_cli_exit_code(tmp_path):
     from typer.testing import CliRunner
 
