@@ -8,13 +8,16 @@ Each folder is one night. Three parts:
 
 1. Leave one out: each night checked against a baseline of the others (what `bench check` does, with
    ``min_nights`` lowered to what is left), then the same night with every timed step time scaled by
-   ``--slowdown`` (all ranks; tokens unchanged) checked again: false alarms are flags on the unscaled night,
-   detection the share of timed cells flagged on the scaled one.
+   ``--slowdown`` (all ranks; tokens unchanged) checked again: false alarms are flags on the unscaled night
+   (any figure: the median step, the floor, throughput, memory, failures), detection the share of timed cells
+   flagged on the scaled one on the median step or the floor (the fastest timed step), each also counted.
 2. Variance components per cell from all the nights (log scale): between-night s.d. (sqrt of ``between``),
-   within-night s.d. (s_w), and the smallest detectable step-time change if all of them were the baseline.
+   within-night s.d. (s_w), and the smallest detectable step-time change if all of them were the baseline;
+   for the median step and, below it, the floor, with the smaller of the two: what a uniform slowdown needs.
 3. What more nights would give, for a baseline of k nights with the spreads of part 2 (simulated: nights
    drawn from a normal model with those components, 3 launches each, 5000 draws by default): the false-alarm rate per
-   cell and the detection rate of the same slowdown. A projection from measured spreads, not a measurement.
+   cell and the detection rate of the same slowdown, for the median, then for the floor on its own. A
+   projection from measured spreads, not a measurement.
 4. With ``--grid``: the same simulation over a grid of spreads (between nights 0-2 %, within a night 1-5 %,
    2 launches a night, 5 baseline nights): which spreads let the gate catch the slowdown.
 5. With ``--window S``: the stopping rule (bench/worker/timing.py) replayed on launches resampled from the
@@ -53,8 +56,19 @@ from bench.spec import CellSettings
 from bench.worker.timing import StoppingRule
 
 
+STEP_FIGURES = ("step_time_s", "step_floor_s")  # the median step and the floor, each judged on its own
+SHORT = {"step_time_s": "median", "step_floor_s": "floor"}
+
+
+def short_label(label: str) -> str:
+    return label.split(" x")[0].replace("llama-3.2-1b ", "")
+
+
 def leave_one_out(folders: list[Path], factor: float, t: Thresholds) -> list[str]:
-    lines, alarms, caught, timed = [], 0, 0, 0
+    """Each night against the others, then scaled by ``factor``: a cell counts as caught when its median step
+    or its floor is flagged as a regression (the gate flags a cell on either)."""
+    lines, alarms, timed = [], 0, 0
+    caught = {"step_time_s": 0, "step_floor_s": 0, "either": 0}
     relaxed = replace(t, min_nights=len(folders) - 1)
     for night in folders:
         others = [f for f in folders if f != night]
@@ -63,28 +77,36 @@ def leave_one_out(folders: list[Path], factor: float, t: Thresholds) -> list[str
         plain = run_check(tonight, baseline, relaxed, str(night), "others")
         slow = run_check(scaled(tonight, factor), baseline, relaxed, str(night), "others")
         flagged = [f for f in plain.findings if f.verdict in ("regression", "improvement", "missing")]
-        step = {f.cell_id: f for f in slow.findings if f.metric == "step_time_s" and f.change is not None}
-        hit = [f for f in step.values() if f.verdict == "regression"]
+        step = {(f.cell_id, f.metric): f for f in slow.findings if f.metric in STEP_FIGURES and f.change is not None}
+        cells = {cell_id for cell_id, _ in step}
+        hits = {m: {c for (c, metric), f in step.items() if metric == m and f.verdict == "regression"}
+                for m in STEP_FIGURES}
+        either = hits["step_time_s"] | hits["step_floor_s"]
         alarms += bool(flagged)
-        caught += len(hit)
-        timed += len(step)
-        detect = ", ".join(f"{f.label.split(' x')[0].replace('llama-3.2-1b ', '')} {f.detectable:.0%}"
-                           for f in step.values())
+        timed += len(cells)
+        for m in STEP_FIGURES:
+            caught[m] += len(hits[m])
+        caught["either"] += len(either)
+        detect = ", ".join(f"{short_label(f.label)} {f.detectable:.0%}/{step[(c, 'step_floor_s')].detectable:.0%}"
+                           for (c, m), f in step.items() if m == "step_time_s" and (c, "step_floor_s") in step)
         lines.append(f"  {night.name} vs {len(others)} others: {len(flagged)} flag(s) "
-                     f"{[f'{f.label} {f.metric} {f.verdict}' for f in flagged]}; x{factor:g}: {len(hit)}/{len(step)} "
-                     f"cells flagged; detectable: {detect}")
+                     f"{[f'{f.label} {f.metric} {f.verdict}' for f in flagged]}; x{factor:g}: {len(either)}/{len(cells)} "
+                     f"cells flagged (median {len(hits['step_time_s'])}, floor {len(hits['step_floor_s'])}); "
+                     f"detectable median/floor: {detect}")
     lines.insert(0, f"leave one out ({len(folders) - 1}-night baselines): nights with a false alarm "
-                    f"{alarms}/{len(folders)}; x{factor:g} slowdown flagged on {caught}/{timed} timed cells")
+                    f"{alarms}/{len(folders)}; x{factor:g} slowdown flagged on {caught['either']}/{timed} timed cells "
+                    f"(median {caught['step_time_s']}, floor {caught['step_floor_s']})")
     return lines
 
 
-def components(folders: list[Path], t: Thresholds) -> dict[str, tuple[str, float, float, int]]:
-    """Per cell: (label, between-night s.d., within-night s.d., launches per night), log scale."""
+def components(folders: list[Path], t: Thresholds, metric: str = "step_time_s") -> dict[str, tuple]:
+    """Per cell: (label, between-night s.d., within-night s.d., launches per night, detectable change) of
+    ``metric``'s figure, log scale."""
     from bench.check.gate import group_cells
 
     out = {}
     for cell_id, cell in group_cells(load_nights(folders)).items():
-        nights = cell.figures("step_time_s")
+        nights = cell.figures(metric)
         y = np.array([np.median(x) for x in nights])
         n = np.array([len(x) for x in nights])
         s_w2 = sum(float(((np.asarray(x) - np.mean(x)) ** 2).sum()) for x in nights) / max(1, n.sum() - len(n))
@@ -229,11 +251,16 @@ def main(argv=None) -> int:
     t = Thresholds()
     print("\n".join(leave_one_out(args.nights, args.slowdown, t)))
     comps = components(args.nights, t)
+    floors = components(args.nights, t, "step_floor_s")
     print(f"\nper cell, all {len(args.nights)} nights (log-scale s.d. ~ relative): between nights, within a night; "
           f"smallest detectable step-time change with all of them as the baseline")
-    for label, sd_b, sd_w, n, detectable in comps.values():
+    for cell_id, (label, sd_b, sd_w, n, detectable) in comps.items():
         print(f"  {label:45s} between {sd_b:6.1%}  within {sd_w:6.1%}  ({n} launches a night)  "
               f"detectable {detectable:6.1%}")
+        if cell_id in floors:
+            _, fb, fw, _, fdet = floors[cell_id]
+            print(f"  {'  floor (fastest timed step)':45s} between {fb:6.1%}  within {fw:6.1%}  "
+                  f"{'':20s}  detectable {fdet:6.1%}   a uniform slowdown: {min(detectable, fdet):6.1%}")
     rng = np.random.default_rng(17)
     print(f"\nprojection (simulated from those spreads, {args.draws} draws): false alarms per cell-night / "
           f"x{args.slowdown:g} detected, for k baseline nights")
@@ -243,6 +270,12 @@ def main(argv=None) -> int:
             fa, hit = simulate(sd_b, sd_w, n, k, args.slowdown, t, args.draws, rng)
             cells.append(f"k={k}: {fa:.1%} / {hit:.0%}")
         print(f"  {label:45s} " + "  ".join(cells))
+    floor_rng = np.random.default_rng(18)  # its own draws: the lines above and below stay as they were
+    print("  the floor, from its spreads (judged on its own; the gate flags a cell on either figure):")
+    for label, sd_b, sd_w, n, _ in floors.values():
+        cells = [f"k={k}: {fa:.1%} / {hit:.0%}" for k in (3, 5, 7, 10)
+                 for fa, hit in [simulate(sd_b, sd_w, n, k, args.slowdown, t, args.draws, floor_rng)]]
+        print(f"  {'  ' + short_label(label) + ' floor':45s} " + "  ".join(cells))
     if args.grid:
         print(f"\ngrid (simulated, {args.draws} draws): 5 baseline nights, 2 launches a night; false alarms per "
               f"cell-night / x{args.slowdown:g} detected")

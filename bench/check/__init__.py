@@ -1,8 +1,8 @@
 """The check: baselines and the nightly gate.
 
 Rooms: ``gate`` (``bench check``: tonight's records against a baseline of nights, the prediction interval
-per cell, findings and their markdown/JSON), ``baseline`` (baseline files, one per hardware: load, validate,
-``bench baseline promote``), ``nightly`` (``bench nightly``: one night run, checked and reported). The rest
+per cell, the findings), ``render`` (their markdown and JSON), ``baseline`` (baseline files, one per
+hardware: load, validate, ``bench baseline promote``), ``nightly`` (``bench nightly``: one night run, checked and reported). The rest
 of bench reads the check through the names below.
 
 The front is lazy (a name loads its room on first use): ``nightly`` drives the whole launch side, which the
@@ -13,8 +13,8 @@ from bench.lazy_front import lazy_front
 
 _ROOM = {
     "Thresholds": "gate", "CheckResult": "gate", "Finding": "gate", "check_paths": "gate",
-    "is_timed_ok": "gate", "parse_thresholds": "gate", "run_check": "gate", "to_json": "gate",
-    "to_markdown": "gate",
+    "is_timed_ok": "gate", "parse_thresholds": "gate", "run_check": "gate", "to_json": "render",
+    "to_markdown": "render",
     "BaselineError": "baseline", "MIN_NIGHTS": "baseline", "describe": "baseline", "hardware_slug": "baseline",
     "load_any": "baseline", "load_nights": "baseline", "promote": "baseline",
     "NightOptions": "nightly", "run_night": "nightly",

@@ -33,6 +33,18 @@ Timing rule, per cell, for step time and for throughput on real (non-padding) to
   per cell, so a 5 % threshold on a cell whose nights wander 20 % is seen to be nominal.
   A cell with fewer than ``min_nights`` baseline nights with ok launches is not judged on timing (said so).
 
+The floor (``step_floor_s``): step time is judged a second time, on each launch's fastest timed step (the
+slowest rank per step, the minimum over timed steps; a night's figure the median over its launches), with the
+same interval, threshold, verdicts and detectable change as the median. Why: ZeRO-3's steps come in episodes,
+runs of fast steps (~365-375 ms on 2x H200) and runs of slow ones (400-490 ms), and the share of fast steps in
+a 60 s window wanders from night to night (11-34 %), so its median measures that mixture (nights 2.9 % apart,
+a 10 % slowdown moved one night's median +1.3 %) while its floor stays put (0.8 %; 0.3 % in earlier nights) and
+moved +9.1 % (results/baselines/README.md). Each figure is judged at ``alpha`` on its own, and a cell is flagged
+when any of them is: a night like the baseline's risks a false flag of up to the sum of the figures' (less, as
+they move together), measured on the committed nights by benchmarks/nightly_gate.py. What the floor cannot see:
+a regression that only lengthens or multiplies the slow stretches and leaves the fastest step alone; that is
+the median's job.
+
 Failures: a launch is failed when its status is a failure (crash, oom, hang, timeout, unsupported,
 predicted_oom); busy, interrupted and skipped launches measured nothing and are left out of both counts. A
 higher failure fraction tonight than over all baseline launches is a regression (1 crash in 9 baseline
@@ -52,7 +64,7 @@ Exit codes: 0 no regression, 1 at least one regression, 2 bad input (see bench.c
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +97,7 @@ class Finding:
 
     cell_id: str
     label: str
-    metric: str  # status | step_time_s | real_tokens_per_s | peak_memory_bytes
+    metric: str  # status | step_time_s | step_floor_s | real_tokens_per_s | peak_memory_bytes
     verdict: str  # regression | improvement | unchanged | unjudged | new | missing
     baseline: float | str | None = None  # timing: the centre of the baseline nights (geometric mean)
     current: float | str | None = None  # timing: tonight's figure
@@ -125,6 +137,12 @@ def launch_step_time(record: RunRecord) -> float:
     return float(np.median(timed_step_times(record)))
 
 
+def launch_step_floor(record: RunRecord) -> float:
+    """The fastest timed step (the slowest rank's time in each step): the floor that episodes of slow steps
+    sit above (see the module docstring)."""
+    return float(min(timed_step_times(record)))
+
+
 def launch_throughput(record: RunRecord) -> float | None:
     """Real (non-padding) tokens per step of all ranks / the launch's median step time; None for records
     written before steps counted real tokens."""
@@ -140,6 +158,11 @@ def launch_peak_memory(record: RunRecord) -> tuple[float, str]:
 
 def is_timed_ok(record: RunRecord) -> bool:
     return record.status == "ok" and bool(timed_step_times(record))
+
+
+# the per-launch figure each timed metric is judged on (a night's figure: their median over its launches)
+LAUNCH_FIGURE = {"step_time_s": launch_step_time, "step_floor_s": launch_step_floor,
+                 "real_tokens_per_s": launch_throughput}
 
 
 # ---------------------------------------------------------------- the prediction interval
@@ -196,8 +219,7 @@ class CellNights:
         """Per night with ok launches: each launch's figure, log scale (throughput: those that count real tokens)."""
         per_night = []
         for records in self.by_night.values():
-            values = [launch_step_time(r) if metric == "step_time_s" else launch_throughput(r)
-                      for r in records if is_timed_ok(r)]
+            values = [LAUNCH_FIGURE[metric](r) for r in records if is_timed_ok(r)]
             values = [np.log(v) for v in values if v is not None and v > 0]
             if values:
                 per_night.append(values)
@@ -225,7 +247,7 @@ def group_cells(records: list[RunRecord], night: str | None = None) -> dict[str,
 
 # ---------------------------------------------------------------- comparisons
 
-WORSE_IS_HIGHER = {"step_time_s": True, "real_tokens_per_s": False}
+WORSE_IS_HIGHER = {"step_time_s": True, "step_floor_s": True, "real_tokens_per_s": False}
 
 
 def compare_timing(cell_id: str, base: CellNights, cur: CellNights, metric: str, threshold: float,
@@ -305,6 +327,7 @@ def compare_failures(cell_id: str, base: CellNights, cur: CellNights) -> Finding
 def compare_cell(cell_id: str, base: CellNights, cur: CellNights, t: Thresholds) -> list[Finding]:
     findings = [compare_failures(cell_id, base, cur),
                 compare_timing(cell_id, base, cur, "step_time_s", t.step_time, t),
+                compare_timing(cell_id, base, cur, "step_floor_s", t.step_time, t),
                 compare_timing(cell_id, base, cur, "real_tokens_per_s", t.tokens_per_s, t),
                 compare_memory(cell_id, base, cur, t)]
     return [f for f in findings if f is not None]
@@ -355,95 +378,6 @@ def run_check(current: list[RunRecord], baseline: list[RunRecord], thresholds: T
         if cell_id not in base_cells:
             result.findings.append(Finding(cell_id, cur.label, "status", "new", why="no baseline for this cell"))
     return result
-
-
-# ---------------------------------------------------------------- output
-
-def _fmt(metric: str, value) -> str:
-    if value is None or isinstance(value, str):
-        return value or ""
-    if metric == "step_time_s":
-        return f"{value * 1000:.1f} ms"
-    if metric == "real_tokens_per_s":
-        return f"{value:,.0f} tok/s"
-    if metric == "peak_memory_bytes":
-        return f"{value / 2**30:.2f} GiB"
-    return f"{value:g}"
-
-
-def _table(findings: list[Finding]) -> list[str]:
-    lines = ["| cell | metric | baseline | tonight | change | interval for a new night | detectable | nights | why |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for f in findings:
-        change = f"{f.change:+.1%}" if f.change is not None else ""
-        interval = f"{_fmt(f.metric, f.interval[0])} .. {_fmt(f.metric, f.interval[1])}" if f.interval else ""
-        detectable = f"{f.detectable:.1%}" if f.detectable is not None else ""
-        lines.append(f"| {f.label} `{f.cell_id}` | {f.metric} | {_fmt(f.metric, f.baseline)} | "
-                     f"{_fmt(f.metric, f.current)} | {change} | {interval} | {detectable} | {f.nights} | {f.why} |")
-    return lines
-
-
-def _detectable_lines(result: CheckResult) -> list[str]:
-    """Per cell: the smallest step-time change this baseline lets the gate flag on this hardware."""
-    rows = [f for f in result.findings if f.metric == "step_time_s" and f.detectable is not None]
-    if not rows:
-        return []
-    lines = ["", "### Smallest detectable step-time change per cell", "",
-             "| cell | detectable | threshold | nights |", "|---|---|---|---|"]
-    for f in rows:
-        note = " (nominal)" if f.detectable > result.thresholds.step_time else ""
-        lines.append(f"| {f.label} `{f.cell_id}` | {f.detectable:.1%} | {result.thresholds.step_time:.0%}{note} | "
-                     f"{f.nights} |")
-    return lines
-
-
-def to_markdown(result: CheckResult) -> str:
-    t = result.thresholds
-    regressions = result.by_verdict("regression") + result.by_verdict("missing")
-    improvements = result.by_verdict("improvement")
-    verdict = f"REGRESSION ({len(regressions)})" if regressions else "no regression"
-    lines = [f"## bench check: {verdict}", "",
-             f"- tonight: `{result.results}`; baseline: `{result.baseline}` ({len(result.baseline_nights)} nights: "
-             f"{', '.join(result.baseline_nights)})",
-             f"- hardware: {result.hardware} (same on both sides)"]
-    if result.slowed:
-        lines.append(f"- **tonight was slowed on purpose** (--slow-step): {result.slowed}")
-    if result.software_diff:
-        diffs = "; ".join(f"{k} {b} -> {c}" for k, (b, c) in result.software_diff.items())
-        lines.append(f"- software differs from the baseline: {diffs}")
-    else:
-        lines.append("- software: same fingerprint as the baseline")
-    lines.append(f"- rules: per cell, tonight's figure (median over launches of each launch's median) is flagged "
-                 f"when it lies outside the {1 - t.alpha:.0%} prediction interval for a new night that the "
-                 f"baseline nights give (between- and within-night spread, log scale, t with nights-1 df) and "
-                 f"moves more than {t.step_time:.0%} (step time) / {t.tokens_per_s:.0%} (throughput on real "
-                 f"tokens); a higher failure fraction than the baseline's; peak memory growing more than "
-                 f"{t.memory:.0%} and {t.memory_mib:g} MiB.")
-    for title, items in (("Regressions", regressions), ("Improvements", improvements)):
-        lines += ["", f"### {title} ({len(items)})"]
-        lines += _table(items) if items else ["none"]
-    new = result.by_verdict("new")
-    if new:
-        lines += ["", f"New cells without a baseline: {', '.join(f.label for f in new)}"]
-    lines += _detectable_lines(result)
-    lines += ["", "<details><summary>all comparisons</summary>", "", *_table(result.findings), "", "</details>"]
-    return "\n".join(lines) + "\n"
-
-
-def to_json(result: CheckResult) -> dict:
-    return {
-        "verdict": "regression" if result.exit_code else "ok",
-        "exit_code": result.exit_code,
-        "results": result.results,
-        "baseline": result.baseline,
-        "baseline_nights": result.baseline_nights,
-        "hardware": result.hardware,
-        "injected_slowdown": result.slowed,
-        "software_diff": {k: list(v) for k, v in result.software_diff.items()},
-        "thresholds": asdict(result.thresholds),
-        "counts": dict(Counter(f.verdict for f in result.findings)),
-        "findings": [asdict(f) for f in result.findings],
-    }
 
 
 # ---------------------------------------------------------------- entry points for the CLI

@@ -31,7 +31,8 @@ from pathlib import Path
 from rich.console import Console
 
 from bench.check.baseline import BaselineError, DEFAULT_DIR, baseline_path, hardware_slug, load_nights, validate_nights
-from bench.check.gate import Thresholds, is_timed_ok, run_check, to_json, to_markdown
+from bench.check.gate import Thresholds, is_timed_ok, run_check
+from bench.check.render import to_json, to_markdown
 from bench.launch.campaign import RunOptions, prepare, run_matrix
 from bench.launch.plan import WORKER_MODULE
 from bench.machine import envinfo
