@@ -37,7 +37,7 @@ The floor (``step_floor_s``): step time is judged a second time, on each launch'
 slowest rank per step, the minimum over timed steps; a night's figure the median over its launches), with the
 same interval, threshold, verdicts and detectable change as the median. Why: ZeRO-3's steps come in episodes,
 runs of fast steps (~365-375 ms on 2x H200) and runs of slow ones (400-490 ms), and the share of fast steps in
-a 60 s window wanders from night to night (11-34 %), so its median measures that mixture (nights 2.9 % apart,
+a 60 s window wanders from night to night (11-32 % of steps under 390 ms), so its median measures that mixture (nights 2.9 % apart,
 a 10 % slowdown moved one night's median +1.3 %) while its floor stays put (0.8 %; 0.3 % in earlier nights) and
 moved +9.1 % (results/baselines/README.md). Each figure is judged at ``alpha`` on its own, and a cell is flagged
 when any of them is: a night like the baseline's risks a false flag of up to the sum of the figures' (less, as
