@@ -1,0 +1,132 @@
+"""Do two runs of one matrix agree? Issue 16's bar for repeatable numbers, read from two result folders.
+
+Two complete runs of a matrix (a and b: fresh launches, possibly in different device calls or on different
+machines of the same kind) are compared cell by cell on the figure the report leads with: real (non-padding)
+tokens per second, the median over a cell's ok launches (bench.report.metrics.aggregate_repeats, as
+`bench report` computes it). Nothing is launched.
+
+    python benchmarks/run_agreement.py results/llama-full-h200-a2 results/llama-full-h200-b2
+    python benchmarks/run_agreement.py A B --tolerance 0.02 --share 0.9 --min-steps 20 --markdown out.md
+
+Printed: per cell, both figures, b / a - 1, the launches and the fewest timed steps of any ok launch on each
+side, and the card; then the bar: at least ``--share`` of the cells ok on both sides agree within
+``--tolerance``, and every ok launch timed at least ``--min-steps`` steps; then each run's wall time (first
+launch's start to last launch's end, and the sum of the launches' own wall times, start-up included) and its
+cards. Cells of one side only, or not ok on both, are listed and left out of the share.
+Exit 0 when the bar is met, 1 when not, 2 on bad input (a folder without records, no cell in common, runs
+on different cards: timings compare only within one kind of card).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from bench.records.store import latest_runs, load_records
+from bench.report.metrics import aggregate_repeats, frame
+
+FIGURE = "real_tokens_per_s"
+
+
+def load(folder: Path) -> tuple[pd.DataFrame, list]:
+    records = latest_runs(load_records(folder))
+    if not records:
+        raise SystemExit(f"error: no records in {folder}. Fix: give a results folder holding a runs.jsonl")
+    return aggregate_repeats(frame(records)), records
+
+
+def wall_time(records: list) -> tuple[float, float]:
+    """(first start to last end, sum of launches' wall times) in seconds, over records that say both."""
+    timed = [r for r in records if r.started_at and r.wall_s]
+    if not timed:
+        return float("nan"), float("nan")
+    span = max(r.started_at + r.wall_s for r in timed) - min(r.started_at for r in timed)
+    return span, sum(r.wall_s for r in timed)
+
+
+def compare(a: pd.DataFrame, b: pd.DataFrame, tolerance: float) -> pd.DataFrame:
+    cols = ["cell_id", "label", "status", "machine", FIGURE, "repeats_ok", "timed_steps"]
+    both = a[cols].merge(b[cols], on="cell_id", how="outer", suffixes=("_a", "_b"))
+    both["label"] = both["label_a"].fillna(both["label_b"])
+    ok = (both["status_a"] == "ok") & (both["status_b"] == "ok")
+    both["change"] = (both[f"{FIGURE}_b"] / both[f"{FIGURE}_a"] - 1).where(ok)
+    both["agrees"] = (both["change"].abs() <= tolerance).where(ok)
+    return both
+
+
+def _figure(row: pd.Series, side: str) -> str:
+    status = row[f"status_{side}"]
+    if status == "ok":
+        return f"{row[f'{FIGURE}_{side}']:,.0f}"
+    return str(status) if pd.notna(status) else "absent"
+
+
+def _pair(row: pd.Series, column: str) -> str:
+    return "/".join(str(int(row[f"{column}_{s}"])) if pd.notna(row[f"{column}_{s}"]) else "-" for s in "ab")
+
+
+def render(both: pd.DataFrame, args: argparse.Namespace, walls: dict[str, tuple[float, float]],
+           cards: dict[str, str]) -> tuple[str, bool]:
+    lines = ["| cell | a tok/s | b tok/s | b / a - 1 | launches a/b | fewest timed steps a/b | card |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for _, r in both.iterrows():
+        change = f"{r['change']:+.1%}" if pd.notna(r["change"]) else ""
+        lines.append(f"| {r['label']} | {_figure(r, 'a')} | {_figure(r, 'b')} | {change} | "
+                     f"{_pair(r, 'repeats_ok')} | {_pair(r, 'timed_steps')} | "
+                     f"{r['machine_a'] if pd.notna(r['machine_a']) else r['machine_b']} |")
+    judged = both[both["agrees"].notna()]
+    agree = int(judged["agrees"].sum())
+    share = agree / len(judged) if len(judged) else 0.0
+    fewest = int(min(judged["timed_steps_a"].min(), judged["timed_steps_b"].min())) if len(judged) else 0
+    met = len(judged) > 0 and share >= args.share and fewest >= args.min_steps
+    lines += ["",
+              f"- agreement: {agree} of {len(judged)} cells ok on both sides within {args.tolerance:.0%} "
+              f"({share:.0%}; bar {args.share:.0%}); largest |b / a - 1| "
+              f"{judged['change'].abs().max():.1%}" if len(judged) else "- agreement: no cell ok on both sides",
+              f"- fewest timed steps of any ok launch: {fewest} (bar {args.min_steps})",
+              f"- left out (not ok on both sides or on one side only): {len(both) - len(judged)}"]
+    for side, folder in (("a", args.a), ("b", args.b)):
+        span, total = walls[side]
+        lines.append(f"- run {side}: `{folder}`, {cards[side]}; wall time {span / 60:.1f} min from the first "
+                     f"launch's start to the last one's end ({total / 60:.1f} min in launches)")
+    lines.append(f"- verdict: {'bar met' if met else 'bar NOT met'}")
+    return "\n".join(lines), met
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("a", type=Path)
+    p.add_argument("b", type=Path)
+    p.add_argument("--tolerance", type=float, default=0.02, help="largest |b / a - 1| that agrees (0.02)")
+    p.add_argument("--share", type=float, default=0.9, help="share of cells that must agree (0.9)")
+    p.add_argument("--min-steps", type=int, default=20, help="fewest timed steps an ok launch may have (20)")
+    p.add_argument("--markdown", type=Path, help="also write the output here")
+    args = p.parse_args(argv)
+    try:
+        (a, rec_a), (b, rec_b) = load(args.a), load(args.b)
+    except SystemExit as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    cards = {"a": ", ".join(sorted({r.env.get("hardware", "?") for r in rec_a})),
+             "b": ", ".join(sorted({r.env.get("hardware", "?") for r in rec_b}))}
+    if cards["a"] != cards["b"]:
+        print(f"error: the runs ran on different hardware ({cards['a']} vs {cards['b']}): timings compare only "
+              "within one kind of card. Fix: compare runs of the same machine kind", file=sys.stderr)
+        return 2
+    both = compare(a, b, args.tolerance)
+    if not both["status_a"].notna().mul(both["status_b"].notna()).any():
+        print(f"error: {args.a} and {args.b} share no cell id. Fix: give two runs of the same matrix",
+              file=sys.stderr)
+        return 2
+    text, met = render(both, args, {"a": wall_time(rec_a), "b": wall_time(rec_b)}, cards)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    return 0 if met else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""benchmarks/run_agreement.py: issue 16's a/b bar read from two committed result folders; nothing launched."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from conftest import REPO
+
+spec = importlib.util.spec_from_file_location("run_agreement", REPO / "benchmarks" / "run_agreement.py")
+ra = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ra)
+
+NIGHTS = REPO / "results" / "nightly-h200-w60"
+SLOWED = REPO / "results" / "nightly-h200-w60-slowed" / "2026-11-30-213e3ff"
+
+
+def test_two_plain_nights_meet_the_bar(capsys, tmp_path):
+    out = tmp_path / "agreement.md"
+    code = ra.main([str(NIGHTS / "2026-11-30-213e3ff"), str(NIGHTS / "2026-11-30-213e3ff-2"), "--markdown", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "4 of 4 cells ok on both sides within 2%" in text and "verdict: bar met" in text
+    assert "2x NVIDIA H200; wall time 2.6 min" in text  # measured from the records' start and wall times
+    assert out.read_text().strip() == text.strip()
+
+
+def test_a_night_slowed_by_ten_percent_does_not_agree(capsys):
+    code = ra.main([str(NIGHTS / "2026-11-30-213e3ff"), str(SLOWED)])
+    text = capsys.readouterr().out
+    assert code == 1
+    assert "0 of 4 cells ok on both sides within 2%" in text and "bar NOT met" in text
+    assert "| llama-3.2-1b full zero2 x2gpu | 89,502 | 81,311 | -9.2% | 1/1 | 20/20 | NVIDIA H200 |" in text
+
+
+def test_a_stricter_step_bar_fails_on_launches_that_timed_fewer_steps(capsys):
+    assert ra.main([str(NIGHTS / "2026-11-30-213e3ff"), str(NIGHTS / "2026-11-30-213e3ff-2"),
+                    "--min-steps", "21"]) == 1
+    assert "fewest timed steps of any ok launch: 20 (bar 21)" in capsys.readouterr().out
+
+
+def test_other_hardware_or_no_records_is_bad_input(capsys, tmp_path):
+    assert ra.main([str(NIGHTS / "2026-11-30-213e3ff"), str(REPO / "results" / "llama-full")]) == 2
+    assert "different hardware" in capsys.readouterr().err
+    assert ra.main([str(NIGHTS / "2026-11-30-213e3ff"), str(tmp_path)]) == 2
+    assert "no records" in capsys.readouterr().err
