@@ -91,10 +91,11 @@ def _launch_env(cell: CellSettings, limits: Limits, deepspeed: bool,
 def build_plan(cell: CellSettings, results_dir: Path, limits: Limits, repeat: int = 0,
                worker_module: str = WORKER_MODULE, port: int = 29500,
                parent_visible_devices: str | None | object = _FROM_ENVIRON,
-               extra_env: dict[str, str] | None = None) -> LaunchPlan:
+               extra_env: dict[str, str] | None = None, cpu_plan: tuple[str, str] | None = None) -> LaunchPlan:
     """``parent_visible_devices``: the parent's CUDA_VISIBLE_DEVICES (None: unset); read from the
     environment unless given, so that tests can pin it. ``extra_env``: added to the launch's environment
-    (``--slow-step``: bench/worker/slowdown.py)."""
+    (``--slow-step``: bench/worker/slowdown.py). ``cpu_plan``: (BENCH_CPU_AFFINITY value, note) of a
+    ``cpu_affinity: cores`` cell; planned from this host's CPUs (and NVML) unless given."""
     if parent_visible_devices is _FROM_ENVIRON:
         parent_visible_devices = os.environ.get("CUDA_VISIBLE_DEVICES")
     cell_dir = results_dir.resolve() / "cells" / (cell.cell_id + (f"-r{repeat}" if repeat else ""))
@@ -135,6 +136,12 @@ def build_plan(cell: CellSettings, results_dir: Path, limits: Limits, repeat: in
     if not strategies.is_user_config(cell.strategy):
         env.update(parallelism_env(strategies.for_cell(cell), cell.processes))
     env.update(extra_env or {})
+    if cell.cpu_affinity == "cores":
+        from bench.machine import cpu_affinity
+
+        value, note = cpu_plan or cpu_affinity.launch_value(cell.gpus, cell.device)
+        env[cpu_affinity.ENV] = value
+        notes = [*notes, note]
     plan = LaunchPlan(cell, cell_dir, argv, env, files, limits, repeat, worker_module, notes)
     files["launch.sh"] = _launch_script(plan)
     return plan

@@ -133,6 +133,11 @@ class CellSettings(_Strict):
     cp: int = Field(1, gt=0, description="context parallel degree: ranks that split each sequence")
     device: Literal["cuda", "cpu"] = "cpu"
     gpu_memory_gib: float | None = Field(None, gt=0, description="per-process GPU memory cap")
+    # "cores": each rank of the node pinned to its own whole cores (near its GPU where NVML tells), planned by
+    # the parent (bench/machine/cpu_affinity.py) and applied by the rank before its first thread starts work
+    # (bench/worker/affinity.py). A host-bound step waits on its rank's main thread; "none" leaves placement to
+    # the scheduler, as every cell before this setting did.
+    cpu_affinity: Literal["none", "cores"] = "none"
     adapter: Adapter = Adapter()
     train: Train = Train()
     data: Data = Data()
@@ -146,7 +151,10 @@ class CellSettings(_Strict):
     def cell_id(self) -> str:
         # nodes, tp and cp (at 1) and train.timing.min_timed_s (at 0) came later: a cell hashes without them at
         # those values, so that existing cells keep their ids.
+        # cpu_affinity (at "none") likewise.
         later: dict[str, Any] = {k: True for k in ("nodes", "tp", "cp") if getattr(self, k) == 1}
+        if self.cpu_affinity == "none":
+            later["cpu_affinity"] = True
         if self.train.timing.min_timed_s == 0:
             later["train"] = {"timing": {"min_timed_s"}}
         canonical = json.dumps(self.model_dump(mode="json", exclude=later or None),
@@ -159,7 +167,8 @@ class CellSettings(_Strict):
         cap = f" cap{self.gpu_memory_gib:g}G" if self.gpu_memory_gib else ""
         unit = "gpu" if self.device == "cuda" else "proc"
         nodes = f" {self.nodes}nodes" if self.nodes > 1 else ""
-        return f"{self.model} {adapter} {self.strategy_label} x{self.gpus}{unit}{nodes}{cap}{self.fast_path_suffix}"
+        pinned = " pinned" if self.cpu_affinity != "none" else ""
+        return f"{self.model} {adapter} {self.strategy_label} x{self.gpus}{unit}{nodes}{cap}{self.fast_path_suffix}{pinned}"
 
     @property
     def fast_path_suffix(self) -> str:
@@ -218,6 +227,7 @@ class Matrix(_Strict):
     cp: int = Field(1, gt=0)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     gpu_memory_gib: float | None = None
+    cpu_affinity: Literal["none", "cores"] = "none"
     adapter: Adapter = Adapter()
     train: Train = Train()
     data: Data = Data()

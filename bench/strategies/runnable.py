@@ -69,6 +69,7 @@ def cell_problems(cell: CellSettings, visible_gpus: int | None) -> list[str]:
     if cell.adapter.type == "qlora" and strat is not None:
         out += _qlora_problems(cell, strat)
     out += fast_path_problems(cell, strat, visible_gpus is not None)
+    out += _affinity_problems(cell, visible_gpus is not None)
     if cell.train.seq_len > models.config_dict(cell.model).get("max_position_embeddings", 1 << 30):
         out.append(f"train.seq_len {cell.train.seq_len} exceeds the model's max_position_embeddings")
     if cell.data.source != "synthetic":
@@ -82,6 +83,24 @@ def cell_problems(cell: CellSettings, visible_gpus: int | None) -> list[str]:
 def check_runnable(cell: CellSettings, visible_gpus: int | None) -> str | None:
     """Every reason the cell cannot run, one per line, or None."""
     return "\n".join(problems) if (problems := cell_problems(cell, visible_gpus)) else None
+
+
+def _affinity_problems(cell: CellSettings, here: bool) -> list[str]:
+    """cpu_affinity: cores is planned on the launching host (bench/machine/cpu_affinity.py): Linux, one node,
+    a CPU per rank (checked against this host's CPUs only when the cell runs here)."""
+    import os
+
+    if cell.cpu_affinity == "none":
+        return []
+    if not hasattr(os, "sched_setaffinity"):
+        return ["cpu_affinity: cores needs Linux (os.sched_setaffinity). Fix: cpu_affinity: none on this system"]
+    if cell.nodes > 1:
+        return ["cpu_affinity: cores is planned on the launching host, not on each node. Fix: cpu_affinity: none "
+                "for multi-node cells"]
+    if here and len(os.sched_getaffinity(0)) < cell.gpus:
+        return [f"cpu_affinity: cores gives each of the {cell.gpus} ranks its own CPU, but this process may use "
+                f"{len(os.sched_getaffinity(0))}. Fix: cpu_affinity: none, or fewer ranks (gpus)"]
+    return []
 
 
 def _cpu_problems(cell: CellSettings, strat: strategies.Strategy | None) -> list[str]:

@@ -24,7 +24,7 @@ from bench.records.rank_files import RankFiles, classify_exception
 from bench.spec import CellSettings
 from bench.strategies.build import builds_on_meta
 from bench.strategies.precision import policy_for
-from bench.worker import fast_paths, parallel, slowdown, transfers
+from bench.worker import affinity, fast_paths, parallel, slowdown, transfers
 from bench.worker.gc_window import GcWindow
 from bench.worker.guard import cell_strategy, guard_distributed_setup
 from bench.worker.prepare import Preparer, preparer_for, unwrap
@@ -222,7 +222,7 @@ def start_before_build(cell: CellSettings, device: torch.device) -> dict[str, fl
     return startup
 
 
-def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> None:
+def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None, pinned: dict | None = None) -> None:
     accelerator = make_accelerator(cell)
     rank, world_size = world()
     files.rank = rank
@@ -285,6 +285,8 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None) -> N
         report["injected_slowdown"] = injected  # this launch was slowed on purpose
     if traffic is not None:
         report["host_device_traffic"] = traffic
+    if pinned is not None:
+        report["cpu_affinity"] = affinity.describe(pinned)  # cpu_affinity: cores (bench/worker/affinity.py)
     files.write_report(report)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -381,7 +383,8 @@ def main(argv=None) -> int:
     cell = CellSettings.model_validate_json(Path(args.cell).read_text())
     files = RankFiles(Path(args.out), rank=int(os.environ.get("RANK", "0")))
     try:
-        run(cell, files, Path(args.cell).parent)
+        pinned = affinity.apply_from_env()  # before any library starts its threads: they inherit the mask
+        run(cell, files, Path(args.cell).parent, pinned)
     except BaseException as exc:  # noqa: BLE001 - the runner classifies every failure from this file
         kind = classify_exception(exc)
         files.write_error(kind, exc, traceback.format_exc())
