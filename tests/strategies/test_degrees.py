@@ -34,7 +34,7 @@ def test_degrees_are_grid_axes_and_keep_old_cell_ids():
     assert [c.label.split()[2] for c in cells] == ["fsdp2", "fsdp2+cp2", "fsdp2+tp2", "fsdp2+tp2+cp2"]
     # at 1 the degrees are left out of the hash: a cell of before them keeps its id
     plain = cells[0]
-    later = {"nodes": True, "tp": True, "cp": True, "train": {"timing": {"min_timed_s"}}}  # settings of after the records
+    later = {"nodes": True, "tp": True, "cp": True, "cpu_affinity": True, "train": {"timing": {"min_timed_s"}}}  # settings of after the records
     old = json.dumps(plain.model_dump(mode="json", exclude=later), sort_keys=True, separators=(",", ":"))
     assert plain.cell_id == hashlib.sha256(old.encode()).hexdigest()[:12]
     assert cells[0].setting_key == cells[3].setting_key  # compared in one scaling table
