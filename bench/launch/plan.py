@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from bench import strategies
-from bench.spec import CellSettings, Limits
+from bench.spec import CellSettings, Limits, MatrixError
 from bench.strategies.render import accelerate_config, deepspeed_config, parallelism_env
 
 WORKER_MODULE = "bench.worker"
@@ -139,7 +139,10 @@ def build_plan(cell: CellSettings, results_dir: Path, limits: Limits, repeat: in
     if cell.cpu_affinity == "cores":
         from bench.machine import cpu_affinity
 
-        value, note = cpu_plan or cpu_affinity.launch_value(cell.gpus, cell.device)
+        try:  # planned on this host: a dry run here of a cell for a bigger machine may not fit its ranks
+            value, note = cpu_plan or cpu_affinity.launch_value(cell.gpus, cell.device)
+        except ValueError as e:
+            raise MatrixError(f"{cell.label}: {e}") from None
         env[cpu_affinity.ENV] = value
         notes = [*notes, note]
     plan = LaunchPlan(cell, cell_dir, argv, env, files, limits, repeat, worker_module, notes)

@@ -12,7 +12,7 @@ import pytest
 
 from bench.launch.plan import build_plan
 from bench.machine import cpu_affinity as ca
-from bench.spec import CellSettings, Limits, expand, load_matrix
+from bench.spec import CellSettings, Limits, MatrixError, expand, load_matrix
 from bench.strategies.runnable import cell_problems
 from conftest import REPO, bench, write_matrix
 
@@ -72,6 +72,9 @@ def test_the_launch_carries_the_plan(tmp_path):
     assert plan.env[ca.ENV] == "0-7,16-23;8-15,24-31" and "planned" in plan.notes
     assert f"{ca.ENV}='0-7,16-23;8-15,24-31'" in plan.files["launch.sh"]
     assert ca.ENV not in build_plan(cell(), tmp_path, Limits(), parent_visible_devices="0,1").env
+    too_many = len(os.sched_getaffinity(0)) + 1  # planned here for a cell with more ranks than CPUs: said, not a crash
+    with pytest.raises(MatrixError, match="cpu_affinity: none"):
+        build_plan(cell(cpu_affinity="cores", gpus=too_many), tmp_path, Limits())
 
 
 def test_cells_it_cannot_serve_are_refused_with_the_fix():
