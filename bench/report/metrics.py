@@ -490,7 +490,8 @@ def setting_title(setting_key: str, mb: str | None = None) -> str:
     cap = f", capped at {s['gpu_memory_gib']:g} GiB" if s.get("gpu_memory_gib") else ""
     ckpt = ", grad ckpt" if t["grad_checkpointing"] else ""
     fast = "".join([f", kernels {t['kernels']}" if t.get("kernels", "none") != "none" else "",
-                    ", torch.compile" if t.get("compile") else ""])  # absent in older records
+                    ", torch.compile" if t.get("compile") else "",
+                    ", ranks pinned to cores" if s.get("cpu_affinity", "none") != "none" else ""])  # absent in older records
     # an auto group compares each strategy at its own best micro-batch; a number, all at the same one
     mb = mb or ("mb auto (each strategy at its largest fitting micro-batch)" if t["micro_batch"] == "auto"
                 else f"mb {t['micro_batch']} (same micro-batch for all)")

@@ -173,3 +173,12 @@ def test_a_record_whose_config_is_gone_keeps_its_answers(records, tmp_path):
     assert metrics.figures(older)["framework"] == "unknown"  # nothing says: no baseline is claimed for it
     frame = metrics.frame([one])
     assert metrics.plain_baseline(frame)["strategy"] == one.settings["strategy"]
+
+
+def test_a_pinned_group_says_so_in_its_title():
+    """cpu_affinity: cores puts cells in a setting group of their own; its title must tell it from the unpinned one."""
+    pinned = CellSettings(model="tiny-llama", strategy="ddp", gpus=2, cpu_affinity="cores")
+    plain = CellSettings(model="tiny-llama", strategy="ddp", gpus=2)
+    assert pinned.setting_key != plain.setting_key
+    assert "ranks pinned to cores" in metrics.setting_title(pinned.setting_key)
+    assert "pinned" not in metrics.setting_title(plain.setting_key)
