@@ -88,6 +88,8 @@ def test_nights_make_a_baseline_and_the_gate_flags_a_slowed_night(tmp_path):
     check = json.loads((night / "check.json").read_text())
     step = next(f for f in check["findings"] if f["metric"] == "step_time_s")
     assert step["verdict"] == "regression" and step["change"] > 0.5, step
+    floor = next(f for f in check["findings"] if f["metric"] == "step_floor_s")  # every step slower: the floor too
+    assert floor["verdict"] == "regression" and floor["change"] > 0.5, floor
     injected = check["injected_slowdown"]
     assert injected["fraction"] == 2.0 and injected["matmul_n"] >= 16 and injected["reached_fraction_min"] >= 2.0
     assert load_any(night)[0].ranks[0]["injected_slowdown"] == injected  # the record names it
