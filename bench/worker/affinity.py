@@ -15,6 +15,8 @@ ENV = "BENCH_CPU_AFFINITY"  # the same name as bench.machine.cpu_affinity.ENV (t
 
 
 def _cpus(text: str) -> list[int]:
+    """The kernel's cpulist format, as bench.machine.cpu_affinity.parse_cpu_list reads it: kept apart on
+    purpose, since the worker imports nothing of the parent side (pyproject's import-linter contracts)."""
     out: list[int] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         start, _, end = part.partition("-")
