@@ -66,12 +66,15 @@ def test_timing_goes_past_the_minimum_until_the_rule_stops_it(tmp_path):
     assert t == record.ranks[1]["timing"]
     assert 6 <= t["timed_steps"] <= 40 and t["timed_steps"] == len(timed_step_times(record))
     assert t["median_s"] == pytest.approx(float(np.median(timed_step_times(record))))
+    # On a cap the interval was not reached: wider than the target, or undefined (None) when the steps' serial
+    # dependence left fewer than 6 effective steps (bench/worker/timing.py), as a loaded CI host can.
+    not_reached = t["ci_rel_half_width"] is None or t["ci_rel_half_width"] > 0.05
     if t["stop_reason"] == "converged":
         assert t["ci_rel_half_width"] <= 0.05
     elif t["stop_reason"] == "max_steps":
-        assert t["timed_steps"] == 40 and t["ci_rel_half_width"] > 0.05
+        assert t["timed_steps"] == 40 and not_reached
     else:
-        assert t["stop_reason"] == "max_timed_s" and t["timed_s"] >= 8 and t["ci_rel_half_width"] > 0.05
+        assert t["stop_reason"] == "max_timed_s" and t["timed_s"] >= 8 and not_reached
 
 
 def test_report_prints_speedup_table(cpu_results, tmp_path):
