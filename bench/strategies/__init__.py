@@ -3,7 +3,8 @@
 Rooms: ``strategy`` (a strategy as degrees, and the questions code asks it), ``registry`` (each strategy
 name -> its Strategy: the one place that knows names; a user's own config file is described by what it
 holds), ``constants`` (each framework's sizes, read by the renderer and the estimator alike),
-``user_configs`` (a user's DeepSpeed JSON or accelerate YAML, its "auto" values filled from the cell),
+``user_configs`` (a user's DeepSpeed JSON or accelerate YAML: read, checked, described, resolved for the cell),
+``deepspeed_auto`` (a DeepSpeed JSON's "auto" values filled from the cell as accelerate and the Trainer fill them),
 ``render`` (a strategy as the accelerate YAML and DeepSpeed JSON users write, one renderer per framework),
 ``precision`` (the precision policy a cell runs under), ``build`` (how the cell's model is built: on meta,
 on the host, upcast; read by the worker and the estimator alike), ``runnable`` (what can run where: every

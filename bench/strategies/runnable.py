@@ -57,7 +57,7 @@ def cell_problems(cell: CellSettings, visible_gpus: int | None) -> list[str]:
     if strat is not None:
         out += degree_problems(cell, strat)
     if strat is not None and strat.single_process and cell.gpus != 1:
-        out.append("strategy 'single' runs one process: set gpus: 1, or use ddp/zero*/fsdp* for more")
+        out.append(f"strategy {cell.strategy!r} runs one process: set gpus: 1, or use ddp/zero*/fsdp* for more")
     if cell.device == "cpu":
         out += _cpu_problems(cell, strat)
     elif visible_gpus == 0:  # one reason for every CUDA cell, so that a whole matrix collapses to one line
