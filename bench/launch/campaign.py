@@ -188,8 +188,8 @@ def print_dry_run(console: Console, items: list, here: int, matrix: Matrix | Non
             _print_batch_script(console, plan, matrix)
         else:
             console.print(plan.shell_command(), soft_wrap=True, markup=False)
-        for name, content in plan.files.items():
-            if name in ("accelerate.yaml", "deepspeed.json"):
+        for name, content in plan.files.items():  # a user config's notes say where each "auto" came from
+            if name in ("accelerate.yaml", "deepspeed.json", "resolution_notes.txt"):
                 console.print(f"[dim]--- {name}[/]")
                 console.print(content, markup=False)
     skipped = [i for i in items if isinstance(i, Unrunnable)]
@@ -257,7 +257,10 @@ def run_matrix(matrix_path: str, opts: RunOptions, console: Console | None = Non
     console = console or Console()
     prep = prepare(matrix_path, opts)
     if opts.dry_run:
-        print_dry_run(console, make_plans(prep, opts), prep.visible_gpus, prep.matrix)
+        plans = make_plans(prep, opts)
+        print_dry_run(console, plans, prep.visible_gpus, prep.matrix)
+        if warning := oversubscription_warning([plan.cell for plan in plans if isinstance(plan, LaunchPlan)]):
+            console.print(f"[yellow]warning[/]: {escape(warning)}")
         return 0
     with folder_lock.hold(prep.results_dir, wait=opts.wait_for_lock,
                           on_wait=lambda who: console.print(f"waiting for the results folder, held by {escape(who)}"),
@@ -335,10 +338,11 @@ def _launch_all(plans, prep, fingerprint, hooks, matrix_path, opts, console) -> 
 
 
 def oversubscription_warning(cells: list[CellSettings]) -> str | None:
-    """CPU cells with more processes than the machine has cores time each other, not the strategy."""
+    """CPU cells with more processes than this process may use cores time each other, not the strategy.
+    The cores counted are those this process may run on (a container's or taskset's share), not the host's."""
     import os
 
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     over = sorted({c.gpus for c in cells if c.device == "cpu" and c.gpus > cores})
     if not over:
         return None

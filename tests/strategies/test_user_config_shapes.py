@@ -156,3 +156,15 @@ def test_multi_node_sizes_count_every_rank(tmp_path):
     accel, _, notes = resolve_user_config(_cell(yaml_path, nodes=2), Path("/x"))
     assert (accel["num_processes"], accel["num_machines"]) == (4, 1)
     assert "num_processes 8 -> 4 (the cell's nodes * gpus)" in notes
+
+
+def test_a_dry_run_shows_where_each_auto_came_from(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(_ds())
+    out = io.StringIO()
+    run_matrix(str(write_matrix(tmp_path, strategy=str(path), gpus=2)),
+               RunOptions(results_dir=tmp_path / "res", dry_run=True), Console(file=out, width=300))
+    text = out.getvalue()
+    assert "--- resolution_notes.txt" in text
+    assert "filled train_micro_batch_size_per_gpu = 2 (from train.micro_batch)" in text
+    assert "filled train_batch_size = 4 (from nodes * gpus * micro_batch * grad_accum)" in text
