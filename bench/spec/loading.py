@@ -42,7 +42,7 @@ def _closest_key(name: str, allowed: list[str]) -> str | None:
 def _example(loc: tuple) -> str:
     """`key: default` of the field at ``loc``, to show a value of the right shape."""
     field = _model_at(loc).model_fields.get(str(loc[-1]))
-    if field is None or field.default is None or isinstance(field.default, BaseModel):
+    if field is None or field.is_required() or field.default is None or isinstance(field.default, BaseModel):
         return ""
     return f", e.g. {loc[-1]}: {json.dumps(field.default) if isinstance(field.default, str) else field.default}"
 
@@ -65,19 +65,41 @@ def _fix_for(err: dict) -> str:
     if kind in _BOUNDS:
         limit = next(iter(err["ctx"].values()))
         return f"give a value {_BOUNDS[kind]} {limit}{_example(loc)}"
+    if kind == "int_from_float":
+        return f"give a whole number{_example(loc)}"
+    if kind in ("model_type", "model_attributes_type", "dict_type") and _dotted(loc) in _SECTIONS:
+        return _section_fix(_dotted(loc))
     if kind.endswith("_type") or kind.endswith("_parsing"):
         return f"give a value of the right type ({err['msg'].lower()}){_example(loc)}"
-    return err["msg"]
+    if kind == "string_pattern_mismatch":
+        return f"use letters, digits and _ . - only (the pattern {err['ctx']['pattern']}){_example(loc)}"
+    return f"give a value this key takes{_example(loc)}"
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _section_fix(section: str) -> str:
+    """A section (train, adapter, ...) given as something else: its keys, two of them with their defaults."""
+    fields = [(name, f.default) for name, f in _SECTIONS[section].model_fields.items()
+              if isinstance(f.default, (int, float, str)) and not isinstance(f.default, bool)][:2]
+    shown = ", ".join(f"{name}: {json.dumps(d) if isinstance(d, str) else d}" for name, d in fields)
+    leaf = section.rsplit(".", 1)[-1]
+    return (f"give its keys as a mapping, e.g. {leaf}: {{{shown}}}, or remove {section} to keep every default "
+            f"(its keys: {', '.join(_SECTIONS[section].model_fields)})")
 
 
 def format_validation_error(source: str, exc: ValidationError, where: str = "") -> str:
     lines = [f"{source}: invalid matrix{where}"]
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if err["type"] == "value_error" and "Fix:" in err["msg"]:  # a validator's own message names the fix
-            lines.append(f"  {key}: {err['msg'].removeprefix('Value error, ')}")
-            continue
+        key = _dotted(err["loc"]) or "(top level)"
         got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        if err["type"] == "value_error":  # a validator's own message says what the key takes: said once
+            said = err["msg"].removeprefix("Value error, ")
+            # A check across the whole matrix has no place of its own: its message begins with the key it is about.
+            lines.append(f"  {said}" if not err["loc"] else f"  {key}: {said}{'' if 'Fix:' in said else got}")
+            continue
         lines.append(f"  {key}: {err['msg']}{got}. Fix: {_fix_for(err)}")
     return "\n".join(lines)
 
@@ -93,8 +115,12 @@ def load_matrix(path: str | Path) -> Matrix:
                           "such as matrices/smoke.yaml") from None
     except yaml.YAMLError as e:
         raise MatrixError(f"{path}: malformed YAML: {e}. Fix: correct the YAML syntax at the line shown") from e
+    if raw is None:
+        raise MatrixError(f"{path}: the file is empty. Fix: write a matrix in it, e.g. the two lines "
+                          "`model: tiny-llama` and `grid: {strategy: [ddp, zero2]}` (matrices/smoke.yaml is a whole one)")
     if not isinstance(raw, dict):
-        raise MatrixError(f"{path}: a matrix file must be a mapping of keys (name, model, train, grid, ...)")
+        raise MatrixError(f"{path}: a matrix file must be a mapping of keys, not a {type(raw).__name__}. Fix: write "
+                          "`key: value` lines at the top level (name, model, train, grid, ...), as matrices/smoke.yaml does")
     raw.setdefault("name", path.stem)
     try:
         matrix = Matrix.model_validate(raw)

@@ -40,11 +40,12 @@ class Adapter(_Strict):
         names = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
         if isinstance(v, str):
             if v != "all-linear":
-                raise ValueError(f"use 'all-linear' or a list of module names from {sorted(names)}")
+                raise ValueError(f"{v!r} names no module set. Fix: use 'all-linear' or a list of module names from "
+                                 f"{sorted(names)}")
             return v
         unknown = set(v) - names
         if unknown or not v:
-            raise ValueError(f"unknown target modules {sorted(unknown)}; choose from {sorted(names)}")
+            raise ValueError(f"unknown target modules {sorted(unknown)}. Fix: choose from {sorted(names)}")
         return tuple(v)
 
 
@@ -248,8 +249,20 @@ class Matrix(_Strict):
     def _grid_lists_not_empty(self):
         for key, values in self.grid.items():
             if not values:
-                raise ValueError(f"grid.{key} is an empty list: give at least one value or remove the axis")
+                raise ValueError(f"grid.{key}: an empty list gives the matrix no cells. Fix: give at least one value, "
+                                 f"or remove grid.{key}{self._left_at(key)}")
         return self
+
+    def _left_at(self, key: str) -> str:
+        """What the setting of a grid axis is without the axis: the matrix's own value (where it is one number or
+        name), said so that removing the axis is a choice the user sees."""
+        try:
+            value: Any = self
+            for part in resolve_key(key).split("."):
+                value = getattr(value, part)
+        except (KeyError, AttributeError):  # an unknown axis: said by the loader with the allowed keys
+            return ""
+        return f" to keep {key} at {value}" if isinstance(value, (int, float, str)) else ""
 
 
 # ---------------------------------------------------------------- key resolution

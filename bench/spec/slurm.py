@@ -34,7 +34,7 @@ class SlurmOptions(BaseModel):
         for line in lines:
             text = line.removeprefix("#SBATCH").strip()
             if not text.startswith("-") or "\n" in text:
-                raise ValueError(f"extra_sbatch line {line!r} is not one sbatch option; write it like '--qos=high'")
+                raise ValueError(f"extra_sbatch line {line!r} is not one sbatch option. Fix: write it like '--qos=high'")
         return [line.removeprefix("#SBATCH").strip() for line in lines]
 
     @field_validator("env")
@@ -42,5 +42,6 @@ class SlurmOptions(BaseModel):
     def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
         bad = [k for k in env if not _ENV_NAME.fullmatch(k)]
         if bad:
-            raise ValueError(f"env names {bad} are not shell variable names (letters, digits, _)")
+            raise ValueError(f"env names {bad} are not shell variable names. Fix: use letters, digits and _ only, "
+                             "not starting with a digit")
         return env

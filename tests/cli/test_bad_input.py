@@ -95,6 +95,12 @@ def test_results_file_from_a_newer_schema(tmp_path, version):
     assert (results / "runs.jsonl").read_text() == json.dumps(line) + "\n"  # left as it was
 
 
+def test_empty_matrix_file_is_told_how_to_start(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert_refused(tmp_path, path, "the file is empty", "Fix:", "matrices/smoke.yaml")
+
+
 def test_binary_matrix_file_is_refused_not_a_traceback(tmp_path):
     path = tmp_path / "model.yaml"
     path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary")

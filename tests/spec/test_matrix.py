@@ -26,6 +26,31 @@ def test_wrong_type_names_key(tmp_path):
     assert "train.micro_batch" in str(e.value) and "Fix:" in str(e.value)
 
 
+@pytest.mark.parametrize("fields, key, fix", [
+    ({"cp": 1.5}, "  cp: ", "Fix: give a whole number, e.g. cp: 1"),
+    ({"grid": {"tp": []}}, "  grid.tp: an empty list", "Fix: give at least one value, or remove grid.tp to keep tp at 1"),
+    ({"grid": {"seq_len": []}}, "  grid.seq_len: ", "remove grid.seq_len to keep seq_len at 64"),
+    ({"train": None}, "  train: ", "Fix: give its keys as a mapping, e.g. train: {seq_len: 512, micro_batch: 1}"),
+    ({"adapter": {"target": "attn"}}, "  adapter.target: 'attn' names no module set", "Fix: use 'all-linear'"),
+])
+def test_each_error_names_its_key_and_a_fix_that_adds_to_it(tmp_path, fields, key, fix):
+    with pytest.raises(MatrixError) as e:
+        _load(tmp_path, **fields)
+    msg = str(e.value)
+    assert key in msg and fix in msg, msg
+    assert "(top level)" not in msg and "Fix: Value error" not in msg and "Fix: Input should" not in msg
+    assert msg.count("Fix:") == 1
+
+
+@pytest.mark.parametrize("text, said", [("", "the file is empty. Fix: write a matrix in it"),
+                                        ("- ddp\n", "not a list. Fix: write `key: value` lines")])
+def test_a_file_without_a_mapping_is_told_how_to_start(tmp_path, text, said):
+    path = tmp_path / "m.yaml"
+    path.write_text(text)
+    with pytest.raises(MatrixError, match=said):
+        load_matrix(path)
+
+
 def test_bad_literal_lists_choices(tmp_path):
     with pytest.raises(MatrixError) as e:
         _load(tmp_path, train={"precision": "bf8"})
