@@ -124,25 +124,33 @@ def accelerate_problems(accel: dict) -> list[str]:
     if mp is not None and mp not in _PRECISIONS:
         out.append(f"mixed_precision is {accel.get('mixed_precision')!r}, which accelerate does not know. "
                    f"Fix: use one of {', '.join(_PRECISIONS)} (quoted: 'no' unquoted is read as false)")
-    for section, example in (("fsdp_config", "fsdp_version: 2"), ("deepspeed_config", "zero_stage: 2")):
-        if accel.get(section) is not None and not isinstance(accel[section], dict):
-            out.append(f"{section} is {accel[section]!r}, not a mapping of keys. Fix: write it as `accelerate "
-                       f"config` does, one key per line indented under {section}: (e.g. {example})")
-    fsdp = accel.get("fsdp_config") if isinstance(accel.get("fsdp_config"), dict) else {}
+    # accelerate reads a section only for its own distributed_type: another type's section is left alone, as there.
+    section, example = {"FSDP": ("fsdp_config", "fsdp_version: 2"),
+                        "DEEPSPEED": ("deepspeed_config", "zero_stage: 2")}.get(kind, (None, None))
+    if section and accel.get(section) is not None and not isinstance(accel[section], dict):
+        out.append(f"{section} is {accel[section]!r}, not a mapping of keys. Fix: write it as `accelerate "
+                   f"config` does, one key per line indented under {section}: (e.g. {example})")
+    elif section == "fsdp_config":
+        out += _fsdp_problems(accel.get(section) or {})
+    elif section == "deepspeed_config":
+        stage = (accel.get(section) or {}).get("zero_stage")
+        if stage is not None and (isinstance(stage, bool) or str(stage) not in ("0", "1", "2", "3")):
+            out.append(f"deepspeed_config.zero_stage is {stage!r}; DeepSpeed's ZeRO stages are 0, 1, 2 and 3. "
+                       "Fix: zero_stage: 0, 1, 2 or 3")
+    return out
+
+
+def _fsdp_problems(fsdp: dict) -> list[str]:
+    out = []
     version = fsdp.get("fsdp_version")
     if version is not None and (isinstance(version, bool) or str(version) not in ("1", "2")):
-        out.append(f"fsdp_config.fsdp_version is {fsdp['fsdp_version']!r}; accelerate has FSDP versions 1 and 2. "
+        out.append(f"fsdp_config.fsdp_version is {version!r}; accelerate has FSDP versions 1 and 2. "
                    "Fix: fsdp_version: 1 or fsdp_version: 2")
-    if "fsdp_sharding_strategy" in fsdp:
+    if "fsdp_sharding_strategy" in fsdp:  # read by accelerate under either version
         try:
             _fsdp_sharding_name(fsdp["fsdp_sharding_strategy"])
         except MatrixError as e:
             out.append(str(e))
-    ds = accel.get("deepspeed_config") if isinstance(accel.get("deepspeed_config"), dict) else {}
-    stage = ds.get("zero_stage")
-    if stage is not None and (isinstance(stage, bool) or str(stage) not in ("0", "1", "2", "3")):
-        out.append(f"deepspeed_config.zero_stage is {stage!r}; DeepSpeed's ZeRO stages are 0, 1, 2 and 3. "
-                   "Fix: zero_stage: 0, 1, 2 or 3")
     return out
 
 
