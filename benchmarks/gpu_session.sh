@@ -7,15 +7,19 @@
 #   steps:
 #     gpu-tests[=PATHS[@K]] pytest -m gpu on PATHS (comma-separated test files; default: tests), -k K
 #                           (default $PYTEST_K), e.g. "gpu-tests=tests/gpu/test_gpu.py@fsdp or meta"
-#     smoke, llama8b-1gpu, oom, llama8b
+#     smoke, oom
+#     llama8b=DIR[@ONLY], llama8b-1gpu=DIR, llama-full=DIR[@ONLY]
+#                           matrices/llama8b.yaml (llama8b-1gpu: its gpus=1 cells) or matrices/llama-full.yaml
+#                           into results/DIR, ONLY as --only filters joined by '@', e.g.
+#                           llama-full=llama-full-h200-c@model=llama-3.2-3b@gpus=1,2. DIR is required: the matrices'
+#                           own folders, results/llama8b and results/llama-full, hold the H100 evidence, and another
+#                           card's records must not go in with them (name the card in DIR; those two are refused)
 #     nightly[=DIR[@ONLY]]  matrices/nightly.yaml (its repeats) into results/DIR (default results/nightly)
 #     night=ROOT[@FLAG...]  one night of the gate: bench nightly matrices/nightly.yaml --root results/ROOT FLAGs,
 #                           e.g. night=nightly-h200@--no-verdict, night=nightly-h200-slowed@--slow-step@0.10
 #     70b[=force]           matrices/llama70b-qlora.yaml (force: launch cells predicted not to fit)
 #     overhead[=STEPS[@INTERVAL_S]]  benchmarks/sampler_overhead.py (STEPS timed steps; a short sampling
 #                           interval, e.g. 0.002, amplifies the cost: see the script's docstring)
-#     llama-full[=ONLY]     matrices/llama-full.yaml, ONLY as --only filters joined by '@',
-#                           e.g. llama-full=model=llama-3.2-3b@gpus=1,2
 #     run=MATRIX@DIR[@FILTER...]  matrices/MATRIX.yaml into results/DIR, FILTERs as --only, e.g.
 #                           run=llama-full@llama-full-h200@model=llama-3.2-3b@gpus=1,2
 #     lane:GPUS:S1+S2+...   run steps S1, S2 ... one after the other on the cards GPUS (CUDA_VISIBLE_DEVICES,
@@ -76,10 +80,16 @@ run_step() {
       step "$name" python3 -m pytest -q -rs -m gpu ${paths//,/ } -p no:cacheprovider \
         --basetemp "$out/pytest-${CUDA_VISIBLE_DEVICES:-all}-$name-$SECONDS" ${k:+-k "$k"} ;;
     smoke)        step smoke python3 -m bench.cli run matrices/smoke.yaml --device cuda --results results/smoke-gpu --only gpus=1 ;;
-    llama8b-1gpu) step llama8b-1gpu python3 -m bench.cli run matrices/llama8b.yaml --only gpus=1 ;;
     oom)          step oom python3 -m bench.cli run matrices/oom.yaml --force ;;  # launch although predicted not to fit
-    llama8b)      step llama8b python3 -m bench.cli run matrices/llama8b.yaml ;;
-    llama-full)   run_step "run=llama-full@llama-full${arg:+@$arg}" ;;
+    llama8b|llama8b-1gpu|llama-full)  # DIR[@ONLY...]: never the matrix's own (H100) folder
+      local dir=${arg%%@*} rest=""; [[ $arg == *@* ]] && rest=@${arg#*@}
+      if [ -z "$dir" ] || [ "$dir" = llama8b ] || [ "$dir" = llama-full ]; then
+        echo "=== $s: skipped: name a new results folder, $s=DIR (e.g. $s=${s%-1gpu}-h200-c); results/llama8b and" \
+             "results/llama-full hold the H100 evidence, which another card's records must not join"
+        return
+      fi
+      [ "$s" = llama8b-1gpu ] && rest=@gpus=1$rest
+      run_step "run=${s%-1gpu}@$dir$rest" ;;
     nightly)      run_step "run=nightly@${arg:-nightly}" ;;  # the matrix's repeats, into one folder (not a night)
     night)  # night=ROOT[@FLAG...]: one `bench nightly` night into results/ROOT/<date>-<commit>[-n]/
       local root=${arg%%@*} flags=(); [[ $arg == *@* ]] && IFS=@ read -ra flags <<< "${arg#*@}"

@@ -28,6 +28,12 @@ With gradient checkpointing (HF, per decoder layer) only each layer's input (r*s
 recomputes one layer at a time, so the peak is the kept inputs plus the larger of the logits and one
 layer's full activations (plus its backward temporaries).
 
+torch.compile (train.compile) is not modelled: a compiled cell is predicted as the eager one. Inductor may
+save fewer or other tensors for backward (fused elementwise chains, recomputed cheap ops) and adds its own
+buffers; by how much, and in which direction, no GPU record has said yet. Until records of compiled cells
+(matrices/kernels-h200.yaml's setting with a compile axis, tests/gpu/test_kernels_gpu.py's compile cells)
+are checked against their prediction (`bench estimate-check`), `bench estimate` says so on compile cells.
+
 Pure arithmetic: no torch import.
 """
 

@@ -35,8 +35,8 @@ from bench.estimate.parallel import rank_seq_len, rank_shape, shard_ranks
 from bench.estimate.prediction import (CALIBRATION, COMPONENTS, ESTIMATOR_VERSION, GIB, Calibration, Prediction, margins_for,
                                        with_capacity)
 from bench.estimate.replay import offload_copy_in_pool, replay
-from bench.estimate.states import (NF4_PACKED_BYTES, BytesPerParam, Sharding, StateBytes, bytes_per_frozen_param,
-                                   bytes_per_trainable_param, frozen_states, shard_states)
+from bench.estimate.states import (NF4_PACKED_BYTES, BytesPerParam, StateBytes, bytes_per_frozen_param,
+                                   bytes_per_trainable_param, frozen_states, per_rank_formula, shard_states)
 from bench.estimate.terms import compute_bytes, converts_outputs_to_fp32, describe_strategy, is_half, residual_bytes, sharding_for
 from bench.spec import CellSettings
 from bench.spec.models import ModelShape
@@ -102,24 +102,13 @@ def bytes_per_param_summary(states: ModelStates, strategy: Strategy, ranks: int)
     trained = states.base_bpp or states.adapter_bpp
     out: dict[str, Any] = {"weights": trained.weights, "grads": trained.grads, "master_weights": trained.master,
                            "optimizer": trained.optimizer, "total": trained.total, "ranks": ranks,
-                           "per_rank": _per_rank_formula(trained, sharding, ranks),
+                           "per_rank": per_rank_formula(trained, sharding, ranks, strategy.tp),
                            "applies_to": "adapter" if states.adapter_bpp else "all parameters"}
+    if strategy.tp > 1:
+        out["tensor_split"] = strategy.tp
     if states.frozen_bpp is not None:
         out["frozen_base"] = round(states.frozen_bpp, 4)
     return out
-
-
-def _per_rank_formula(bpp: BytesPerParam, sharding: Sharding, ranks: int) -> str:
-    """E.g. "2 + 2 + 12/2" for ZeRO-1 bf16 on 2 ranks: the ZeRO paper's notation, computed."""
-    kept, split = 0.0, 0.0
-    for size, sharded in ((bpp.weights, sharding.weights), (bpp.grads, sharding.grads),
-                          (bpp.master + bpp.optimizer, sharding.optimizer)):
-        if sharded and ranks > 1:
-            split += size
-        else:
-            kept += size
-    parts = ([f"{kept:.3g}"] if kept else []) + ([f"{split:.3g}/{ranks}"] if split else [])
-    return " + ".join(parts) or "0"
 
 
 def activations_for(cell: CellSettings, shape: ModelShape, strategy: Strategy, calib: Calibration) -> ActivationBytes:

@@ -89,9 +89,18 @@ def framework_of(strategy: Strategy | None, adapter: str = "none") -> str:
     staging buffers are another kind of memory than the sharded states), QLoRA apart: bitsandbytes' 4-bit
     base and its dequantisation are another kind of memory than 16-bit weights, and QLoRA cells were
     under-predicted by 5-8 % (estimate-judge-3-h200) where the same frameworks' 16-bit cells were not, so
-    their margins must not come from those cells."""
+    their margins must not come from those cells. Tensor and context parallel layouts apart too (``tp``,
+    ``fsdp2+tp``, ``fsdp2+cp``, ...): the additive model predicts them (bench/estimate/parallel.py), which the
+    judged cells of their framework without those degrees never judged; until GPU records judge them they take
+    the pooled margins floored at the defaults (bench/estimate/margins.py)."""
     if strategy is None:
         return "unknown"
-    family = "ddp" if strategy.is_plain else strategy.family  # one process or DDP: torch lays it out alike
+    family = strategy.family
+    if family == "single":
+        family = "ddp"  # one process or DDP: torch lays it out alike
     key = f"{family}_offload" if strategy.offloads else family
+    if strategy.splits_layers and not strategy.tensor_only:  # "tp" already says it
+        key += "+tp"
+    if strategy.splits_sequences:
+        key += "+cp"
     return f"{key}+qlora" if adapter == "qlora" else key

@@ -125,3 +125,21 @@ def frozen_states(count: int, bytes_per_param: float, sharding: Sharding, ranks:
     if sharding.weights_on_host:
         return StateBytes(0.0, 0.0, 0.0, 0.0, weights)
     return StateBytes(weights, 0.0, 0.0, 0.0, 0.0)
+
+
+def per_rank_formula(bpp: BytesPerParam, sharding: Sharding, ranks: int, tp: int = 1) -> str:
+    """E.g. "2 + 2 + 12/2" for ZeRO-1 bf16 on 2 ranks: the ZeRO paper's notation, computed. A tensor split
+    divides every term (each tensor rank holds its slice of the layers, embedding and head; only the norms
+    stay whole): "16/tp2" for tp 2 alone, "16/2/tp2" for FSDP2 with tp 2 on 4 ranks."""
+    kept, split = 0.0, 0.0
+    for size, sharded in ((bpp.weights, sharding.weights), (bpp.grads, sharding.grads),
+                          (bpp.master + bpp.optimizer, sharding.optimizer)):
+        if sharded and ranks > 1:
+            split += size
+        else:
+            kept += size
+    parts = ([f"{kept:.3g}"] if kept else []) + ([f"{split:.3g}/{ranks}"] if split else [])
+    formula = " + ".join(parts) or "0"
+    if tp > 1:
+        formula = (f"({formula})" if len(parts) > 1 else formula) + f"/tp{tp}"
+    return formula

@@ -97,6 +97,8 @@ def render(rows: list[tuple[CellSettings, Prediction | None, str]], console: Con
     console.print(f"[dim]{escape(LEGEND)}[/]")
     if any(cell.nodes > 1 for cell, _, _ in rows):
         console.print(f"[dim]{escape(NODES_NOTE)}[/]")
+    if compiled := sum(cell.train.compile for cell, _, _ in rows):
+        console.print(f"[yellow]note[/]: {escape(compile_note(compiled))}")
 
 
 LEGEND = ("B/param per rank: weights + grads + (master + optimizer) in the ZeRO paper's notation, /N = sharded over "
@@ -108,6 +110,12 @@ LEGEND = ("B/param per rank: weights + grads + (master + optimizer) in the ZeRO 
 
 NODES_NOTE = ("Cells of several nodes (label 'Nnodes'): per-card figures for nodes x gpus ranks; ZeRO and FSDP shard "
               "over all of them (FSDP HYBRID_SHARD within a node only), so /N in B/param counts every rank.")
+
+
+def compile_note(cells: int) -> str:
+    """Said under the table when cells compile: the estimator predicts them as eager (bench/estimate/activations.py)."""
+    return (f"{cells} cell(s) with train.compile (label 'compile'): torch.compile is not modelled, they are predicted "
+            "as the same cell without it; no GPU record of a compiled cell has checked that yet")
 
 
 def _formula(pred: Prediction) -> str:

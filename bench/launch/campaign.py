@@ -394,22 +394,28 @@ class CellHooks:
                                              self.opts.force, self.opts.capacity_gib, info)
         if not_launched is not None:
             return not_launched
-        if self.matrix.launcher == "slurm":
+        if self.matrix.launcher == "slurm":  # the nodes set the arch list themselves and add their notes
             from bench.launch.slurm_runner import run_slurm_plan
 
-            return run_slurm_plan(plan, matrix_name, fingerprint, self.matrix.slurm, strategy_info=info,
-                                  prediction=prediction)
+            return run_slurm_plan(plan, matrix_name, fingerprint, self.matrix.slurm,
+                                  strategy_info=with_launch_notes(info, plan), prediction=prediction)
         sampler = None
         if plan.cell.device == "cuda":
             plan = with_deepspeed_arch_list(plan)
-            if plan.notes:  # what was decided for this launch (a user config's resolution, the arch list)
-                info = {**info, "launch_notes": plan.notes}
+        info = with_launch_notes(info, plan)
+        if plan.cell.device == "cuda":
             if busy := wait_for_free_gpus(plan.cell.gpus):
                 return busy_record(plan, matrix_name, fingerprint, busy, info)
             from bench.machine.sampler import NvmlSampler, sampler_enabled
 
             sampler = NvmlSampler(plan.cell.gpus) if sampler_enabled() else None
         return run_plan(plan, matrix_name, fingerprint, sampler=sampler, strategy_info=info, prediction=prediction)
+
+
+def with_launch_notes(info: dict, plan: LaunchPlan) -> dict:
+    """The record's strategy_info with what was decided for this launch (a user config's resolution, the
+    arch list, the cores): ``launch_notes``, absent when nothing was."""
+    return {**info, "launch_notes": list(plan.notes)} if plan.notes else info
 
 
 def with_deepspeed_arch_list(plan: LaunchPlan) -> LaunchPlan:

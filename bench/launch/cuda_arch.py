@@ -6,11 +6,18 @@ on first use and reads the target architectures from TORCH_CUDA_ARCH_LIST, parsi
 features), which torch accepts and DeepSpeed's parser does not (``invalid literal for int() with base 10:
 '0a'``): the cell would crash in its first optimizer step. Such a cell gets the compute capability of its
 own GPUs instead (as NVML reports it), and the record says so.
+
+The rule is here only: a local launch asks ``jit_arch_fix`` in the parent (its GPUs are this host's); a Slurm
+job's node runs ``python -m bench.launch.cuda_arch NOTE_FILE`` with the node's own capabilities on stdin (from
+nvidia-smi, bench/launch/slurm/script.py), which prints the value to export (nothing: leave it) and writes
+the note into NOTE_FILE for the record (bench/launch/slurm_runner.py).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from dataclasses import dataclass
 
 _DEEPSPEED_ENTRY = re.compile(r"^\d+\.\d+(\+PTX)?$")
@@ -56,3 +63,33 @@ def jit_arch_fix(current: str | None, capabilities: list[str]) -> ArchFix | None
     value = ";".join(capabilities)
     why = "was not set" if current is None else f"was {current!r}, which DeepSpeed's op builder cannot parse"
     return ArchFix(value, f"TORCH_CUDA_ARCH_LIST={value} (the cell's GPUs' compute capability): it {why}")
+
+
+def capabilities_from_text(text: str) -> list[str]:
+    """``major.minor`` entries of nvidia-smi's ``--query-gpu=compute_cap --format=csv,noheader`` (one GPU a
+    line), in order, each once; lines that are not a capability (an error message) are left out."""
+    found = []
+    for line in text.splitlines():
+        entry = line.strip()
+        if re.fullmatch(r"\d+\.\d+", entry) and entry not in found:
+            found.append(entry)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    """On a compute node: stdin holds its GPUs' capabilities; print the TORCH_CUDA_ARCH_LIST to export, or
+    nothing, and write the note to the file named by the one argument."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m bench.launch.cuda_arch NOTE_FILE < capabilities", file=sys.stderr)
+        return 2
+    fix = jit_arch_fix(os.environ.get("TORCH_CUDA_ARCH_LIST"), capabilities_from_text(sys.stdin.read()))
+    if fix is not None:
+        with open(args[0], "w") as f:
+            f.write(fix.note + "\n")
+        print(fix.value)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,8 +19,8 @@ from bench.launch.build_locks import release_locks_left_by
 from bench.launch.failures import Outcome, classify
 from bench.launch.plan import LaunchPlan, write_plan_files
 from bench.launch.runner import CellInterrupted, archive_previous_attempt, watchdog
-from bench.launch.slurm import (MemoryKill, SlurmJob, accelerate_node_command, bench_status, commands, failed_nodes,
-                                memory_kills, read_node_ends, render_batch_script, write_batch_script)
+from bench.launch.slurm import (MemoryKill, SlurmJob, accelerate_node_command, arch_list_lines, bench_status, commands,
+                                failed_nodes, memory_kills, read_node_ends, render_batch_script, write_batch_script)
 from bench.machine.node_env import read_node_fingerprints
 from bench.machine.node_sampler import NODE_SAMPLES_FILE, merge_node_samples
 from bench.machine.sampler import sampler_enabled
@@ -30,6 +30,7 @@ from bench.spec.slurm import SlurmOptions
 
 POLL_S = 1.0
 ENV_NODE_FILE = "env-node-{node_rank}.json"  # each node's fingerprint (bench/machine/node_env.py)
+ARCH_NOTE_FILE = "arch-node-{node_rank}.txt"  # the TORCH_CUDA_ARCH_LIST a node set and why (bench/launch/cuda_arch.py)
 LOG_FILE = "launch.log"  # the job's output and error files joined, for the failure classification
 
 
@@ -57,20 +58,25 @@ def node_command(plan: LaunchPlan, sample: bool | None = None) -> str:
     """One node's shell text: its fingerprint; its NVML sampler in the background (bench/machine/
     node_sampler.py, stopped with SIGTERM once the launch returns, and waited for so that its summary is
     written before the job ends); its `accelerate launch` (the local argv, less the port the batch script
-    now owns). ``sample``: None follows BENCH_SAMPLER (on unless it says off)."""
+    now owns), after TORCH_CUDA_ARCH_LIST for a DeepSpeed cell on CUDA where it needs one (decided from the
+    node's GPUs, the note left in arch-node-<rank>.txt). ``sample``: None follows BENCH_SAMPLER (on unless it
+    says off)."""
     argv = list(plan.argv)
     if "--main_process_port" in argv:
         i = argv.index("--main_process_port")
         del argv[i:i + 2]
     python = shlex.quote(sys.executable)
     lines = [f"{python} -m bench.machine.node_env {_node_file(plan, ENV_NODE_FILE)} || true"]
-    if sampler_enabled() if sample is None else sample:
+    sampling = sampler_enabled() if sample is None else sample
+    if sampling:
         gpus = plan.cell.gpus if plan.cell.device == "cuda" else 0
         lines.append(f"{python} -m bench.machine.node_sampler {_node_file(plan, NODE_SAMPLES_FILE)} --gpus {gpus} "
                      f"--ranks {shlex.quote(str(plan.rank_dir))} &")
         lines.append("sampler_pid=$!")
+    if plan.cell.device == "cuda" and "deepspeed.json" in plan.files:  # JIT-built ops: an arch list they can read
+        lines += arch_list_lines(f"{python} -m bench.launch.cuda_arch {_node_file(plan, ARCH_NOTE_FILE)}")
     lines.append(accelerate_node_command(argv[:3], argv[3:], plan.cell.nodes, plan.cell.gpus))
-    if len(lines) > 2:
+    if sampling:
         lines += ["rc=$?", 'kill -TERM "$sampler_pid" 2>/dev/null', 'wait "$sampler_pid"', "exit $rc"]
     return "\n".join(lines)
 
@@ -121,7 +127,8 @@ def run_slurm_plan(plan: LaunchPlan, matrix_name: str, env_fingerprint: dict, op
     """Submit, watch, cancel if needed, classify. Raises CellInterrupted (with the record) on Ctrl-C."""
     archive_previous_attempt(plan)
     write_plan_files(plan)
-    for old in [*plan.cell_dir.glob("env-node-*.json"), *plan.cell_dir.glob("nvml-node-*.json")]:
+    for old in [*plan.cell_dir.glob("env-node-*.json"), *plan.cell_dir.glob("nvml-node-*.json"),
+                *plan.cell_dir.glob("arch-node-*.txt")]:
         old.unlink()
     sample = sampler_enabled()
     script = write_job_script(plan, options, sample)
@@ -152,7 +159,8 @@ def run_slurm_plan(plan: LaunchPlan, matrix_name: str, env_fingerprint: dict, op
     released = release_locks_left_by(started) if status != "ok" else []
     record = RunRecord(
         matrix=matrix_name, cell_id=plan.cell.cell_id, label=plan.cell.label, repeat=plan.repeat,
-        settings=plan.cell.model_dump(mode="json"), strategy_info=strategy_info or {}, status=status, error=error,
+        settings=plan.cell.model_dump(mode="json"), strategy_info=with_node_notes(strategy_info or {}, plan.cell_dir),
+        status=status, error=error,
         env={**env_fingerprint, "nodes": read_node_fingerprints(plan.cell_dir)}, ranks=ranks,
         nvml=merge_node_samples(plan.cell_dir, plan.cell.nodes, node_names) if sample else None,
         prediction=prediction, started_at=started, wall_s=time.time() - started,
@@ -166,6 +174,17 @@ def run_slurm_plan(plan: LaunchPlan, matrix_name: str, env_fingerprint: dict, op
     if status == "interrupted":
         raise CellInterrupted(record)
     return record
+
+
+def with_node_notes(info: dict, folder: Path) -> dict:
+    """``info`` with what the nodes decided at launch (their arch-node-<rank>.txt) added to its launch_notes,
+    each distinct note once, after the notes of the plan."""
+    notes = list(info.get("launch_notes", []))
+    for path in sorted(folder.glob(ARCH_NOTE_FILE.format(node_rank="*"))):
+        note = path.read_text(errors="replace").strip()
+        if note and note not in notes:
+            notes.append(note)
+    return {**info, "launch_notes": notes} if notes else info
 
 
 def status_after_job(status: str, error: CellError | None, info, ranks_ok: bool, options: SlurmOptions,

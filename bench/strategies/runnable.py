@@ -138,10 +138,14 @@ def fast_path_problems(cell: CellSettings, strat: strategies.Strategy | None, he
             out.append(f"train.kernels liger is applied to Llama models only; {cell.model} is {model_type!r}. "
                        "Fix: train.kernels: none for this model")
     if t.compile and strat is not None and strat.fsdp_version == 1:
-        # accelerate compiles FSDP1 models only with use_orig_params (its flat parameters are not what a compiled
-        # layer reads), which bench does not set; DDP, DeepSpeed and FSDP2 go through accelerate's regional path.
-        out.append("train.compile under FSDP1 is not supported by bench (FSDP1 flattens the parameters a compiled "
-                   "layer reads; it would need use_orig_params). Fix: use fsdp2, ddp or zero*, or train.compile: false")
+        # Not use_orig_params (render.py sets it for every FSDP1 cell but QLoRA, and torch's dynamo asks no more):
+        # accelerate 1.15 compiles an FSDP1 model last in prepare with compile_regions, whose shallow copy of the
+        # FSDP root re-adds its child through FSDP.__getattr__, which recurses without end (RecursionError before
+        # anything compiles; tests/worker/test_fast_paths.py holds it and fails once accelerate changes).
+        out.append("train.compile under FSDP1 cannot run on this stack: accelerate's regional compilation "
+                   "(compile_regions, called last in prepare for FSDP1 models) recurses without end on the "
+                   "FullyShardedDataParallel root (RecursionError). Fix: use fsdp2, ddp or zero*, or "
+                   "train.compile: false")
     if t.micro_batch == "auto" and cell.device != "cuda":
         out.append("train.micro_batch auto picks the largest micro-batch that fits a GPU's memory; on CPU there "
                    "is no such capacity. Fix: give a number (e.g. train.micro_batch: 4) on CPU")

@@ -318,3 +318,19 @@ def test_estimate_on_a_slurm_matrix_shows_each_cells_ranks_and_their_shard_degre
     assert [r["prediction"]["bytes_per_param"]["per_rank"] for r in rows] == ["16/4", "16/8"]
     table = bench("estimate", str(matrix), "--device", "cuda", check=True).stdout
     assert "2nodes" in table and "16/8" in table and "nodes x gpus ranks" in table
+
+
+def test_estimate_says_compile_cells_are_predicted_as_eager(tmp_path):
+    """torch.compile is not modelled: a compiled cell's figures are the eager cell's, and the command says so
+    (counting the compiled cells) instead of passing them off as a prediction of compile's memory."""
+    matrix = write_matrix(tmp_path, "comp", device="cuda", model="llama-3.2-1b", strategy="ddp", gpus=1,
+                          grid={"compile": [False, True]})
+    args = ("estimate", str(matrix), "--capacity-gib", "80")
+    rows = json.loads(bench(*args, "--json", check=True).stdout)
+    eager, compiled = sorted(rows, key=lambda r: "compile" in r["label"])
+    assert "compile" in compiled["label"] and compiled["prediction"]["peak_reserved_gib"] == \
+        eager["prediction"]["peak_reserved_gib"]
+    out = " ".join(bench(*args, check=True).stdout.split())
+    assert "1 cell(s) with train.compile" in out and "not modelled" in out and "predicted as the same cell" in out
+    plain = write_matrix(tmp_path, "plain", device="cuda", model="llama-3.2-1b", strategy="ddp", gpus=1)
+    assert "train.compile" not in bench("estimate", str(plain), "--capacity-gib", "80", check=True).stdout

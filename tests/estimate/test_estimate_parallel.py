@@ -58,3 +58,12 @@ def test_context_parallel_gives_each_rank_its_share_of_the_sequence():
     assert without.activations_detail_gib["per_layer"] * GIB == pytest.approx(16_384 * 104_576, abs=1)
     assert with_cp.components_gib["params"] == pytest.approx(without.components_gib["params"])
     assert with_cp.reserved_model == "additive"  # the allocator replay does not model these layouts
+
+
+def test_the_bytes_per_parameter_line_shows_the_tensor_split():
+    """tp2 alone showed "16" B/param per rank, as if every rank held the whole model's states."""
+    alone = predict(cell(strategy="tp", tp=2, gpus=2)).bytes_per_param
+    assert alone["per_rank"] == "16/tp2" and alone["tensor_split"] == 2
+    both = predict(cell(tp=2)).bytes_per_param  # fsdp2 + tp 2 on 4 GPUs: dp_shard 2, tensor 2
+    assert both["per_rank"] == "16/2/tp2" and both["ranks"] == 2
+    assert "tensor_split" not in predict(cell()).bytes_per_param and predict(cell()).bytes_per_param["per_rank"] == "16/4"

@@ -190,3 +190,22 @@ def test_zero2_offload_is_replayed():
     assert pred.reserved_model == "replay"
     plain = predict(cell.model_copy(update={"strategy": "zero2"}))
     assert pred.peak_allocated_gib < plain.peak_allocated_gib  # no fp32 master, states or gradient partition
+
+
+def test_tensor_and_context_parallel_layouts_take_margins_of_their_own():
+    """tp2 ran under DDP's key (fit 0.4 %, judged on DDP cells only) and fsdp2+cp2 under fsdp2's, though the
+    additive model that predicts them was never judged there: with no judged cell of their own they get the
+    pooled margins floored at the defaults."""
+    tp2 = get_strategy("tp").with_degrees(2, 1)
+    fsdp2 = get_strategy("fsdp2")
+    assert framework_of(tp2) == "tp" and framework_of(fsdp2.with_degrees(1, 2)) == "fsdp2+cp"
+    assert framework_of(fsdp2.with_degrees(2, 1)) == "fsdp2+tp" and framework_of(fsdp2) == "fsdp2"
+    assert framework_of(get_strategy("single")) == "ddp"  # one process still counts as torch's own layout
+    data = estimate_margins.load()
+    pooled = (max(data["pooled"]["fit"], estimate_margins.DEFAULT_FIT),
+              max(data["pooled"]["skip"], estimate_margins.DEFAULT_SKIP))
+    for layout in (tp2, fsdp2.with_degrees(1, 2), fsdp2.with_degrees(2, 1)):
+        margin = estimate_margins.margin_for(layout)
+        assert (margin.fit, margin.skip) == pooled and "all frameworks" in margin.source
+    ddp = estimate_margins.margin_for(get_strategy("ddp"))
+    assert (ddp.fit, ddp.skip) != pooled  # DDP's own judged margins differ: the test tells the two apart

@@ -108,3 +108,43 @@ def test_compile_under_two_gloo_processes(tmp_path, strategy):
         assert rank["compile"]["layers"] == 4 and rank["compile"]["compile_s"] > 0
         assert rank["compile"]["compiled_in_timed_steps"] is False
         assert all(s["loss"] == s["loss"] for s in rank["steps"])  # no NaN
+
+
+# accelerate's last step of prepare for an FSDP1 model, under train.compile (regional compilation), on a
+# one-rank gloo group: FSDP1 runs on CPU here, and the failure comes before anything compiles.
+_FSDP1_COMPILE_REGIONS = """
+import functools, json, sys
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from accelerate.utils import compile_regions
+
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+model = LlamaForCausalLM(LlamaConfig(**json.loads(sys.argv[1])))
+policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer})
+model = FSDP(model, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
+try:
+    compile_regions(model, backend="inductor")
+    print("compiled")
+except RecursionError:
+    print("RecursionError")
+"""
+
+
+def test_compile_under_fsdp1_is_refused_for_accelerates_reason_not_use_orig_params():
+    """The refusal once said FSDP1 would need use_orig_params, which bench sets (render.py): the obstacle is
+    accelerate's compile_regions on the FSDP1 root, even with use_orig_params. When accelerate fixes it this
+    test fails: then allow compile under FSDP1 for cells with use_orig_params (not QLoRA) and run it on a GPU."""
+    import subprocess
+    import sys
+
+    from bench.spec.models import config_dict
+
+    fsdp = CellSettings.model_validate({**GPU8B, "strategy": "fsdp_full_shard", "train": {**GPU8B["train"], "compile": True}})
+    problem = next(p for p in cell_problems(fsdp, None) if "train.compile under FSDP1" in p)
+    assert "compile_regions" in problem and "use_orig_params" not in problem
+    proc = subprocess.run([sys.executable, "-c", _FSDP1_COMPILE_REGIONS, json.dumps(config_dict("tiny-llama"))],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip().splitlines()[-1:] == ["RecursionError"], proc.stdout + proc.stderr[-3000:]

@@ -58,6 +58,19 @@ def accelerate_node_command(launcher: list[str], launch_args: list[str], nodes: 
     return f"{shlex.join(launcher)} {shlex.join(node_flags)} {per_task} {shlex.join(launch_args)}"
 
 
+# The compute capability of each GPU the node's task sees, one a line ("9.0").
+GPU_CAPABILITY_QUERY = "nvidia-smi --query-gpu=compute_cap --format=csv,noheader"
+
+
+def arch_list_lines(decide: str) -> list[str]:
+    """Shell lines for a node's task that set TORCH_CUDA_ARCH_LIST from the node's own GPUs (DeepSpeed's JIT
+    op builder cannot read some lists, bench/launch/cuda_arch.py). ``decide`` reads the capabilities on
+    stdin and prints the value to export, or nothing to leave the variable as it is: which lists DeepSpeed
+    parses is decided there, in one place, not in shell. Run on the node, since the GPUs are there."""
+    return [f'arch_list="$({GPU_CAPABILITY_QUERY} 2>/dev/null | {decide})"',
+            'if [ -n "$arch_list" ]; then export TORCH_CUDA_ARCH_LIST="$arch_list"; fi']
+
+
 def _node_wrapper(node_command: str, folder: Path) -> str:
     """The task's shell text: run the node's command in a subshell (an `exit` in it ends only the command),
     then record host and exit code in its node file."""
