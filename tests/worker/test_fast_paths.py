@@ -81,7 +81,11 @@ def _compiled_cell(tmp_path, **fields) -> dict:
 
     matrix = write_matrix(tmp_path, "compile", device="cpu", model="tiny-llama",
                           train={"seq_len": 32, "compile": True, "warmup_steps": 1, "steps": 3,
-                                 "timing": {"max_steps": 3, "max_timed_s": 20}}, **fields)
+                                 "timing": {"max_steps": 3, "max_timed_s": 20}},
+                          # DeepSpeed's start plus inductor's first compile on a loaded 2-core host once ran past
+                          # the default 150 s start-up limit (recorded as a hang): room for it, not a target
+                          limits={"timeout_s": 480, "hang_s": 180, "collective_timeout_s": 60, "startup_s": 300},
+                          **fields)
     proc = bench("run", str(matrix), "--results", str(tmp_path / "results"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = json.loads((tmp_path / "results" / "runs.jsonl").read_text().splitlines()[-1])
@@ -133,6 +137,7 @@ except RecursionError:
 """
 
 
+@pytest.mark.launch_aside
 def test_compile_under_fsdp1_is_refused_for_accelerates_reason_not_use_orig_params():
     """The refusal once said FSDP1 would need use_orig_params, which bench sets (render.py): the obstacle is
     accelerate's compile_regions on the FSDP1 root, even with use_orig_params. When accelerate fixes it this
