@@ -2,8 +2,9 @@
 
 Definitions (the report states them):
 - step time: wall time of one optimizer step, synchronised; per step the slowest rank counts; a launch's
-  figure is the median over its timed steps, with the 95 % interval of that median (the worker's ``timing``
-  when the record has it, else order statistics of the steps: bench/report/intervals.py).
+  figure is the median over its timed steps, with the 95 % interval of that median (the worker's stopping
+  rule, serial dependence counted, where the record has ``timing``: none when the rule admits none; order
+  statistics of steps taken as independent in older records: bench/report/intervals.py).
 - launches are the unit: a cell's figure is the median over its ok launches (repeats), with a 95 %
   t-interval of the launch figures on the log scale (2+ launches); one launch keeps its within-launch
   interval and says so. The p10-p90 spread of the steps stays a separate, named figure.
@@ -142,10 +143,11 @@ def figures(record: RunRecord) -> dict:
     tokens, real = tokens_per_step(record), tokens_per_step(record, real=True)
     arr = np.asarray(times)
     step = float(np.median(arr))
-    low, high, coverage, source = _launch_interval(record, times, step)
+    low, high, coverage, source = intervals.launch_interval(record, times, step)
     row.update({
         "step_time_s": step,
-        "step_time_ci_low_s": low, "step_time_ci_high_s": high, "step_time_ci_coverage": coverage,
+        "step_time_ci_low_s": _or_nan(low), "step_time_ci_high_s": _or_nan(high),
+        "step_time_ci_coverage": _or_nan(coverage),
         "launch_interval_source": source,
         "step_time_p10_s": float(np.percentile(arr, 10)),
         "step_time_p90_s": float(np.percentile(arr, 90)),
@@ -157,8 +159,9 @@ def figures(record: RunRecord) -> dict:
         "tokens_per_s_per_gpu": tokens / step / cell.processes,
         "real_tokens_per_s": real / step,
         "real_tokens_per_s_per_gpu": real / step / cell.processes,
-        # the slow end of the step-time interval gives the low end of the throughput interval
-        "real_tokens_per_s_ci_low": real / high, "real_tokens_per_s_ci_high": real / low,
+        # the slow end of the step-time interval gives the low end of the throughput interval (NaN: none)
+        "real_tokens_per_s_ci_low": real / high if high else np.nan,
+        "real_tokens_per_s_ci_high": real / low if low else np.nan,
         "samples_per_s": real / step / cell.train.seq_len,
         "final_loss": record.ranks[0]["steps"][-1]["loss"],
     })
@@ -177,20 +180,8 @@ def micro_batch_used(record: RunRecord, cell: CellSettings) -> int | None:
     return (getattr(record, "micro_batch_auto", None) or {}).get("chosen")
 
 
-def _launch_interval(record: RunRecord, times: list[float], step: float) -> tuple[float, float, float, str]:
-    """95 % interval of one launch's median step time: the worker's, else order statistics of the steps.
-
-    The worker times each rank; the slowest rank sets the pace, so its relative interval is laid around
-    the median recomputed here (per step the slowest rank), which it matches to within the ranks' skew.
-    """
-    timings = [r.get("timing") for r in record.ranks]
-    if timings and all(isinstance(t, dict) and _positive(t.get("median_s")) and _positive(t.get("ci_low_s"))
-                       and _positive(t.get("ci_high_s")) for t in timings):
-        slowest = max(timings, key=lambda t: t["median_s"])
-        return (step * slowest["ci_low_s"] / slowest["median_s"], step * slowest["ci_high_s"] / slowest["median_s"],
-                float(slowest.get("confidence") or intervals.CONFIDENCE), "timing")
-    interval = intervals.median_interval(times)
-    return interval.low, interval.high, interval.coverage, "order statistics"
+def _or_nan(value: float | None) -> float:
+    return np.nan if value is None else value
 
 
 def _positive(value) -> bool:

@@ -173,8 +173,7 @@ def head_to_head_row(row: pd.Series, base: pd.Series | None, budget: TokenBudget
     out = {
         "run": run_name(row), POLICY: policy(row),
         "baseline (same policy)": "(a baseline)" if is_base else (run_name(base) if base is not None else "none"),
-        "step time s [95% CI]": (f"{row['step_time_s']:.3g} [{row['step_time_ci_low_s']:.3g}-{row['step_time_ci_high_s']:.3g}]"
-                                 if ok else row["status"]),
+        "step time s [95% CI]": step_time_text(row) if ok else row["status"],
         "step time p10-p90 of steps (within a launch)": (f"{row['step_time_p10_s']:.3g}-{row['step_time_p90_s']:.3g}"
                                                          if ok else row["status"]),
         f"tok/s/{unit(row['device'])} [95% CI]": throughput_text(row),
@@ -187,6 +186,13 @@ def head_to_head_row(row: pd.Series, base: pd.Series | None, budget: TokenBudget
                                                          else row["status"])
         out["baseline -> this"] = projection_text(row, base, total)
     return out
+
+
+def step_time_text(row: pd.Series) -> str:
+    """'1.3 [1.28-1.32]', or '[no interval]' where the launch's timing admitted none (n_eff < 6)."""
+    low, high = row.get("step_time_ci_low_s"), row.get("step_time_ci_high_s")
+    bounds = f"[{low:.3g}-{high:.3g}]" if is_num(low) and is_num(high) else "[no interval]"
+    return f"{row['step_time_s']:.3g} {bounds}"
 
 
 def projection_text(row: pd.Series, base: pd.Series | None, total_tokens: float) -> str:

@@ -73,7 +73,7 @@ def test_figures_recomputed_from_steps(records):
     # one launch: the order-statistic interval of its median (3 steps: min-max), around the median
     assert row["step_time_ci_low_s"] == min(steps) and row["step_time_ci_high_s"] == max(steps)
     assert row["real_tokens_per_s_ci_low"] <= row["real_tokens_per_s"] <= row["real_tokens_per_s_ci_high"]
-    assert row["launch_interval_source"] == "order statistics" and row["precision_policy"] == "fp32"
+    assert "steps taken as independent" in row["launch_interval_source"] and row["precision_policy"] == "fp32"
     assert row["machine"] == rec.env["hardware"] and row["gpu_model"] is None
     # a CPU run: host memory, a FLOP count, but no CUDA peaks, no NVML, no peak figure
     assert row["host_rss_peak_gib"] > 0.05

@@ -85,7 +85,7 @@ def test_one_launch_uses_the_workers_timing_interval(llama8b):
     assert row["step_time_ci_low_s"] == pytest.approx(row["step_time_s"] * 0.98)
     assert row["step_time_ci_high_s"] == pytest.approx(row["step_time_s"] * 1.02)
     old = metrics.figures(llama8b["llama-3.1-8b lora ddp x2gpu"])  # no timing: order statistics of 6 steps
-    assert old["launch_interval_source"] == "order statistics" and "timing_stop_reason" not in old
+    assert old["launch_interval_source"] == intervals.FROM_INDEPENDENT and "timing_stop_reason" not in old
 
 
 # ---------------------------------------------------------------- like for like
