@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table as RichTable
 
 from bench.report import flops, metrics, plots, verdict
-from bench.report import fast_paths, nodes, tables
+from bench.report import fast_paths, nodes, repeats, tables
 from bench.records.caveats import CPU_CAVEAT
 from bench.spec import MatrixError, TokenBudget, load_matrix
 from bench.report.render import Plot, Section, Table, to_html, to_markdown, write_csvs
@@ -90,7 +90,7 @@ def load_all(results_dirs: list[Path]) -> list[RunRecord]:
     A resumed matrix appends a new record after an interrupted one, --retry-failed after a failure; the
     earlier ones stay on file but are not what the matrix ended with (resume reads a folder the same way).
     Folders are taken apart: the same cell id in two folders may be two machines, which
-    metrics.aggregate_repeats keeps apart (and, on one machine, it keeps the later folder's run).
+    repeats.aggregate_repeats keeps apart (and, on one machine, it keeps the later folder's run).
     """
     records = [r for d in results_dirs for r in latest_runs(load_records(d))]
     if not records:
@@ -101,7 +101,7 @@ def load_all(results_dirs: list[Path]) -> list[RunRecord]:
 def build(results_dirs: list[Path], records: list[RunRecord] | None = None) -> pd.DataFrame:
     """One row of figures per cell (repeats aggregated), with speedups and FLOP rates."""
     records = records if records is not None else load_all(results_dirs)
-    df = metrics.aggregate_repeats(metrics.frame(records))
+    df = repeats.aggregate_repeats(metrics.frame(records))
     return metrics.add_flop_rates(metrics.add_speedups(df))
 
 

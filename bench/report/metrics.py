@@ -42,13 +42,6 @@ from bench.strategies.precision import policy_for
 # (at one process nothing wraps the model: what a user runs today), of those the runs without any wrapper
 # (preferred as the baseline), and the framework (a strategy of the same one is the next best baseline).
 ANSWERS = ("plain", "unwrapped", "framework")
-# Figures that are medians over launches (one repeat = one fresh launch of the cell).
-REPEAT_MEDIAN_COLUMNS = ("tokens_per_s", "tokens_per_s_per_gpu", "real_tokens_per_s", "real_tokens_per_s_per_gpu",
-                         "step_time_s", "joules_per_token", "power_mean_w", "util_mean_pct", "sm_clock_mean_mhz",
-                         "throttled_share", "energy_timed_j")
-# Memory: the worst launch, since it is what has to fit.
-REPEAT_MAX_COLUMNS = ("peak_allocated_gib", "peak_reserved_gib", "training_peak_allocated_gib",
-                      "training_peak_reserved_gib", "nvml_peak_used_gib", "host_rss_peak_gib")
 THROUGHPUT = "real_tokens_per_s"  # the headline: real (non-padding) tokens
 
 
@@ -333,50 +326,6 @@ def add_flop_rates(df: pd.DataFrame) -> pd.DataFrame:
 
 def frame(records: list[RunRecord]) -> pd.DataFrame:
     return pd.DataFrame([figures(r) for r in records])
-
-
-def latest_per_cell(df: pd.DataFrame) -> pd.DataFrame:
-    """Several runs of one cell (retries) -> the last one; repeats are averaged by aggregate_repeats."""
-    return df.groupby(["machine", "cell_id", "repeat"], sort=False).tail(1)
-
-
-def aggregate_repeats(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell and machine: median figures over ok launches with their 95 % interval; ok if any was.
-
-    A cell id does not name the machine: the same matrix run on two kinds of GPU gives two cells here.
-    """
-    df = latest_per_cell(df)
-    rows = []
-    for _, group in df.groupby(["machine", "cell_id"], sort=False):
-        ok = group[group["status"] == "ok"]
-        row = (ok if len(ok) else group).iloc[-1].to_dict()
-        row["repeats"] = len(group)
-        row["repeats_ok"] = len(ok)
-        if len(ok) > 1:
-            row.update(_across_launches(ok))
-        elif len(ok) == 1:
-            row["interval_basis"] = "1 launch"
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _across_launches(ok: pd.DataFrame) -> dict:
-    """Median over the launches; the 95 % t-interval of their figures on the log scale (bench/report/intervals.py)."""
-    out = {col: float(ok[col].median()) for col in REPEAT_MEDIAN_COLUMNS if col in ok.columns and ok[col].notna().any()}
-    out.update({col: float(ok[col].max()) for col in REPEAT_MAX_COLUMNS if col in ok.columns and ok[col].notna().any()})
-    gpus = int(processes(ok).iloc[0])
-    tps = ok[THROUGHPUT].to_numpy(dtype=float)
-    if (through := intervals.across_launches(tps)) is not None:
-        out.update({"real_tokens_per_s_ci_low": through.low, "real_tokens_per_s_ci_high": through.high})
-    if (step := intervals.across_launches(ok["step_time_s"].to_numpy(dtype=float))) is not None:
-        out.update({"step_time_ci_low_s": step.low, "step_time_ci_high_s": step.high,
-                    "step_time_ci_coverage": step.coverage})
-    out.update({"interval_basis": f"{len(ok)} launches", "launch_interval_source": "across launches",
-                "real_tokens_per_s_repeat_min": float(tps.min()), "real_tokens_per_s_repeat_max": float(tps.max()),
-                "real_tokens_per_s_repeat_cv": float(tps.std(ddof=1) / tps.mean()),
-                "timed_steps": int(ok["timed_steps"].min())})  # the shortest launch
-    out["real_tokens_per_s_per_gpu"] = out[THROUGHPUT] / gpus
-    return out
 
 
 def per_gpu_interval(row) -> tuple[float, float] | None:

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 
 from bench.report import flops, metrics, verdict
-from bench.report.text import (basis_text, duration, gib, interval_text, is_num, plain_text, policy, run_name,
-                               speedup_text, throughput_text, unit)
+from bench.report.text import (basis_text, duration, gib, interval_text, is_num, plain_text, policy, pooled_launches,
+                               run_name, speedup_text, throughput_text, unit)
 from bench.spec import TokenBudget
 
 NO_RECORD = "no record"  # the folder holds no run of that cell: left out of the matrix, or not run (yet)
@@ -89,6 +89,8 @@ def _memory_entry(row: pd.Series) -> str:
 def _why_not(row: pd.Series) -> str:
     if row["status"] != "ok":
         return row["status"]
+    if failed := verdict.failed_launches(row):
+        return failed
     return "over the cap" if is_num(row.get("gpu_memory_gib")) else "over the card"
 
 
@@ -97,8 +99,8 @@ def _bases(v: verdict.Verdict) -> str:
     bases = sorted({basis_text(r) for r in rows})
     if not bases:
         return "-"
-    text = ", ".join(bases)
-    if any(b.startswith("1 launch") for b in bases):
+    text = "; ".join(bases)
+    if any(pooled_launches(r) == 1 for r in rows):
         text += " (within one launch: launch-to-launch variation not covered)"
     return text
 

@@ -1,7 +1,9 @@
 """The verdict: per setting group and process count, which strategy to use.
 
-- fastest: the highest launch-median real-token throughput among the cells that fit (status ok, and the
-  peak neither over the cap nor over the card);
+- fastest: the highest launch-median real-token throughput among the cells that fit (status ok, no launch
+  failed for the cell's own reasons (oom, crash, hang, timeout, unsupported: a cell that runs one time in
+  three is no answer; an interrupted launch is the operator's deadline and does not count), and the peak
+  neither over the cap nor over the card);
 - indistinguishable from it: the other fitting cells whose 95 % throughput interval overlaps the fastest's
   (across launches when a cell has 2+, else within its one launch, which leaves launch-to-launch variation
   out: the table says which);
@@ -33,14 +35,22 @@ def memory_column(device: str) -> str:
 
 
 def fits(row: pd.Series) -> bool:
-    """Ran ok and stayed within the cap (torch reserved) and the card (NVML used)."""
-    if row["status"] != "ok":
+    """Ran ok in every launch that did not stop for an outside reason, and stayed within the cap (torch
+    reserved) and the card (NVML used)."""
+    if row["status"] != "ok" or failed_launches(row):
         return False
     cap, reserved = row.get("gpu_memory_gib"), row.get("peak_reserved_gib")
     if _num(cap) and _num(reserved) and reserved > cap:
         return False
     total, used = row.get("gpu_total_gib"), row.get("nvml_peak_used_gib")
     return not (_num(total) and _num(used) and used > total)
+
+
+def failed_launches(row: pd.Series) -> str | None:
+    """'oom in 1 of 3 launches' where some of the cell's launches failed for its own reasons
+    (bench/report/repeats.py); None otherwise."""
+    value = row.get("failed_launches")
+    return value if isinstance(value, str) and value else None
 
 
 def _num(value) -> bool:

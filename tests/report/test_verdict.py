@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from bench.records import RunRecord, append_record, load_records
-from bench.report import document as report, intervals, metrics, tables as report_tables, verdict
+from bench.report import document as report, intervals, metrics, repeats, tables as report_tables, verdict
 from test_metrics import by_label
 
 from conftest import REPO
@@ -46,7 +46,7 @@ def launch(record: RunRecord, step_s: float, repeat: int = 0, clock: float | Non
 
 
 def build(records: list[RunRecord]) -> pd.DataFrame:
-    return metrics.add_flop_rates(metrics.add_speedups(metrics.aggregate_repeats(metrics.frame(records))))
+    return metrics.add_flop_rates(metrics.add_speedups(repeats.aggregate_repeats(metrics.frame(records))))
 
 
 def row_of(df: pd.DataFrame, label: str) -> pd.Series:
