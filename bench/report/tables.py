@@ -56,27 +56,42 @@ def warnings_for(rows: pd.DataFrame) -> list[str]:
 
 # ---------------------------------------------------------------- verdict
 
+INDISTINGUISHABLE = "indistinguishable from it (ratio to it [95% CI] holds 1)"
+
+
 def verdict_table(group: pd.DataFrame) -> pd.DataFrame:
-    """Per process count: the fastest strategy that fits, those indistinguishable from it, the leanest."""
+    """Per layout (processes, or nodes x processes per node): the fastest strategy that fits, those
+    indistinguishable from it, the leanest."""
     u = unit(group["device"].iloc[0])
+    found = verdict.verdicts(group)
+    layout = u + "s" if all(v.nodes == 1 for v in found) else f"{u}s (nodes x {u}s per node across nodes)"
     rows = []
-    for v in verdict.verdicts(group):
+    for v in found:
         fastest = v.fastest
         rows.append({
-            u + "s": v.gpus,
+            layout: v.layout,
             f"fastest that fits (tok/s/{u} [95% CI])": _verdict_entry(fastest) if fastest is not None else "none fits",
-            "indistinguishable from it (intervals overlap)": ("; ".join(_verdict_entry(r) for r in v.indistinguishable)
-                                                              or ("none" if fastest is not None else "-")),
+            INDISTINGUISHABLE: ("; ".join(f"{_verdict_entry(r)}, {_ratio_text(r, fastest)}" for r in v.indistinguishable)
+                                or ("none" if fastest is not None else "-")),
             "lowest peak memory": _memory_entry(v.lowest_memory) if v.lowest_memory is not None else "-",
             "intervals from": _bases(v),
             "did not fit": "; ".join(f"{r['strategy']}: {_why_not(r)}" for r in v.not_fitting) or "-",
-            "mean SM clock MHz": _clock_range(group[group["gpus"] == v.gpus]),
+            "mean SM clock MHz": _clock_range(verdict.at_layout(group, v.gpus, v.nodes)),
         })
     return pd.DataFrame(rows)
 
 
 def _verdict_entry(row: pd.Series) -> str:
     return f"{row['strategy']} ({policy(row)}): {row['real_tokens_per_s_per_gpu']:,.0f} {interval_text(row)}"
+
+
+def _ratio_text(row: pd.Series, fastest: pd.Series) -> str:
+    """'0.99x [0.97-1.01]' of the fastest; where a side has no interval, the overlap decided: say so."""
+    ratio = verdict.ratio_to(row, fastest)
+    value = row["real_tokens_per_s_per_gpu"] / fastest["real_tokens_per_s_per_gpu"]
+    if ratio is None:
+        return f"{value:.2f}x [no interval: the figures overlap]"
+    return f"{value:.2f}x [{ratio.low:.2f}-{ratio.high:.2f}]"
 
 
 def _memory_entry(row: pd.Series) -> str:

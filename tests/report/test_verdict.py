@@ -224,7 +224,7 @@ def test_verdict_fastest_indistinguishable_and_leanest(known):
     assert four.fastest is None and [r["status"] for r in four.not_fitting] == ["oom"]
     table = report_tables.verdict_table(known).set_index("GPUs")
     assert table.loc[2, "fastest that fits (tok/s/GPU [95% CI])"].startswith("zero1 (pure): ")
-    assert table.loc[2, "indistinguishable from it (intervals overlap)"].startswith("zero2 (pure): ")
+    assert table.loc[2, report_tables.INDISTINGUISHABLE].startswith("zero2 (pure): ")
     assert table.loc[2, "intervals from"] == "3 launches"
     assert table.loc[2, "lowest peak memory"].startswith("zero3 (pure): 20.0 GiB reserved, ")
     assert table.loc[4, "fastest that fits (tok/s/GPU [95% CI])"] == "none fits"
