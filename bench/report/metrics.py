@@ -129,6 +129,8 @@ def figures(record: RunRecord) -> dict:
     row.update(_memory_figures(record))
     row.update(_prediction_figures(record))
     row.update(_card_figures(record))
+    row.update(_window_figures(record))
+    row.update(_auto_batch_figures(record))
     times = timed_step_times(record)
     if record.status != "ok" or not times:
         row.update(_flop_figures(record, card, None, None))
@@ -179,6 +181,37 @@ def _or_nan(value: float | None) -> float:
 
 def _positive(value) -> bool:
     return isinstance(value, (int, float)) and value > 0
+
+
+def _window_figures(record: RunRecord) -> dict:
+    """What each rank recorded about its timed window and fast paths (absent in records from before them):
+    collections inside the window (``gc``; should be 0), compile seconds in the warm-up and inside the timed
+    steps (``compile``; should be none), and how many modules Liger replaced (``kernels``); worst rank."""
+    out = {}
+    gcs = [r["gc"]["collections_in_window"] for r in record.ranks
+           if isinstance(r.get("gc"), dict) and r["gc"].get("collections_in_window") is not None]
+    if gcs:
+        out["gc_collections_in_window"] = int(max(gcs))
+    compiles = [r["compile"] for r in record.ranks if isinstance(r.get("compile"), dict)]
+    if compiles:
+        out["compile_s"] = float(max(c.get("compile_s") or 0.0 for c in compiles))
+        out["compile_s_in_timed_steps"] = float(max(c.get("compile_s_in_timed_steps") or 0.0 for c in compiles))
+        out["compiled_in_timed_steps"] = any(bool(c.get("compiled_in_timed_steps")) for c in compiles)
+    liger = [r["kernels"]["liger_modules"] for r in record.ranks
+             if isinstance(r.get("kernels"), dict) and isinstance(r["kernels"].get("liger_modules"), dict)]
+    if liger:
+        out["liger_modules"] = int(max(sum(found.values()) for found in liger))
+    return out
+
+
+def _auto_batch_figures(record: RunRecord) -> dict:
+    """An auto cell's probe: the estimator's proposal and every launch's micro-batch and status ('8 oom -> 6 ok')."""
+    auto = getattr(record, "micro_batch_auto", None)
+    if not isinstance(auto, dict):
+        return {}
+    trail = " -> ".join(f"{t.get('mb')} {t.get('status')}" + (" (reused)" if t.get("reused_from_repeat") is not None
+                                                                else "") for t in auto.get("trail") or [])
+    return {"micro_batch_proposed": auto.get("proposed"), "micro_batch_trail": trail or None}
 
 
 def _timing_figures(record: RunRecord) -> dict:

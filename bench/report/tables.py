@@ -14,12 +14,12 @@ import numpy as np
 import pandas as pd
 
 from bench.report import flops, metrics, verdict
+from bench.report.cautions import CLOCK_TOLERANCE, clock_warning, warnings_for  # noqa: F401 - the tables' warnings
 from bench.report.text import (basis_text, duration, gib, interval_text, is_num, plain_text, policy, pooled_launches,
                                run_name, speedup_text, throughput_text, unit)
 from bench.spec import TokenBudget
 
 NO_RECORD = "no record"  # the folder holds no run of that cell: left out of the matrix, or not run (yet)
-CLOCK_TOLERANCE = 0.03  # compared cells whose mean SM clocks differ by more get a warning
 POLICY = "precision policy"
 
 
@@ -36,22 +36,6 @@ def setting_groups(df: pd.DataFrame):
     """(machine, setting_key, title, rows) for each group of comparable cells, in the order first seen."""
     for (machine, key), group in df.groupby(["machine", "setting_key"], sort=False):
         yield machine, key, f"{metrics.setting_title(key)} on {machine}", group
-
-
-def clock_warning(rows: pd.DataFrame) -> str | None:
-    """A warning when the compared ok cells ran at mean SM clocks more than 3 % apart; None otherwise."""
-    spread = metrics.clock_spread(rows)
-    if spread is None or spread[1] <= spread[0] * (1 + CLOCK_TOLERANCE):
-        return None
-    ok = rows[(rows["status"] == "ok") & rows["sm_clock_mean_mhz"].notna()]
-    slow, fast = ok.loc[ok["sm_clock_mean_mhz"].idxmin()], ok.loc[ok["sm_clock_mean_mhz"].idxmax()]
-    return (f"Warning: the cells compared here ran at mean SM clocks {spread[1] / spread[0] - 1:.1%} apart "
-            f"({spread[0]:.0f} MHz {run_name(slow)} to {spread[1]:.0f} MHz {run_name(fast)}); part of a speed "
-            "difference may be the card's clock (power cap or heat, see Card state), not the strategy.")
-
-
-def warnings_for(rows: pd.DataFrame) -> list[str]:
-    return [w for w in (clock_warning(rows),) if w]
 
 
 # ---------------------------------------------------------------- verdict
