@@ -44,9 +44,9 @@ DEFINITIONS = [
     "timed steps (the worker's adaptive timing, serial dependence counted, where the record has it; '[no "
     "interval]' where that rule admits none, fewer than 6 effective steps; order statistics of steps taken as "
     "independent in records from before it), marked '(1 launch)': it leaves launch-to-launch variation out, "
-    "often the larger part. '1 of 3 launches ok': the other launches failed or were interrupted; a cell with a "
-    "launch failed for its own reasons (oom, crash, hang, timeout, unsupported) is listed under 'did not fit' "
-    "in the verdict. The p10-p90 spread of the steps is shown apart, named as such, and is not an error bar.",
+    "often the larger part. '1 of 3 launches ok': the other launches did not run ok; a cell with a launch "
+    "failed for its own reasons (oom, crash, hang, timeout, unsupported) is listed under 'did not fit' in the "
+    "verdict (a launch stopped by Ctrl-C or SIGTERM is not held against it). The p10-p90 spread of the steps is shown apart, named as such, and is not an error bar.",
     "Like for like: every table names each cell's precision policy (autocast, fsdp-mixed, pure = DeepSpeed "
     "bf16 weights with fp32 master copy, frozen-base = LoRA/QLoRA, fp32). A speedup is against a 1-GPU "
     "baseline of the same setting, card and precision policy: the same strategy at 1 first, else a plain "
@@ -113,7 +113,7 @@ def build(results_dirs: list[Path], records: list[RunRecord] | None = None) -> p
 def verdict_section(df: pd.DataFrame) -> Section:
     section = Section("Verdict: which strategy to use", [
         "Per setting and process count (nodes x GPUs per node across nodes): the fastest strategy that fits "
-        "(ran ok in every launch that was not interrupted, within the cap and the card), the strategies "
+        "(ran ok, no launch failed for its own reasons, within the cap and the card), the strategies "
         "statistically indistinguishable from it (the 95 % interval of their throughput ratio to it holds 1, "
         "shown as '0.99x [0.97-1.01]'; where a cell has no interval, whether the figures overlap), and the one "
         "with the lowest peak memory (torch reserved, the worst launch; host RSS on CPU), each as real tokens/s "
