@@ -67,4 +67,11 @@ def micro_batch_warning(rows: pd.DataFrame) -> str | None:
 
 
 def warnings_for(rows: pd.DataFrame) -> list[str]:
+    """Beside every comparing table: the clocks."""
+    return [w for w in (clock_warning(rows),) if w]
+
+
+def verdict_warnings(rows: pd.DataFrame) -> list[str]:
+    """Beside the verdict, once per setting (the report opens with it, and the terminal prints it): the clocks
+    and what went wrong inside a launch's timed window or between its launches."""
     return [w for w in (clock_warning(rows), gc_warning(rows), compile_warning(rows), micro_batch_warning(rows)) if w]

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table as RichTable
 
 from bench.report import flops, metrics, plots, verdict
-from bench.report import fast_paths, nodes, repeats, tables
+from bench.report import cautions, fast_paths, nodes, repeats, tables
 from bench.records.caveats import CPU_CAVEAT
 from bench.spec import MatrixError, TokenBudget, load_matrix
 from bench.report.render import Plot, Section, Table, to_html, to_markdown, write_csvs
@@ -46,7 +46,8 @@ DEFINITIONS = [
     "independent in records from before it), marked '(1 launch)': it leaves launch-to-launch variation out, "
     "often the larger part. '1 of 3 launches ok': the other launches did not run ok; a cell with a launch "
     "failed for its own reasons (oom, crash, hang, timeout, unsupported) is listed under 'did not fit' in the "
-    "verdict (a launch stopped by Ctrl-C or SIGTERM is not held against it). The p10-p90 spread of the steps is shown apart, named as such, and is not an error bar.",
+    "verdict (a launch stopped by Ctrl-C or SIGTERM is not held against it). The p10-p90 spread of the steps "
+    "is shown apart, named as such, and is not an error bar.",
     "Like for like: every table names each cell's precision policy (autocast, fsdp-mixed, pure = DeepSpeed "
     "bf16 weights with fp32 master copy, frozen-base = LoRA/QLoRA, fp32). A speedup is against a 1-GPU "
     "baseline of the same setting, card and precision policy: the same strategy at 1 first, else a plain "
@@ -120,7 +121,8 @@ def verdict_section(df: pd.DataFrame) -> Section:
         "per GPU [95 % interval] under its own precision policy. "
         "'Intervals from' says whether they span launches or only one launch (see Definitions)."])
     for i, (_m, _k, title, group) in enumerate(tables.setting_groups(df), 1):
-        section.items.append(Table(f"verdict_{i}", title, tables.verdict_table(group), tables.warnings_for(group)))
+        section.items.append(Table(f"verdict_{i}", title, tables.verdict_table(group),
+                                   cautions.verdict_warnings(group)))
     return section
 
 

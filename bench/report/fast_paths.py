@@ -40,7 +40,8 @@ NOTES = [
     "cells measured independently). Fast path applied: the modules Liger replaced in the built model, and "
     "torch.compile's compile seconds (torch's own count, in the warm-up: apart from the step times; a "
     "warning where some fell inside the timed steps). An auto cell's micro-batch names the estimator's "
-    "proposal and the launches that confirmed it (status per micro-batch tried). A ratio is given only between cells of the same precision policy and "
+    "proposal and the launches that confirmed it (status per micro-batch tried). A ratio is given only "
+    "between cells of the same precision policy and "
     "timing protocol; otherwise the row says why and gives none. Memory: torch peak reserved (the worst "
     "launch; host RSS on CPU), the fast path's as a share of the plain step's.",
 ]
