@@ -2,7 +2,7 @@
 
 Two complete runs of a matrix (a and b: fresh launches, possibly in different device calls or on different
 machines of the same kind) are compared cell by cell on the figure the report leads with: real (non-padding)
-tokens per second, the median over a cell's ok launches (bench.report.metrics.aggregate_repeats, as
+tokens per second, the median over a cell's ok launches (bench.report.repeats.aggregate_repeats, as
 `bench report` computes it). Nothing is launched.
 
     python benchmarks/run_agreement.py results/llama-full-h200-a2 results/llama-full-h200-b2
@@ -26,7 +26,8 @@ from pathlib import Path
 import pandas as pd
 
 from bench.records.store import latest_runs, load_records
-from bench.report.metrics import aggregate_repeats, frame
+from bench.report.metrics import frame
+from bench.report.repeats import aggregate_repeats
 
 FIGURE = "real_tokens_per_s"
 

@@ -6,6 +6,10 @@ The first launch that is not an out-of-memory is the cell's measurement, so a ce
 keeps the matrix's settings (``micro_batch: auto``) and cell id, and ``micro_batch_auto`` says what was
 proposed, every launch's micro-batch, status and peak (the trail), and the value chosen (None when every
 launch ran out of memory). Each launch has its own folder (the id of its concrete micro-batch).
+
+With repeats, only a cell's first launch probes: later repeats start at the micro-batch its first ok launch
+chose (``first_choices``; the campaign remembers it, across a resume too), since launches at different
+micro-batches measure different configurations and a median over them is the figure of none.
 """
 
 from __future__ import annotations
@@ -62,17 +66,39 @@ def peak_gib(record: RunRecord) -> float | None:
     return round(max(peaks) / GIB, 3) if peaks else None
 
 
-def run_auto(item: AutoCell, launch: Callable[[LaunchPlan], RunRecord]) -> RunRecord:
-    """Launch at the proposal, step down on out-of-memory; one record for the auto cell with the trail."""
-    trail, mb, record = [], item.proposed, None
+def first_choices(records: list[RunRecord]) -> dict[str, tuple[int, int]]:
+    """Per auto cell id, (micro-batch, repeat) of its first ok launch: what its later repeats reuse."""
+    found: dict[str, tuple[int, int]] = {}
+    for r in records:
+        chosen = (r.micro_batch_auto or {}).get("chosen") if r.status == "ok" else None
+        if chosen and (r.cell_id not in found or r.repeat < found[r.cell_id][1]):
+            found[r.cell_id] = (int(chosen), r.repeat)
+    return found
+
+
+def run_auto(item: AutoCell, launch: Callable[[LaunchPlan], RunRecord],
+             reuse: tuple[int, int] | None = None) -> RunRecord:
+    """Launch at the proposal, step down on out-of-memory; one record for the auto cell with the trail.
+
+    ``reuse``: (micro-batch, repeat) of the cell's first ok launch. A later repeat starts there instead of at
+    the proposal, so that the cell's launches measure one configuration and can be pooled (the report pools
+    only launches at one micro-batch); it still steps down should that run out of memory this time. The
+    trail marks the reused launch (``reused_from_repeat``).
+    """
+    trail, mb, record = [], reuse[0] if reuse else item.proposed, None
     while mb is not None and len(trail) < MAX_LAUNCHES:
         record = launch(item.plan_for(mb))
-        trail.append({"mb": mb, "status": record.status, "peak_gib": peak_gib(record)})
+        entry = {"mb": mb, "status": record.status, "peak_gib": peak_gib(record)}
+        if reuse and not trail:
+            entry["reused_from_repeat"] = reuse[1]
+        trail.append(entry)
         if record.status != "oom":
             break
         mb = step_down(mb)
     chosen = trail[-1]["mb"] if trail and trail[-1]["status"] == "ok" else None
     auto = {"proposed": item.proposed, "capacity_gib": item.capacity_gib, "capacity_source": item.capacity_source,
             "trail": trail, "chosen": chosen}
+    if reuse:
+        auto["reused_from_repeat"] = reuse[1]
     return record.model_copy(update={"cell_id": item.cell.cell_id, "label": item.cell.label,
                                      "settings": item.cell.model_dump(mode="json"), "micro_batch_auto": auto})

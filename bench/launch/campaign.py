@@ -30,7 +30,7 @@ from bench.launch.plan import WORKER_MODULE, LaunchPlan, build_plan
 from bench.records import (DETERMINISTIC_FAILURES, RunRecord, append_record, check_writable, load_records,
                            not_launched_record, save_matrix_copy)
 from bench.launch.runner import CellInterrupted, free_port, run_plan
-from bench.launch.auto_batch import AutoCell, plan_auto, run_auto
+from bench.launch.auto_batch import AutoCell, first_choices, plan_auto, run_auto
 
 
 @dataclass
@@ -288,7 +288,7 @@ def _run_locked(matrix_path: str, prep: Prepared, opts: RunOptions, console: Con
         console.print(f"[yellow]note[/]: {escape(warning)}")
     if warning := oversubscription_warning([plan.cell for plan in plans if isinstance(plan, LaunchPlan)]):
         console.print(f"[yellow]warning[/]: {escape(warning)}")
-    hooks = CellHooks(prep.matrix, opts)
+    hooks = CellHooks(prep.matrix, opts, first_choices(load_records(prep.results_dir)))
     with sigterm_as_interrupt():
         return _launch_all(plans, prep, fingerprint, hooks, matrix_path, opts, console)
 
@@ -371,9 +371,10 @@ class CellHooks:
     Kept apart from the loop so that each concern lives in its own module and plugs in here.
     """
 
-    def __init__(self, matrix: Matrix, opts: RunOptions):
+    def __init__(self, matrix: Matrix, opts: RunOptions, auto_chosen: dict[str, tuple[int, int]] | None = None):
         self.matrix = matrix
         self.opts = opts
+        self.auto_chosen = dict(auto_chosen or {})  # auto cell id -> (micro-batch, repeat) of its first ok launch
 
     def run(self, plan: LaunchPlan | Unrunnable | AutoCell, matrix_name: str, fingerprint: dict) -> RunRecord:
         if isinstance(plan, Unrunnable):
@@ -382,7 +383,11 @@ class CellHooks:
             if plan.proposed is None:
                 return unsupported_record(Unrunnable(plan.cell, plan.repeat, (str(plan.reason),)), matrix_name,
                                           fingerprint)
-            return run_auto(plan, lambda concrete: self.launch(concrete, matrix_name, fingerprint))
+            record = run_auto(plan, lambda concrete: self.launch(concrete, matrix_name, fingerprint),
+                              reuse=self.auto_chosen.get(plan.cell.cell_id))
+            for cell_id, choice in first_choices([record]).items():
+                self.auto_chosen.setdefault(cell_id, choice)
+            return record
         return self.launch(plan, matrix_name, fingerprint)
 
     def launch(self, plan: LaunchPlan, matrix_name: str, fingerprint: dict) -> RunRecord:

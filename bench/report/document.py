@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table as RichTable
 
 from bench.report import flops, metrics, plots, verdict
-from bench.report import fast_paths, nodes, tables
+from bench.report import cautions, fast_paths, nodes, repeats, tables
 from bench.records.caveats import CPU_CAVEAT
 from bench.spec import MatrixError, TokenBudget, load_matrix
 from bench.report.render import Plot, Section, Table, to_html, to_markdown, write_csvs
@@ -41,9 +41,13 @@ DEFINITIONS = [
     "Launches (fresh `accelerate launch`es of a cell, its repeats) are the unit: a cell's figure is the median "
     "over its ok launches, and '[a-b]' its 95 % interval: with 2+ launches a t-interval of the launch figures "
     "on the log scale (across launches); with one launch the 95 % interval of that launch's median from its "
-    "timed steps (the worker's adaptive timing where the record has it, else order statistics), marked "
-    "'(1 launch)': it leaves launch-to-launch variation out, often the larger part. The p10-p90 "
-    "spread of the steps is shown apart, named as such, and is not an error bar.",
+    "timed steps (the worker's adaptive timing, serial dependence counted, where the record has it; '[no "
+    "interval]' where that rule admits none, fewer than 6 effective steps; order statistics of steps taken as "
+    "independent in records from before it), marked '(1 launch)': it leaves launch-to-launch variation out, "
+    "often the larger part. '1 of 3 launches ok': the other launches did not run ok; a cell with a launch "
+    "failed for its own reasons (oom, crash, hang, timeout, unsupported) is listed under 'did not fit' in the "
+    "verdict (a launch stopped by Ctrl-C or SIGTERM is not held against it). The p10-p90 spread of the steps "
+    "is shown apart, named as such, and is not an error bar.",
     "Like for like: every table names each cell's precision policy (autocast, fsdp-mixed, pure = DeepSpeed "
     "bf16 weights with fp32 master copy, frozen-base = LoRA/QLoRA, fp32). A speedup is against a 1-GPU "
     "baseline of the same setting, card and precision policy: the same strategy at 1 first, else a plain "
@@ -90,7 +94,7 @@ def load_all(results_dirs: list[Path]) -> list[RunRecord]:
     A resumed matrix appends a new record after an interrupted one, --retry-failed after a failure; the
     earlier ones stay on file but are not what the matrix ended with (resume reads a folder the same way).
     Folders are taken apart: the same cell id in two folders may be two machines, which
-    metrics.aggregate_repeats keeps apart (and, on one machine, it keeps the later folder's run).
+    repeats.aggregate_repeats keeps apart (and, on one machine, it keeps the later folder's run).
     """
     records = [r for d in results_dirs for r in latest_runs(load_records(d))]
     if not records:
@@ -101,7 +105,7 @@ def load_all(results_dirs: list[Path]) -> list[RunRecord]:
 def build(results_dirs: list[Path], records: list[RunRecord] | None = None) -> pd.DataFrame:
     """One row of figures per cell (repeats aggregated), with speedups and FLOP rates."""
     records = records if records is not None else load_all(results_dirs)
-    df = metrics.aggregate_repeats(metrics.frame(records))
+    df = repeats.aggregate_repeats(metrics.frame(records))
     return metrics.add_flop_rates(metrics.add_speedups(df))
 
 
@@ -109,13 +113,16 @@ def build(results_dirs: list[Path], records: list[RunRecord] | None = None) -> p
 
 def verdict_section(df: pd.DataFrame) -> Section:
     section = Section("Verdict: which strategy to use", [
-        "Per setting and process count: the fastest strategy that fits (ran ok, within the cap and the card), "
-        "the strategies statistically indistinguishable from it (their 95 % throughput intervals overlap its "
-        "interval), and the one with the lowest peak memory (torch reserved, the worst launch; host RSS on "
-        "CPU), each as real tokens/s per GPU [95 % interval] under its own precision policy. "
+        "Per setting and process count (nodes x GPUs per node across nodes): the fastest strategy that fits "
+        "(ran ok, no launch failed for its own reasons, within the cap and the card), the strategies "
+        "statistically indistinguishable from it (the 95 % interval of their throughput ratio to it holds 1, "
+        "shown as '0.99x [0.97-1.01]'; where a cell has no interval, whether the figures overlap), and the one "
+        "with the lowest peak memory (torch reserved, the worst launch; host RSS on CPU), each as real tokens/s "
+        "per GPU [95 % interval] under its own precision policy. "
         "'Intervals from' says whether they span launches or only one launch (see Definitions)."])
     for i, (_m, _k, title, group) in enumerate(tables.setting_groups(df), 1):
-        section.items.append(Table(f"verdict_{i}", title, tables.verdict_table(group), tables.warnings_for(group)))
+        section.items.append(Table(f"verdict_{i}", title, tables.verdict_table(group),
+                                   cautions.verdict_warnings(group)))
     return section
 
 

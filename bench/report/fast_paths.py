@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import pandas as pd
 
 from bench.report import intervals, metrics
+from bench.report.cautions import compile_warning
 from bench.report.render import Section, Table
 from bench.report.text import gib, is_num, policy, throughput_text, unit
 
@@ -36,7 +37,11 @@ NOTES = [
     "launch confirmed, shown beside it): what switching the path on and filling the card gives.",
     "Throughput: real tokens/s per GPU (per process on CPU) [95 % interval] (launches). Ratio: fast path over "
     "plain [95 % interval]: the two intervals combined on the log scale (half-widths in quadrature, the "
-    "cells measured independently). A ratio is given only between cells of the same precision policy and "
+    "cells measured independently). Fast path applied: the modules Liger replaced in the built model, and "
+    "torch.compile's compile seconds (torch's own count, in the warm-up: apart from the step times; a "
+    "warning where some fell inside the timed steps). An auto cell's micro-batch names the estimator's "
+    "proposal and the launches that confirmed it (status per micro-batch tried). A ratio is given only "
+    "between cells of the same precision policy and "
     "timing protocol; otherwise the row says why and gives none. Memory: torch peak reserved (the worst "
     "launch; host RSS on CPU), the fast path's as a share of the plain step's.",
 ]
@@ -169,9 +174,31 @@ def _title(setting_key: str) -> str:
 # ---------------------------------------------------------------- text
 
 def _mb_text(row: pd.Series | None) -> str:
+    """'mb 4', or for an auto cell 'mb 6 (auto: proposed 8, 8 oom -> 6 ok)': the estimator's proposal and
+    the launches that confirmed it (the trail of the launch shown)."""
     if row is None or not is_num(row.get("micro_batch")):
         return "mb ?"
-    return f"mb {row['micro_batch']:.0f}{' (auto)' if row.get('micro_batch_auto') else ''}"
+    text = f"mb {row['micro_batch']:.0f}"
+    if not row.get("micro_batch_auto"):
+        return text
+    probe = [f"proposed {row['micro_batch_proposed']:.0f}" if is_num(row.get("micro_batch_proposed")) else None,
+             row.get("micro_batch_trail") if isinstance(row.get("micro_batch_trail"), str) else None]
+    return f"{text} (auto{': ' + ', '.join(p for p in probe if p) if any(probe) else ''})"
+
+
+def applied_text(row: pd.Series | None) -> str:
+    """What the fast path's launch recorded: Liger's modules, torch.compile's seconds (warm-up, and any inside
+    the timed steps, which the step times then include); '-' for a plain step or no record."""
+    if row is None:
+        return "-"
+    parts = []
+    if is_num(row.get("liger_modules")):
+        parts.append(f"{row['liger_modules']:.0f} modules replaced by Liger")
+    if is_num(row.get("compile_s")):
+        parts.append(f"compiled in {row['compile_s']:.1f} s (warm-up, apart from step time)")
+    if row.get("compiled_in_timed_steps") and is_num(row.get("compile_s_in_timed_steps")):
+        parts.append(f"warning: {row['compile_s_in_timed_steps']:.1f} s compiling inside timed steps")
+    return "; ".join(parts) or ("not recorded" if row["status"] == "ok" else "-")
 
 
 def _side(row: pd.Series | None) -> str:
@@ -201,6 +228,7 @@ def table(rows: list[Comparison], device: str) -> pd.DataFrame:
         "compared at": c.compared,
         f"plain: tok/s/{u} [95% CI]": _side(c.plain),
         f"fast path: tok/s/{u} [95% CI]": _side(c.fast),
+        "fast path applied": applied_text(c.fast),
         "fast / plain tok/s [95% CI]": ratio_text(c),
         "peak memory GiB plain -> fast (share)": _memory_text(c),
     } for c in rows])
@@ -213,5 +241,6 @@ def section(df: pd.DataFrame) -> Section | None:
         return None
     out = Section("Fast paths: like for like and each at its best", list(NOTES))
     for i, (title, group) in enumerate(found, 1):
-        out.items.append(Table(f"fast_paths_{i}", title, table(comparisons(group), group["device"].iloc[0])))
+        out.items.append(Table(f"fast_paths_{i}", title, table(comparisons(group), group["device"].iloc[0]),
+                               [w for w in (compile_warning(group),) if w]))
     return out

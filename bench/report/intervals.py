@@ -5,9 +5,13 @@ state, clocks and neighbours, so their spread says little about what the next la
 - Across launches (2 or more): the launches' figures on the log scale, mean +- t(0.975, k-1) x sd / sqrt(k),
   exponentiated: a t-interval for the geometric mean, on the ratio scale that speeds are compared on.
   Two launches give a wide interval (t = 12.7): that is what two launches can tell.
-- Within one launch: the distribution-free interval of the median from order statistics: the timed steps
-  sorted, [x_(j), x_(k)] with j and k from the binomial(n, 1/2) distribution, coverage >= 95 %. Fewer than
-  6 steps admit no such pair; [min, max] is then given with the coverage it has (1 - 2 x 0.5^n).
+- Within one launch (``launch_interval``): the worker's stopping rule (bench/worker/timing.py), the
+  distribution-free order-statistic interval of the median on the effective number of steps (serial
+  dependence counted). Below 6 effective steps it admits none, and the launch then has no interval: the
+  report says "[no interval]" rather than give a narrower one that takes dependent steps as independent.
+- Records from before the adaptive timing (no ``timing``): order statistics of the timed steps taken as
+  independent, [x_(j), x_(k)] with j and k from the binomial(n, 1/2) distribution, coverage >= 95 %. Fewer
+  than 6 steps admit no such pair; [min, max] is then given with the coverage it has (1 - 2 x 0.5^n).
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
+
+from bench.records import RunRecord
+from bench.worker import timing
 
 CONFIDENCE = 0.95
 
@@ -76,3 +83,45 @@ def ratio(numerator: tuple[float, float, float], denominator: tuple[float, float
     half = math.hypot(math.log(a_high / a_low) / 2, math.log(b_high / b_low) / 2)
     centre = a / b
     return Interval(centre * math.exp(-half), centre * math.exp(half), confidence)
+
+
+# Where a launch's interval comes from (``launch_interval_source``).
+FROM_TIMING = "timing"  # the worker's, recorded as the stopping rule reached it
+FROM_SERIAL = "timing rule on the slowest rank's steps"  # the worker recorded none: the same rule, recomputed here
+NO_INTERVAL = "no interval (n_eff < 6)"  # the rule admits none: a capped cell with too few effective steps
+FROM_INDEPENDENT = "order statistics, steps taken as independent (record from before adaptive timing)"
+
+
+def launch_interval(record: RunRecord, times: list[float],
+                     step: float) -> tuple[float | None, float | None, float | None, str]:
+    """95 % interval of one launch's median step time (low, high, coverage, source); low and high None when
+    the launch has none.
+
+    A record with the worker's ``timing``: its interval where the rule reached one. The worker times each
+    rank; the slowest rank sets the pace, so its relative interval is laid around the median recomputed
+    here (per step the slowest rank), which it matches to within the ranks' skew. Where the worker has none
+    (a cell stopped on a cap with fewer than 6 effective steps), the rule is applied again to the slowest
+    rank's series (bench/worker/timing.py, serial dependence counted); none there either: no interval,
+    rather than an order-statistic one that takes dependent steps as independent and reads far narrower.
+    Records from before the adaptive timing: order statistics of the steps, taken as independent.
+    """
+    timings = [r.get("timing") for r in record.ranks]
+    timed = bool(timings) and all(isinstance(t, dict) for t in timings)
+    if timed and all(_positive(t.get("median_s")) and _positive(t.get("ci_low_s")) and _positive(t.get("ci_high_s"))
+                     for t in timings):
+        slowest = max(timings, key=lambda t: t["median_s"])
+        return (step * slowest["ci_low_s"] / slowest["median_s"], step * slowest["ci_high_s"] / slowest["median_s"],
+                float(slowest.get("confidence") or CONFIDENCE), FROM_TIMING)
+    if timed:
+        confidence = float(next((t["confidence"] for t in timings if _positive(t.get("confidence"))),
+                                CONFIDENCE))
+        rule = timing.median_interval(times, confidence, serial=True)
+        if rule is None:
+            return None, None, None, NO_INTERVAL
+        return rule.low, rule.high, rule.coverage, FROM_SERIAL  # its median is ``step``: the same series
+    interval = median_interval(times)
+    return interval.low, interval.high, interval.coverage, FROM_INDEPENDENT
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and value > 0

@@ -2,8 +2,9 @@
 
 Definitions (the report states them):
 - step time: wall time of one optimizer step, synchronised; per step the slowest rank counts; a launch's
-  figure is the median over its timed steps, with the 95 % interval of that median (the worker's ``timing``
-  when the record has it, else order statistics of the steps: bench/report/intervals.py).
+  figure is the median over its timed steps, with the 95 % interval of that median (the worker's stopping
+  rule, serial dependence counted, where the record has ``timing``: none when the rule admits none; order
+  statistics of steps taken as independent in older records: bench/report/intervals.py).
 - launches are the unit: a cell's figure is the median over its ok launches (repeats), with a 95 %
   t-interval of the launch figures on the log scale (2+ launches); one launch keeps its within-launch
   interval and says so. The p10-p90 spread of the steps stays a separate, named figure.
@@ -41,13 +42,6 @@ from bench.strategies.precision import policy_for
 # (at one process nothing wraps the model: what a user runs today), of those the runs without any wrapper
 # (preferred as the baseline), and the framework (a strategy of the same one is the next best baseline).
 ANSWERS = ("plain", "unwrapped", "framework")
-# Figures that are medians over launches (one repeat = one fresh launch of the cell).
-REPEAT_MEDIAN_COLUMNS = ("tokens_per_s", "tokens_per_s_per_gpu", "real_tokens_per_s", "real_tokens_per_s_per_gpu",
-                         "step_time_s", "joules_per_token", "power_mean_w", "util_mean_pct", "sm_clock_mean_mhz",
-                         "throttled_share", "energy_timed_j")
-# Memory: the worst launch, since it is what has to fit.
-REPEAT_MAX_COLUMNS = ("peak_allocated_gib", "peak_reserved_gib", "training_peak_allocated_gib",
-                      "training_peak_reserved_gib", "nvml_peak_used_gib", "host_rss_peak_gib")
 THROUGHPUT = "real_tokens_per_s"  # the headline: real (non-padding) tokens
 
 
@@ -135,6 +129,8 @@ def figures(record: RunRecord) -> dict:
     row.update(_memory_figures(record))
     row.update(_prediction_figures(record))
     row.update(_card_figures(record))
+    row.update(_window_figures(record))
+    row.update(_auto_batch_figures(record))
     times = timed_step_times(record)
     if record.status != "ok" or not times:
         row.update(_flop_figures(record, card, None, None))
@@ -142,10 +138,11 @@ def figures(record: RunRecord) -> dict:
     tokens, real = tokens_per_step(record), tokens_per_step(record, real=True)
     arr = np.asarray(times)
     step = float(np.median(arr))
-    low, high, coverage, source = _launch_interval(record, times, step)
+    low, high, coverage, source = intervals.launch_interval(record, times, step)
     row.update({
         "step_time_s": step,
-        "step_time_ci_low_s": low, "step_time_ci_high_s": high, "step_time_ci_coverage": coverage,
+        "step_time_ci_low_s": _or_nan(low), "step_time_ci_high_s": _or_nan(high),
+        "step_time_ci_coverage": _or_nan(coverage),
         "launch_interval_source": source,
         "step_time_p10_s": float(np.percentile(arr, 10)),
         "step_time_p90_s": float(np.percentile(arr, 90)),
@@ -157,8 +154,9 @@ def figures(record: RunRecord) -> dict:
         "tokens_per_s_per_gpu": tokens / step / cell.processes,
         "real_tokens_per_s": real / step,
         "real_tokens_per_s_per_gpu": real / step / cell.processes,
-        # the slow end of the step-time interval gives the low end of the throughput interval
-        "real_tokens_per_s_ci_low": real / high, "real_tokens_per_s_ci_high": real / low,
+        # the slow end of the step-time interval gives the low end of the throughput interval (NaN: none)
+        "real_tokens_per_s_ci_low": real / high if high else np.nan,
+        "real_tokens_per_s_ci_high": real / low if low else np.nan,
         "samples_per_s": real / step / cell.train.seq_len,
         "final_loss": record.ranks[0]["steps"][-1]["loss"],
     })
@@ -177,24 +175,43 @@ def micro_batch_used(record: RunRecord, cell: CellSettings) -> int | None:
     return (getattr(record, "micro_batch_auto", None) or {}).get("chosen")
 
 
-def _launch_interval(record: RunRecord, times: list[float], step: float) -> tuple[float, float, float, str]:
-    """95 % interval of one launch's median step time: the worker's, else order statistics of the steps.
-
-    The worker times each rank; the slowest rank sets the pace, so its relative interval is laid around
-    the median recomputed here (per step the slowest rank), which it matches to within the ranks' skew.
-    """
-    timings = [r.get("timing") for r in record.ranks]
-    if timings and all(isinstance(t, dict) and _positive(t.get("median_s")) and _positive(t.get("ci_low_s"))
-                       and _positive(t.get("ci_high_s")) for t in timings):
-        slowest = max(timings, key=lambda t: t["median_s"])
-        return (step * slowest["ci_low_s"] / slowest["median_s"], step * slowest["ci_high_s"] / slowest["median_s"],
-                float(slowest.get("confidence") or intervals.CONFIDENCE), "timing")
-    interval = intervals.median_interval(times)
-    return interval.low, interval.high, interval.coverage, "order statistics"
+def _or_nan(value: float | None) -> float:
+    return np.nan if value is None else value
 
 
 def _positive(value) -> bool:
     return isinstance(value, (int, float)) and value > 0
+
+
+def _window_figures(record: RunRecord) -> dict:
+    """What each rank recorded about its timed window and fast paths (absent in records from before them):
+    collections inside the window (``gc``; should be 0), compile seconds in the warm-up and inside the timed
+    steps (``compile``; should be none), and how many modules Liger replaced (``kernels``); worst rank."""
+    out = {}
+    gcs = [r["gc"]["collections_in_window"] for r in record.ranks
+           if isinstance(r.get("gc"), dict) and r["gc"].get("collections_in_window") is not None]
+    if gcs:
+        out["gc_collections_in_window"] = int(max(gcs))
+    compiles = [r["compile"] for r in record.ranks if isinstance(r.get("compile"), dict)]
+    if compiles:
+        out["compile_s"] = float(max(c.get("compile_s") or 0.0 for c in compiles))
+        out["compile_s_in_timed_steps"] = float(max(c.get("compile_s_in_timed_steps") or 0.0 for c in compiles))
+        out["compiled_in_timed_steps"] = any(bool(c.get("compiled_in_timed_steps")) for c in compiles)
+    liger = [r["kernels"]["liger_modules"] for r in record.ranks
+             if isinstance(r.get("kernels"), dict) and isinstance(r["kernels"].get("liger_modules"), dict)]
+    if liger:
+        out["liger_modules"] = int(max(sum(found.values()) for found in liger))
+    return out
+
+
+def _auto_batch_figures(record: RunRecord) -> dict:
+    """An auto cell's probe: the estimator's proposal and every launch's micro-batch and status ('8 oom -> 6 ok')."""
+    auto = getattr(record, "micro_batch_auto", None)
+    if not isinstance(auto, dict):
+        return {}
+    trail = " -> ".join(f"{t.get('mb')} {t.get('status')}" + (" (reused)" if t.get("reused_from_repeat") is not None
+                                                                else "") for t in auto.get("trail") or [])
+    return {"micro_batch_proposed": auto.get("proposed"), "micro_batch_trail": trail or None}
 
 
 def _timing_figures(record: RunRecord) -> dict:
@@ -342,50 +359,6 @@ def add_flop_rates(df: pd.DataFrame) -> pd.DataFrame:
 
 def frame(records: list[RunRecord]) -> pd.DataFrame:
     return pd.DataFrame([figures(r) for r in records])
-
-
-def latest_per_cell(df: pd.DataFrame) -> pd.DataFrame:
-    """Several runs of one cell (retries) -> the last one; repeats are averaged by aggregate_repeats."""
-    return df.groupby(["machine", "cell_id", "repeat"], sort=False).tail(1)
-
-
-def aggregate_repeats(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell and machine: median figures over ok launches with their 95 % interval; ok if any was.
-
-    A cell id does not name the machine: the same matrix run on two kinds of GPU gives two cells here.
-    """
-    df = latest_per_cell(df)
-    rows = []
-    for _, group in df.groupby(["machine", "cell_id"], sort=False):
-        ok = group[group["status"] == "ok"]
-        row = (ok if len(ok) else group).iloc[-1].to_dict()
-        row["repeats"] = len(group)
-        row["repeats_ok"] = len(ok)
-        if len(ok) > 1:
-            row.update(_across_launches(ok))
-        elif len(ok) == 1:
-            row["interval_basis"] = "1 launch"
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _across_launches(ok: pd.DataFrame) -> dict:
-    """Median over the launches; the 95 % t-interval of their figures on the log scale (bench/report/intervals.py)."""
-    out = {col: float(ok[col].median()) for col in REPEAT_MEDIAN_COLUMNS if col in ok.columns and ok[col].notna().any()}
-    out.update({col: float(ok[col].max()) for col in REPEAT_MAX_COLUMNS if col in ok.columns and ok[col].notna().any()})
-    gpus = int(processes(ok).iloc[0])
-    tps = ok[THROUGHPUT].to_numpy(dtype=float)
-    if (through := intervals.across_launches(tps)) is not None:
-        out.update({"real_tokens_per_s_ci_low": through.low, "real_tokens_per_s_ci_high": through.high})
-    if (step := intervals.across_launches(ok["step_time_s"].to_numpy(dtype=float))) is not None:
-        out.update({"step_time_ci_low_s": step.low, "step_time_ci_high_s": step.high,
-                    "step_time_ci_coverage": step.coverage})
-    out.update({"interval_basis": f"{len(ok)} launches", "launch_interval_source": "across launches",
-                "real_tokens_per_s_repeat_min": float(tps.min()), "real_tokens_per_s_repeat_max": float(tps.max()),
-                "real_tokens_per_s_repeat_cv": float(tps.std(ddof=1) / tps.mean()),
-                "timed_steps": int(ok["timed_steps"].min())})  # the shortest launch
-    out["real_tokens_per_s_per_gpu"] = out[THROUGHPUT] / gpus
-    return out
 
 
 def per_gpu_interval(row) -> tuple[float, float] | None:

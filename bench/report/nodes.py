@@ -17,7 +17,7 @@ import pandas as pd
 from bench.machine.node_env import differences
 from bench.records import RunRecord
 from bench.report.metrics import THROUGHPUT
-from bench.report.text import throughput_text, unit
+from bench.report.text import policy, throughput_text, unit
 
 NO_RECORD = "no record"
 
@@ -52,7 +52,9 @@ def node_scaling_table(group: pd.DataFrame) -> pd.DataFrame | None:
     for (strategy, per_node), mine in group.groupby(["strategy", "gpus"], sort=False):
         if not (mine["nodes"] > 1).any():
             continue  # a processes-per-node count measured on one node only: the within-node table has it
-        out = {"strategy": strategy, f"{u}s per node": int(per_node)}
+        # like for like (issue 16): the policy is named, as in every table; a strategy keeps its policy at any
+        # node count, so the speedup over 1 node is within one policy
+        out = {"strategy": strategy, "precision policy": policy(mine.iloc[-1]), f"{u}s per node": int(per_node)}
         at = {int(n): rows_.iloc[-1] for n, rows_ in mine.groupby("nodes")}
         for n in counts:
             row = at.get(n)

@@ -14,12 +14,12 @@ import numpy as np
 import pandas as pd
 
 from bench.report import flops, metrics, verdict
-from bench.report.text import (basis_text, duration, gib, interval_text, is_num, plain_text, policy, run_name,
-                               speedup_text, throughput_text, unit)
+from bench.report.cautions import CLOCK_TOLERANCE, clock_warning, warnings_for  # noqa: F401 - the tables' warnings
+from bench.report.text import (basis_text, duration, gib, interval_text, is_num, plain_text, policy, pooled_launches,
+                               run_name, speedup_text, throughput_text, unit)
 from bench.spec import TokenBudget
 
 NO_RECORD = "no record"  # the folder holds no run of that cell: left out of the matrix, or not run (yet)
-CLOCK_TOLERANCE = 0.03  # compared cells whose mean SM clocks differ by more get a warning
 POLICY = "precision policy"
 
 
@@ -38,45 +38,44 @@ def setting_groups(df: pd.DataFrame):
         yield machine, key, f"{metrics.setting_title(key)} on {machine}", group
 
 
-def clock_warning(rows: pd.DataFrame) -> str | None:
-    """A warning when the compared ok cells ran at mean SM clocks more than 3 % apart; None otherwise."""
-    spread = metrics.clock_spread(rows)
-    if spread is None or spread[1] <= spread[0] * (1 + CLOCK_TOLERANCE):
-        return None
-    ok = rows[(rows["status"] == "ok") & rows["sm_clock_mean_mhz"].notna()]
-    slow, fast = ok.loc[ok["sm_clock_mean_mhz"].idxmin()], ok.loc[ok["sm_clock_mean_mhz"].idxmax()]
-    return (f"Warning: the cells compared here ran at mean SM clocks {spread[1] / spread[0] - 1:.1%} apart "
-            f"({spread[0]:.0f} MHz {run_name(slow)} to {spread[1]:.0f} MHz {run_name(fast)}); part of a speed "
-            "difference may be the card's clock (power cap or heat, see Card state), not the strategy.")
-
-
-def warnings_for(rows: pd.DataFrame) -> list[str]:
-    return [w for w in (clock_warning(rows),) if w]
-
-
 # ---------------------------------------------------------------- verdict
 
+INDISTINGUISHABLE = "indistinguishable from it (ratio to it [95% CI] holds 1)"
+
+
 def verdict_table(group: pd.DataFrame) -> pd.DataFrame:
-    """Per process count: the fastest strategy that fits, those indistinguishable from it, the leanest."""
+    """Per layout (processes, or nodes x processes per node): the fastest strategy that fits, those
+    indistinguishable from it, the leanest."""
     u = unit(group["device"].iloc[0])
+    found = verdict.verdicts(group)
+    layout = u + "s" if all(v.nodes == 1 for v in found) else f"{u}s (nodes x {u}s per node across nodes)"
     rows = []
-    for v in verdict.verdicts(group):
+    for v in found:
         fastest = v.fastest
         rows.append({
-            u + "s": v.gpus,
+            layout: v.layout,
             f"fastest that fits (tok/s/{u} [95% CI])": _verdict_entry(fastest) if fastest is not None else "none fits",
-            "indistinguishable from it (intervals overlap)": ("; ".join(_verdict_entry(r) for r in v.indistinguishable)
-                                                              or ("none" if fastest is not None else "-")),
+            INDISTINGUISHABLE: ("; ".join(f"{_verdict_entry(r)}, {_ratio_text(r, fastest)}" for r in v.indistinguishable)
+                                or ("none" if fastest is not None else "-")),
             "lowest peak memory": _memory_entry(v.lowest_memory) if v.lowest_memory is not None else "-",
             "intervals from": _bases(v),
             "did not fit": "; ".join(f"{r['strategy']}: {_why_not(r)}" for r in v.not_fitting) or "-",
-            "mean SM clock MHz": _clock_range(group[group["gpus"] == v.gpus]),
+            "mean SM clock MHz": _clock_range(verdict.at_layout(group, v.gpus, v.nodes)),
         })
     return pd.DataFrame(rows)
 
 
 def _verdict_entry(row: pd.Series) -> str:
     return f"{row['strategy']} ({policy(row)}): {row['real_tokens_per_s_per_gpu']:,.0f} {interval_text(row)}"
+
+
+def _ratio_text(row: pd.Series, fastest: pd.Series) -> str:
+    """'0.99x [0.97-1.01]' of the fastest; where a side has no interval, the overlap decided: say so."""
+    ratio = verdict.ratio_to(row, fastest)
+    value = row["real_tokens_per_s_per_gpu"] / fastest["real_tokens_per_s_per_gpu"]
+    if ratio is None:
+        return f"{value:.2f}x [no interval: the figures overlap]"
+    return f"{value:.2f}x [{ratio.low:.2f}-{ratio.high:.2f}]"
 
 
 def _memory_entry(row: pd.Series) -> str:
@@ -89,6 +88,8 @@ def _memory_entry(row: pd.Series) -> str:
 def _why_not(row: pd.Series) -> str:
     if row["status"] != "ok":
         return row["status"]
+    if failed := verdict.failed_launches(row):
+        return failed
     return "over the cap" if is_num(row.get("gpu_memory_gib")) else "over the card"
 
 
@@ -97,8 +98,8 @@ def _bases(v: verdict.Verdict) -> str:
     bases = sorted({basis_text(r) for r in rows})
     if not bases:
         return "-"
-    text = ", ".join(bases)
-    if any(b.startswith("1 launch") for b in bases):
+    text = "; ".join(bases)
+    if any(pooled_launches(r) == 1 for r in rows):
         text += " (within one launch: launch-to-launch variation not covered)"
     return text
 
@@ -173,8 +174,7 @@ def head_to_head_row(row: pd.Series, base: pd.Series | None, budget: TokenBudget
     out = {
         "run": run_name(row), POLICY: policy(row),
         "baseline (same policy)": "(a baseline)" if is_base else (run_name(base) if base is not None else "none"),
-        "step time s [95% CI]": (f"{row['step_time_s']:.3g} [{row['step_time_ci_low_s']:.3g}-{row['step_time_ci_high_s']:.3g}]"
-                                 if ok else row["status"]),
+        "step time s [95% CI]": step_time_text(row) if ok else row["status"],
         "step time p10-p90 of steps (within a launch)": (f"{row['step_time_p10_s']:.3g}-{row['step_time_p90_s']:.3g}"
                                                          if ok else row["status"]),
         f"tok/s/{unit(row['device'])} [95% CI]": throughput_text(row),
@@ -187,6 +187,13 @@ def head_to_head_row(row: pd.Series, base: pd.Series | None, budget: TokenBudget
                                                          else row["status"])
         out["baseline -> this"] = projection_text(row, base, total)
     return out
+
+
+def step_time_text(row: pd.Series) -> str:
+    """'1.3 [1.28-1.32]', or '[no interval]' where the launch's timing admitted none (n_eff < 6)."""
+    low, high = row.get("step_time_ci_low_s"), row.get("step_time_ci_high_s")
+    bounds = f"[{low:.3g}-{high:.3g}]" if is_num(low) and is_num(high) else "[no interval]"
+    return f"{row['step_time_s']:.3g} {bounds}"
 
 
 def projection_text(row: pd.Series, base: pd.Series | None, total_tokens: float) -> str:

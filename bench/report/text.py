@@ -49,14 +49,28 @@ def gib(value, missing: str) -> str:
     return f"{value:.2f}" if is_num(value) else missing
 
 
+def _count(row: pd.Series, key: str, default: int) -> int:
+    value = row.get(key)
+    return int(value) if is_num(value) else default
+
+
+def pooled_launches(row: pd.Series) -> int:
+    """How many launches the cell's figure and interval are over (the ok ones at one micro-batch)."""
+    return _count(row, "repeats_pooled", _count(row, "repeats_ok", 1))
+
+
 def basis_text(row: pd.Series) -> str:
-    """Where the interval comes from: '3 launches', or '1 launch' (within it: launch-to-launch left out)."""
-    if row.get("repeats_ok", 1) > 1:
-        return f"{row['repeats_ok']} launches"
+    """Where the interval comes from: '3 launches', '1 launch' (within it: launch-to-launch left out), and
+    where some launches failed '1 of 3 launches ok' (the failures are listed where the verdict is)."""
+    pooled, ok = pooled_launches(row), _count(row, "repeats_ok", 1)
+    launched = _count(row, "repeats", ok)
+    text = f"{ok} of {launched} launches ok" if launched > ok else f"{ok} launch{'es' if ok > 1 else ''}"
+    if ok > pooled:
+        text += f", {pooled} pooled ({ok - pooled} at another micro-batch)"
     coverage = row.get("step_time_ci_coverage")
-    if is_num(coverage) and coverage < 0.95:
-        return f"1 launch, {row.get('timed_steps', 0):.0f} steps: {coverage:.0%} CI"
-    return "1 launch"
+    if pooled == 1 and is_num(coverage) and coverage < 0.95:
+        text += f", {row.get('timed_steps', 0):.0f} steps: {coverage:.0%} CI"
+    return text
 
 
 def interval_text(row: pd.Series) -> str:

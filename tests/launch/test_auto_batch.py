@@ -11,7 +11,7 @@ from conftest import WORKER_VARIANTS
 
 from bench.estimate import predict
 from bench.estimate.auto_batch import propose, with_micro_batch
-from bench.launch.auto_batch import AutoCell, run_auto, step_down
+from bench.launch.auto_batch import AutoCell, first_choices, run_auto, step_down
 from bench.spec import CellSettings, Limits
 
 LLAMA8B_LORA = dict(model="llama-3.1-8b", strategy="ddp", gpus=1, device="cuda",
@@ -62,6 +62,24 @@ def test_out_of_memory_at_the_proposal_steps_down_to_one_record(tmp_path, monkey
     assert record.micro_batch_auto["chosen"] == 3 and record.status == "ok"
     assert record.cell_id == cell.cell_id and record.settings["train"]["micro_batch"] == "auto"
     assert {s["tokens"] for s in record.ranks[0]["steps"]} == {3 * 32}  # the launch measured ran micro-batch 3
+    # a later repeat starts at the first ok launch's choice: no probe from the proposal, the trail says so
+    reuse = first_choices([record])[cell.cell_id]
+    assert reuse == (3, 0)
+    again = run_auto(AutoCell(cell, 1, 4, 1.0, "test", plan_for), lambda p: run_plan(p, "t", {}), reuse=reuse)
+    assert again.micro_batch_auto["trail"] == [{"mb": 3, "status": "ok", "peak_gib": None, "reused_from_repeat": 0}]
+    assert again.micro_batch_auto["chosen"] == 3 and again.micro_batch_auto["reused_from_repeat"] == 0
+
+
+def test_first_choices_are_each_auto_cells_lowest_ok_repeat():
+    from bench.records import RunRecord
+
+    def record(cell_id, repeat, status, chosen):
+        return RunRecord(matrix="m", cell_id=cell_id, label=cell_id, settings={}, status=status, started_at=0.0,
+                         wall_s=1.0, repeat=repeat, micro_batch_auto={"proposed": 8, "trail": [], "chosen": chosen})
+
+    records = [record("a", 1, "ok", 6), record("a", 0, "ok", 8), record("a", 2, "oom", None),
+               record("b", 0, "crash", None), record("b", 1, "ok", 4), record("c", 0, "oom", None)]
+    assert first_choices(records) == {"a": (8, 0), "b": (4, 1)}
 
 
 def test_an_auto_cell_has_no_single_prediction_and_a_record_is_predicted_at_its_choice():

@@ -147,6 +147,6 @@ def test_rendered_in_the_report_and_absent_without_a_fast_path(records, template
     table = pd.read_csv(tmp_path / "rep" / "fast_paths_1.csv", dtype=str, keep_default_na=False)
     assert list(table["compared at"]) == [fast_paths.LIKE_FOR_LIKE, fast_paths.EACH_AT_BEST, fast_paths.LIKE_FOR_LIKE]
     assert table.iloc[0]["fast / plain tok/s [95% CI]"].startswith("1.25x [")
-    assert "mb 10 (auto)" in table.iloc[1]["fast path: tok/s/GPU [95% CI]"]
+    assert "mb 10 (auto: proposed 10, 10 ok)" in table.iloc[1]["fast path: tok/s/GPU [95% CI]"]
     assert table.iloc[2]["fast / plain tok/s [95% CI]"].startswith("no ratio: precision policies differ")
     assert fast_paths.section(build(launches(templates[1], "none", 4, 1.0, 40.0))) is None

@@ -10,17 +10,20 @@ from bench.report import nodes, plots
 from bench.report.metrics import THROUGHPUT
 
 
-def _row(strategy: str, per_node: int, n_nodes: int, tokens_per_s: float, status: str = "ok") -> dict:
+def _row(strategy: str, per_node: int, n_nodes: int, tokens_per_s: float, status: str = "ok",
+         policy: str = "autocast") -> dict:
     procs = per_node * n_nodes
     return {"strategy": strategy, "gpus": per_node, "nodes": n_nodes, "processes": procs, "device": "cuda",
+            "precision_policy": policy,
             "status": status, THROUGHPUT: tokens_per_s, "real_tokens_per_s_per_gpu": tokens_per_s / procs,
             "real_tokens_per_s_ci_low": math.nan, "real_tokens_per_s_ci_high": math.nan, "interval_basis": "1 launch"}
 
 
 def test_across_nodes_is_measured_against_one_node_at_the_same_gpus_per_node():
     group = pd.DataFrame([_row("ddp", 1, 1, 100.0), _row("ddp", 4, 1, 360.0), _row("ddp", 4, 2, 630.0),
-                          _row("zero2", 4, 2, 0.0, status="crash")])
+                          _row("zero2", 4, 2, 0.0, status="crash", policy="pure")])
     table = nodes.node_scaling_table(group)
+    assert list(table["precision policy"]) == ["autocast", "pure"]  # every table names the policy (issue 16)
     assert list(table["strategy"]) == ["ddp", "zero2"]  # ddp at 1 GPU per node ran on one node only: not here
     ddp = table.iloc[0]
     assert ddp["GPUs per node"] == 4

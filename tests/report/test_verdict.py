@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from bench.records import RunRecord, append_record, load_records
-from bench.report import document as report, intervals, metrics, tables as report_tables, verdict
+from bench.report import document as report, intervals, metrics, repeats, tables as report_tables, verdict
 from test_metrics import by_label
 
 from conftest import REPO
@@ -46,7 +46,7 @@ def launch(record: RunRecord, step_s: float, repeat: int = 0, clock: float | Non
 
 
 def build(records: list[RunRecord]) -> pd.DataFrame:
-    return metrics.add_flop_rates(metrics.add_speedups(metrics.aggregate_repeats(metrics.frame(records))))
+    return metrics.add_flop_rates(metrics.add_speedups(repeats.aggregate_repeats(metrics.frame(records))))
 
 
 def row_of(df: pd.DataFrame, label: str) -> pd.Series:
@@ -85,7 +85,7 @@ def test_one_launch_uses_the_workers_timing_interval(llama8b):
     assert row["step_time_ci_low_s"] == pytest.approx(row["step_time_s"] * 0.98)
     assert row["step_time_ci_high_s"] == pytest.approx(row["step_time_s"] * 1.02)
     old = metrics.figures(llama8b["llama-3.1-8b lora ddp x2gpu"])  # no timing: order statistics of 6 steps
-    assert old["launch_interval_source"] == "order statistics" and "timing_stop_reason" not in old
+    assert old["launch_interval_source"] == intervals.FROM_INDEPENDENT and "timing_stop_reason" not in old
 
 
 # ---------------------------------------------------------------- like for like
@@ -224,7 +224,7 @@ def test_verdict_fastest_indistinguishable_and_leanest(known):
     assert four.fastest is None and [r["status"] for r in four.not_fitting] == ["oom"]
     table = report_tables.verdict_table(known).set_index("GPUs")
     assert table.loc[2, "fastest that fits (tok/s/GPU [95% CI])"].startswith("zero1 (pure): ")
-    assert table.loc[2, "indistinguishable from it (intervals overlap)"].startswith("zero2 (pure): ")
+    assert table.loc[2, report_tables.INDISTINGUISHABLE].startswith("zero2 (pure): ")
     assert table.loc[2, "intervals from"] == "3 launches"
     assert table.loc[2, "lowest peak memory"].startswith("zero3 (pure): 20.0 GiB reserved, ")
     assert table.loc[4, "fastest that fits (tok/s/GPU [95% CI])"] == "none fits"

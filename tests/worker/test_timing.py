@@ -19,7 +19,7 @@ import pytest
 import torch.multiprocessing as mp
 
 from bench.records import RunRecord
-from bench.report import metrics
+from bench.report import intervals, metrics
 from bench.spec import CellSettings, Limits, Matrix, MatrixError, Train, check_time_budget, expand
 from bench.worker.gc_window import GcWindow, POLICY
 from bench.worker.timing import RULE as RULE_TEXT
@@ -260,7 +260,7 @@ def test_committed_records_name_the_independent_rule_and_still_give_their_interv
         assert "n_eff" not in timing and "rho1" not in timing
         assert CellSettings.model_validate(record.settings).cell_id == record.cell_id  # ids unchanged
         times = metrics.timed_step_times(record)
-        low, high, _, source = metrics._launch_interval(record, times, float(np.median(times)))
+        low, high, _, source = intervals.launch_interval(record, times, float(np.median(times)))
         assert source == "timing" and low < float(np.median(times)) < high
 
 

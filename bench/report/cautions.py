@@ -1,0 +1,77 @@
+"""What a reader must be warned of beside a table: lines the report prints above it and in the terminal.
+
+- the compared cells ran at mean SM clocks more than 3 % apart (the card, not the strategy, may differ);
+- Python's garbage collector ran inside a timed window (issue 16: kept out of it, and a stray collection
+  made visible: bench/worker/gc_window.py);
+- torch.compile compiled inside the timed steps (issue 21: compile time belongs to the warm-up);
+- an auto micro-batch cell whose launches chose different micro-batches (bench/report/repeats.py).
+Each looks at the ok rows of one table and returns None when there is nothing to say.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from bench.report import metrics
+from bench.report.text import run_name
+
+CLOCK_TOLERANCE = 0.03  # compared cells whose mean SM clocks differ by more get a warning
+
+
+def clock_warning(rows: pd.DataFrame) -> str | None:
+    """A warning when the compared ok cells ran at mean SM clocks more than 3 % apart; None otherwise."""
+    spread = metrics.clock_spread(rows)
+    if spread is None or spread[1] <= spread[0] * (1 + CLOCK_TOLERANCE):
+        return None
+    ok = rows[(rows["status"] == "ok") & rows["sm_clock_mean_mhz"].notna()]
+    slow, fast = ok.loc[ok["sm_clock_mean_mhz"].idxmin()], ok.loc[ok["sm_clock_mean_mhz"].idxmax()]
+    return (f"Warning: the cells compared here ran at mean SM clocks {spread[1] / spread[0] - 1:.1%} apart "
+            f"({spread[0]:.0f} MHz {run_name(slow)} to {spread[1]:.0f} MHz {run_name(fast)}); part of a speed "
+            "difference may be the card's clock (power cap or heat, see Card state), not the strategy.")
+
+
+def _ok_with(rows: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The ok rows whose ``column`` is set and truthy (absent in records from before it)."""
+    if column not in rows.columns:
+        return rows.iloc[:0]
+    values = rows[column]
+    return rows[(rows["status"] == "ok") & values.notna() & values.astype(bool)]
+
+
+def gc_warning(rows: pd.DataFrame) -> str | None:
+    """Issue 16: a garbage collection inside the timed window must be visible (bench/worker/gc_window.py)."""
+    hit = _ok_with(rows, "gc_collections_in_window")
+    if not len(hit):
+        return None
+    cells = ", ".join(f"{run_name(r)} ({r['gc_collections_in_window']:.0f})" for _, r in hit.iterrows())
+    return (f"Warning: Python's garbage collector ran inside the timed window of {cells} (collections in the "
+            "worst launch): a library called gc.collect() while the collector was off; those step times include it.")
+
+
+def compile_warning(rows: pd.DataFrame) -> str | None:
+    """Issue 21: compilation belongs to the warm-up; compiled inside timed steps, the step times include it."""
+    hit = _ok_with(rows, "compiled_in_timed_steps")
+    if not len(hit):
+        return None
+    cells = ", ".join(f"{run_name(r)} ({r.get('compile_s_in_timed_steps', 0):.1f} s)" for _, r in hit.iterrows())
+    return (f"Warning: torch.compile compiled inside the timed steps of {cells} (worst launch): those step times "
+            "include compilation (a recompile: more train.warmup_steps, or a shape that changes between steps).")
+
+
+def micro_batch_warning(rows: pd.DataFrame) -> str | None:
+    """An auto cell whose launches chose different micro-batches: only one micro-batch's launches pooled."""
+    hit = _ok_with(rows, "micro_batch_note")
+    if not len(hit):
+        return None
+    return "Note: " + "; ".join(f"{run_name(r)}: {r['micro_batch_note']}" for _, r in hit.iterrows()) + "."
+
+
+def warnings_for(rows: pd.DataFrame) -> list[str]:
+    """Beside every comparing table: the clocks."""
+    return [w for w in (clock_warning(rows),) if w]
+
+
+def verdict_warnings(rows: pd.DataFrame) -> list[str]:
+    """Beside the verdict, once per setting (the report opens with it, and the terminal prints it): the clocks
+    and what went wrong inside a launch's timed window or between its launches."""
+    return [w for w in (clock_warning(rows), gc_warning(rows), compile_warning(rows), micro_batch_warning(rows)) if w]

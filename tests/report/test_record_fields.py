@@ -1,0 +1,106 @@
+"""Record fields the report must show: a garbage collection inside the timed window (issue 16), compile time
+apart from step time and compilation inside timed steps, the modules Liger replaced, an auto cell's proposal
+and trail (issue 21). Records: results/llama8b's ddp launches (H100) re-set as in test_fast_path_table."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from bench.records import append_record
+from bench.spec import CellSettings
+from bench.report import cautions, document as report, fast_paths, metrics
+from test_fast_path_table import cell, launches, templates  # noqa: F401 - the fixture
+from test_verdict import build
+
+
+def with_gc(records, collections: list[int]):
+    for r, n in zip(records, collections):
+        for rank in r.ranks:
+            rank["gc"] = {"policy": "collected+frozen before, disabled inside the timed window",
+                          "collections_in_window": n if rank["rank"] == 0 else 0, "frozen_objects": 1000}
+    return records
+
+
+def test_a_collection_inside_the_timed_window_is_a_warning(templates, tmp_path):
+    clean = with_gc(launches(templates[1], "none", 4, 1.0, 40.0), [0, 0, 0])
+    dirty = with_gc(launches(templates[1], "liger", 4, 0.8, 28.0), [0, 2, 0])
+    assert metrics.figures(dirty[1])["gc_collections_in_window"] == 2
+    df = build(clean + dirty)
+    assert list(df["gc_collections_in_window"]) == [0, 2]  # the worst launch of each cell
+    warning = cautions.gc_warning(df)
+    assert warning and "garbage collector ran inside the timed window of ddp x1 GPU (2)" in warning
+    assert cautions.gc_warning(build(clean)) is None
+    assert cautions.gc_warning(build(launches(templates[1], "none", 4, 1.0, 40.0))) is None  # older records: no field
+    folder = tmp_path / "res"
+    for r in clean + dirty:
+        append_record(folder, r)
+    report.write_report([folder], tmp_path / "rep")
+    verdict_part = (tmp_path / "rep" / "index.md").read_text().split("## Definitions")[0]
+    assert "garbage collector ran inside the timed window" in verdict_part
+
+
+def compiled(records, compile_s: float, in_timed: float):
+    for r in records:
+        r.settings = {**r.settings, "train": {**r.settings["train"], "compile": True}}
+        settings = CellSettings.model_validate(r.settings)
+        r.cell_id, r.label = settings.cell_id, settings.label
+        for rank in r.ranks:
+            rank["compile"] = {"layers": 32, "regions": 33, "compile_s": compile_s,
+                               "compile_s_in_timed_steps": in_timed, "compiled_in_timed_steps": in_timed > 0,
+                               "warmup_excess_s": compile_s}
+    return records
+
+
+def liger(records, modules: dict[str, int]):
+    for r in records:
+        for rank in r.ranks:
+            rank["kernels"] = {"kernels": "liger", "liger_modules": modules, "causal_lm_forward": "x"}
+    return records
+
+
+def test_compile_seconds_liger_modules_and_compilation_inside_timed_steps(templates):
+    one = templates[1]
+    plain = launches(one, "none", 4, 1.0, 40.0)
+    fast = liger(compiled(launches(one, "liger", 4, 0.7, 30.0), 41.5, 0.0), {"LigerRMSNorm": 65, "LigerSwiGLUMLP": 32})
+    (_t, group), = fast_paths.groups(build(plain + fast))
+    (c,) = fast_paths.comparisons(group)
+    assert c.fast_path == "kernels liger + torch.compile"
+    applied = fast_paths.table([c], "cuda").iloc[0]["fast path applied"]
+    assert applied == "97 modules replaced by Liger; compiled in 41.5 s (warm-up, apart from step time)"
+    assert cautions.compile_warning(group) is None
+    late = compiled(launches(one, "none", 4, 0.9, 40.0), 30.0, 2.5)
+    (_t, group), = fast_paths.groups(build(plain + late))
+    (c,) = fast_paths.comparisons(group)
+    assert fast_paths.table([c], "cuda").iloc[0]["fast path applied"].endswith(
+        "warning: 2.5 s compiling inside timed steps")
+    warning = cautions.compile_warning(group)
+    assert warning and "compiled inside the timed steps of ddp x1 GPU (2.5 s)" in warning
+    section = fast_paths.section(build(plain + late))
+    assert section.items[0].warnings == [warning]
+
+
+def test_an_auto_cells_proposal_and_trail_are_shown(templates, tmp_path):
+    one = templates[1]
+    auto = launches(one, "liger", "auto", 2.0, 72.0, chosen=6)
+    for r in auto:
+        r.micro_batch_auto = {**r.micro_batch_auto, "proposed": 8,
+                              "trail": [{"mb": 8, "status": "oom", "peak_gib": 79.0},
+                                        {"mb": 6, "status": "ok", "peak_gib": 72.0}]}
+    records = launches(one, "none", "auto", 1.5, 70.0, chosen=6) + auto
+    (_t, group), = fast_paths.groups(build(records))
+    (c,) = fast_paths.comparisons(group)
+    side = fast_paths.table([c], "cuda").iloc[0]["fast path: tok/s/GPU [95% CI]"]
+    assert side.endswith("mb 6 (auto: proposed 8, 8 oom -> 6 ok)")
+    folder = tmp_path / "res"
+    for r in records:
+        append_record(folder, r)
+    report.write_report([folder], tmp_path / "rep")
+    cells = pd.read_csv(tmp_path / "rep" / "cells.csv")
+    assert sorted(cells["micro_batch_trail"]) == ["6 ok", "8 oom -> 6 ok"]
+    assert list(cells["micro_batch_proposed"]) == [6, 8]
+
+
+@pytest.mark.parametrize("field", ["gc_collections_in_window", "compile_s", "liger_modules", "micro_batch_trail"])
+def test_older_records_have_none_of_them(templates, field):
+    assert field not in metrics.figures(templates[1])
