@@ -95,9 +95,8 @@ def framework_of(strategy: Strategy | None, adapter: str = "none") -> str:
     the pooled margins floored at the defaults (bench/estimate/margins.py)."""
     if strategy is None:
         return "unknown"
-    family = strategy.family
-    if family == "single":
-        family = "ddp"  # one process or DDP: torch lays it out alike
+    # one process or DDP: torch lays it out alike; tensor parallelism alone is plain torch too, but split
+    family = "ddp" if strategy.is_plain and not strategy.tensor_only else strategy.family
     key = f"{family}_offload" if strategy.offloads else family
     if strategy.splits_layers and not strategy.tensor_only:  # "tp" already says it
         key += "+tp"
