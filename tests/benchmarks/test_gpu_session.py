@@ -12,7 +12,10 @@ from conftest import REPO
 
 
 def _session(tmp_path: Path, *steps: str) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
+    # BENCH_INSTALLED: skip the script's install of .whl/ (the GPU image's wheels, absent from a clean clone but
+    # present in a developer's tree, built for another Python)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(REPO),
+           "BENCH_INSTALLED": "1"}
     proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", str(tmp_path / "out"), *steps], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
