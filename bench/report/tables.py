@@ -148,11 +148,13 @@ def compare_count(group: pd.DataFrame, wanted: int | None) -> int | None:
 
 
 def head_to_head(group: pd.DataFrame, options: TableOptions) -> pd.DataFrame | None:
-    """Each chosen strategy at N beside its same-policy 1-GPU baseline; None when nothing compares."""
+    """Each chosen strategy at N GPUs of one node beside its same-policy 1-GPU baseline; None when nothing
+    compares. Cells over several nodes have the across-nodes table (report/nodes.py): N GPUs a node there is
+    another layout, not another strategy at N."""
     n = compare_count(group, options.compare_gpus)
     if n is None:
         return None
-    others = group[group["gpus"] == n]
+    others = group[(group["gpus"] == n) & (group["nodes"] == 1)] if "nodes" in group else group[group["gpus"] == n]
     if options.compare:
         others = others[others["strategy"].isin(options.compare)]
     if not len(others):

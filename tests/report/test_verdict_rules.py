@@ -72,3 +72,12 @@ def test_two_nodes_of_two_gpus_are_their_own_layout(llama8b):
     assert list(table.iloc[:, 0]) == [2, "2 x 2"] and table.columns[0] == "GPUs (nodes x GPUs per node across nodes)"
     assert table.iloc[0]["mean SM clock MHz"] == "1950-1950"  # no warning: the 1700 MHz cell is another layout's
     assert tables.verdict_table(df).columns[0] == "GPUs"  # one node: as before
+
+
+def test_head_to_head_at_n_gpus_leaves_cells_over_several_nodes_to_their_own_table(llama8b):
+    ddp1, ddp2 = llama8b["llama-3.1-8b lora ddp x1gpu"], llama8b["llama-3.1-8b lora ddp x2gpu"]
+    df = build(three(ddp1, 1.0) + three(ddp2, 1.05))
+    across = df[df["gpus"] == 2].assign(nodes=2, processes=4, cell_id="two-nodes")
+    table = tables.head_to_head(pd.concat([df, across], ignore_index=True), tables.TableOptions(compare_gpus=2))
+    assert len(table) == 2  # the 1-GPU baseline and ddp on 2 GPUs of one node, not ddp over 2 x 2
+    assert list(table["baseline (same policy)"]) == ["(a baseline)", "ddp x1 GPU"]
