@@ -154,7 +154,7 @@ def head_to_head(group: pd.DataFrame, options: TableOptions) -> pd.DataFrame | N
     n = compare_count(group, options.compare_gpus)
     if n is None:
         return None
-    others = group[(group["gpus"] == n) & (group["nodes"] == 1)] if "nodes" in group else group[group["gpus"] == n]
+    others = verdict.at_layout(group, n)
     if options.compare:
         others = others[others["strategy"].isin(options.compare)]
     if not len(others):
