@@ -38,22 +38,26 @@ def _ok_with(rows: pd.DataFrame, column: str) -> pd.DataFrame:
     return rows[(rows["status"] == "ok") & values.notna() & values.astype(bool)]
 
 
+def _cells_with(rows: pd.DataFrame, column: str, figure) -> str | None:
+    """'ddp x2 GPU (3), ...': the ok cells whose ``column`` is set, each with ``figure(row)``; None if none."""
+    hit = _ok_with(rows, column)
+    return ", ".join(f"{run_name(r)} ({figure(r)})" for _, r in hit.iterrows()) if len(hit) else None
+
+
 def gc_warning(rows: pd.DataFrame) -> str | None:
     """Issue 16: a garbage collection inside the timed window must be visible (bench/worker/gc_window.py)."""
-    hit = _ok_with(rows, "gc_collections_in_window")
-    if not len(hit):
+    cells = _cells_with(rows, "gc_collections_in_window", lambda r: f"{r['gc_collections_in_window']:.0f}")
+    if cells is None:
         return None
-    cells = ", ".join(f"{run_name(r)} ({r['gc_collections_in_window']:.0f})" for _, r in hit.iterrows())
     return (f"Warning: Python's garbage collector ran inside the timed window of {cells} (collections in the "
             "worst launch): a library called gc.collect() while the collector was off; those step times include it.")
 
 
 def compile_warning(rows: pd.DataFrame) -> str | None:
     """Issue 21: compilation belongs to the warm-up; compiled inside timed steps, the step times include it."""
-    hit = _ok_with(rows, "compiled_in_timed_steps")
-    if not len(hit):
+    cells = _cells_with(rows, "compiled_in_timed_steps", lambda r: f"{r.get('compile_s_in_timed_steps', 0):.1f} s")
+    if cells is None:
         return None
-    cells = ", ".join(f"{run_name(r)} ({r.get('compile_s_in_timed_steps', 0):.1f} s)" for _, r in hit.iterrows())
     return (f"Warning: torch.compile compiled inside the timed steps of {cells} (worst launch): those step times "
             "include compilation (a recompile: more train.warmup_steps, or a shape that changes between steps).")
 
