@@ -83,6 +83,25 @@ def killed_by_signal(exits: list[RankExit]) -> RankExit | None:
     return own[0] if own else None
 
 
+_PORT_TAKEN = re.compile(r".*(?:EADDRINUSE|[Aa]ddress already in use).*")
+
+
+def rendezvous_port_taken(outcome: Outcome, log_path: Path, rank_dir: Path) -> str | None:
+    """The log line, when the launch failed only because its rendezvous port was taken: the launcher exited
+    with an error, by itself, before any rank wrote a heartbeat, and its log says the address was in use.
+    Not the cell's failure: the same launch on a free port is the cell's real run (bench/launch/runner.py)."""
+    if outcome.stopped_by is not None or outcome.returncode in (0, None):
+        return None
+    if rank_files.read_json_files(rank_dir, "heartbeat"):
+        return None
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return None
+    found = _PORT_TAKEN.search(text)
+    return found.group(0).strip()[:300] if found else None
+
+
 # ---------------------------------------------------------------- the host's OOM killer
 
 def _own_cgroup_paths() -> list[str]:

@@ -159,6 +159,19 @@ def with_env(plan: LaunchPlan, key: str, value: str, note: str) -> LaunchPlan:
     return changed
 
 
+def with_port(plan: LaunchPlan, port: int) -> LaunchPlan:
+    """The plan rendezvousing on ``port`` (its ``--main_process_port``), launch.sh saying so. bench picks the
+    port at launch: one picked when the matrix was planned may be taken minutes later (results/llama-full-h200-b2,
+    a 2-GPU cell's TCPStore failed with EADDRINUSE)."""
+    if "--main_process_port" not in plan.argv:
+        return plan
+    argv = list(plan.argv)
+    argv[argv.index("--main_process_port") + 1] = str(port)
+    changed = replace(plan, argv=argv, files=dict(plan.files))
+    changed.files["launch.sh"] = _launch_script(changed)
+    return changed
+
+
 def _launch_script(plan: LaunchPlan) -> str:
     return f"#!/usr/bin/env bash\n# Re-run this cell by hand\n{plan.shell_command()}\n"
 

@@ -10,13 +10,14 @@ status comes from bench/launch/failures.py; every outcome is a record.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import time
 from pathlib import Path
 
 from bench.launch.build_locks import release_locks_left_by
-from bench.launch.failures import Outcome, classify, oom_kill_counters
-from bench.launch.plan import LaunchPlan, write_plan_files
+from bench.launch.failures import Outcome, classify, oom_kill_counters, rendezvous_port_taken
+from bench.launch.plan import LaunchPlan, with_port, write_plan_files
 from bench.launch.process_tree import ProcessTree
 from bench.records import RunRecord, rank_files
 
@@ -25,11 +26,40 @@ SCAN_S = 1.0  # noting the tree's members scans the process table: not so often 
 TERM_GRACE_S = 10.0  # SIGTERM to SIGKILL: lets torchrun and DeepSpeed tear down and free GPU memory
 GPU_RELEASE_WAIT_S = 10.0  # the driver may list a dead process for a moment while it frees its memory
 STEP_PHASES = ("warmup", "timed", "profiled", "done")  # heartbeat phases of a rank past start-up
+# A port free when picked can be taken before torchrun binds it (another process's ephemeral port): the
+# launch then fails before any rank starts. Up to this many launches, each on a freshly picked port.
+PORT_ATTEMPTS = 3
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The ports the kernel hands out to outgoing connections (Linux default 32768-60999)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _binds(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+        return True
 
 
 def free_port() -> int:
+    """A port for a launch's rendezvous that binds now, chosen below the kernel's ephemeral range where one is
+    free: a port from that range may be taken meanwhile by any outgoing connection (a rank's NCCL socket, a
+    download) and torchrun's store then fails with EADDRINUSE, which accelerate's own check (a connect) misses."""
+    low = ephemeral_port_range()[0]
+    if low > 10_000:
+        for port in random.sample(range(10_000, low), k=min(64, low - 10_000)):
+            if _binds(port):
+                return port
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("0.0.0.0", 0))
         return s.getsockname()[1]
 
 
@@ -102,6 +132,22 @@ def _leftover_gpu_processes(tree: ProcessTree, plan: LaunchPlan) -> list[dict] |
 
 # ---------------------------------------------------------------- one cell
 
+def _launch_and_watch(plan: LaunchPlan, outcome: Outcome) -> ProcessTree:
+    """One launch of the plan into its cell folder (an earlier attempt's files moved aside), watched until it
+    exits or is stopped; Ctrl-C stops the tree and is noted in ``outcome``."""
+    archive_previous_attempt(plan)
+    write_plan_files(plan)
+    with open(plan.cell_dir / "launch.log", "wb") as log:
+        tree = ProcessTree(plan.argv, {**os.environ, **plan.env}, log)
+        try:
+            _watch(tree, plan, outcome)
+        except KeyboardInterrupt:
+            outcome.stopped_by, outcome.stopped_at = "interrupted", time.time()
+            tree.stop(TERM_GRACE_S)
+    outcome.returncode = tree.proc.returncode
+    return tree
+
+
 def archive_previous_attempt(plan: LaunchPlan) -> Path | None:
     """A rerun of a cell (resume, --retry-failed) must not read the last attempt's heartbeats, reports or
     errors as its own: move them and its log into ``attempt-<n>/`` beside them, where they stay."""
@@ -120,23 +166,28 @@ def archive_previous_attempt(plan: LaunchPlan) -> Path | None:
 
 def run_plan(plan: LaunchPlan, matrix_name: str, env_fingerprint: dict, sampler=None,
              strategy_info: dict | None = None, prediction: dict | None = None) -> RunRecord:
-    """Launch, watch, stop, clean up, classify. Raises CellInterrupted (with the record) on Ctrl-C."""
-    archive_previous_attempt(plan)
-    write_plan_files(plan)
-    log_path = plan.cell_dir / "launch.log"
+    """Launch, watch, stop, clean up, classify. Raises CellInterrupted (with the record) on Ctrl-C.
+
+    The rendezvous port is picked now, not when the matrix was planned; a launch that failed only because
+    that port was taken is launched again on another (PORT_ATTEMPTS), the record's ``port_retries`` saying so
+    and the failed attempt's log kept in ``attempt-<n>/``."""
     outcome = Outcome(oom_kills_before=oom_kill_counters())
     if sampler is not None:
         sampler.start()
-    with open(log_path, "wb") as log:
-        tree = ProcessTree(plan.argv, {**os.environ, **plan.env}, log)
-        try:
-            _watch(tree, plan, outcome)
-        except KeyboardInterrupt:
-            outcome.stopped_by, outcome.stopped_at = "interrupted", time.time()
-            tree.stop(TERM_GRACE_S)
+    port_retries: list[dict] = []
+    for attempt in range(PORT_ATTEMPTS):
+        port = free_port()
+        plan = with_port(plan, port)
+        tree = _launch_and_watch(plan, outcome)
+        taken = rendezvous_port_taken(outcome, plan.cell_dir / "launch.log", plan.rank_dir)
+        if taken is None or attempt == PORT_ATTEMPTS - 1:
+            break
+        tree.leftovers()
+        port_retries.append({"port": port, "error": taken})
+        outcome = Outcome(oom_kills_before=outcome.oom_kills_before)
+    log_path = plan.cell_dir / "launch.log"
     # Anything alive now outlived its launcher (torchrun starts each rank in a session of its own): kill, name it.
     leftovers = tree.leftovers()
-    outcome.returncode = tree.proc.returncode
     outcome.oom_kills_after = oom_kill_counters()
     ranks = rank_files.read_json_files(plan.rank_dir, "rank")
     nvml = sampler.stop(ranks) if sampler is not None else None
@@ -152,7 +203,7 @@ def run_plan(plan: LaunchPlan, matrix_name: str, env_fingerprint: dict, sampler=
         first_step_s=(outcome.first_step_at - tree.started) if outcome.first_step_at else None,
         cell_dir=str(plan.cell_dir), command=plan.shell_command(),
         leftover_processes=leftovers, leftover_gpu_processes=gpu_left,
-        released_build_locks=[str(p) for p in released],
+        released_build_locks=[str(p) for p in released], port_retries=port_retries,
     )
     if status == "interrupted":
         raise CellInterrupted(record)

@@ -84,6 +84,9 @@ class RunRecord(BaseModel):
     # memory_kills (slurmstepd's --mem kills: node, step, used_bytes, limit_bytes; absent in older records).
     # None locally.
     slurm: dict[str, Any] | None = None
+    # Launches before this one that failed only because their rendezvous port was taken (bench/launch/runner.py):
+    # [{port, error}], each attempt's log in the cell folder's attempt-<n>/. Empty when the first launch bound.
+    port_retries: list[dict[str, Any]] = []
 
 
 def not_launched_record(matrix: str, cell_settings: Any, repeat: int, fingerprint: dict, status: Status,
