@@ -230,7 +230,9 @@ def card_state_section(df: pd.DataFrame) -> Section | None:
         "sw_thermal_slowdown, hw_thermal_slowdown, hw_power_brake_slowdown; the most throttled GPU). Records "
         "from before the share was kept only say which reasons were seen. A table whose cells ran at mean "
         f"clocks more than {tables.CLOCK_TOLERANCE:.0%} apart carries a warning: the card, not the strategy, "
-        "may account for part of the difference."])
+        "may account for part of the difference. Card busy: NVML's utilisation over the timed window (the share of "
+        "time a kernel ran; mean over the cell's GPUs), below "
+        f"{cautions.HOST_BOUND_BUSY_PCT:.0f} % noted: the steps wait on the host."])
     for i, (_m, _k, title, group) in enumerate(tables.setting_groups(df), 1):
         section.items.append(Table(f"card_state_{i}", title, tables.card_state_table(group), tables.warnings_for(group)))
     return section

@@ -356,6 +356,8 @@ def card_state_table(group: pd.DataFrame) -> pd.DataFrame:
             "run": run_name(row), POLICY: policy(row),
             "mean SM clock MHz (timed window)": f"{row['sm_clock_mean_mhz']:.0f}" if measured else missing,
             "timed samples throttled (power/thermal)": throttle_text(row) if measured else missing,
+            "card busy % (NVML util)": f"{row['util_mean_pct']:.0f}" if measured and is_num(row.get("util_mean_pct"))
+            else missing,
         })
     return pd.DataFrame(rows)
 

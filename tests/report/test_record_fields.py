@@ -104,3 +104,23 @@ def test_an_auto_cells_proposal_and_trail_are_shown(templates, tmp_path):
 @pytest.mark.parametrize("field", ["gc_collections_in_window", "compile_s", "liger_modules", "micro_batch_trail"])
 def test_older_records_have_none_of_them(templates, field):
     assert field not in metrics.figures(templates[1])
+
+
+def test_cards_that_waited_on_the_host_are_noted_and_their_busy_share_shown():
+    # 2x H200 records (results/llama8b-h200-a): ZeRO-3 and FSDP LoRA cards busy 70-86 %, the others 93-97 %.
+    from bench.records.store import latest_runs, load_records
+    from bench.report import tables
+    from conftest import REPO
+
+    df = build(latest_runs(load_records(REPO / "results" / "llama8b-h200-a")))
+    note = cautions.host_bound_note(df)
+    assert note and note.startswith("Note: the cards of fsdp_full_shard x1 GPU (71 %)")
+    for host_bound in ("fsdp_full_shard x2 GPU", "zero3 x1 GPU", "zero3 x2 GPU"):
+        assert host_bound in note
+    for busy in ("ddp x1 GPU", "zero1 x2 GPU", "zero2 x1 GPU"):
+        assert busy not in note
+    assert cautions.host_bound_note(df[df["util_mean_pct"] >= cautions.HOST_BOUND_BUSY_PCT]) is None
+    assert note in cautions.verdict_warnings(df) and note in tables.warnings_for(df)
+    state = tables.card_state_table(df).set_index("run")
+    assert state.loc["fsdp_full_shard x1 GPU", "card busy % (NVML util)"] == "71"
+    assert state.loc["ddp x1 GPU", "card busy % (NVML util)"] == "95"
