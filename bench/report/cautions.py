@@ -5,7 +5,8 @@
   made visible: bench/worker/gc_window.py);
 - torch.compile compiled inside the timed steps (issue 21: compile time belongs to the warm-up);
 - an auto micro-batch cell whose launches chose different micro-batches (bench/report/repeats.py);
-- a GPU cell whose cards were busy less than 90 % of its timed window: its steps wait on the host.
+- a GPU cell whose cards were busy less than 90 % of its timed window: its steps wait on the host;
+- a cell whose host gave more than 5 % of its CPU time to other guests (a VM's steal) while it was timed.
 Each looks at the ok rows of one table and returns None when there is nothing to say.
 """
 
@@ -20,6 +21,7 @@ CLOCK_TOLERANCE = 0.03  # compared cells whose mean SM clocks differ by more get
 # NVML's utilisation: the share of time a kernel ran. Below this over the timed window, the card waited on the host
 # (2x H200: ZeRO-3 and FSDP LoRA cells of llama8b 70-86 %, the others 93-97 %; results/llama8b-h200-a).
 HOST_BOUND_BUSY_PCT = 90.0
+STEAL_TOLERANCE = 0.05  # a virtual machine's CPU time taken by the hypervisor above this while timed: a warning
 
 
 def clock_warning(rows: pd.DataFrame) -> str | None:
@@ -90,13 +92,26 @@ def host_bound_note(rows: pd.DataFrame) -> str | None:
             "head start.")
 
 
+def steal_warning(rows: pd.DataFrame) -> str | None:
+    """Cells timed while the hypervisor took CPU time from the host: their host-side work ran slower."""
+    if "steal_share" not in rows.columns:
+        return None
+    ok = rows[(rows["status"] == "ok") & rows["steal_share"].notna()]
+    hit = ok[ok["steal_share"] > STEAL_TOLERANCE]
+    if not len(hit):
+        return None
+    cells = ", ".join(f"{run_name(r)} ({r['steal_share']:.0%})" for _, r in hit.iterrows())
+    return (f"Warning: while {cells} were timed, the host's hypervisor gave more than {STEAL_TOLERANCE:.0%} of its "
+            "CPU time to other guests (steal): their host-side work, and so steps that wait on the host, ran slower.")
+
+
 def warnings_for(rows: pd.DataFrame) -> list[str]:
     """Beside every comparing table: the clocks, and cards that waited on the host."""
-    return [w for w in (clock_warning(rows), host_bound_note(rows)) if w]
+    return [w for w in (clock_warning(rows), host_bound_note(rows), steal_warning(rows)) if w]
 
 
 def verdict_warnings(rows: pd.DataFrame) -> list[str]:
     """Beside the verdict, once per setting (the report opens with it, and the terminal prints it): the clocks
     and what went wrong inside a launch's timed window or between its launches."""
-    return [w for w in (clock_warning(rows), host_bound_note(rows), gc_warning(rows), compile_warning(rows),
-                        micro_batch_warning(rows)) if w]
+    return [w for w in (clock_warning(rows), host_bound_note(rows), steal_warning(rows), gc_warning(rows),
+                        compile_warning(rows), micro_batch_warning(rows)) if w]

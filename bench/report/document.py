@@ -232,7 +232,9 @@ def card_state_section(df: pd.DataFrame) -> Section | None:
         f"clocks more than {tables.CLOCK_TOLERANCE:.0%} apart carries a warning: the card, not the strategy, "
         "may account for part of the difference. Card busy: NVML's utilisation over the timed window (the share of "
         "time a kernel ran; mean over the cell's GPUs), below "
-        f"{cautions.HOST_BOUND_BUSY_PCT:.0f} % noted: the steps wait on the host."])
+        f"{cautions.HOST_BOUND_BUSY_PCT:.0f} % noted: the steps wait on the host. Host CPU busy / stolen: the "
+        "share of the host's CPU time (all CPUs, /proc/stat) not idle, and given by the hypervisor to other guests, "
+        "over the timed window (the busiest node; records from before it say n/a)."])
     for i, (_m, _k, title, group) in enumerate(tables.setting_groups(df), 1):
         section.items.append(Table(f"card_state_{i}", title, tables.card_state_table(group), tables.warnings_for(group)))
     return section

@@ -130,6 +130,7 @@ def figures(record: RunRecord) -> dict:
     row.update(_prediction_figures(record))
     row.update(_card_figures(record))
     row.update(_window_figures(record))
+    row.update(host_figures(record))
     row.update(_auto_batch_figures(record))
     times = timed_step_times(record)
     if record.status != "ok" or not times:
@@ -181,6 +182,18 @@ def _or_nan(value: float | None) -> float:
 
 def _positive(value) -> bool:
     return isinstance(value, (int, float)) and value > 0
+
+
+def host_figures(record: RunRecord) -> dict:
+    """The host over the timed window (bench/worker/host_window.py; absent in records from before it): the
+    share of its CPU time stolen by the hypervisor and busy, the worst rank's node."""
+    hosts = [r["host"] for r in record.ranks if isinstance(r.get("host"), dict)]
+    out = {}
+    for key in ("steal_share", "host_busy_share"):
+        values = [h[key] for h in hosts if isinstance(h.get(key), (int, float))]
+        if values:
+            out[key] = float(max(values))
+    return out
 
 
 def _window_figures(record: RunRecord) -> dict:

@@ -347,6 +347,14 @@ def throttle_text(row: pd.Series) -> str:
     return f"unknown share (older record; seen: {seen})" if seen else "unknown share (older record; none seen)"
 
 
+def host_text(row: pd.Series) -> str:
+    """'41 / 0.3': the host's CPU time busy and stolen by the hypervisor over the timed window, in %."""
+    if not is_num(row.get("host_busy_share")):
+        return "n/a (older record)"
+    stolen = f"{row['steal_share']:.1%}"[:-1] if is_num(row.get("steal_share")) else "n/a"
+    return f"{row['host_busy_share']:.0%}"[:-1] + f" / {stolen}"
+
+
 def card_state_table(group: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, row in group.sort_values(["strategy", "gpus"], kind="stable").iterrows():
@@ -358,6 +366,7 @@ def card_state_table(group: pd.DataFrame) -> pd.DataFrame:
             "timed samples throttled (power/thermal)": throttle_text(row) if measured else missing,
             "card busy % (NVML util)": f"{row['util_mean_pct']:.0f}" if measured and is_num(row.get("util_mean_pct"))
             else missing,
+            "host CPU busy / stolen %": host_text(row) if row["status"] == "ok" else row["status"],
         })
     return pd.DataFrame(rows)
 

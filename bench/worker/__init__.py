@@ -4,7 +4,8 @@ Rooms: ``train`` (the fixed step, read top to bottom like a plain training scrip
 warm up, time, report), ``guard`` (the launch did what the cell asked), ``prepare``
 (each framework's wrapping, backward and optimizer step), ``model_build``, ``meta_init``,
 ``qlora`` (building the model), ``data``, ``local_data`` (batches), ``timing`` (when to stop timing),
-``gc_window`` (the garbage collector kept out of the timed window), ``transfers`` (host-device traffic
+``gc_window`` (the garbage collector kept out of the timed window), ``host_window`` (what the host's
+CPUs did meanwhile), ``transfers`` (host-device traffic
 under offload), ``slowdown`` (a slowdown injected on purpose). It imports only bench.spec,
 bench.strategies and bench.records.rank_files: nothing of the parent's machinery.
 

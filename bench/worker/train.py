@@ -26,6 +26,7 @@ from bench.strategies.build import builds_on_meta
 from bench.strategies.precision import policy_for
 from bench.worker import affinity, fast_paths, parallel, slowdown, transfers
 from bench.worker.gc_window import GcWindow
+from bench.worker.host_window import HostWindow
 from bench.worker.guard import cell_strategy, guard_distributed_setup
 from bench.worker.prepare import Preparer, preparer_for, unwrap
 from bench.worker.timing import StoppingRule
@@ -150,12 +151,14 @@ def run_steps(cell: CellSettings, one_step, accelerator, device: torch.device, f
 
     Every rank starts each step together; after each timed step, outside its timed region, the ranks
     agree on the slowest rank's step time and timed seconds, so the rule sees one series everywhere.
-    The garbage collector is kept out of the timed window (bench/worker/gc_window.py).
-    Returns (steps, timed window in wall clock, timing summary on the slowest-rank series, gc record).
+    The garbage collector is kept out of the timed window (bench/worker/gc_window.py); what the host did
+    meanwhile is counted (bench/worker/host_window.py).
+    Returns (steps, timed window in wall clock, timing summary on the slowest-rank series, gc record,
+    host record).
     """
     rule = StoppingRule.from_train(cell.train)
     steps, window, slowest = [], [None, None], []
-    collector = GcWindow()
+    collector, host = GcWindow(), HostWindow()
     reason, timed_s, window_t0, i = None, 0.0, 0.0, 0
     try:
         while reason is None:
@@ -168,6 +171,7 @@ def run_steps(cell: CellSettings, one_step, accelerator, device: torch.device, f
             if phase == "timed" and window[0] is None:
                 window[0] = time.time()  # wall clock, so the parent's NVML samples can be cut to it
                 window_t0 = time.perf_counter()
+                host.open()
             started_at = time.time()  # wall clock as well: lines each step up with the NVML samples
             t0 = time.perf_counter()
             parts = one_step()
@@ -181,8 +185,9 @@ def run_steps(cell: CellSettings, one_step, accelerator, device: torch.device, f
                 reason = rule.stop_reason(slowest, timed_s)
             i += 1
     finally:
+        host.close()
         collector.close()
-    return steps, window, rule.summary(slowest, timed_s, reason), collector.record()
+    return steps, window, rule.summary(slowest, timed_s, reason), collector.record(), host.record()
 
 
 def _process_created_at() -> float:
@@ -260,7 +265,7 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None, pinn
     one_step = clock = fast_paths.CompileClock(one_step, cell.train.warmup_steps) if compiled else one_step
 
     one_step = slowdown.from_env(one_step, cell.train.warmup_steps, device)  # --slow-step only: bench/worker/slowdown.py
-    steps, window, timing, collector = run_steps(cell, one_step, accelerator, device, files)
+    steps, window, timing, collector, host = run_steps(cell, one_step, accelerator, device, files)
     total = len(steps)
     traffic = None
     if device.type == "cuda" and transfers.offloads(strategy):
@@ -271,6 +276,7 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None, pinn
     report["optimizer_class"] = innermost_optimizer(model, optimizer)
     report["timing"] = timing  # the stopping rule, why it stopped, the interval reached (slowest-rank series)
     report["gc"] = collector
+    report["host"] = host  # CPU stolen / busy on the host and this rank's CPU use over the timed window
     report["startup_breakdown"] = startup  # where the time before the first step went
     report["model_init"] = "meta, materialised per shard" if on_meta else "on device"
     if degrees := parallel.describe(accelerator, cell):

@@ -124,3 +124,23 @@ def test_cards_that_waited_on_the_host_are_noted_and_their_busy_share_shown():
     state = tables.card_state_table(df).set_index("run")
     assert state.loc["fsdp_full_shard x1 GPU", "card busy % (NVML util)"] == "71"
     assert state.loc["ddp x1 GPU", "card busy % (NVML util)"] == "95"
+
+
+def test_the_hosts_busy_and_stolen_cpu_are_shown_per_cell_and_older_records_say_so():
+    from bench.records.store import latest_runs, load_records
+    from bench.report import tables
+    from conftest import REPO
+
+    records = latest_runs(load_records(REPO / "results" / "llama8b-h200-a"))
+    stolen = [r for r in records if r.label.endswith("zero3 x2gpu")]
+    for rank, steal in zip(stolen[0].ranks, (0.02, 0.12)):  # two ranks of one node: the worse one counts
+        rank["host"] = {"steal_share": steal, "host_busy_share": 0.41, "rank_cpu_per_wall": 1.0}
+    df = build(records)
+    row = df[df["label"].str.endswith("zero3 x2gpu")].iloc[0]
+    assert row["steal_share"] == pytest.approx(0.12) and row["host_busy_share"] == pytest.approx(0.41)
+    state = tables.card_state_table(df).set_index("run")
+    assert state.loc["zero3 x2 GPU", "host CPU busy / stolen %"] == "41 / 12.0"
+    assert state.loc["ddp x1 GPU", "host CPU busy / stolen %"] == "n/a (older record)"
+    warning = cautions.steal_warning(df)
+    assert warning and warning.startswith("Warning: while zero3 x2 GPU (12%) were timed") and warning in tables.warnings_for(df)
+    assert cautions.steal_warning(df[~df["label"].str.endswith("zero3 x2gpu")]) is None

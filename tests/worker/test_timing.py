@@ -328,10 +328,10 @@ def _loop(rank: int, world: int, port: int, folder: str, cell_json: str, sleep_s
         return {"loss": 0.0, "tokens": 8, "real_tokens": 8}
 
     cell = CellSettings.model_validate_json(cell_json)
-    steps, window, timing, collected = worker.run_steps(cell, one_step, Barrier(), torch.device("cpu"),
-                                                        RankFiles(Path(folder), rank))
+    steps, window, timing, collected, host = worker.run_steps(cell, one_step, Barrier(), torch.device("cpu"),
+                                                              RankFiles(Path(folder), rank))
     Path(folder, f"out{rank}.json").write_text(json.dumps(
-        {"rank": rank, "steps": steps, "timed_window": window, "timing": timing, "gc": collected,
+        {"rank": rank, "steps": steps, "timed_window": window, "timing": timing, "gc": collected, "host": host,
          "gc_enabled_after": gc.isenabled(), "frozen_after": gc.get_freeze_count()}))
     if world > 1:
         dist.destroy_process_group()
@@ -382,6 +382,8 @@ def test_a_steady_loop_stops_converged_and_keeps_the_collector_out(tmp_path):
     assert collected["collected_after_window"] >= 6 * 20_000  # collected on purpose once the window closed
     assert collected["frozen_objects"] > 0 and collected["collected_after_warmup"] is not None
     assert rank["gc_enabled_after"] and rank["frozen_after"] == 0
+    host = rank["host"]  # the host's share of the window: sleeping steps use little of a CPU
+    assert host["window_s"] > 0 and 0 <= host["rank_cpu_per_wall"] < 1 and host["voluntary_switches"] > 0
 
 
 def test_gc_window_counts_a_collection_made_inside_it():

@@ -1,0 +1,59 @@
+"""What the host did during the timed window (bench/worker/host_window.py): the /proc/stat arithmetic on
+written readings, and real windows over a sleeping and a spinning step on this machine."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from bench.worker.host_window import HostWindow, host_cpu_times, host_shares
+
+
+def _stat(tmp_path, line: str):
+    path = tmp_path / "stat"
+    path.write_text(line + "\ncpu0 1 2 3 4\nintr 5\n")
+    return host_cpu_times(path)
+
+
+def test_steal_and_busy_shares_come_from_the_difference_of_two_readings(tmp_path):
+    before = _stat(tmp_path, "cpu  100 0 50 800 10 0 0 40 0 0")
+    after = _stat(tmp_path, "cpu  160 0 70 900 10 0 0 60 0 0")  # +60 user +20 system +100 idle +20 steal
+    shares = host_shares(before, after)
+    assert shares["steal_share"] == pytest.approx(20 / 200)
+    assert shares["host_busy_share"] == pytest.approx(80 / 200)
+
+
+def test_a_kernel_without_a_steal_column_gives_no_steal_share(tmp_path):
+    before = _stat(tmp_path, "cpu  100 0 50 800 10 0 0")
+    after = _stat(tmp_path, "cpu  150 0 50 850 10 0 0")
+    assert host_shares(before, after) == {"steal_share": None, "host_busy_share": pytest.approx(0.5)}
+    assert host_shares(None, after) == {"steal_share": None, "host_busy_share": None}
+    assert host_cpu_times(tmp_path / "absent") is None
+
+
+def _window(step) -> dict:
+    window = HostWindow()
+    window.open()
+    step()
+    window.close()
+    window.close()  # a second close keeps the first reading
+    return window.record()
+
+
+def test_a_sleeping_step_uses_little_cpu_and_a_spinning_one_a_whole_cpu():
+    slept = _window(lambda: time.sleep(0.3))
+    assert slept["rank_cpu_per_wall"] < 0.3 and slept["window_s"] >= 0.3
+    assert slept["voluntary_switches"] >= 1 and slept["allowed_cpus"] >= 1
+
+    def spin():
+        end = time.perf_counter() + 0.3
+        while time.perf_counter() < end:
+            pass
+
+    spun = _window(spin)
+    assert spun["rank_cpu_per_wall"] > 0.5  # this thread ran most of the window (2 shared cores: not all of it)
+    for record in (slept, spun):
+        assert record["host_busy_share"] is None or 0 <= record["host_busy_share"] <= 1
+        assert record["steal_share"] is None or 0 <= record["steal_share"] <= 1
+    assert HostWindow().record() is None  # never opened: nothing to say
