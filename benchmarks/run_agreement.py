@@ -9,7 +9,8 @@ tokens per second, the median over a cell's ok launches (bench.report.repeats.ag
     python benchmarks/run_agreement.py A B --tolerance 0.02 --share 0.9 --min-steps 20 --markdown out.md
 
 Printed: per cell, both figures, b / a - 1, the launches and the fewest timed steps of any ok launch on each
-side, and the card; then the bar: at least ``--share`` of the cells ok on both sides agree within
+side, how busy its cards were on each side (NVML utilisation over the timed window, median over launches: below
+~90 % the steps wait on the host, and those cells move most between runs), and the card; then the bar: at least ``--share`` of the cells ok on both sides agree within
 ``--tolerance``, and every ok launch timed at least ``--min-steps`` steps; then each run's wall time (first
 launch's start to last launch's end, and the sum of the launches' own wall times, start-up included) and its
 cards. Cells of one side only, or not ok on both, are listed and left out of the share.
@@ -49,7 +50,8 @@ def wall_time(records: list) -> tuple[float, float]:
 
 
 def compare(a: pd.DataFrame, b: pd.DataFrame, tolerance: float) -> pd.DataFrame:
-    cols = ["cell_id", "label", "status", "machine", FIGURE, "repeats_ok", "timed_steps"]
+    cols = ["cell_id", "label", "status", "machine", FIGURE, "repeats_ok", "timed_steps", "util_mean_pct"]
+    a, b = (side.reindex(columns=list(dict.fromkeys([*side.columns, *cols]))) for side in (a, b))
     both = a[cols].merge(b[cols], on="cell_id", how="outer", suffixes=("_a", "_b"))
     both["label"] = both["label_a"].fillna(both["label_b"])
     ok = (both["status_a"] == "ok") & (both["status_b"] == "ok")
@@ -66,17 +68,17 @@ def _figure(row: pd.Series, side: str) -> str:
 
 
 def _pair(row: pd.Series, column: str) -> str:
-    return "/".join(str(int(row[f"{column}_{s}"])) if pd.notna(row[f"{column}_{s}"]) else "-" for s in "ab")
+    return "/".join(str(round(row[f"{column}_{s}"])) if pd.notna(row[f"{column}_{s}"]) else "-" for s in "ab")
 
 
 def render(both: pd.DataFrame, args: argparse.Namespace, walls: dict[str, tuple[float, float]],
            cards: dict[str, str]) -> tuple[str, bool]:
-    lines = ["| cell | a tok/s | b tok/s | b / a - 1 | launches a/b | fewest timed steps a/b | card |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| cell | a tok/s | b tok/s | b / a - 1 | launches a/b | fewest timed steps a/b | card busy % a/b | card |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for _, r in both.iterrows():
         change = f"{r['change']:+.1%}" if pd.notna(r["change"]) else ""
         lines.append(f"| {r['label']} | {_figure(r, 'a')} | {_figure(r, 'b')} | {change} | "
-                     f"{_pair(r, 'repeats_ok')} | {_pair(r, 'timed_steps')} | "
+                     f"{_pair(r, 'repeats_ok')} | {_pair(r, 'timed_steps')} | {_pair(r, 'util_mean_pct')} | "
                      f"{r['machine_a'] if pd.notna(r['machine_a']) else r['machine_b']} |")
     judged = both[both["agrees"].notna()]
     agree = int(judged["agrees"].sum())
