@@ -93,10 +93,15 @@ def load_all(results_dirs: list[Path]) -> list[RunRecord]:
 
     A resumed matrix appends a new record after an interrupted one, --retry-failed after a failure; the
     earlier ones stay on file but are not what the matrix ended with (resume reads a folder the same way).
-    Folders are taken apart: the same cell id in two folders may be two machines, which
-    repeats.aggregate_repeats keeps apart (and, on one machine, it keeps the later folder's run).
+    Each record is tagged with its folder (``results_folder``): two folders are two runs, so the same cell
+    and repeat in both are two launches, pooled by repeats.aggregate_repeats on one machine (two nights of a
+    matrix: six launches of a 3-repeat cell), kept apart on two.
     """
-    records = [r for d in results_dirs for r in latest_runs(load_records(d))]
+    records = []
+    for folder in results_dirs:
+        for record in latest_runs(load_records(folder)):
+            record.results_folder = str(folder)  # an extra field: the report's, never written back
+            records.append(record)
     if not records:
         raise FileNotFoundError(f"no records in {', '.join(map(str, results_dirs))} (looked for runs.jsonl)")
     return records

@@ -111,6 +111,7 @@ def figures(record: RunRecord) -> dict:
     card = gpu_name(record)
     row = {
         "cell_id": record.cell_id, "repeat": record.repeat, "label": record.label, "status": record.status,
+        "results_folder": (record.model_extra or {}).get("results_folder"),  # set by the report's loader
         "model": cell.model, "adapter": cell.adapter.type, "strategy": strategy_label(cell), "gpus": cell.gpus,
         # tensor and context degrees (1 in records from before them); dp: the data-parallel replicas they leave
         "tp": cell.tp, "cp": cell.cp, "dp": max(1, cell.processes // (cell.tp * cell.cp)),

@@ -33,8 +33,11 @@ OWN_FAILURES = ("oom", "crash", "hang", "timeout", "unsupported")
 
 
 def latest_per_cell(df: pd.DataFrame) -> pd.DataFrame:
-    """Several runs of one cell (retries) -> the last one; repeats are pooled by aggregate_repeats."""
-    return df.groupby(["machine", "cell_id", "repeat"], sort=False).tail(1)
+    """Several runs of one cell and repeat in one results folder (retries) -> the last one; repeats, and the
+    launches of other folders (other runs of the matrix), are pooled by aggregate_repeats."""
+    keys = ["machine", "results_folder", "cell_id", "repeat"] if "results_folder" in df.columns else \
+        ["machine", "cell_id", "repeat"]
+    return df.groupby(keys, sort=False, dropna=False).tail(1)
 
 
 def aggregate_repeats(df: pd.DataFrame) -> pd.DataFrame:

@@ -17,7 +17,7 @@ import pytest
 from bench.records import CellError, RunRecord, append_record, load_records
 from bench.report import document as report, tables as report_tables
 from bench.spec import CellSettings, TokenBudget
-from conftest import bench
+from conftest import REPO, bench
 from test_metrics import as_gpu_record, by_label
 
 
@@ -255,3 +255,14 @@ def test_cells_of_several_nodes_get_an_across_nodes_table_and_plot(cpu, tmp_path
     across = tables["scaling_nodes_1"].set_index("strategy")
     assert re.fullmatch(r"\d+\.\d\dx \(\d+%\)", across.loc["ddp", "2 node(s): vs 1 node"])
     assert "Scaling across nodes" in (out / "index.md").read_text()
+
+
+def test_two_runs_of_a_matrix_on_one_machine_are_pooled_as_launches(tmp_path):
+    # results/llama-full-h200-a2 and -b2: one launch per cell each (repeat 0 in both), 2x H200.
+    df = report.build([REPO / "results" / "llama-full-h200-a2", REPO / "results" / "llama-full-h200-b2"])
+    assert len(df) == 13 and set(df["repeats_ok"]) == {2}
+    zero3 = df[df["label"] == "llama-3.2-1b full zero3 x2gpu"].iloc[0]
+    assert zero3["interval_basis"] != "1 launch"  # across the two runs' launches
+    assert zero3["real_tokens_per_s_ci_low"] < 59_891 * 1.001 and zero3["real_tokens_per_s_ci_high"] > 71_497 * 0.999
+    alone = report.build([REPO / "results" / "llama-full-h200-b2"])
+    assert set(alone["repeats_ok"]) == {1}  # b's retried cell: its crash superseded inside its own folder
