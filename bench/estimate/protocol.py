@@ -44,6 +44,9 @@ JUDGE_PATTERNS: tuple[str, ...] = (
     # Added 2026-11-30, judge-only (nothing tuned on them): the small-step nights (seq 1024 x mb 4) and the
     # step-size probe and slowed nights (seq 2048 x mb 8), 1B on 2x H200; shapes no tuning folder holds.
     "nightly-h200-*/*", "step-size-probe-h200",
+    # Added 2026-11-30 (twelfth session), judge-only: issue 16's 1B pair at llama-full's current step (seq 2048 x
+    # mb 8, checkpointed, fused AdamW), a name the patterns above missed.
+    "llama-full-h200-a2", "llama-full-h200-b2",
 )
 TOLERANCE = 0.10  # |predicted / measured - 1| of the per-rank torch reserved peak: the estimator's target
 # A cell is judged only where the model's memory dominates: below this measured reserved peak the CUDA
