@@ -37,12 +37,16 @@ def run(
     strict: Annotated[bool, typer.Option(
         "--strict", help="refuse the whole matrix (exit 2, every reason) if any cell cannot run on this machine, "
                          "instead of recording such cells as unsupported")] = False,
+    memory_snapshot: Annotated[bool, typer.Option(
+        "--memory-snapshot", help="CUDA: record PyTorch's allocator history over each rank's warm-up (at most 3 "
+                                  "steps) into its ranks folder (benchmarks/memory_snapshot_peak.py reads it)")] = False,
 ):
     """Run every cell of a matrix as a real `accelerate launch` and append one record per run. A cell this
     machine cannot run is recorded as unsupported with every reason, and the rest of the matrix runs."""
     opts = RunOptions(results_dir=results, only=only, exclude=exclude, dry_run=dry_run, retry_failed=retry_failed,
                       force=force, repeats=repeats, worker_module=worker, device=device, capacity_gib=capacity_gib,
-                      wait_for_lock=wait_for_lock, slow_step=slow_step or None, strict=strict)
+                      wait_for_lock=wait_for_lock, slow_step=slow_step or None, strict=strict,
+                      memory_snapshot=memory_snapshot)
     raise typer.Exit(main_guard(run_matrix, matrix, opts))
 
 

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bench.machine import bytecode, envinfo
 from bench.launch import folder_lock
-from bench.worker import slowdown
+from bench.worker import memory_snapshot, slowdown
 from bench import strategies
 from bench.records.caveats import CPU_CAVEAT
 from bench.spec import CellSettings, Matrix, MatrixError, check_time_budget, expand, load_matrix, select
@@ -48,6 +48,7 @@ class RunOptions:
     wait_for_lock: bool = False  # another run writes the results folder: wait for it instead of stopping
     slow_step: float | None = None  # make every timed step this fraction slower on purpose (bench/worker/slowdown.py)
     strict: bool = False  # a cell this machine cannot run refuses the whole matrix (exit 2) instead of a record
+    memory_snapshot: bool = False  # CUDA ranks record the allocator's history over the warm-up (bench/worker/memory_snapshot.py)
 
 
 def visible_gpus() -> int:
@@ -227,6 +228,8 @@ def resume_command(matrix_path: str, opts: RunOptions) -> str:
         args.append("--strict")
     if opts.slow_step:
         args += ["--slow-step", str(opts.slow_step)]
+    if opts.memory_snapshot:
+        args.append("--memory-snapshot")
     if opts.worker_module != WORKER_MODULE:
         args += ["--worker", opts.worker_module]
     return shlex.join(args)
@@ -236,7 +239,7 @@ def make_plans(prep: Prepared, opts: RunOptions) -> list[LaunchPlan | Unrunnable
     """What is left to do, in matrix order: a launch plan for each run, or why its cell cannot run here."""
     from bench.estimate import capacity_for
 
-    extra_env = slowdown.launch_env(opts.slow_step)
+    extra_env = {**slowdown.launch_env(opts.slow_step), **memory_snapshot.launch_env(opts.memory_snapshot)}
 
     def plan(c: CellSettings, r: int) -> LaunchPlan:
         return build_plan(c, prep.results_dir, prep.matrix.limits, r, opts.worker_module, port=free_port(),

@@ -6,7 +6,8 @@ warm up, time, report), ``guard`` (the launch did what the cell asked), ``prepar
 ``qlora`` (building the model), ``data``, ``local_data`` (batches), ``timing`` (when to stop timing),
 ``gc_window`` (the garbage collector kept out of the timed window), ``host_window`` (what the host's
 CPUs did meanwhile), ``transfers`` (host-device traffic
-under offload), ``slowdown`` (a slowdown injected on purpose). It imports only bench.spec,
+under offload), ``slowdown`` (a slowdown injected on purpose), ``memory_snapshot`` (the allocator's history
+over the warm-up, asked for by ``bench run --memory-snapshot``). It imports only bench.spec,
 bench.strategies and bench.records.rank_files: nothing of the parent's machinery.
 
 The front is lazy: ``python -m bench.worker`` and a room's import load only what they need.

@@ -24,7 +24,7 @@ from bench.records.rank_files import RankFiles, classify_exception
 from bench.spec import CellSettings
 from bench.strategies.build import builds_on_meta
 from bench.strategies.precision import policy_for
-from bench.worker import affinity, fast_paths, parallel, slowdown, transfers
+from bench.worker import affinity, fast_paths, memory_snapshot, parallel, slowdown, transfers
 from bench.worker.gc_window import GcWindow
 from bench.worker.host_window import HostWindow
 from bench.worker.guard import cell_strategy, guard_distributed_setup
@@ -264,6 +264,7 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None, pinn
 
     one_step = clock = fast_paths.CompileClock(one_step, cell.train.warmup_steps) if compiled else one_step
 
+    one_step = memory_snapshot.from_env(one_step, cell.train.warmup_steps, device, files.folder, rank)  # --memory-snapshot
     one_step = slowdown.from_env(one_step, cell.train.warmup_steps, device)  # --slow-step only: bench/worker/slowdown.py
     steps, window, timing, collector, host = run_steps(cell, one_step, accelerator, device, files)
     total = len(steps)
@@ -287,6 +288,8 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None, pinn
         report["compile"] = clock.record(compiled, steps)  # compile_s apart from the step times
     report.update(build_memory)
     report.update(training_memory(device, build_memory))
+    if snapshot := memory_snapshot.describe(one_step, cell.train.warmup_steps, device):
+        report["memory_snapshot"] = snapshot  # the allocator's history over the warm-up (bench/worker/memory_snapshot.py)
     if injected := slowdown.describe(one_step):
         report["injected_slowdown"] = injected  # this launch was slowed on purpose
     if traffic is not None:
