@@ -36,18 +36,24 @@ def clock_warning(rows: pd.DataFrame) -> str | None:
             "difference may be the card's clock (power cap or heat, see Card state), not the strategy.")
 
 
-def _ok_with(rows: pd.DataFrame, column: str) -> pd.DataFrame:
-    """The ok rows whose ``column`` is set and truthy (absent in records from before it)."""
+def _ok_with(rows: pd.DataFrame, column: str, keep=None) -> pd.DataFrame:
+    """The ok rows whose ``column`` is set (absent in records from before it) and truthy, or passes ``keep``."""
     if column not in rows.columns:
         return rows.iloc[:0]
     values = rows[column]
-    return rows[(rows["status"] == "ok") & values.notna() & values.astype(bool)]
+    chosen = keep(values) if keep else values.astype(bool)
+    return rows[(rows["status"] == "ok") & values.notna() & chosen]
 
 
-def _cells_with(rows: pd.DataFrame, column: str, figure) -> str | None:
-    """'ddp x2 GPU (3), ...': the ok cells whose ``column`` is set, each with ``figure(row)``; None if none."""
-    hit = _ok_with(rows, column)
-    return ", ".join(f"{run_name(r)} ({figure(r)})" for _, r in hit.iterrows()) if len(hit) else None
+def _cells_with(rows: pd.DataFrame, column: str, figure, keep=None, ascending: bool | None = None) -> str | None:
+    """'ddp x2 GPU (3), ...': the ok cells whose ``column`` is set (and passes ``keep``), each with
+    ``figure(row)``, ordered by the column when ``ascending`` is given; None if none."""
+    hit = _ok_with(rows, column, keep)
+    if not len(hit):
+        return None
+    if ascending is not None:
+        hit = hit.sort_values(column, ascending=ascending)
+    return ", ".join(f"{run_name(r)} ({figure(r)})" for _, r in hit.iterrows())
 
 
 def gc_warning(rows: pd.DataFrame) -> str | None:
@@ -79,13 +85,10 @@ def micro_batch_warning(rows: pd.DataFrame) -> str | None:
 def host_bound_note(rows: pd.DataFrame) -> str | None:
     """GPU cells whose cards idled a good part of the timed window: their step time follows the host (Python,
     kernel launches, the CPU's speed and neighbours), which moves between launches more than inside one."""
-    if "util_mean_pct" not in rows.columns:
+    cells = _cells_with(rows, "util_mean_pct", lambda r: f"{r['util_mean_pct']:.0f} %",
+                        keep=lambda busy: busy < HOST_BOUND_BUSY_PCT, ascending=True)
+    if cells is None:
         return None
-    ok = rows[(rows["status"] == "ok") & (rows["device"] == "cuda") & rows["util_mean_pct"].notna()]
-    idle = ok[ok["util_mean_pct"] < HOST_BOUND_BUSY_PCT].sort_values("util_mean_pct")
-    if not len(idle):
-        return None
-    cells = ", ".join(f"{run_name(r)} ({r['util_mean_pct']:.0f} %)" for _, r in idle.iterrows())
     return (f"Note: the cards of {cells} were busy less than {HOST_BOUND_BUSY_PCT:.0f} % of the timed window (NVML "
             "utilisation): those steps wait on the host, so their time varies between launches more than one "
             "launch's interval shows, and a higher SM clock there comes from idling under the power cap, not a "
@@ -94,13 +97,10 @@ def host_bound_note(rows: pd.DataFrame) -> str | None:
 
 def steal_warning(rows: pd.DataFrame) -> str | None:
     """Cells timed while the hypervisor took CPU time from the host: their host-side work ran slower."""
-    if "steal_share" not in rows.columns:
+    cells = _cells_with(rows, "steal_share", lambda r: f"{r['steal_share']:.0%}",
+                        keep=lambda stolen: stolen > STEAL_TOLERANCE)
+    if cells is None:
         return None
-    ok = rows[(rows["status"] == "ok") & rows["steal_share"].notna()]
-    hit = ok[ok["steal_share"] > STEAL_TOLERANCE]
-    if not len(hit):
-        return None
-    cells = ", ".join(f"{run_name(r)} ({r['steal_share']:.0%})" for _, r in hit.iterrows())
     return (f"Warning: while {cells} were timed, the host's hypervisor gave more than {STEAL_TOLERANCE:.0%} of its "
             "CPU time to other guests (steal): their host-side work, and so steps that wait on the host, ran slower.")
 
