@@ -26,7 +26,7 @@ spec.loader.exec_module(msp)
 def test_a_snapshot_of_the_warm_up_is_written_and_read_back(tmp_path):
     matrix = write_matrix(tmp_path, "snap", model="llama-3.2-1b", device="cuda", strategy="fsdp_full_shard", gpus=1,
                           train={"seq_len": 512, "micro_batch": 2, "warmup_steps": 3, "steps": 2,
-                                 "timing": {"max_steps": 20}})
+                                 "timing": {"max_steps": 20, "max_timed_s": 20}})
     bench("run", str(matrix), "--results", str(tmp_path / "r"), "--memory-snapshot", check=True)
     record = json.loads((tmp_path / "r" / "runs.jsonl").read_text().splitlines()[0])
     assert record["status"] == "ok", record["error"]
