@@ -10,7 +10,10 @@ tokens per second, the median over a cell's ok launches (bench.report.repeats.ag
 
 Printed: per cell, both figures, b / a - 1, the launches and the fewest timed steps of any ok launch on each
 side, how busy its cards were on each side (NVML utilisation over the timed window, median over launches: below
-~90 % the steps wait on the host, and those cells move most between runs), and the card; then the bar: at least ``--share`` of the cells ok on both sides agree within
+~90 % the steps wait on the host, and those cells move most between runs), where a difference sits (b / a - 1 of
+the forward+backward and of the optimizer part of a step: the card's pace against the host's, for a step whose
+optimizer is hundreds of small launches), how fast each side's host CPU ran (bench/worker/cpu_probe.py; records
+from before it: -), and the card; then the bar: at least ``--share`` of the cells ok on both sides agree within
 ``--tolerance``, and every ok launch timed at least ``--min-steps`` steps; then each run's wall time (first
 launch's start to last launch's end, and the sum of the launches' own wall times, start-up included) and its
 cards. Cells of one side only, or not ok on both, are listed and left out of the share.
@@ -37,7 +40,8 @@ def load(folder: Path) -> tuple[pd.DataFrame, list]:
     records = latest_runs(load_records(folder))
     if not records:
         raise SystemExit(f"error: no records in {folder}. Fix: give a results folder holding a runs.jsonl")
-    return aggregate_repeats(frame(records)), records
+    cells = aggregate_repeats(frame(records))
+    return cells.merge(phase_medians(records), on="cell_id", how="left"), records
 
 
 def wall_time(records: list) -> tuple[float, float]:
@@ -49,14 +53,34 @@ def wall_time(records: list) -> tuple[float, float]:
     return span, sum(r.wall_s for r in timed)
 
 
+def phase_medians(records: list) -> pd.DataFrame:
+    """Per cell: the median over its ok launches of the slowest rank's median forward+backward and optimizer
+    seconds per timed step (bench/worker/train.py's two parts of a step): where two runs of a cell differ."""
+    rows = []
+    for r in records:
+        if r.status != "ok":
+            continue
+        timed = [[s for s in rank.get("steps", []) if s.get("phase") == "timed" and "optim_s" in s] for rank in r.ranks]
+        if not all(timed):
+            continue
+        rows.append({"cell_id": r.cell_id,
+                     **{part: max(pd.Series([s[part] for s in steps]).median() for steps in timed)
+                        for part in ("fwd_bwd_s", "optim_s")}})
+    columns = ["cell_id", "fwd_bwd_s", "optim_s"]
+    return pd.DataFrame(rows, columns=columns).groupby("cell_id", as_index=False).median()
+
+
 def compare(a: pd.DataFrame, b: pd.DataFrame, tolerance: float) -> pd.DataFrame:
-    cols = ["cell_id", "label", "status", "machine", FIGURE, "repeats_ok", "timed_steps", "util_mean_pct"]
+    cols = ["cell_id", "label", "status", "machine", FIGURE, "repeats_ok", "timed_steps", "util_mean_pct",
+            "cpu_probe_ms", "fwd_bwd_s", "optim_s"]
     a, b = (side.reindex(columns=list(dict.fromkeys([*side.columns, *cols]))) for side in (a, b))
     both = a[cols].merge(b[cols], on="cell_id", how="outer", suffixes=("_a", "_b"))
     both["label"] = both["label_a"].fillna(both["label_b"])
     ok = (both["status_a"] == "ok") & (both["status_b"] == "ok")
     both["change"] = (both[f"{FIGURE}_b"] / both[f"{FIGURE}_a"] - 1).where(ok)
     both["agrees"] = (both["change"].abs() <= tolerance).where(ok)
+    for part in ("fwd_bwd_s", "optim_s"):
+        both[f"{part}_change"] = (both[f"{part}_b"] / both[f"{part}_a"] - 1).where(ok)
     return both
 
 
@@ -67,19 +91,21 @@ def _figure(row: pd.Series, side: str) -> str:
     return str(status) if pd.notna(status) else "absent"
 
 
-def _pair(row: pd.Series, column: str) -> str:
-    return "/".join(str(round(row[f"{column}_{s}"])) if pd.notna(row[f"{column}_{s}"]) else "-" for s in "ab")
+def _pair(row: pd.Series, column: str, digits: int = 0) -> str:
+    return "/".join(f"{row[f'{column}_{s}']:.{digits}f}" if pd.notna(row[f"{column}_{s}"]) else "-" for s in "ab")
 
 
 def render(both: pd.DataFrame, args: argparse.Namespace, walls: dict[str, tuple[float, float]],
            cards: dict[str, str]) -> tuple[str, bool]:
-    lines = ["| cell | a tok/s | b tok/s | b / a - 1 | launches a/b | fewest timed steps a/b | card busy % a/b | card |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| cell | a tok/s | b tok/s | b / a - 1 | fwd+bwd b / a - 1 | optimizer b / a - 1 | launches a/b | "
+             "fewest timed steps a/b | card busy % a/b | host CPU probe ms a/b | card |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for _, r in both.iterrows():
-        change = f"{r['change']:+.1%}" if pd.notna(r["change"]) else ""
-        lines.append(f"| {r['label']} | {_figure(r, 'a')} | {_figure(r, 'b')} | {change} | "
+        change, fwd_bwd, optim = (f"{r[c]:+.1%}" if pd.notna(r[c]) else "" for c in
+                                  ("change", "fwd_bwd_s_change", "optim_s_change"))
+        lines.append(f"| {r['label']} | {_figure(r, 'a')} | {_figure(r, 'b')} | {change} | {fwd_bwd} | {optim} | "
                      f"{_pair(r, 'repeats_ok')} | {_pair(r, 'timed_steps')} | {_pair(r, 'util_mean_pct')} | "
-                     f"{r['machine_a'] if pd.notna(r['machine_a']) else r['machine_b']} |")
+                     f"{_pair(r, 'cpu_probe_ms', 2)} | {r['machine_a'] if pd.notna(r['machine_a']) else r['machine_b']} |")
     judged = both[both["agrees"].notna()]
     agree = int(judged["agrees"].sum())
     share = agree / len(judged) if len(judged) else 0.0

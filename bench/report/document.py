@@ -239,7 +239,10 @@ def card_state_section(df: pd.DataFrame) -> Section | None:
         "time a kernel ran; mean over the cell's GPUs), below "
         f"{cautions.HOST_BOUND_BUSY_PCT:.0f} % noted: the steps wait on the host. Host CPU busy / stolen: the "
         "share of the host's CPU time (all CPUs, /proc/stat) not idle, and given by the hypervisor to other guests, "
-        "over the timed window (the busiest node; records from before it say n/a)."])
+        "over the timed window (the busiest node; records from before it say n/a). Host CPU probe: a fixed piece "
+        "of Python work timed on each rank's thread just before and after the window (mean of the two, the "
+        "slowest rank; lower is a faster CPU): it compares hosts, so a cell that waits on the host and ran slower "
+        "in one launch can be told apart from a slower CPU."])
     for i, (_m, _k, title, group) in enumerate(tables.setting_groups(df), 1):
         section.items.append(Table(f"card_state_{i}", title, tables.card_state_table(group), tables.warnings_for(group)))
     return section

@@ -187,14 +187,21 @@ def _positive(value) -> bool:
 
 def host_figures(record: RunRecord) -> dict:
     """The host over the timed window (bench/worker/host_window.py; absent in records from before it): the
-    share of its CPU time stolen by the hypervisor and busy, the worst rank's node."""
-    hosts = [r["host"] for r in record.ranks if isinstance(r.get("host"), dict)]
+    share of its CPU time stolen by the hypervisor and busy, and the CPU probe's time (bench/worker/cpu_probe.py,
+    the mean of before and after the window), the worst rank's."""
+    hosts = [{**r["host"], "cpu_probe_ms": _mean_probe(r["host"])} for r in record.ranks
+             if isinstance(r.get("host"), dict)]
     out = {}
-    for key in ("steal_share", "host_busy_share"):
+    for key in ("steal_share", "host_busy_share", "cpu_probe_ms"):
         values = [h[key] for h in hosts if isinstance(h.get(key), (int, float))]
         if values:
             out[key] = float(max(values))
     return out
+
+
+def _mean_probe(host: dict) -> float | None:
+    probes = [host.get(k) for k in ("cpu_probe_ms_before", "cpu_probe_ms_after")]
+    return sum(probes) / 2 if all(isinstance(v, (int, float)) for v in probes) else None
 
 
 def _window_figures(record: RunRecord) -> dict:

@@ -367,6 +367,8 @@ def card_state_table(group: pd.DataFrame) -> pd.DataFrame:
             "card busy % (NVML util)": f"{row['util_mean_pct']:.0f}" if measured and is_num(row.get("util_mean_pct"))
             else missing,
             "host CPU busy / stolen %": host_text(row) if row["status"] == "ok" else row["status"],
+            "host CPU probe ms": (f"{row['cpu_probe_ms']:.2f}" if is_num(row.get("cpu_probe_ms")) else "n/a (older record)")
+            if row["status"] == "ok" else row["status"],
         })
     return pd.DataFrame(rows)
 

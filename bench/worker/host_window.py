@@ -13,7 +13,10 @@ end of the last:
   waiting for the GPU can spin, so it says the thread was not descheduled, not that it worked;
 - ``involuntary_switches`` / ``voluntary_switches``: times the scheduler took this process's CPU away / the
   process gave it up (waits);
-- ``allowed_cpus``: how many CPUs the rank may run on (``cpu_affinity: cores`` narrows them).
+- ``allowed_cpus``: how many CPUs the rank may run on (``cpu_affinity: cores`` narrows them);
+- ``cpu_probe_ms_before`` / ``cpu_probe_ms_after``: a fixed piece of Python work timed on the rank's thread just
+  before the window (ahead of the ranks' barrier) and just after it (bench/worker/cpu_probe.py): how fast the
+  host's CPU ran, comparable between launches and machines.
 Reading /proc/stat and getrusage twice costs microseconds: nothing inside the steps.
 """
 
@@ -23,6 +26,8 @@ import os
 import resource
 import time
 from pathlib import Path
+
+from bench.worker.cpu_probe import probe_ms
 
 _STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
@@ -55,11 +60,17 @@ def host_shares(before: dict[str, int] | None, after: dict[str, int] | None) -> 
 
 
 class HostWindow:
-    """``open()`` when the first timed step starts, ``close()`` after the last; ``record()`` for the rank report."""
+    """``probe()`` before the ranks' barrier ahead of the first timed step, ``open()`` when that step starts,
+    ``close()`` after the last; ``record()`` for the rank report."""
 
     def __init__(self) -> None:
         self._start: tuple[float, dict | None, resource.struct_rusage] | None = None
         self._record: dict | None = None
+        self._probe_before: float | None = None
+
+    def probe(self) -> None:
+        """Time the CPU probe now: outside the window, where the ranks' barrier that follows absorbs it."""
+        self._probe_before = probe_ms()
 
     def open(self) -> None:
         self._start = (time.perf_counter(), host_cpu_times(), resource.getrusage(resource.RUSAGE_SELF))
@@ -78,6 +89,8 @@ class HostWindow:
             "voluntary_switches": use1.ru_nvcsw - use0.ru_nvcsw,
             "allowed_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "window_s": wall,
+            "cpu_probe_ms_before": self._probe_before,
+            "cpu_probe_ms_after": probe_ms(),  # after the last step: nothing timed waits on it
         }
 
     def record(self) -> dict | None:

@@ -164,6 +164,7 @@ def run_steps(cell: CellSettings, one_step, accelerator, device: torch.device, f
         while reason is None:
             phase = "warmup" if i < cell.train.warmup_steps else "timed"
             if phase == "timed" and window[0] is None:
+                host.probe()  # before the barrier, like the collection below: no rank's timed step waits on it
                 collector.open()  # before the barrier: every rank enters the window collected and frozen
             files.heartbeat(phase, i)  # the runner's hang watchdog reads it: one per step
             accelerator.wait_for_everyone()

@@ -133,14 +133,18 @@ def test_the_hosts_busy_and_stolen_cpu_are_shown_per_cell_and_older_records_say_
 
     records = latest_runs(load_records(REPO / "results" / "llama8b-h200-a"))
     stolen = [r for r in records if r.label.endswith("zero3 x2gpu")]
-    for rank, steal in zip(stolen[0].ranks, (0.02, 0.12)):  # two ranks of one node: the worse one counts
-        rank["host"] = {"steal_share": steal, "host_busy_share": 0.41, "rank_cpu_per_wall": 1.0}
+    for rank, steal, probe in zip(stolen[0].ranks, (0.02, 0.12), (4.0, 5.0)):  # one node: the worse rank counts
+        rank["host"] = {"steal_share": steal, "host_busy_share": 0.41, "rank_cpu_per_wall": 1.0,
+                        "cpu_probe_ms_before": probe, "cpu_probe_ms_after": probe + 1}
     df = build(records)
     row = df[df["label"].str.endswith("zero3 x2gpu")].iloc[0]
     assert row["steal_share"] == pytest.approx(0.12) and row["host_busy_share"] == pytest.approx(0.41)
+    assert row["cpu_probe_ms"] == pytest.approx(5.5)  # the slower rank's mean of before and after
     state = tables.card_state_table(df).set_index("run")
     assert state.loc["zero3 x2 GPU", "host CPU busy / stolen %"] == "41 / 12.0"
+    assert state.loc["zero3 x2 GPU", "host CPU probe ms"] == "5.50"
     assert state.loc["ddp x1 GPU", "host CPU busy / stolen %"] == "n/a (older record)"
+    assert state.loc["ddp x1 GPU", "host CPU probe ms"] == "n/a (older record)"
     warning = cautions.steal_warning(df)
     assert warning and warning.startswith("Warning: while zero3 x2 GPU (12%) were timed") and warning in tables.warnings_for(df)
     assert cautions.steal_warning(df[~df["label"].str.endswith("zero3 x2gpu")]) is None

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from bench.worker.cpu_probe import probe_ms
 from bench.worker.host_window import HostWindow, host_cpu_times, host_shares
 
 
@@ -57,3 +58,15 @@ def test_a_sleeping_step_uses_little_cpu_and_a_spinning_one_a_whole_cpu():
         assert record["host_busy_share"] is None or 0 <= record["host_busy_share"] <= 1
         assert record["steal_share"] is None or 0 <= record["steal_share"] <= 1
     assert HostWindow().record() is None  # never opened: nothing to say
+    assert slept["cpu_probe_ms_before"] is None and slept["cpu_probe_ms_after"] > 0  # probe() was not called
+
+
+def test_the_cpu_probe_is_timed_before_and_after_the_window_and_scales_with_its_work():
+    window = HostWindow()
+    window.probe()
+    window.open()
+    window.close()
+    record = window.record()
+    assert record["cpu_probe_ms_before"] > 0 and record["cpu_probe_ms_after"] > 0
+    # the fastest of several repeats of a fixed work: ten times the work takes several times as long
+    assert probe_ms(rounds=20_000) > 3 * probe_ms(rounds=2_000)

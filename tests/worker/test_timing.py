@@ -384,6 +384,7 @@ def test_a_steady_loop_stops_converged_and_keeps_the_collector_out(tmp_path):
     assert rank["gc_enabled_after"] and rank["frozen_after"] == 0
     host = rank["host"]  # the host's share of the window: sleeping steps use little of a CPU
     assert host["window_s"] > 0 and 0 <= host["rank_cpu_per_wall"] < 1 and host["voluntary_switches"] > 0
+    assert host["cpu_probe_ms_before"] > 0 and host["cpu_probe_ms_after"] > 0  # the CPU probe, either side
 
 
 def test_gc_window_counts_a_collection_made_inside_it():
