@@ -110,10 +110,14 @@ def split_sequences(accelerator, cell: CellSettings, inputs: dict):
                                               no_restore_buffers=set(buffers))
 
 
-def describe(accelerator, cell: CellSettings) -> dict | None:
-    """The degrees the rank ran under, as accelerate's ParallelismConfig holds them (None without one)."""
+def describe(accelerator, cell: CellSettings, strategy) -> dict:
+    """The degrees the rank ran under, for every cell (tp 1 and cp 1 included, so that no reader guesses): as
+    accelerate's ParallelismConfig holds them where it built one (FSDP2, tensor/context parallelism), else the
+    cell's degrees with the data-parallel split the strategy gives its world, and no device mesh."""
     pc = accelerator.parallelism_config
-    if pc is None or (cell.tp == 1 and cell.cp == 1):
-        return None
-    return {"tp": pc.tp_size, "cp": pc.cp_size, "dp_shard": pc.dp_shard_size, "dp_replicate": pc.dp_replicate_size,
-            "mesh": list(pc.active_mesh_dims)}
+    if pc is not None:
+        return {"tp": pc.tp_size, "cp": pc.cp_size, "dp_shard": pc.dp_shard_size,
+                "dp_replicate": pc.dp_replicate_size, "mesh": list(pc.active_mesh_dims)}
+    world = accelerator.num_processes
+    return {"tp": cell.tp, "cp": cell.cp, "dp_shard": strategy.dp_shard(world, cell.gpus),
+            "dp_replicate": strategy.dp_replicate(world, cell.gpus), "mesh": []}
