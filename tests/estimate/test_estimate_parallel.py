@@ -101,3 +101,12 @@ def test_ring_attention_gathers_the_full_sequence_s_keys_and_values():
     strategy = for_cell(c)
     buffers = backward_buffers(c, rank_shape(shape, strategy), strategy, model_states(c, shape, strategy), CALIBRATION)
     assert buffers["cp_ring_attention"] == 67_108_864 and predict(c).reserved_model == "additive"
+
+
+def test_the_bytes_per_parameter_line_shows_the_tensor_split():
+    """tp2 alone showed "16" B/param per rank, as if every rank held the whole model's states."""
+    alone = predict(cell(strategy="tp", tp=2, gpus=2)).bytes_per_param
+    assert alone["per_rank"] == "16/tp2" and alone["tensor_split"] == 2
+    both = predict(cell(tp=2)).bytes_per_param  # fsdp2 + tp 2 on 4 GPUs: dp_shard 2, tensor 2
+    assert both["per_rank"] == "16/2/tp2" and both["ranks"] == 2
+    assert "tensor_split" not in predict(cell()).bytes_per_param and predict(cell()).bytes_per_param["per_rank"] == "16/4"
