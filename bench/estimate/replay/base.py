@@ -30,8 +30,10 @@ Sizes come from the estimator's own terms (bench/estimate/activations.py, bench/
 are the frameworks' defaults and the generated configs' settings (bucket sizes, prefetch and live-parameter
 limits). Tensors of a few MiB (norm statistics, scalars) are left out: they fit into cached blocks. The ranks
 that differ (ZeRO-1/2 partitions, FSDP1 shards) are each replayed and the highest taken, as the records keep
-the max over ranks. Not covered (None: the estimator's additive model applies): adapters, offload (but
-ZeRO-1/2's optimizer offload and FSDP2's CPU offload), users' own configs, CPU.
+the max over ranks. FSDP2 with context parallelism is replayed at the rank's share of the sequence, its states
+over dp_shard x cp, with ring attention's transients in each layer's attention (tensors.py). Not covered (None:
+the estimator's additive model applies): adapters, offload (but ZeRO-1/2's optimizer offload and FSDP2's CPU
+offload), tensor parallelism, users' own configs, CPU.
 """
 
 from __future__ import annotations
