@@ -35,6 +35,7 @@ from bench.estimate.parallel import rank_seq_len, rank_shape, shard_ranks
 from bench.estimate.prediction import (CALIBRATION, COMPONENTS, ESTIMATOR_VERSION, GIB, Calibration, Prediction, margins_for,
                                        with_capacity)
 from bench.estimate.replay import offload_copy_in_pool, replay
+from bench.estimate.replay.tensors import ring_attention_backward, ring_attention_forward
 from bench.estimate.states import (NF4_PACKED_BYTES, BytesPerParam, StateBytes, bytes_per_frozen_param,
                                    bytes_per_trainable_param, frozen_states, per_rank_formula, shard_states)
 from bench.estimate.terms import compute_bytes, converts_outputs_to_fp32, describe_strategy, is_half, residual_bytes, sharding_for
@@ -208,6 +209,11 @@ def backward_buffers(cell: CellSettings, shape: ModelShape, strategy: Strategy, 
         # of the weight, which autograd saves (the hidden states need their gradient) until the head's
         # backward, right after the loss's. A frozen weight is not in autocast's cache, so only until then.
         out["autocast_head_copy"] = compute_bytes(cell) * shape.vocab * shape.hidden
+    if strategy.cp > 1 and moment == "layers":  # context parallelism's ring attention in one layer's recompute or
+        # backward (the larger): full-length K/V gathered, fp32 merges and accumulators (replay/tensors.py)
+        tokens = rank_seq_len(cell, strategy) * cell.train.micro_batch
+        out["cp_ring_attention"] = max(sum(b for _, b in ring(shape, tokens, strategy.cp, compute_bytes(cell)))
+                                       for ring in (ring_attention_forward, ring_attention_backward))
     if strategy.uses_ddp(cell.gpus):
         # gradient_as_bucket_view=False (the default): the buckets are a second copy of the gradients,
         # allocated when the Reducer is built.

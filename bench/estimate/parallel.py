@@ -10,7 +10,11 @@
   accelerate's FSDP2 the flattened dp_shard x cp mesh, so context ranks shard states too; without sharding
   (tensor parallelism alone) nothing more.
 - Context parallelism (degree c) gives each rank s/c tokens of every sequence (``rank_seq_len``): every
-  activation term scales with the tokens (SDPA's flash/efficient kernels save no s x s scores).
+  activation term scales with the tokens (SDPA's flash/efficient kernels save no s x s scores), the logits and
+  the loss too (the inputs and labels are split before the model). Ring attention adds per layer only
+  transients (the full sequence's K/V gathered, fp32 merges: bench/estimate/replay/tensors.py). Under FSDP2 at tp 1
+  the allocations are replayed (bench/estimate/replay/): a cp rank reserves what a plain FSDP2 rank of the same
+  tokens and shards reserves, gigabytes of free blocks that a constant slack misses.
 
 Per rank, full fine-tune, Adam in fp32, FSDP2 + tp t + cp c over W ranks (dp_shard d = W/(t c)):
 weights + grads + optimizer = 16 B x [layers x linear/t + norms + (embedding + head)/t] / (d c).

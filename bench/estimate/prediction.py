@@ -19,7 +19,7 @@ PREDICTION_VERSION = 1  # the stored form's schema
 # The estimator's own version: bump it with every change that can move a prediction. A predicted_oom record
 # made by another version is re-evaluated on resume (bench/launch/campaign.py), reports show the version that made
 # each stored prediction, and the margins file must be regenerated (bench estimate-margins).
-ESTIMATOR_VERSION = 5
+ESTIMATOR_VERSION = 6
 # 3: ZeRO-3's replay keeps each sub-group's fp32 copy until the next is made, gathers on the all-gather stream
 #    (one-parameter gathers without a flat buffer); FSDP1 parameter offload reserves its initialisation's blocks
 #    (bench/estimate/offload_blocks.py) and keeps the offloaded shard copy only for an uncast root.
@@ -30,6 +30,10 @@ ESTIMATOR_VERSION = 5
 #    each shard copied and cast on the copy-in stream, the all-gather output kept to the next copy-out in the
 #    forward; the reduce-scatter stream's output and fp32 upcast dropped once copied to the host), and the
 #    additive model's build blocks and copy-in pool for adapters: bench/estimate/replay/fsdp2.py.
+# 6: FSDP2 with context parallelism (tp 1) replayed like FSDP2 (its reserved peak is the allocator's free blocks,
+#    not a 7 % slack: Llama-3.2-1B, cp 2, seq 4096 on 2x H200 measured 16.09 GiB reserved at 12.07 allocated), each
+#    rank with seq / cp tokens, states over dp_shard x cp, and ring attention's transients per layer (full-length
+#    K/V gathered, fp32 merges and gradient accumulators: bench/estimate/replay/tensors.py).
 COMPONENTS = ("params", "grads", "optimizer", "master_weights", "activations", "adapter", "overhead")
 
 

@@ -19,6 +19,8 @@ What the stack does, as read from its source (accelerate 1.15, transformers 5.24
 - FSDP2 with tensor parallelism: accelerate's preparation imports ``ReplicateParallel`` from transformers'
   old tensor-parallel module, gone from transformers 5.24: the combination fails at prepare, so it is refused
   while that holds (``fsdp2_tensor_parallel_importable``); tensor parallelism alone does not take that path.
+- transformers' tensor-parallel entry point changed shape between 5.17 and 5.24; the worker calls the one
+  installed (bench/strategies/tp_api.py), and a transformers with neither makes every tp cell ``unsupported``.
 - LoRA on transformers' tensor-parallel layers: peft sizes the adapters to the local shard, but the adapter
   path of a row-wise layer is never reduced across ranks: on 2 CPU ranks the loss differs from the same
   adapters on the whole model (tests/worker/test_tensor_parallel_cpu.py keeps that evidence).
@@ -34,6 +36,7 @@ from bench.spec import models
 from bench.spec.schema import CellSettings
 from bench.strategies import registry as strategies
 from bench.strategies.strategy import Strategy
+from bench.strategies.tp_api import tensor_parallel_api, unsupported_reason
 
 
 def _parallel(cell: CellSettings) -> bool:
@@ -95,6 +98,8 @@ def degree_problems(cell: CellSettings, strat: Strategy) -> list[str]:
                    "(Accelerator._prepare_tp) imports ReplicateParallel from transformers.integrations.tensor_parallel, "
                    "which this transformers no longer has (ImportError at prepare). Fix: strategy tp (tensor "
                    "parallelism alone), or fsdp2 without tp")
+    if cell.tp > 1 and tensor_parallel_api() is None:
+        out.append(unsupported_reason())
     if strat.tensor_only and cell.cp > 1:
         out.append("strategy tp with cp: context parallelism needs FSDP2 to average gradients over the context "
                    "ranks (accelerate). Fix: use fsdp2 with cp")

@@ -155,3 +155,47 @@ def test_fsdp2_with_tp_is_refused_while_accelerate_imports_what_transformers_dro
     assert not fsdp2_tensor_parallel_importable()
     reasons = cell_problems(cell(tp=2, gpus=4, model="llama-3.1-8b"), None)
     assert any("ReplicateParallel" in r for r in reasons), reasons
+
+
+# transformers' tensor-parallel entry point, in the two shapes bench knows (bench/strategies/tp_api.py)
+TP_524 = "def apply_tensor_parallelism(model: nn.Module, tp_mesh: DeviceMesh, tp_plan: dict[str, str]):\n    pass\n"
+MIXIN_524 = ("class DistributedMixin:\n    @property\n    def tp_plan(self):\n        pass\n"
+             "    def _resolve_parallel_plans(self, distributed_config):\n        pass\n")
+TP_517 = "def apply_tensor_parallelism(model, tp_mesh):\n    pass\n"
+MIXIN_517 = "class DistributedMixin:\n    @property\n    def tp_plan(self):\n        pass\n"
+
+
+@pytest.mark.parametrize(("tp_source", "mixin_source", "api"), [
+    (TP_524, MIXIN_524, "resolved_plan"), (TP_517, MIXIN_517, "model_plan"),
+    (TP_524, MIXIN_517, None),  # a plan argument but no way to resolve one
+    ("def shard_model(model, mesh):\n    pass\n", MIXIN_524, None),  # no entry point
+])
+def test_the_tensor_parallel_entry_point_is_told_by_what_transformers_defines(tp_source, mixin_source, api):
+    from bench.strategies.tp_api import api_of
+
+    assert api_of(tp_source, mixin_source) == api
+
+
+def test_the_installed_transformers_entry_point_is_the_one_detected():
+    """What the worker will call (bench/worker/parallel.py) takes the arguments the detection says."""
+    import inspect
+
+    from transformers.distributed.tensor_parallel import apply_tensor_parallelism
+
+    from bench.strategies.tp_api import MODEL_PLAN, RESOLVED_PLAN, tensor_parallel_api
+
+    params = list(inspect.signature(apply_tensor_parallelism).parameters)
+    assert (tensor_parallel_api(), params[:3]) in ((RESOLVED_PLAN, ["model", "tp_mesh", "tp_plan"]),
+                                                   (MODEL_PLAN, ["model", "tp_mesh"]))
+
+
+def test_a_transformers_without_a_tensor_parallel_entry_point_makes_tp_cells_unsupported(monkeypatch):
+    import importlib.metadata
+
+    from bench.strategies import degrees
+
+    monkeypatch.setattr(degrees, "tensor_parallel_api", lambda: None)
+    reasons = cell_problems(cell(strategy="tp", tp=2), None)
+    version = importlib.metadata.version("transformers")
+    assert any(f"transformers {version} has neither apply_tensor_parallelism" in r and "Fix:" in r for r in reasons)
+    assert cell_problems(cell(cp=2), None) == []  # context parallelism does not use it

@@ -29,7 +29,7 @@ def covers(cell: CellSettings, strategy: Strategy | None) -> bool:
     weights load another way), no offload but ZeRO-1/2's optimizer offload and FSDP2's CPU offload, catalogue
     strategies (a user's config may set anything)."""
     return (strategy is not None and cell.device == "cuda" and cell.adapter.type == "none"
-            and not strategy.uses_parallelism_config  # tensor/context parallel layouts: the additive model
+            and not strategy.splits_layers  # tensor-parallel layouts: the additive model (context parallel: replayed)
             and not is_user_config(cell.strategy) and not has_local_weights(cell.model)
             and (run := run_for(strategy)) is not None and (not strategy.offloads or run.replays_offload(strategy)))
 

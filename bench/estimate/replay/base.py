@@ -30,8 +30,10 @@ Sizes come from the estimator's own terms (bench/estimate/activations.py, bench/
 are the frameworks' defaults and the generated configs' settings (bucket sizes, prefetch and live-parameter
 limits). Tensors of a few MiB (norm statistics, scalars) are left out: they fit into cached blocks. The ranks
 that differ (ZeRO-1/2 partitions, FSDP1 shards) are each replayed and the highest taken, as the records keep
-the max over ranks. Not covered (None: the estimator's additive model applies): adapters, offload (but
-ZeRO-1/2's optimizer offload and FSDP2's CPU offload), users' own configs, CPU.
+the max over ranks. FSDP2 with context parallelism is replayed at the rank's share of the sequence, its states
+over dp_shard x cp, with ring attention's transients in each layer's attention (tensors.py). Not covered (None:
+the estimator's additive model applies): adapters, offload (but ZeRO-1/2's optimizer offload and FSDP2's CPU
+offload), tensor parallelism, users' own configs, CPU.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ from dataclasses import dataclass
 from bench.estimate.activations import liger_chunk_tokens
 from bench.estimate.allocator import CachingAllocator
 from bench.estimate.prediction import CALIBRATION
+from bench.estimate.parallel import rank_seq_len, shard_ranks
 from bench.estimate.replay.tensors import (backward_order, backward_temporaries, layer_activations, layer_params,
-                                          model_params)
+                                          model_params, ring_attention_backward, ring_attention_forward)
 from bench.estimate.states import optimizer_state_bytes
 from bench.estimate.terms import compute_bytes, converts_outputs_to_fp32, residual_bytes
 from bench.spec import CellSettings
@@ -85,8 +88,10 @@ class Run:
     def __init__(self, cell: CellSettings, shape: ModelShape, strategy: Strategy, rank: int = 0, calib=None):
         self.cell, self.shape, self.strategy = cell, shape, strategy
         self.mem = CachingAllocator()
-        self.n, self.rank = cell.gpus, rank
-        self.tokens = cell.train.seq_len * cell.train.micro_batch
+        # the ranks the states are split over (FSDP2 under context parallelism: dp_shard x cp), and the tokens one
+        # rank's forward sees (context parallelism splits every sequence before the model: seq / cp)
+        self.n, self.rank = shard_ranks(cell, strategy), rank
+        self.tokens = rank_seq_len(cell, strategy) * cell.train.micro_batch
         self.c = compute_bytes(cell)
         self.r = residual_bytes(cell, strategy)
         self.out_bytes = 4 if converts_outputs_to_fp32(cell, strategy) else self.c
@@ -96,6 +101,8 @@ class Run:
         self.temp_fraction = (calib or CALIBRATION).backward_temp_fraction
         self.acts = layer_activations(shape, self.tokens, self.c, self.r)
         self.temps = backward_temporaries(self.acts, self.temp_fraction)
+        self.ring_forward = ring_attention_forward(shape, self.tokens, strategy.cp, self.c)
+        self.ring_backward = ring_attention_backward(shape, self.tokens, strategy.cp, self.c)
         self.step_index = 0
 
     # ------------------------------------------------------------ helpers
@@ -110,6 +117,12 @@ class Run:
 
     def free_all(self, prefix: str) -> None:
         self.mem.free_prefix(prefix)
+
+    def transients(self, prefix: str, tensors: list[tuple[str, int]]) -> None:
+        """Tensors made one after the other and all freed together when the op returns."""
+        for name, size in tensors:
+            self.alloc(f"{prefix}:{name}", size)
+        self.free_all(f"{prefix}:")
 
     def replay(self) -> Replay:
         self.mem.phase = "build"
@@ -167,6 +180,7 @@ class Run:
                     self.alloc(f"{kind}:{layer}.{name}", self.c * numel)
             for name, size in self.acts:
                 self.alloc(f"act:{layer}.{name}", size)
+            self.transients("ring", self.ring_forward)  # context parallelism's attention (cp > 1)
             self.alloc(f"hidden:{layer + 1}", self.r * s.hidden * t)
             if self.checkpointing:  # the layer's input is all it keeps
                 self.free_all(f"act:{layer}.")
@@ -247,8 +261,10 @@ class Run:
                         self.alloc(f"autocast:{name}", self.c * numel)
                 for name, size in self.acts:
                     self.alloc(f"act:{layer}.{name}", size)
+                self.transients("ring", self.ring_forward)
             for name, size in self.temps:
                 self.alloc(f"temp:{name}", size)
+            self.transients("ring_b", self.ring_backward)
             for name, numel in backward_order(layer_params(s)):
                 self.use_module(f"{layer}.{name}~b")
                 self.weight_grad(f"layers.{layer}.{name}", numel)

@@ -70,3 +70,35 @@ def backward_temporaries(acts: list[tuple[str, int]], fraction: float) -> list[t
         out.append((f"grad_{name}", size))
         budget -= size
     return out
+
+
+def ring_attention_forward(shape: ModelShape, tokens: int, cp: int, c: int) -> list[tuple[str, int]]:
+    """What torch's context parallelism allocates in one layer's attention forward beyond plain SDPA, and frees
+    when the attention returns (torch 2.11-2.13 _templated_ring_attention; accelerate 1.15's default
+    cp_comm_strategy "allgather"), ``tokens`` being the rank's share (seq / cp x micro-batch):
+    - ``kv_contiguous``: key and value made contiguous (RoPE's output is a transposed view): the local k, v;
+    - ``kv_send``: k and v flattened and concatenated, the all-gather's input;
+    - ``kv_gathered``: the all-gather's output, every rank's k and v: the full sequence's K/V, kept until the
+      last ring step (cp steps over it, each using its chunk);
+    - ``merged_out_fp32`` / ``merge_temp_fp32``: _SDPAMerger (convert_to_f32) merges each step's output in fp32,
+      one more fp32 tensor of the output's size for the step's correction.
+    Nothing here outlives the layer: what the backward needs (q, k, v, out, lse) is saved as for plain SDPA."""
+    if cp == 1:
+        return []
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    return [("kv_contiguous", 2 * c * kv * tokens), ("kv_send", 2 * c * kv * tokens),
+            ("kv_gathered", 2 * c * kv * tokens * cp), ("merged_out_fp32", 4 * q * tokens),
+            ("merge_temp_fp32", 4 * q * tokens)]
+
+
+def ring_attention_backward(shape: ModelShape, tokens: int, cp: int, c: int) -> list[tuple[str, int]]:
+    """What one layer's ring-attention backward allocates and frees (_templated_ring_attention_backward): fp32
+    accumulators of the q, k, v gradients (local), the K/V all-gathered again at full length (the forward kept
+    only the local ones), its send buffer, one step's q/k/v gradients from the SDPA backward, and the fp32 k/v
+    gradients concatenated to be passed on (all_to_all), with the receive buffer."""
+    if cp == 1:
+        return []
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    return [("grad_acc_fp32", 4 * (q + 2 * kv) * tokens), ("kv_send", 2 * c * kv * tokens),
+            ("kv_gathered", 2 * c * kv * tokens * cp), ("step_grads", c * (q + 2 * kv) * tokens),
+            ("grad_kv_send_fp32", 4 * 2 * kv * tokens), ("grad_kv_recv_fp32", 4 * 2 * kv * tokens)]
