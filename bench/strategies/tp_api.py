@@ -11,7 +11,8 @@ Two shapes are known (transformers.distributed.tensor_parallel and transformers.
   module's own parameters; its config names the embedding only for a tied head (``tie_word_embeddings``), so
   bench adds the same rule for an untied one (bench/worker/parallel.py): one layout on both.
 
-Read with ``ast`` from the installed files, so that planning a matrix imports neither torch nor transformers.
+Read with ``ast`` from the installed files, so that planning a matrix imports no torch and none of transformers'
+modules but its lazy package front (which finding the files imports).
 """
 
 from __future__ import annotations
