@@ -33,7 +33,11 @@ ESTIMATOR_VERSION = 6
 # 6: FSDP2 with context parallelism (tp 1) replayed like FSDP2 (its reserved peak is the allocator's free blocks,
 #    not a 7 % slack: Llama-3.2-1B, cp 2, seq 4096 on 2x H200 measured 16.09 GiB reserved at 12.07 allocated), each
 #    rank with seq / cp tokens, states over dp_shard x cp, and ring attention's transients per layer (full-length
-#    K/V gathered, fp32 merges and gradient accumulators: bench/estimate/replay/tensors.py).
+#    K/V gathered, fp32 merges and gradient accumulators: bench/estimate/replay/tensors.py). And a checkpointed
+#    layer's forward keeps at most three of its tensors live at once, all freed before its output is made
+#    (Run.unsaved_forward), where it made the layer's whole set first: from the real allocator's history of the
+#    1B FSDP1 x2 cell (results/llama-full-h200-snap/snapshot-vs-replay.md), whose reserved peak was over-predicted
+#    by 15-16 % (52.09 GiB against 44.81; now 43.88).
 COMPONENTS = ("params", "grads", "optimizer", "master_weights", "activations", "adapter", "overhead")
 
 

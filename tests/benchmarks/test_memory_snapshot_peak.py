@@ -17,10 +17,11 @@ spec.loader.exec_module(msp)
 MIB = 2**20
 
 
-def seg(stream, total, live):
-    return {"device": 0, "stream": stream, "total_size": total * MIB,
+def seg(stream, total, live, pending=0, device=0):
+    return {"device": device, "stream": stream, "total_size": total * MIB,
             "blocks": [{"size": live * MIB, "state": "active_allocated"},
-                       {"size": (total - live) * MIB, "state": "inactive"}]}
+                       {"size": pending * MIB, "state": "active_pending_free"},
+                       {"size": (total - live - pending) * MIB, "state": "inactive"}]}
 
 
 def ev(action, size, stream=0):
@@ -28,28 +29,38 @@ def ev(action, size, stream=0):
 
 
 # Before recording: one 20 MiB segment on stream 0 with 10 MiB allocated. Then: a 100 MiB segment and an
-# 80 MiB tensor in it; a 40 MiB segment on side stream 7 with a 30 MiB tensor (the peak: 160 MiB reserved);
-# both tensors freed, the side segment released; a 5 MiB tensor into cached memory at the end.
+# 80 MiB tensor in it; a 40 MiB segment on side stream 7 (the peak: 160 MiB reserved); the 80 MiB tensor freed
+# while another stream still uses it (record_stream: out of allocated_bytes at once, reusable at its
+# free_completed) and a 30 MiB tensor on stream 7; both freed, the side segment released; a 5 MiB tensor into
+# cached memory at the end, and a 4 MiB one freed the same way as the 80 MiB one, still pending at the end.
+EVENTS = [
+    ev("segment_alloc", 100), ev("alloc", 80), ev("segment_alloc", 40, 7),
+    ev("free_requested", 80), ev("alloc", 30, 7), ev("free_completed", 80),
+    ev("free_requested", 30, 7), ev("free_completed", 30, 7), ev("segment_free", 40, 7),
+    ev("alloc", 5), ev("alloc", 4), ev("free_requested", 4),
+]
 SNAPSHOT = {
-    "segments": [seg(0, 20, 10), seg(0, 100, 5)],
-    "device_traces": [[
-        ev("segment_alloc", 100), ev("alloc", 80),
-        ev("segment_alloc", 40, 7), ev("alloc", 30, 7),
-        ev("free_requested", 80), ev("free_completed", 80),
-        ev("free_requested", 30, 7), ev("free_completed", 30, 7), ev("segment_free", 40, 7),
-        ev("alloc", 5),
-    ]],
+    "segments": [seg(0, 20, 10), seg(0, 100, 5, pending=4)],
+    "device_traces": [EVENTS],
 }
 
 
 def test_the_peak_and_each_streams_share_of_it_are_rebuilt_from_the_events():
     peak = msp.at_peak(SNAPSHOT)
-    assert peak["reserved"] == 160 * MIB and peak["allocated"] == 90 * MIB  # the side tensor comes after
+    assert peak["reserved"] == 160 * MIB and peak["allocated"] == 90 * MIB
+    assert peak["peak_allocated"] == 90 * MIB  # torch's allocated_bytes: not 120, the 80 MiB left at its request
     assert peak["event"] == {"index": 2, "action": "segment_alloc", "size": 40 * MIB, "stream": 7}
     assert peak["streams"][0] == {"reserved": 120 * MIB, "allocated": 90 * MIB, "free": 30 * MIB}
     assert peak["streams"][7]["reserved"] == 40 * MIB and peak["streams"][7]["allocated"] == 0  # not yet used
     text = msp.render(peak)
     assert "reserved peak 0.16 GiB" in text and "| 7 | 0.04 | 0.00 | 0.04 |" in text
+
+
+def test_a_ranks_own_device_is_read_by_default():
+    rank1 = {"segments": [seg(0, 20, 10, device=1), seg(0, 100, 5, pending=4, device=1)],
+             "device_traces": [[], EVENTS]}
+    assert msp.at_peak(rank1)["device"] == 1 and msp.at_peak(rank1) == {**msp.at_peak(SNAPSHOT), "device": 1}
+    assert msp.at_peak(rank1, device=0)["events"] == 0
 
 
 def test_the_command_reads_a_pickle_and_refuses_anything_else(tmp_path, capsys):

@@ -38,3 +38,6 @@ def test_a_snapshot_of_the_warm_up_is_written_and_read_back(tmp_path):
     assert peak["events"] > 100
     assert 0 < peak["allocated"] <= peak["reserved"] <= rank["torch_peak_reserved_bytes"]
     assert peak["reserved"] > rank["peak_reserved_after_prepare_bytes"]  # the steps (optimizer states) needed more
+    # allocated leaves at free_requested, as torch's allocated_bytes: the warm-up's highest is the record's
+    # (results/llama-full-h200-snap: 43096603148 rebuilt vs 43096604672 recorded)
+    assert peak["peak_allocated"] == pytest.approx(rank["torch_peak_allocated_bytes"], rel=0.01)

@@ -54,6 +54,7 @@ from bench.strategies.precision import policy_for
 from bench.strategies import Strategy
 
 COMPUTE = "compute"
+UNSAVED_LIVE = 3  # a checkpointed layer's forward: its tensors live at once (Run.unsaved_forward)
 STEPS = 3  # the first step creates the optimizer states; the next two see where they landed
 
 
@@ -178,12 +179,13 @@ class Run:
                 kind = "autocast" if self.checkpointing else "saved_copy"
                 for name, numel in layer_params(s)[:7]:
                     self.alloc(f"{kind}:{layer}.{name}", self.c * numel)
-            for name, size in self.acts:
-                self.alloc(f"act:{layer}.{name}", size)
+            if self.checkpointing:  # the layer's input is all it keeps
+                self.unsaved_forward(layer)
+            else:
+                for name, size in self.acts:
+                    self.alloc(f"act:{layer}.{name}", size)
             self.transients("ring", self.ring_forward)  # context parallelism's attention (cp > 1)
             self.alloc(f"hidden:{layer + 1}", self.r * s.hidden * t)
-            if self.checkpointing:  # the layer's input is all it keeps
-                self.free_all(f"act:{layer}.")
             self.reshard_after_forward(f"layer{layer}")
         # final norm and the LM head's input (estimate.activations' head_in)
         self.alloc("head:norm_fp32", 4 * s.hidden * t)
@@ -210,6 +212,23 @@ class Run:
         else:
             self.mem.rename("logits", "output_logits")
         self.reshard_after_forward("root")
+
+    def unsaved_forward(self, layer: int) -> None:
+        """A checkpointed layer's forward saves nothing for backward (torch.utils.checkpoint): each of its
+        tensors is freed once the next ops have read it, so only a few are live at a time, not the layer's
+        whole set (that is the recompute's, in backward): three at most, an op's two inputs and its output
+        (the MLP's SiLU(gate) and up before their product: 768 MiB on Llama-3.2-1B at 16k tokens, as in
+        results/llama-full-h200-snap's memory snapshot), all gone before the residual sum, the layer's output,
+        is allocated. Why it matters: the kept outputs then pack together; when they were made amid the whole
+        set, the next step's spilled into the loss's freed 8 GiB segments, and the backward's fp32 logits
+        gradient needed a new one (snapshot-vs-replay.md there)."""
+        live: list[str] = []
+        for name, size in self.acts:
+            if len(live) == UNSAVED_LIVE:
+                self.free(live.pop(0))
+            live.append(f"act:{layer}.{name}")
+            self.alloc(live[-1], size)
+        self.free_all(f"act:{layer}.")
 
     def fused_loss_forward(self) -> None:
         """Liger's fused linear cross-entropy (liger_kernel/ops/fused_linear_cross_entropy.py): the head
