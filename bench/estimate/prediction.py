@@ -38,6 +38,9 @@ ESTIMATOR_VERSION = 6
 #    (Run.unsaved_forward), where it made the layer's whole set first: from the real allocator's history of the
 #    1B FSDP1 x2 cell (results/llama-full-h200-snap/snapshot-vs-replay.md), whose reserved peak was over-predicted
 #    by 15-16 % (52.09 GiB against 44.81; now 43.88).
+#    And FSDP1's flat gradient (the views' backward) and a tied embedding's gradient sum (out of place) are made on
+#    the unshard stream, where FSDP1 makes its views, not the compute stream (same snapshot: 3 x 501 MiB live
+#    there at the root's post-backward; 43.88 -> 45.21 GiB): Fsdp1Run.post_backward and sum_tied_grads.
 COMPONENTS = ("params", "grads", "optimizer", "master_weights", "activations", "adapter", "overhead")
 
 

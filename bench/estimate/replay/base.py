@@ -320,10 +320,10 @@ class Run:
         autocast's 16-bit copy under DDP)."""
         key = "embed_tokens" if tied or embedding else name
         if embedding and self.mem.live("grad_tied:embed_tokens"):
-            # the tied weight's two gradients meet in autograd's input buffer: summed in place
+            # the tied weight's two gradients meet in autograd's input buffer
             g = 4 if self.autocast_copies else self.c
             self.alloc("grad_new:embed_tokens", g * numel)
-            self.free("grad_new:embed_tokens")
+            self.sum_tied_grads(g * numel)
             self.grad_ready(key, numel, from_buffer=True)
             return
         self.alloc(f"grad_new:{key}", self.c * numel)
@@ -372,6 +372,13 @@ class Run:
 
     def post_backward(self, unit: str) -> None:
         """A unit's gradients are complete (FSDP reduces them)."""
+
+    def sum_tied_grads(self, size: int) -> None:
+        """The embedding's gradient added to the LM head's in autograd's input buffer (``grad_tied:embed_tokens``).
+        Taken as in place here; torch's engine adds out of place (InputBuffer::accumulate: aten::add, not add_,
+        for a tied weight on torch 2.13, leaf or view), which FSDP1's replay writes down from a memory snapshot
+        (fsdp1.py); the other frameworks' records have not been checked for it."""
+        self.free("grad_new:embed_tokens")
 
     def backward_epilogue(self) -> None:
         """After the backward pass (ZeRO reduces its last bucket)."""

@@ -94,13 +94,32 @@ class Fsdp1Run(FsdpRun):
         if self.mem.live(name):
             self.mem.free(name, until=self.event + 1)
 
+    def sum_tied_grads(self, size: int) -> None:
+        """The tied embedding's two gradients are summed out of place (InputBuffer::accumulate: aten::add, not
+        add_) on the stream of the node that consumes them, the embedding's view's backward, which runs where the
+        view was made: the unshard stream (see post_backward). A third root-sized block there at the end of the
+        backward, with the gathered root and, next, its flat gradient (memory snapshot of the 1B x2 cell, step
+        after step: 3 x 501 MiB live, results/llama-full-h200-snap/snapshot-vs-replay.md)."""
+        self.alloc("grad_tied_sum", size, "unshard")
+        self.free("grad_tied:embed_tokens")
+        self.free("grad_new:embed_tokens")
+        self.mem.rename("grad_tied_sum", "grad_tied:embed_tokens")
+
     def post_backward(self, unit: str) -> None:
         """The views' gradients are concatenated into the flat parameter's (SplitWithSizesBackward), then on
         the post-backward stream: reduce-scatter into a new 16-bit shard, upcast to fp32 (the sharded
         gradient, kept until the next forward), the 16-bit shard and the unsharded gradient freed; the unit is
-        resharded. NO_SHARD all-reduces the unsharded gradient in place and upcasts all of it."""
+        resharded. NO_SHARD all-reduces the unsharded gradient in place and upcasts all of it.
+        The flat gradient is made on the unshard stream, not the compute stream: autograd runs a node's backward
+        on the stream its forward op ran on, and FSDP1 makes the views (FlatParamHandle._use_unsharded_views,
+        torch.split then .view) inside handle.unshard(), under _unshard's ``stream(unshard_stream)``
+        (_runtime_utils.py), so the split's backward, the cat, allocates there (the snapshot: a 116 MiB block per
+        layer per step on that stream, a fourth 118 MiB segment). It is freed once reduce-scattered (record_stream
+        on the post-backward stream) and taken reusable at once: the snapshot completes that free within about a
+        layer, and holding it to the rate limiter's next wait (defer_free) piles the gradients up where no gather
+        waits (SHARD_GRAD_OP, NO_SHARD: +10-20 % on results/llama-full-h100x4)."""
         numel = self.unit_numel(unit)
-        self.alloc(f"flat_grad:{unit}", self.c * numel)
+        self.alloc(f"flat_grad:{unit}", self.c * numel, "unshard")
         self.free_all(f"unit_grad:{unit}:")
         first = not self.mem.live(f"grad:{unit}")
         if self.no_shard:
@@ -110,7 +129,7 @@ class Fsdp1Run(FsdpRun):
             self.alloc(f"grad_fp32_new:{unit}", 4 * numel / self.n, "post_backward")
             self.free(f"rs_out:{unit}")
         self.keep_first_sharded_grad(unit, first)
-        self.defer_free(f"flat_grad:{unit}")
+        self.free(f"flat_grad:{unit}")
         if self.no_shard:
             self.defer_free(f"mp_shard:{unit}")
         else:
