@@ -110,14 +110,14 @@ def split_sequences(accelerator, cell: CellSettings, inputs: dict):
                                               no_restore_buffers=set(buffers))
 
 
-def describe(accelerator, cell: CellSettings, strategy) -> dict:
+def describe(accelerator, cell: CellSettings, strategy, world: int) -> dict:
     """The degrees the rank ran under, for every cell (tp 1 and cp 1 included, so that no reader guesses): as
     accelerate's ParallelismConfig holds them where it built one (FSDP2, tensor/context parallelism), else the
-    cell's degrees with the data-parallel split the strategy gives its world, and no device mesh."""
+    cell's degrees with the data-parallel split the strategy gives its ``world`` (torch.distributed's: under
+    DeepSpeed accelerate's num_processes reads 1), and no device mesh."""
     pc = accelerator.parallelism_config
     if pc is not None:
         return {"tp": pc.tp_size, "cp": pc.cp_size, "dp_shard": pc.dp_shard_size,
                 "dp_replicate": pc.dp_replicate_size, "mesh": list(pc.active_mesh_dims)}
-    world = accelerator.num_processes
     return {"tp": cell.tp, "cp": cell.cp, "dp_shard": strategy.dp_shard(world, cell.gpus),
             "dp_replicate": strategy.dp_replicate(world, cell.gpus), "mesh": []}

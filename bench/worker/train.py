@@ -281,7 +281,7 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None, pinn
     report["host"] = host  # CPU stolen / busy on the host and this rank's CPU use over the timed window
     report["startup_breakdown"] = startup  # where the time before the first step went
     report["model_init"] = "meta, materialised per shard" if on_meta else "on device"
-    report["parallel"] = parallel.describe(accelerator, cell, strategy)  # the degrees it ran, tp/cp 1 included
+    report["parallel"] = parallel.describe(accelerator, cell, strategy, world_size)  # the degrees it ran, tp/cp 1 included
     if kernels:
         report["kernels"] = {**kernels, **fast_paths.kernels_in_model(unwrap(model))}
     if compiled:

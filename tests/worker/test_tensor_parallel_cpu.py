@@ -220,17 +220,19 @@ def test_the_ranks_of_a_tensor_or_context_group_read_one_batch(tp, cp, ranks):
     ("fsdp2", 1, 1, {"tp": 1, "cp": 1, "dp_shard": 1, "dp_replicate": 1, "mesh": []}),
     ("ddp", 4, 1, {"tp": 1, "cp": 1, "dp_shard": 1, "dp_replicate": 4, "mesh": []}),
     ("fsdp2", 4, 1, {"tp": 1, "cp": 1, "dp_shard": 4, "dp_replicate": 1, "mesh": []}),
+    ("zero3", 2, 1, {"tp": 1, "cp": 1, "dp_shard": 2, "dp_replicate": 1, "mesh": []}),
 ])
 def test_every_rank_report_says_its_degrees_without_a_parallelism_config(strategy, gpus, cp, want):
     """tp 1 / cp 1 cells record their degrees too (rank report "parallel"): from the cell and its strategy where
-    accelerate built no ParallelismConfig (the accelerator here stands in for a CUDA one: only its two attributes are read)."""
+    accelerate built no ParallelismConfig (the accelerator here stands in for a CUDA one: only its config is read;
+    the world comes from torch.distributed, since under DeepSpeed accelerate's num_processes reads 1, as here)."""
     from types import SimpleNamespace
 
     from bench import strategies
 
     cell = CellSettings(strategy=strategy, gpus=gpus, cp=cp, device="cuda")
-    accelerator = SimpleNamespace(parallelism_config=None, num_processes=gpus)
-    assert parallel.describe(accelerator, cell, strategies.for_cell(cell)) == want
+    accelerator = SimpleNamespace(parallelism_config=None, num_processes=1)
+    assert parallel.describe(accelerator, cell, strategies.for_cell(cell), gpus) == want
 
 
 def test_a_parallelism_config_s_degrees_are_recorded_as_accelerate_holds_them():
@@ -242,5 +244,5 @@ def test_a_parallelism_config_s_degrees_are_recorded_as_accelerate_holds_them():
 
     cell = CellSettings(strategy="fsdp2", gpus=2, cp=2, device="cuda")
     accelerator = SimpleNamespace(parallelism_config=ParallelismConfig(dp_shard_size=1, cp_size=2), num_processes=2)
-    assert parallel.describe(accelerator, cell, strategies.for_cell(cell)) == \
+    assert parallel.describe(accelerator, cell, strategies.for_cell(cell), 2) == \
         {"tp": 1, "cp": 2, "dp_shard": 1, "dp_replicate": 1, "mesh": ["cp"]}
