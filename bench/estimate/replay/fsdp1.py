@@ -13,6 +13,12 @@ class Fsdp1Run(FsdpRun):
     """Ranks differ: each keeps its own slice of every unit's flat parameter."""
 
     ranks_differ = True
+    # The tied embedding's two gradients are summed (out of place) by the node that consumes them, the
+    # embedding's view's backward, which runs where the view was made: the unshard stream (see post_backward).
+    # A third root-sized block there at the end of the backward, with the gathered root and, next, its flat
+    # gradient (memory snapshot of the 1B x2 cell, step after step: 3 x 501 MiB live,
+    # results/llama-full-h200-snap/snapshot-vs-replay.md).
+    TIED_SUM_STREAM = "unshard"
 
     @classmethod
     def handles(cls, strategy: Strategy) -> bool:
@@ -93,17 +99,6 @@ class Fsdp1Run(FsdpRun):
         nothing else waits until the worker synchronises after the backward and after the step."""
         if self.mem.live(name):
             self.mem.free(name, until=self.event + 1)
-
-    def sum_tied_grads(self, size: int) -> None:
-        """The tied embedding's two gradients are summed out of place (InputBuffer::accumulate: aten::add, not
-        add_) on the stream of the node that consumes them, the embedding's view's backward, which runs where the
-        view was made: the unshard stream (see post_backward). A third root-sized block there at the end of the
-        backward, with the gathered root and, next, its flat gradient (memory snapshot of the 1B x2 cell, step
-        after step: 3 x 501 MiB live, results/llama-full-h200-snap/snapshot-vs-replay.md)."""
-        self.alloc("grad_tied_sum", size, "unshard")
-        self.free("grad_tied:embed_tokens")
-        self.free("grad_new:embed_tokens")
-        self.mem.rename("grad_tied_sum", "grad_tied:embed_tokens")
 
     def post_backward(self, unit: str) -> None:
         """The views' gradients are concatenated into the flat parameter's (SplitWithSizesBackward), then on
