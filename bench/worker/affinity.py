@@ -24,6 +24,14 @@ def _cpus(text: str) -> list[int]:
     return sorted(set(out))
 
 
+def core_siblings(cpu: int) -> set[int]:
+    """The CPUs sharing ``cpu``'s physical core, itself included (sysfs); just itself where the host does not say."""
+    try:
+        return set(_cpus(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text()))
+    except (OSError, ValueError):
+        return {cpu}
+
+
 def apply_from_env() -> dict | None:
     """Pin this rank (LOCAL_RANK's entry) and return what was asked; None when the cell did not ask."""
     value = os.environ.get(ENV)

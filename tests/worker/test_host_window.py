@@ -3,12 +3,15 @@ written readings, and real windows over a sleeping and a spinning step on this m
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 
 from bench.worker.cpu_probe import probe_ms
-from bench.worker.host_window import HostWindow, host_cpu_times, host_shares
+from bench.worker.affinity import core_siblings
+from bench.worker.host_window import (HostWindow, busy_share, current_cpu, host_cpu_times, host_shares,
+                                      per_cpu_times)
 
 
 def _stat(tmp_path, line: str):
@@ -70,3 +73,43 @@ def test_the_cpu_probe_is_timed_before_and_after_the_window_and_scales_with_its_
     assert record["cpu_probe_ms_before"] > 0 and record["cpu_probe_ms_after"] > 0
     # the fastest of several repeats of a fixed work: ten times the work takes several times as long
     assert probe_ms(rounds=20_000) > 3 * probe_ms(rounds=2_000)
+
+
+def test_per_cpu_busy_shares_leave_idle_iowait_and_steal_out(tmp_path):
+    path = tmp_path / "stat"
+    path.write_text("cpu  9 9 9 9\ncpu0 10 0 10 80 0 0 0 0\ncpu1 50 0 0 50 0 0 0 0\nintr 5\n")
+    before = per_cpu_times(path)
+    path.write_text("cpu  9 9 9 9\ncpu0 10 0 10 180 0 0 0 0\ncpu1 100 0 0 50 0 0 0 50\nintr 5\n")
+    after = per_cpu_times(path)
+    assert before == {0: (20, 100), 1: (50, 100)}  # the "cpu" total line is not a CPU
+    assert busy_share(before, after, [0]) == 0  # cpu0 idled
+    assert busy_share(before, after, [1]) == pytest.approx(0.5)  # cpu1: 50 busy, 50 stolen
+    assert busy_share(before, after, [0, 1]) == pytest.approx(50 / 200)
+    assert busy_share(before, after, [7]) is None  # no such CPU: nothing to say
+    assert per_cpu_times(tmp_path / "absent") == {}
+
+
+def test_the_cpu_a_thread_ran_on_is_read_past_a_command_name_with_spaces_and_parentheses(tmp_path):
+    path = tmp_path / "stat"
+    fields = [str(i) for i in range(3, 53)]  # fields 3 .. 52; field 39 is the CPU
+    path.write_text("4242 (pt main) (x) " + " ".join(fields) + "\n")
+    assert current_cpu(path) == 39
+    assert current_cpu(tmp_path / "absent") is None
+    here = current_cpu()
+    assert here is None or here in os.sched_getaffinity(0)
+
+
+def test_each_probe_says_where_it_ran_and_how_busy_its_core_was():
+    window = HostWindow()
+    window.probe()
+    window.open()
+    window.close()
+    record = window.record()
+    for key in ("cpu_probe_where_before", "cpu_probe_where_after"):
+        where = record[key]
+        assert all(c is None or c in os.sched_getaffinity(0) for c in where["cpus"])
+        end = where["cpus"][1]
+        assert end not in where["siblings"]  # the core's other hardware threads, not itself
+        assert set(where["siblings"]) == core_siblings(end) - {end}
+        assert (where["siblings_busy_share"] is None) == (not where["siblings"])
+        assert where["host_busy_share"] is None or 0 <= where["host_busy_share"] <= 1
