@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,6 +12,11 @@ from bench.launch.campaign import RunOptions, main_guard, run_matrix
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Benchmark ways of spreading LLM training over GPUs (DDP, DeepSpeed ZeRO, FSDP).")
+
+
+class HtmlImagesChoice(str, Enum):  # bench/report/render.py's HtmlImages, as typer reads a choice
+    embedded = "embedded"
+    linked = "linked"
 
 
 SLOW_STEP_HELP = ("make every timed step this fraction slower on purpose with real device work (e.g. 0.10), "
@@ -60,6 +66,9 @@ def report(
     compare: Annotated[list[str], typer.Option(help="strategy for the head-to-head vs plain 1 GPU (repeatable; default all)")] = [],
     compare_gpus: Annotated[Optional[int], typer.Option(min=2, help="GPU count of the head-to-head (default 2)")] = None,
     trace_cell: Annotated[Optional[str], typer.Option(help="cell id whose NVML trace is plotted (default the first ok GPU cell)")] = None,
+    html_images: Annotated[HtmlImagesChoice, typer.Option(
+        help="embedded: one self-contained index.html; linked: it refers to the PNGs beside it (a third the size; "
+             "how the reports under report/ are committed)")] = HtmlImagesChoice.embedded,
 ):
     """Tables (terminal, markdown, HTML, CSV) and plots from recorded runs."""
     from bench.spec import TokenBudget
@@ -72,7 +81,7 @@ def report(
             typer.echo(f"error: --tokens {e}", err=True)
             return 2
         options = ReportOptions(budget=budget, compare=compare, compare_gpus=compare_gpus, trace_cell=trace_cell,
-                                matrix=matrix)
+                                matrix=matrix, html_images=html_images.value)
         write_report(results, out or Path("report") / "+".join(r.name for r in results), options=options)
         return 0
 

@@ -20,7 +20,7 @@ from bench.report import flops, metrics, plots, verdict
 from bench.report import cautions, fast_paths, nodes, repeats, tables
 from bench.records.caveats import CPU_CAVEAT
 from bench.spec import MatrixError, TokenBudget, load_matrix
-from bench.report.render import Plot, Section, Table, to_html, to_markdown, write_csvs
+from bench.report.render import HtmlImages, Plot, Section, Table, to_html, to_markdown, write_csvs
 from bench.records import MATRIX_COPY, RunRecord, latest_runs, load_records  # noqa: F401 - MATRIX_COPY: a
 # results folder holds the matrix it last ran (bench run copies it); its token_budget is then used
 
@@ -32,6 +32,7 @@ class ReportOptions:
     compare_gpus: int | None = None
     trace_cell: str | None = None
     matrix: Path | None = None  # read token_budget from this matrix file
+    html_images: HtmlImages = "embedded"  # "linked": the HTML refers to the PNGs beside it (bench/report/render.py)
 
 
 DEFINITIONS = [
@@ -381,7 +382,7 @@ def write_report(results_dirs: list[Path], out_dir: Path, console: Console | Non
     write_csvs(sections, out_dir)
     df.drop(columns=["setting_key"]).to_csv(out_dir / "cells.csv", index=False)
     (out_dir / "index.md").write_text(to_markdown(title, intro, sections, out_dir))
-    (out_dir / "index.html").write_text(to_html(title, intro, sections))
+    (out_dir / "index.html").write_text(to_html(title, intro, sections, out_dir, options.html_images))
     for section in (printed[0], *printed[2:]):
         for item in section.items:
             if isinstance(item, Table):

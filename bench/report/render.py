@@ -1,5 +1,9 @@
-"""Writing a report out: markdown (pipe tables, PNGs by relative path), one self-contained HTML file
-(PNGs embedded as data: URIs, so it can be mailed or attached to a CI run), and a CSV per table."""
+"""Writing a report out: markdown (pipe tables, PNGs by relative path), one HTML file, and a CSV per table.
+
+The HTML embeds its PNGs as data: URIs by default, so that the one file can be mailed or attached to a CI run;
+``linked`` refers to them by relative path as the markdown does: a file a third the size that needs its folder.
+The reports committed under report/ are linked: embedded, each plot was in the tree twice (once base64-inflated),
+and the whole tree travels to the GPU machine under a 64 MiB cap."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import base64
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 
@@ -75,13 +80,20 @@ p.warn { color: #8a1c00; background: #fff3e0; border-left: 4px solid #e65100; pa
 """
 
 
-def _img_tag(plot: Plot) -> str:
-    data = base64.b64encode(plot.path.read_bytes()).decode()
+HtmlImages = Literal["embedded", "linked"]
+
+
+def _img_tag(plot: Plot, out_dir: Path, images: HtmlImages) -> str:
+    if images == "linked":
+        src = html.escape(plot.path.relative_to(out_dir).as_posix())
+    else:
+        src = "data:image/png;base64," + base64.b64encode(plot.path.read_bytes()).decode()
     alt = html.escape(plot.caption)
-    return f'<figure><img alt="{alt}" src="data:image/png;base64,{data}"><figcaption>{alt}</figcaption></figure>'
+    return f'<figure><img alt="{alt}" src="{src}"><figcaption>{alt}</figcaption></figure>'
 
 
-def to_html(title: str, intro: list[str], sections: list[Section]) -> str:
+def to_html(title: str, intro: list[str], sections: list[Section], out_dir: Path,
+            images: HtmlImages = "embedded") -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     parts += [f"<p class='note'>{html.escape(text)}</p>" for text in intro]
@@ -94,6 +106,6 @@ def to_html(title: str, intro: list[str], sections: list[Section]) -> str:
                 parts += [f"<p class='warn'>{html.escape(text)}</p>" for text in item.warnings]
                 parts.append(item.frame.to_html(index=False, border=0))
             else:
-                parts.append(_img_tag(item))
+                parts.append(_img_tag(item, out_dir, images))
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -266,3 +266,30 @@ def test_two_runs_of_a_matrix_on_one_machine_are_pooled_as_launches(tmp_path):
     assert zero3["real_tokens_per_s_ci_low"] < 59_891 * 1.001 and zero3["real_tokens_per_s_ci_high"] > 71_497 * 0.999
     alone = report.build([REPO / "results" / "llama-full-h200-b2"])
     assert set(alone["repeats_ok"]) == {1}  # b's retried cell: its crash superseded inside its own folder
+
+
+def test_linked_html_refers_to_the_pngs_beside_it_instead_of_embedding_them(mixed, tmp_path):
+    embedded = report.write_report([mixed], tmp_path / "embedded", options=report.ReportOptions())
+    linked = report.write_report([mixed], tmp_path / "linked", options=report.ReportOptions(html_images="linked"))
+    html = (linked / "index.html").read_text()
+    srcs = re.findall(r'<img[^>]*src="([^"]*)"', html)
+    md_links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (linked / "index.md").read_text())
+    assert srcs == md_links  # the same plots, by the same relative paths as the markdown
+    assert all((linked / s).is_file() for s in srcs) and "base64" not in html
+    assert len(html) < len((embedded / "index.html").read_text()) / 2  # the plots were most of the file
+    assert (linked / "index.md").read_text().replace("linked", "embedded") == \
+        (embedded / "index.md").read_text().replace("linked", "embedded")  # only the HTML differs
+
+
+def test_cli_takes_the_html_images_choice_and_refuses_another(cpu_results, tmp_path):
+    ok = bench("report", str(cpu_results), "--out", str(tmp_path / "rep"), "--html-images", "linked")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "data:image" not in (tmp_path / "rep" / "index.html").read_text()
+    bad = bench("report", str(cpu_results), "--out", str(tmp_path / "rep2"), "--html-images", "inline")
+    assert bad.returncode == 2 and "html-images" in bad.stdout + bad.stderr
+
+
+def test_committed_reports_link_their_plots():
+    """report/ travels with the tree to the GPU machine (64 MiB in all): an embedded plot would be there twice."""
+    embedded = [p.parent.name for p in (REPO / "report").glob("*/index.html") if "data:image" in p.read_text()]
+    assert not embedded, f"render these with `bench report ... --html-images linked`: {embedded}"
