@@ -20,7 +20,7 @@ from functools import partial
 import torch
 
 from bench import strategies
-from bench.spec import CellSettings
+from bench.spec import CellSettings, Train
 from bench.strategies import Strategy
 
 
@@ -31,14 +31,7 @@ class Preparer:
         """Adjust accelerate's plugin to the built model, before the build is timed as done."""
 
     def make_optimizer(self, cell: CellSettings, model, accelerator):
-        params = [p for p in model.parameters() if p.requires_grad]
-        t = cell.train
-        if t.optimizer == "adamw_bnb_8bit":
-            import bitsandbytes as bnb
-
-            return bnb.optim.AdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
-        fused = t.optimizer == "adamw_torch_fused"
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+        return build_optimizer(cell.train, model.parameters())
 
     def prepare(self, cell: CellSettings, model, accelerator, device: torch.device, on_meta: bool = False):
         """(model, optimizer), both prepared by accelerate."""
@@ -146,6 +139,7 @@ class Fsdp2Preparer(Preparer):
         model, optimizer = accelerator.prepare(model, self.make_optimizer(cell, model, accelerator))
         materialise(unwrap(model), device)
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps torch's
+        # one group before and after: the meta model's parameters are all plain, the sharded ones all DTensors
         inner.param_groups[0]["params"] = [p for p in model.parameters() if p.requires_grad]
         return model, optimizer
 
@@ -153,6 +147,39 @@ class Fsdp2Preparer(Preparer):
     def build_peak_bytes(strategy: Strategy, world: int, total_bytes: int, root_bytes: int) -> int:
         """Only each rank's shard is materialised: the model / world."""
         return round(total_bytes / world)
+
+
+def trainable_groups(parameters) -> list[dict]:
+    """The trainable parameters as optimizer parameter groups that never mix DTensors and plain tensors: one
+    group per kind, so a model of one kind keeps its one group.
+
+    Tensor parallelism (transformers' plan, bench/worker/parallel.py) turns the split weights (linears, the
+    embedding and head) into DTensors and leaves the rest (RMSNorm weights) plain. torch's AdamW on CUDA defaults
+    to its foreach kernels, one call over a group's list, and DTensor refuses a list that mixes the two kinds
+    ("got mixed torch.Tensor and DTensor", 2x H200). Forcing foreach=False would also avoid it, but every step
+    would then run a loop of per-parameter ops, each a DTensor dispatch: the slow path torch made foreach to end.
+    """
+    params = [p for p in parameters if p.requires_grad]
+    if not torch.distributed.is_available():  # a torch built without it has no DTensor
+        return [{"params": params}]
+    from torch.distributed.tensor import DTensor
+
+    kinds = [[p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]]
+    return [{"params": kind} for kind in kinds if kind]  # none trainable: torch says its list is empty
+
+
+def build_optimizer(train: Train, parameters, foreach: bool | None = None):
+    """The cell's optimizer over the trainable parameters (trainable_groups), every group with the cell's lr and
+    weight decay. foreach (torch's AdamW only) is left to torch's default unless given: the CPU tests force it,
+    since on CPU torch defaults to the per-parameter loop that accepts mixed lists and so would hide the bug."""
+    groups = trainable_groups(parameters)
+    if train.optimizer == "adamw_bnb_8bit":
+        import bitsandbytes as bnb  # a torch Optimizer: it takes parameter groups as torch's own do
+
+        return bnb.optim.AdamW8bit(groups, lr=train.lr, weight_decay=train.weight_decay)
+    fused = train.optimizer == "adamw_torch_fused"
+    return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, fused=fused or None,
+                             foreach=foreach)
 
 
 # The Strategy's framework (bench/strategies/strategy.py) -> the class that prepares it.

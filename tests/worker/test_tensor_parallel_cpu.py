@@ -17,11 +17,13 @@ import socket
 import pytest
 import torch
 
-from bench.spec import CellSettings, models
+from bench.spec import CellSettings, Train, models
 from bench.worker import parallel
 from bench.worker.data import data_parallel_rank
+from bench.worker.prepare import build_optimizer, trainable_groups
 
 VOCAB = models.ModelShape.of("tiny-llama").vocab
+TRAIN = Train(lr=1e-3, weight_decay=0.01)  # torch AdamW's own default weight decay
 
 
 def _free_port() -> int:
@@ -94,7 +96,8 @@ def _train_worker(rank: int, world: int, port: int, tie: bool, mode: str, out: s
                 _copy_adapters(reference, model, rank)
             report["losses"], report["reference"] = [], []
             for net, key in ((model, "losses"), (reference, "reference")):
-                optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+                # the worker's optimizer, on the foreach kernels that CUDA defaults to (CPU would take the loop)
+                optimizer = build_optimizer(TRAIN, net.parameters(), foreach=True)
                 for _ in range(3 if mode == "train" else 1):
                     loss = net(input_ids=_batch(), labels=_batch()).loss
                     loss.backward()
@@ -102,10 +105,26 @@ def _train_worker(rank: int, world: int, port: int, tie: bool, mode: str, out: s
                     optimizer.step()
                     optimizer.zero_grad()
                     report[key].append(float(loss.detach()))
+            if mode == "train":
+                report["one_group_error"] = _one_group_error(model)
         with open(f"{out}/rank{rank}.json", "w") as f:
             json.dump(report, f)
     finally:
         dist.destroy_process_group()
+
+
+def _one_group_error(model) -> str:
+    """What torch's AdamW on its foreach kernels says of the split model's parameters in one group (the
+    optimizer bench built before issue 22's fix): lr 0 and no weight decay, so that the step, if it ran, would
+    change nothing; its first kernel is then the _foreach_lerp_ that crashed on 2x H200."""
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    try:
+        torch.optim.AdamW(params, lr=0.0, weight_decay=0.0, foreach=True).step()
+        return ""
+    except RuntimeError as e:
+        return str(e)
 
 
 def _copy_adapters(reference, model, rank: int) -> None:
@@ -135,9 +154,13 @@ def test_tensor_parallel_trains_as_the_whole_model(tie, tmp_path):
         assert rep["q_local_rows"] * 2 == rep["q_rows"]  # each rank holds half of q_proj's output rows
         # The head is split by vocabulary; a tied one stays tied to the (split) embedding.
         assert rep["head_split"] and rep["tied"] is tie
-        # Same weights, same data, clipped AdamW: three steps of the split model follow the whole one.
+        # Same weights, same data, clipped AdamW (bench's, on foreach kernels): three steps of the split model
+        # follow the whole one.
         assert rep["losses"] == pytest.approx(rep["reference"], rel=2e-5), rep
         assert rep["losses"][-1] < rep["losses"][0]
+        # ... which the same kernels refuse with every parameter in one group (the GPU crash of issue 22)
+        assert "_foreach_lerp_" in rep["one_group_error"] and "mixed torch.Tensor and DTensor" in \
+            rep["one_group_error"], rep["one_group_error"]
 
 
 @pytest.mark.launch_aside
@@ -246,3 +269,52 @@ def test_a_parallelism_config_s_degrees_are_recorded_as_accelerate_holds_them():
     accelerator = SimpleNamespace(parallelism_config=ParallelismConfig(dp_shard_size=1, cp_size=2), num_processes=2)
     assert parallel.describe(accelerator, cell, strategies.for_cell(cell), 2) == \
         {"tp": 1, "cp": 2, "dp_shard": 1, "dp_replicate": 1, "mesh": ["cp"]}
+
+
+@pytest.fixture
+def one_rank_mesh():
+    """A one-rank gloo group in this process: enough for real DTensors, no process launched."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already up in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,), mesh_dim_names=("tp",))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_optimizer_keeps_the_split_model_s_dtensors_apart_from_its_plain_tensors(one_rank_mesh):
+    """Issue 22: torch's foreach kernels (CUDA's default) refuse one list of both kinds; bench's optimizer gives
+    each kind its own group, with the cell's lr and weight decay, and its foreach step runs. The layer is split
+    by torch's own API (transformers' plan leaves a one-rank mesh whole), to the same kinds: a split linear
+    beside a plain norm."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    model = parallelize_module(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)),
+                               one_rank_mesh["tp"], {"0": ColwiseParallel()})
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    assert [isinstance(p, DTensor) for p in model.parameters()] == [True, True, False, False]
+    with pytest.raises(RuntimeError, match="mixed torch.Tensor and DTensor"):
+        torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0, foreach=True).step()
+    optimizer = build_optimizer(TRAIN, model.parameters(), foreach=True)
+    assert [{isinstance(p, DTensor) for p in g["params"]} for g in optimizer.param_groups] == [{True}, {False}]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    assert {(g["lr"], g["weight_decay"]) for g in optimizer.param_groups} == {(1e-3, 0.01)}
+    optimizer.step()
+
+
+@pytest.mark.parametrize("name", ["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit"])
+def test_a_model_of_plain_tensors_keeps_one_group_of_its_trainable_parameters(name):
+    model = torch.nn.Linear(64, 64)
+    model.bias.requires_grad_(False)
+    (group,) = trainable_groups(model.parameters())
+    assert len(group["params"]) == 1 and group["params"][0] is model.weight
+    optimizer = build_optimizer(Train(optimizer=name, lr=1e-3, weight_decay=0.1), model.parameters())
+    (group,) = optimizer.param_groups
+    assert group["params"][0] is model.weight and (group["lr"], group["weight_decay"]) == (1e-3, 0.1)
+    assert name != "adamw_bnb_8bit" or type(optimizer).__module__.startswith("bitsandbytes")
