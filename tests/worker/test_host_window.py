@@ -64,12 +64,17 @@ def test_a_sleeping_step_uses_little_cpu_and_a_spinning_one_a_whole_cpu():
     assert slept["cpu_probe_ms_before"] is None and slept["cpu_probe_ms_after"] > 0  # probe() was not called
 
 
-def test_the_cpu_probe_is_timed_before_and_after_the_window_and_scales_with_its_work():
+def _probed_window() -> dict:
+    """A window with nothing in it, probed as the worker does: before it (probe) and after it (close)."""
     window = HostWindow()
     window.probe()
     window.open()
     window.close()
-    record = window.record()
+    return window.record()
+
+
+def test_the_cpu_probe_is_timed_before_and_after_the_window_and_scales_with_its_work():
+    record = _probed_window()
     assert record["cpu_probe_ms_before"] > 0 and record["cpu_probe_ms_after"] > 0
     # the fastest of several repeats of a fixed work: ten times the work takes several times as long
     assert probe_ms(rounds=20_000) > 3 * probe_ms(rounds=2_000)
@@ -100,11 +105,7 @@ def test_the_cpu_a_thread_ran_on_is_read_past_a_command_name_with_spaces_and_par
 
 
 def test_each_probe_says_where_it_ran_and_how_busy_its_core_was():
-    window = HostWindow()
-    window.probe()
-    window.open()
-    window.close()
-    record = window.record()
+    record = _probed_window()
     for key in ("cpu_probe_where_before", "cpu_probe_where_after"):
         where = record[key]
         assert all(c is None or c in os.sched_getaffinity(0) for c in where["cpus"])
