@@ -6,7 +6,8 @@
 - torch.compile compiled inside the timed steps (issue 21: compile time belongs to the warm-up);
 - an auto micro-batch cell whose launches chose different micro-batches (bench/report/repeats.py);
 - a GPU cell whose cards were busy less than 90 % of its timed window: its steps wait on the host;
-- a cell whose host gave more than 5 % of its CPU time to other guests (a VM's steal) while it was timed.
+- a cell whose host gave more than 5 % of its CPU time to other guests (a VM's steal) while it was timed;
+- a host-bound cell whose host CPU ran Python at half pace (the CPU probe) where another cell's ran at full.
 Each looks at the ok rows of one table and returns None when there is nothing to say.
 """
 
@@ -22,6 +23,10 @@ CLOCK_TOLERANCE = 0.03  # compared cells whose mean SM clocks differ by more get
 # (2x H200: ZeRO-3 and FSDP LoRA cells of llama8b 70-86 %, the others 93-97 %; results/llama8b-h200-a).
 HOST_BOUND_BUSY_PCT = 90.0
 STEAL_TOLERANCE = 0.05  # a virtual machine's CPU time taken by the hypervisor above this while timed: a warning
+# The host CPU probe (bench/worker/cpu_probe.py) on 2x H200 read either 3.8-4.8 ms or 6.3-10.2 ms, flipping between
+# and inside launches of one machine (results/llama8b-h200-c, -d); the host-bound cells of the slower launches ran
+# 10-22 % slower. A cell whose probe reads more than this times the fastest of the table ran on the slow host.
+SLOW_HOST_RATIO = 1.4
 
 
 def clock_warning(rows: pd.DataFrame) -> str | None:
@@ -105,13 +110,34 @@ def steal_warning(rows: pd.DataFrame) -> str | None:
             "CPU time to other guests (steal): their host-side work, and so steps that wait on the host, ran slower.")
 
 
+def slow_host_warning(rows: pd.DataFrame) -> str | None:
+    """Host-bound cells (cards busy below HOST_BOUND_BUSY_PCT) whose host CPU probe read more than SLOW_HOST_RATIO
+    times the fastest probe of the table. The probe is read just before and just after the window, not inside
+    it (c's FSDP x2 read 8.4 ms on one rank and ran 20 % faster than d's at 6.5), so this says the host was slow
+    around the window, a reason to look, not a measured slowdown. None where the records have no probe."""
+    probed = _ok_with(rows, "cpu_probe_ms", keep=lambda ms: ms > 0)
+    if not len(probed):
+        return None
+    fastest = float(probed["cpu_probe_ms"].min())
+    slow = probed[(probed["cpu_probe_ms"] > SLOW_HOST_RATIO * fastest)]
+    cells = _cells_with(slow, "util_mean_pct", lambda r: f"{r['cpu_probe_ms']:.1f} ms",
+                        keep=lambda busy: busy < HOST_BOUND_BUSY_PCT)
+    if cells is None:
+        return None
+    return (f"Warning: the host CPU probe of {cells} read more than {SLOW_HOST_RATIO:g}x the fastest here "
+            f"({fastest:.1f} ms): at the ends of their timed windows the host ran Python at about half pace, and "
+            "if it did inside them too, where their cards waited on it, their figures carry the host's pace, not "
+            "the strategy's (compare launches with alike probes, or rerun them; Card state).")
+
+
 def warnings_for(rows: pd.DataFrame) -> list[str]:
     """Beside every comparing table: the clocks, and cards that waited on the host."""
-    return [w for w in (clock_warning(rows), host_bound_note(rows), steal_warning(rows)) if w]
+    return [w for w in (clock_warning(rows), host_bound_note(rows), steal_warning(rows), slow_host_warning(rows))
+            if w]
 
 
 def verdict_warnings(rows: pd.DataFrame) -> list[str]:
     """Beside the verdict, once per setting (the report opens with it, and the terminal prints it): the clocks
     and what went wrong inside a launch's timed window or between its launches."""
-    return [w for w in (clock_warning(rows), host_bound_note(rows), steal_warning(rows), gc_warning(rows),
-                        compile_warning(rows), micro_batch_warning(rows)) if w]
+    return [w for w in (clock_warning(rows), host_bound_note(rows), steal_warning(rows), slow_host_warning(rows),
+                        gc_warning(rows), compile_warning(rows), micro_batch_warning(rows)) if w]

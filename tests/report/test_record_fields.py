@@ -148,3 +148,21 @@ def test_the_hosts_busy_and_stolen_cpu_are_shown_per_cell_and_older_records_say_
     warning = cautions.steal_warning(df)
     assert warning and warning.startswith("Warning: while zero3 x2 GPU (12%) were timed") and warning in tables.warnings_for(df)
     assert cautions.steal_warning(df[~df["label"].str.endswith("zero3 x2gpu")]) is None
+
+
+def test_host_bound_cells_whose_host_cpu_probe_read_slow_are_warned_of():
+    # 2x H200, the same machine (results/llama8b-h200-d): probes of 4-10 ms; the host-bound cells that read slow.
+    from bench.records.store import latest_runs, load_records
+    from bench.report import tables
+    from conftest import REPO
+
+    df = build(latest_runs(load_records(REPO / "results" / "llama8b-h200-d")))
+    warning = cautions.slow_host_warning(df)
+    assert warning and warning.startswith("Warning: the host CPU probe of zero3 x1 GPU (8.3 ms)")
+    assert "zero3 x2 GPU (7.6 ms)" in warning and "the fastest here (4.2 ms)" in warning
+    assert "fsdp_full_shard x1 GPU" not in warning  # host-bound, but its probe read 4.2 ms: the fastest
+    assert "ddp x1 GPU" not in warning  # 8.8 ms, but its cards were busy (96 %): it does not wait on the host
+    assert warning in cautions.verdict_warnings(df) and warning in tables.warnings_for(df)
+    # nothing to say: every probe alike, or records from before the probe (run a)
+    assert cautions.slow_host_warning(df[df["cpu_probe_ms"] < 5]) is None
+    assert cautions.slow_host_warning(build(latest_runs(load_records(REPO / "results" / "llama8b-h200-a")))) is None
