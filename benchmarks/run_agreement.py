@@ -14,7 +14,8 @@ side, how busy its cards were on each side (NVML utilisation over the timed wind
 the forward+backward and of the optimizer part of a step: the card's pace against the host's, for a step whose
 optimizer is hundreds of small launches), how fast each side's host CPU ran (bench/worker/cpu_probe.py; records
 from before it: -), and the card; then the bar: at least ``--share`` of the cells ok on both sides agree within
-``--tolerance``, and every ok launch timed at least ``--min-steps`` steps; then each run's wall time (first
+``--tolerance``, and every ok launch timed at least ``--min-steps`` steps, with the agreement of the cells whose
+cards stayed busy and of those that waited on the host shown apart (beside the bar, not instead of it); then each run's wall time (first
 launch's start to last launch's end, and the sum of the launches' own wall times, start-up included) and its
 cards. Cells of one side only, or not ok on both, are listed and left out of the share.
 Exit 0 when the bar is met, 1 when not, 2 on bad input (a folder without records, no cell in common, runs
@@ -30,6 +31,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.records.store import latest_runs, load_records
+from bench.report.cautions import HOST_BOUND_BUSY_PCT
 from bench.report.metrics import frame
 from bench.report.repeats import aggregate_repeats
 
@@ -95,6 +97,24 @@ def _pair(row: pd.Series, column: str, digits: int = 0) -> str:
     return "/".join(f"{row[f'{column}_{s}']:.{digits}f}" if pd.notna(row[f"{column}_{s}"]) else "-" for s in "ab")
 
 
+def busy_split(judged: pd.DataFrame, tolerance: float) -> list[str]:
+    """The agreement apart for cells whose cards stayed busy on both sides and for those that waited on the host
+    on either (NVML busy below bench.report.cautions.HOST_BOUND_BUSY_PCT): the second kind follows the host's
+    pace, which moved 2x between launches of one machine (results/llama8b-h200-d/agreement-vs-c.md). Said
+    beside the bar, which counts every cell; nothing where the records have no utilisation."""
+    busy_a, busy_b = judged["util_mean_pct_a"], judged["util_mean_pct_b"]
+    if judged.empty or busy_a.isna().any() or busy_b.isna().any():
+        return []
+    busy = (busy_a >= HOST_BOUND_BUSY_PCT) & (busy_b >= HOST_BOUND_BUSY_PCT)
+    out = []
+    for kind, part in ((f"cards busy (NVML >= {HOST_BOUND_BUSY_PCT:.0f} % on both sides)", judged[busy]),
+                       (f"cards waiting on the host (NVML < {HOST_BOUND_BUSY_PCT:.0f} % on either side)", judged[~busy])):
+        if len(part):
+            out.append(f"  - {kind}: {int(part['agrees'].sum())} of {len(part)} within {tolerance:.0%}, "
+                       f"largest |b / a - 1| {part['change'].abs().max():.1%}")
+    return out
+
+
 def render(both: pd.DataFrame, args: argparse.Namespace, walls: dict[str, tuple[float, float]],
            cards: dict[str, str]) -> tuple[str, bool]:
     lines = ["| cell | a tok/s | b tok/s | b / a - 1 | fwd+bwd b / a - 1 | optimizer b / a - 1 | launches a/b | "
@@ -115,6 +135,7 @@ def render(both: pd.DataFrame, args: argparse.Namespace, walls: dict[str, tuple[
               f"- agreement: {agree} of {len(judged)} cells ok on both sides within {args.tolerance:.0%} "
               f"({share:.0%}; bar {args.share:.0%}); largest |b / a - 1| "
               f"{judged['change'].abs().max():.1%}" if len(judged) else "- agreement: no cell ok on both sides",
+              *busy_split(judged, args.tolerance),
               f"- fewest timed steps of any ok launch: {fewest} (bar {args.min_steps})",
               f"- left out (not ok on both sides or on one side only): {len(both) - len(judged)}"]
     for side, folder in (("a", args.a), ("b", args.b)):

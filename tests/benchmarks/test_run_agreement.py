@@ -57,3 +57,16 @@ def test_the_1b_pair_meets_the_bar_and_its_miss_is_the_cell_whose_cards_idled_mo
     # both parts of its step slower by a fifth: ZeRO-3's hooks wait on the host in forward/backward too
     assert ("| llama-3.2-1b full zero3 x2gpu | 71,497 | 59,891 | -16.2% | +19.4% | +19.1% | 1/1 | 65/53 | 92/81 | -/- | "
             "NVIDIA H200 |") in text
+
+
+def test_the_agreement_of_busy_cards_and_of_cards_waiting_on_the_host_is_shown_apart(capsys):
+    # results/llama8b-h200-c / -d (2x H200, one machine): the six cells whose cards stayed busy agree but one; the
+    # four that waited on the host (ZeRO-3, FSDP LoRA: 70-87 % busy) but one do not. The bar still counts all ten.
+    code = ra.main([str(REPO / "results" / "llama8b-h200-c"), str(REPO / "results" / "llama8b-h200-d")])
+    text = capsys.readouterr().out
+    assert code == 1 and "6 of 10 cells ok on both sides within 2%" in text
+    assert "  - cards busy (NVML >= 90 % on both sides): 5 of 6 within 2%, largest |b / a - 1| 2.7%" in text
+    assert "  - cards waiting on the host (NVML < 90 % on either side): 1 of 4 within 2%, largest |b / a - 1| 22.4%" in text
+    # the two nights: their one host-bound cell (ZeRO-3) agreed too
+    assert ra.main([str(NIGHTS / "2026-11-30-213e3ff"), str(NIGHTS / "2026-11-30-213e3ff-2")]) == 0
+    assert "cards waiting on the host (NVML < 90 % on either side): 1 of 1 within 2%" in capsys.readouterr().out
