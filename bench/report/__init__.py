@@ -1,7 +1,7 @@
 """The report: records in, tables, plots and a verdict out (``bench report``).
 
-Rooms: ``metrics`` (each record's figures, recomputed from what it measured), ``repeats`` (a cell's
-launches pooled into one row), ``flops`` (the FLOP convention and the peak table), ``intervals`` (intervals
+Rooms: ``metrics`` (each record's figures, recomputed from what it measured), ``speedups`` (like-for-like
+baselines and the speedups against them), ``repeats`` (a cell's launches pooled into one row), ``flops`` (the FLOP convention and the peak table), ``intervals`` (intervals
 of medians and across launches), ``verdict`` (which strategy to use, and why), ``text`` (a figure as the
 report writes it), ``tables`` (the report's tables), ``cautions`` (the warnings beside them),
 ``fast_paths`` (the fast paths like for like and each at its best), ``nodes`` (scaling across nodes),

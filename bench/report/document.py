@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table as RichTable
 
 from bench.report import flops, metrics, plots, verdict
-from bench.report import cautions, fast_paths, nodes, repeats, tables
+from bench.report import cautions, fast_paths, nodes, repeats, speedups, tables
 from bench.records.caveats import CPU_CAVEAT
 from bench.spec import MatrixError, TokenBudget, load_matrix
 from bench.report.render import HtmlImages, Plot, Section, Table, to_html, to_markdown, write_csvs
@@ -112,7 +112,7 @@ def build(results_dirs: list[Path], records: list[RunRecord] | None = None) -> p
     """One row of figures per cell (repeats aggregated), with speedups and FLOP rates."""
     records = records if records is not None else load_all(results_dirs)
     df = repeats.aggregate_repeats(metrics.frame(records))
-    return metrics.add_flop_rates(metrics.add_speedups(df))
+    return metrics.add_flop_rates(speedups.add_speedups(df))
 
 
 # ---------------------------------------------------------------- sections

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from bench.report import flops, metrics, verdict
+from bench.report import flops, metrics, speedups, verdict
 from bench.report.cautions import CLOCK_TOLERANCE, clock_warning, warnings_for  # noqa: F401 - the tables' warnings
 from bench.report.text import (basis_text, duration, gib, interval_text, is_num, plain_text, policy, pooled_launches,
                                run_name, speedup_text, throughput_text, unit)
@@ -119,7 +119,7 @@ def scaling_table(group: pd.DataFrame) -> pd.DataFrame:
     """Rows strategies; per process count: tokens/s per GPU with its interval, speedup against the same-policy
     1-GPU baseline, and the ratio to the plain 1-process run (labelled cross-policy where it is)."""
     u = unit(group["device"].iloc[0])
-    plain = metrics.plain_baseline(group)
+    plain = speedups.plain_baseline(group)
     plain_name = f"{plain['strategy']}@1" if plain is not None else "plain@1"
     rows = {}
     for strategy in dict.fromkeys(group["strategy"]):
@@ -159,7 +159,7 @@ def head_to_head(group: pd.DataFrame, options: TableOptions) -> pd.DataFrame | N
         others = others[others["strategy"].isin(options.compare)]
     if not len(others):
         return None
-    pairs = [(row, metrics.same_policy_baseline(row, group)) for _, row in others.iterrows()]
+    pairs = [(row, speedups.same_policy_baseline(row, group)) for _, row in others.iterrows()]
     bases = {b["cell_id"]: b for _, b in pairs if b is not None}
     if not bases:
         return None

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from bench.records import RunRecord, load_records
-from bench.report import intervals, metrics, plots, repeats, tables, text, verdict
+from bench.report import intervals, metrics, plots, repeats, speedups, tables, text, verdict
 from bench.worker import timing
 from test_metrics import by_label
 
@@ -76,7 +76,7 @@ def test_old_records_keep_order_statistics_and_say_so(ddp2):
 
 def test_every_consumer_copes_with_a_launch_without_interval(ddp2, llama8b_zero1, tmp_path):
     none = with_steps(ddp2, EPISODES, interval=False)
-    df = metrics.add_flop_rates(metrics.add_speedups(repeats.aggregate_repeats(metrics.frame([none, llama8b_zero1]))))
+    df = metrics.add_flop_rates(speedups.add_speedups(repeats.aggregate_repeats(metrics.frame([none, llama8b_zero1]))))
     v = verdict.decide(df, 2)  # ddp's median (1.05 s) is the fastest: the answer, without an interval
     assert v.fastest["strategy"] == "ddp"
     table = tables.verdict_table(df).iloc[0]

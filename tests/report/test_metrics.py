@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from bench.records import RunRecord, load_records
-from bench.report import flops, intervals, metrics, repeats
+from bench.report import flops, intervals, metrics, repeats, speedups
 from bench.spec import CellSettings
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -85,7 +85,7 @@ def test_figures_recomputed_from_steps(records):
 
 
 def test_speedups_against_both_baselines(records):
-    df = metrics.add_speedups(repeats.aggregate_repeats(metrics.frame(list(records.values()))))
+    df = speedups.add_speedups(repeats.aggregate_repeats(metrics.frame(list(records.values()))))
     tps = dict(zip(df["label"], df["tokens_per_s"]))
     z3 = df[df["label"] == "tiny-llama full zero3 x2proc"].iloc[0]
     assert z3["speedup_vs_same_1"] == pytest.approx(tps["tiny-llama full zero3 x2proc"] / tps["tiny-llama full zero3 x1proc"])
@@ -123,7 +123,7 @@ def test_same_cell_on_two_machines_stays_apart(records):
     a = records["tiny-llama full ddp x1proc"]
     b = copy.deepcopy(a)
     b.env = {**b.env, "hardware": "cpu Other CPU x64"}
-    df = metrics.add_speedups(repeats.aggregate_repeats(metrics.frame([a, b])))
+    df = speedups.add_speedups(repeats.aggregate_repeats(metrics.frame([a, b])))
     assert sorted(df["machine"]) == sorted([a.env["hardware"], "cpu Other CPU x64"])
     assert (df["speedup_vs_plain_1"] == 1.0).all()  # each against its own machine's baseline
     assert (df["speedup"] == 1.0).all() and (df["baseline"] == "ddp x1").all()
@@ -135,10 +135,10 @@ def test_plain_baseline_prefers_single_then_ok_runs():
         {"strategy": "single", "gpus": 1, "status": "ok", "tokens_per_s": 11.0},
         {"strategy": "zero1", "gpus": 1, "status": "ok", "tokens_per_s": 12.0},
     ])
-    assert metrics.plain_baseline(rows)["strategy"] == "single"
+    assert speedups.plain_baseline(rows)["strategy"] == "single"
     rows.loc[1, "status"] = "oom"
-    assert metrics.plain_baseline(rows)["strategy"] == "ddp"
-    assert metrics.plain_baseline(rows[rows["strategy"] == "zero1"]) is None
+    assert speedups.plain_baseline(rows)["strategy"] == "ddp"
+    assert speedups.plain_baseline(rows[rows["strategy"] == "zero1"]) is None
 
 
 def test_gpu_record_energy_memory_and_mfu(records):
@@ -174,7 +174,7 @@ def test_a_record_whose_config_is_gone_keeps_its_answers(records, tmp_path):
     older.strategy_info = {}
     assert metrics.figures(older)["framework"] == "unknown"  # nothing says: no baseline is claimed for it
     frame = metrics.frame([one])
-    assert metrics.plain_baseline(frame)["strategy"] == one.settings["strategy"]
+    assert speedups.plain_baseline(frame)["strategy"] == one.settings["strategy"]
 
 
 def test_a_pinned_group_says_so_in_its_title():

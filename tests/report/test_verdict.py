@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from bench.records import RunRecord, append_record, load_records
-from bench.report import document as report, intervals, metrics, repeats, tables as report_tables, verdict
+from bench.report import document as report, intervals, metrics, repeats, speedups, tables as report_tables, verdict
 from test_metrics import by_label
 
 from conftest import REPO
@@ -46,7 +46,7 @@ def launch(record: RunRecord, step_s: float, repeat: int = 0, clock: float | Non
 
 
 def build(records: list[RunRecord]) -> pd.DataFrame:
-    return metrics.add_flop_rates(metrics.add_speedups(repeats.aggregate_repeats(metrics.frame(records))))
+    return metrics.add_flop_rates(speedups.add_speedups(repeats.aggregate_repeats(metrics.frame(records))))
 
 
 def row_of(df: pd.DataFrame, label: str) -> pd.Series:
@@ -99,7 +99,7 @@ def test_same_policy_baseline_never_crosses_policies(llama8b):
     z2 = row_of(df, "llama-3.1-8b lora zero2 x2gpu")
     assert z2["baseline"] == "zero2 x1" and z2["speedup"] == pytest.approx(z2["speedup_vs_same_1"])
     assert z2["plain_cross_policy"] is True  # its ratio to ddp x1 is labelled, not a speedup
-    assert "cross-policy: pure vs frozen-base" in report_tables.plain_text(z2, metrics.plain_baseline(df))
+    assert "cross-policy: pure vs frozen-base" in report_tables.plain_text(z2, speedups.plain_baseline(df))
     # without zero2 x1: another DeepSpeed 1-GPU cell (pure), never the frozen-base ddp x1
     without = build([r for r in records if r.label != "llama-3.1-8b lora zero2 x1gpu"])
     z2 = row_of(without, "llama-3.1-8b lora zero2 x2gpu")
