@@ -39,29 +39,30 @@ from bench.worker.cpu_probe import probe_ms
 _STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
 
-def host_cpu_times(stat: Path = Path("/proc/stat")) -> dict[str, int] | None:
-    """The host's cumulative CPU time by kind (jiffies, all CPUs); None where /proc/stat is not there."""
-    try:
-        first = stat.read_text().splitlines()[0].split()
-    except (OSError, IndexError):
-        return None
-    if not first or first[0] != "cpu":
-        return None
-    values = [int(v) for v in first[1:1 + len(_STAT_FIELDS)]]
-    return dict(zip(_STAT_FIELDS, values))
-
-
-def per_cpu_times(stat: Path = Path("/proc/stat")) -> dict[int, tuple[int, int]]:
-    """Per CPU: (busy, total) cumulative jiffies, busy leaving out idle, iowait and steal; {} off Linux."""
+def _cpu_lines(stat: Path) -> dict[str, dict[str, int]]:
+    """/proc/stat's "cpu" lines (the all-CPU total, then cpu0, cpu1 ...) as cumulative jiffies by kind; a kernel
+    without the later columns (steal) leaves them out. {} where the file is not there."""
     try:
         lines = stat.read_text().splitlines()
     except OSError:
         return {}
     out = {}
-    for line in lines:
-        name, *values = line.split()
-        if name.startswith("cpu") and name[3:].isdigit():
-            fields = dict(zip(_STAT_FIELDS, map(int, values)))
+    for name, *values in (line.split() for line in lines if line.startswith("cpu")):
+        out[name] = dict(zip(_STAT_FIELDS, map(int, values)))
+    return out
+
+
+def host_cpu_times(stat: Path = Path("/proc/stat")) -> dict[str, int] | None:
+    """The host's cumulative CPU time by kind (jiffies, all CPUs); None where /proc/stat is not there."""
+    return _cpu_lines(stat).get("cpu")
+
+
+def per_cpu_times(stat: Path = Path("/proc/stat")) -> dict[int, tuple[int, int]]:
+    """Per CPU: (busy, total) cumulative jiffies, busy leaving out idle, iowait and steal (as host_shares);
+    {} off Linux."""
+    out = {}
+    for name, fields in _cpu_lines(stat).items():
+        if name[3:].isdigit():
             total = sum(fields.values())
             out[int(name[3:])] = (total - fields["idle"] - fields.get("iowait", 0) - fields.get("steal", 0), total)
     return out
