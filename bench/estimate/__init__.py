@@ -2,7 +2,7 @@
 
 Rooms: ``prediction`` (the stored Prediction, versions, calibration, the fit decision), ``terms`` (what the
 additive model and the replay both read), ``states`` and ``activations`` (model states and activations by
-formula), ``additive`` (``predict``: the peak over the moments that can hold it), ``allocator`` and
+formula), ``cell_states`` (a cell's model states per rank, from ``states``), ``additive`` (``predict``: the peak over the moments that can hold it), ``allocator`` and
 ``replay/`` (torch's caching allocator and a cell's allocations replayed through it, one module per
 framework), ``offload_blocks`` (FSDP1 parameter offload's initialisation blocks, free at the peak), ``capacity`` (a cell's capacity and the pre-flight decision of ``bench run``), ``protocol``, ``check`` and
 ``margins`` (judging the estimator against GPU records, and the margins that follow), ``table`` (``bench

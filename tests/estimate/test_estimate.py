@@ -10,7 +10,8 @@ import pytest
 from bench import strategies
 from bench.estimate import GIB, capacity_for, predict, predicted_oom
 from bench.estimate.activations import activation_bytes, layer_bytes_per_token
-from bench.estimate.additive import model_states, step_buffers
+from bench.estimate.additive import step_buffers
+from bench.estimate.cell_states import model_states
 from bench.estimate.prediction import with_capacity
 from bench.estimate.states import NF4_BYTES
 from bench.estimate.terms import sharding_for

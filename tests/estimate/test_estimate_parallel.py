@@ -93,7 +93,8 @@ def test_ring_attention_gathers_the_full_sequence_s_keys_and_values():
     # the gathered K/V grow with the whole sequence at a fixed share per rank
     assert dict(ring_attention_forward(shape, 2048, 4, 2))["kv_gathered"] == 2 * forward["kv_gathered"]
     # the additive model (adapters are not replayed) holds the larger of the two in a layer's backward
-    from bench.estimate.additive import backward_buffers, model_states
+    from bench.estimate.additive import backward_buffers
+    from bench.estimate.cell_states import model_states
     from bench.estimate.parallel import rank_shape
     from bench.estimate.prediction import CALIBRATION
 

@@ -197,7 +197,8 @@ def _cell(strategy: str, **kw) -> CellSettings:
 
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload"])
 def test_the_rendered_deepspeed_json_holds_the_estimators_sizes(name):
-    from bench.estimate.additive import backward_buffers, model_states
+    from bench.estimate.additive import backward_buffers
+    from bench.estimate.cell_states import model_states
     from bench.estimate.prediction import CALIBRATION
     from bench.estimate.replay.zero3 import Zero3Coordinator
 
