@@ -2,7 +2,7 @@
 
 Rooms: ``campaign`` (``bench run``: a matrix prepared, checked, its cells launched, records appended),
 ``plan`` (a cell -> the command, environment and config files of one launch, built without side
-effects), ``runner`` (one plan run: watched for hangs and timeouts, its outcome classified, its record
+effects; or why it cannot launch), ``dry_run`` (``--dry-run``: every launch printed, nothing run), ``runner`` (one plan run: watched for hangs and timeouts, its outcome classified, its record
 made), ``process_tree`` (the launch's processes, ended together), ``failures`` (what went wrong and on
 which rank), ``folder_lock`` (one writer per results folder), ``cuda_arch`` (an arch list DeepSpeed's
 op builder can read), ``slurm`` (a cell as a Slurm batch job across nodes: the cluster launcher). The

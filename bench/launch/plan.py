@@ -181,3 +181,12 @@ def write_plan_files(plan: LaunchPlan) -> None:
     plan.rank_dir.mkdir(exist_ok=True)
     for name, content in plan.files.items():
         (plan.cell_dir / name).write_text(content)
+
+
+@dataclass(frozen=True)
+class Unrunnable:
+    """A cell of the matrix that this machine cannot run: recorded as unsupported, never launched."""
+
+    cell: CellSettings
+    repeat: int
+    reasons: tuple[str, ...]
