@@ -52,6 +52,10 @@ JUDGE_PATTERNS: tuple[str, ...] = (
     # mb 8, checkpointed, fused AdamW), a name the patterns above missed; tuned on since (TUNING_FOLDERS), so
     # these two now judge nothing. Later runs of that column judge (llama-full-h200-c, -d, ...).
     "llama-full-h200-a2", "llama-full-h200-b2", "llama-full-h200-[c-z]",
+    # Added 2026-11-30 (fifteenth session), judge-only, run before any look: the first H200 records of tensor and
+    # context parallelism, Liger's kernels and the auto micro-batch, and the corpus's users' own configs. Later
+    # runs of the same matrices judge too (tp-h200-b, kernels-h200-b, ...).
+    "tp-h200", "tp-h200-*", "cp-h200", "cp-h200-*", "kernels-h200", "kernels-h200-*", "corpus-gpu", "corpus-gpu-*",
 )
 TOLERANCE = 0.10  # |predicted / measured - 1| of the per-rank torch reserved peak: the estimator's target
 # A cell is judged only where the model's memory dominates: below this measured reserved peak the CUDA
