@@ -125,7 +125,9 @@ def verdict_section(df: pd.DataFrame) -> Section:
         "shown as '0.99x [0.97-1.01]'; where a cell has no interval, whether the figures overlap), and the one "
         "with the lowest peak memory (torch reserved, the worst launch; host RSS on CPU), each as real tokens/s "
         "per GPU [95 % interval] under its own precision policy. "
-        "'Intervals from' says whether they span launches or only one launch (see Definitions)."])
+        "'Intervals from' says whether they span launches or only one launch (see Definitions). A cell stopped "
+        "from outside (the operator's deadline or Ctrl-C, a busy card, the scheduler, a skip) is listed under 'not "
+        "measured' where there is one: it says nothing about fitting."])
     for i, (_m, _k, title, group) in enumerate(tables.setting_groups(df), 1):
         section.items.append(Table(f"verdict_{i}", title, tables.verdict_table(group),
                                    cautions.verdict_warnings(group)))

@@ -54,15 +54,24 @@ def verdict_table(group: pd.DataFrame) -> pd.DataFrame:
         fastest = v.fastest
         rows.append({
             layout: v.layout,
-            f"fastest that fits (tok/s/{u} [95% CI])": _verdict_entry(fastest) if fastest is not None else "none fits",
+            f"fastest that fits (tok/s/{u} [95% CI])": _verdict_entry(fastest) if fastest is not None else _no_fastest(v),
             INDISTINGUISHABLE: ("; ".join(f"{_verdict_entry(r)}, {_ratio_text(r, fastest)}" for r in v.indistinguishable)
                                 or ("none" if fastest is not None else "-")),
             "lowest peak memory": _memory_entry(v.lowest_memory) if v.lowest_memory is not None else "-",
             "intervals from": _bases(v),
             "did not fit": "; ".join(f"{r['strategy']}: {_why_not(r)}" for r in v.not_fitting) or "-",
+            "not measured": "; ".join(f"{r['strategy']}: {r['status']}" for r in v.not_measured) or "-",
             "mean SM clock MHz": _clock_range(verdict.at_layout(group, v.gpus, v.nodes)),
         })
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    # The column only where something was stopped from outside: most reports have nothing to say in it.
+    return table if any(v.not_measured for v in found) else table.drop(columns="not measured")
+
+
+def _no_fastest(v: verdict.Verdict) -> str:
+    """'none fits' only where something was measured not to; a layout whose cells were all stopped from
+    outside (a deadline's interrupted launch) has no answer yet."""
+    return "none fits" if v.not_fitting or not v.not_measured else "not measured yet"
 
 
 def _verdict_entry(row: pd.Series) -> str:

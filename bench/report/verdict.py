@@ -34,8 +34,11 @@ class Verdict:
     fastest: pd.Series | None
     indistinguishable: list[pd.Series]
     lowest_memory: pd.Series | None
-    not_fitting: list[pd.Series]  # ran and failed, or over the cap/card
+    not_fitting: list[pd.Series]  # ran and failed, or over the cap/card, or predicted not to fit
     nodes: int = 1
+    # Not measured for an outside reason (interrupted, busy, cancelled, skipped): no answer either way, so
+    # neither among the fitting nor held against the strategy.
+    not_measured: tuple[pd.Series, ...] = ()
 
     @property
     def layout(self) -> int | str:
@@ -57,6 +60,14 @@ def fits(row: pd.Series) -> bool:
         return False
     total, used = row.get("gpu_total_gib"), row.get("nvml_peak_used_gib")
     return not (_num(total) and _num(used) and used > total)
+
+
+def not_measured(row: pd.Series) -> bool:
+    """No launch of the cell ran ok, none failed for its own reasons, and it was not predicted not to fit:
+    the operator, the scheduler or another tenant stopped it (bench/report/repeats.py OWN_FAILURES)."""
+    from bench.report.repeats import OWN_FAILURES
+
+    return row["status"] not in ("ok", "predicted_oom", *OWN_FAILURES) and not failed_launches(row)
 
 
 def failed_launches(row: pd.Series) -> str | None:
@@ -104,16 +115,17 @@ def at_layout(group: pd.DataFrame, gpus: int, nodes: int = 1) -> pd.DataFrame:
 def decide(group: pd.DataFrame, gpus: int, nodes: int = 1) -> Verdict:
     rows = at_layout(group, gpus, nodes)
     fitting = [row for _, row in rows.iterrows() if fits(row) and _num(row.get(metrics.THROUGHPUT))]
-    not_fitting = [row for _, row in rows.iterrows() if not fits(row)]
+    unmeasured = tuple(row for _, row in rows.iterrows() if not_measured(row))
+    not_fitting = [row for _, row in rows.iterrows() if not fits(row) and not not_measured(row)]
     if not fitting:
-        return Verdict(gpus, None, [], None, not_fitting, nodes)
+        return Verdict(gpus, None, [], None, not_fitting, nodes, unmeasured)
     fastest = max(fitting, key=lambda r: r[metrics.THROUGHPUT])
     close = [r for r in fitting if r["cell_id"] != fastest["cell_id"] and indistinguishable(r, fastest)]
     close.sort(key=lambda r: -r[metrics.THROUGHPUT])
     column = memory_column(fastest["device"])
     measured = [r for r in fitting if _num(r.get(column))]
     lowest = min(measured, key=lambda r: (r[column], -r[metrics.THROUGHPUT])) if measured else None
-    return Verdict(gpus, fastest, close, lowest, not_fitting, nodes)
+    return Verdict(gpus, fastest, close, lowest, not_fitting, nodes, unmeasured)
 
 
 def verdicts(group: pd.DataFrame) -> list[Verdict]:

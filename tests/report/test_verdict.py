@@ -239,6 +239,27 @@ def test_a_cell_over_the_cap_does_not_fit(known):
     assert v.fastest["strategy"] == "zero2" and "zero1" in [r["strategy"] for r in v.not_fitting]
 
 
+def test_an_interrupted_cell_is_not_measured_and_not_held_against_its_strategy(llama8b):
+    """A deadline's interrupted launch says nothing about fitting: it is listed apart, never as 'did not fit',
+    and a layout with nothing else is 'not measured yet', not 'none fits'."""
+    ok = launch(llama8b["llama-3.1-8b lora zero1 x2gpu"], 1.0)
+    stopped = copy.deepcopy(llama8b["llama-3.1-8b lora zero2 x2gpu"])
+    stopped.status = "interrupted"
+    alone = copy.deepcopy(llama8b["llama-3.1-8b lora zero2 x4gpu"])
+    alone.status = "interrupted"
+    frame = build([ok, stopped, alone])
+    v = verdict.decide(frame, 2)
+    assert v.fastest["strategy"] == "zero1" and v.not_fitting == []
+    assert [r["strategy"] for r in v.not_measured] == ["zero2"]
+    table = report_tables.verdict_table(frame).set_index("GPUs")
+    assert table.loc[2, "did not fit"] == "-" and table.loc[2, "not measured"] == "zero2: interrupted"
+    assert table.loc[4, "fastest that fits (tok/s/GPU [95% CI])"] == "not measured yet"
+
+
+def test_the_not_measured_column_appears_only_when_needed(known):
+    assert "not measured" not in report_tables.verdict_table(known).columns
+
+
 def test_verdict_comes_first_in_the_report(llama8b, tmp_path):
     folder = tmp_path / "results"
     for record in llama8b.values():
