@@ -45,6 +45,7 @@ STOP_REASONS = (
     "oom above",  # a climb ran out of memory, or the next micro-batch up already did
     "launch cap",  # MAX_LAUNCHES reached
     "no measured peak",  # an ok launch without a reserved peak (CPU): nothing to correct the estimator with
+    "search bound",  # an ok launch at the estimator's search bound (MAX_MICRO_BATCH)
     "reused",  # a later repeat: it runs at the first ok launch's choice and does not climb
     "oom at 1",  # every launch ran out of memory, down to micro-batch 1
     "interrupted",  # Ctrl-C or SIGTERM during a launch
@@ -124,8 +125,10 @@ def next_launch(item: AutoCell, trail: list[dict], reused: bool) -> tuple[int | 
         return None, None, "oom above"
     if last["peak_gib"] is None or item.capacity_gib is None:
         return None, None, "no measured peak"
-    from bench.estimate.auto_batch import climb
+    from bench.estimate.auto_batch import MAX_MICRO_BATCH, climb
 
+    if last["mb"] >= MAX_MICRO_BATCH:
+        return None, None, "search bound"
     measured = [(t["mb"], t["peak_gib"]) for t in oks if t["peak_gib"] is not None]
     target, corrected = climb(item.cell, item.capacity_gib, item.capacity_source, measured, below, item.margin)
     return (target, corrected, None) if target else (None, None, "next predicted not to fit")

@@ -142,6 +142,14 @@ def test_the_climb_stops_at_the_launch_cap(cell, tmp_path):
     assert auto["stopped"] == "launch cap" and auto["chosen"] == mbs[-1] and record.wall_s == mbs[-1]
 
 
+def test_no_climb_past_the_estimators_search_bound(cell, tmp_path):
+    from bench.estimate.auto_batch import MAX_MICRO_BATCH
+
+    launches = Launches(cell, lambda mb: ("ok", 30.0))
+    auto = run_auto(auto_cell(cell, tmp_path, proposed=MAX_MICRO_BATCH), launches).micro_batch_auto
+    assert auto["stopped"] == "search bound" and auto["chosen"] == MAX_MICRO_BATCH and len(launches.calls) == 1
+
+
 def test_an_oom_at_the_proposal_steps_down_then_climbs_below_it(cell, tmp_path):
     launches = Launches(cell, shifted(cell, 5.0, oom_from=19))
     record = run_auto(auto_cell(cell, tmp_path), launches)
