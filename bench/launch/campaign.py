@@ -334,20 +334,22 @@ class CellHooks:
             if plan.proposed is None:
                 return unsupported_record(Unrunnable(plan.cell, plan.repeat, (str(plan.reason),)), matrix_name,
                                           fingerprint)
-            record = run_auto(plan, lambda concrete: self.launch(concrete, matrix_name, fingerprint),
+            # a micro-batch above the proposal is launched because a measurement says it fits: no pre-flight skip
+            record = run_auto(plan, lambda concrete, measured_fit: self.launch(concrete, matrix_name, fingerprint,
+                                                                               measured_fit),
                               reuse=self.auto_chosen.get(plan.cell.cell_id))
             for cell_id, choice in first_choices([record]).items():
                 self.auto_chosen.setdefault(cell_id, choice)
             return record
         return self.launch(plan, matrix_name, fingerprint)
 
-    def launch(self, plan: LaunchPlan, matrix_name: str, fingerprint: dict) -> RunRecord:
-        """Predict, check the GPUs, launch and record one plan."""
+    def launch(self, plan: LaunchPlan, matrix_name: str, fingerprint: dict, force: bool = False) -> RunRecord:
+        """Predict, check the GPUs, launch and record one plan (``force``: even if predicted not to fit)."""
         from bench.estimate import preflight
 
         info = strategy_info(plan.cell)
         prediction, not_launched = preflight(plan, matrix_name, fingerprint, self.matrix.estimate_margin,
-                                             self.opts.force, self.opts.capacity_gib, info)
+                                             self.opts.force or force, self.opts.capacity_gib, info)
         if not_launched is not None:
             return not_launched
         if self.matrix.launcher == "slurm":  # the nodes set the arch list themselves and add their notes

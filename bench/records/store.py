@@ -77,8 +77,10 @@ class RunRecord(BaseModel):
     # torch extension build locks (DeepSpeed op builds) this cell left when stopped, deleted after it
     # (bench/launch/build_locks.py)
     released_build_locks: list[str] = []
-    # train.micro_batch auto: {proposed, capacity_gib, capacity_source, trail: [{mb, status, peak_gib}], chosen}
-    # (bench/launch/auto_batch.py); settings keep "auto", the cell id is the auto cell's. Absent otherwise.
+    # train.micro_batch auto: {proposed, capacity_gib, capacity_source, trail: [{mb, status, peak_gib,
+    # corrected_gib?, reused_from_repeat?}], chosen (the largest ok mb), stopped (why the search ended; absent in
+    # records from before the climb), reused_from_repeat?} (bench/launch/auto_batch.py); the record is the largest
+    # ok launch's, settings keep "auto", the cell id is the auto cell's. Absent otherwise.
     micro_batch_auto: dict[str, Any] | None = None
     # A cell run as a Slurm job (launcher: slurm): job_id, node_list, nodes, state, exit_code, signal, failed_node,
     # memory_kills (slurmstepd's --mem kills: node, step, used_bytes, limit_bytes; absent in older records).

@@ -223,13 +223,15 @@ def _window_figures(record: RunRecord) -> dict:
 
 
 def _auto_batch_figures(record: RunRecord) -> dict:
-    """An auto cell's probe: the estimator's proposal and every launch's micro-batch and status ('8 oom -> 6 ok')."""
+    """An auto cell's probe: the estimator's proposal, every launch's micro-batch and status in launch order
+    ('8 oom -> 6 ok', a climb '19 ok -> 23 ok -> 25 oom') and why the search stopped (absent before the climb)."""
     auto = getattr(record, "micro_batch_auto", None)
     if not isinstance(auto, dict):
         return {}
     trail = " -> ".join(f"{t.get('mb')} {t.get('status')}" + (" (reused)" if t.get("reused_from_repeat") is not None
                                                                 else "") for t in auto.get("trail") or [])
-    return {"micro_batch_proposed": auto.get("proposed"), "micro_batch_trail": trail or None}
+    return {"micro_batch_proposed": auto.get("proposed"), "micro_batch_trail": trail or None,
+            "micro_batch_stopped": auto.get("stopped")}
 
 
 def _timing_figures(record: RunRecord) -> dict:

@@ -60,4 +60,7 @@ def test_auto_micro_batch_is_one_record_with_its_trail(tmp_path):
                                                              "timing": {"max_steps": 3, "max_timed_s": 20}})
     assert len(records) == 1
     auto = records[0]["micro_batch_auto"]
-    assert auto["proposed"] >= 1 and auto["trail"][-1]["mb"] == auto["chosen"]
+    ok = [t["mb"] for t in auto["trail"] if t["status"] == "ok"]
+    assert auto["proposed"] >= 1 and ok and auto["chosen"] == max(ok)
+    assert records[0]["ranks"][0]["steps"][0]["tokens"] == auto["chosen"] * 512  # the record is the chosen launch's
+    assert auto["stopped"] and len(auto["trail"]) <= 5  # why the climb ended, within MAX_LAUNCHES

@@ -1,5 +1,6 @@
 """train.micro_batch auto: the estimator's proposal (unit) and the launch's step-down on an out-of-memory
-(real launches of the tiny model through the fault worker, which raises torch's OOM at micro-batch 4)."""
+(real launches of the tiny model through the fault worker, which raises torch's OOM at micro-batch 4). The
+climb above an ok launch: tests/launch/test_auto_climb.py."""
 
 from __future__ import annotations
 
@@ -56,16 +57,17 @@ def test_out_of_memory_at_the_proposal_steps_down_to_one_record(tmp_path, monkey
     def plan_for(mb):
         return build_plan(with_micro_batch(cell, mb), tmp_path, Limits(), 0, "fault_worker", port=free_port())
 
-    record = run_auto(AutoCell(cell, 0, 4, 1.0, "test", plan_for), lambda p: run_plan(p, "t", {}))
+    record = run_auto(AutoCell(cell, 0, 4, 1.0, "test", plan_for), lambda p, _measured_fit: run_plan(p, "t", {}))
     trail = record.micro_batch_auto["trail"]
     assert [(t["mb"], t["status"]) for t in trail] == [(4, "oom"), (3, "ok")]
     assert record.micro_batch_auto["chosen"] == 3 and record.status == "ok"
+    assert record.micro_batch_auto["stopped"] == "oom above"  # 4 ran out of memory: no climb between
     assert record.cell_id == cell.cell_id and record.settings["train"]["micro_batch"] == "auto"
     assert {s["tokens"] for s in record.ranks[0]["steps"]} == {3 * 32}  # the launch measured ran micro-batch 3
     # a later repeat starts at the first ok launch's choice: no probe from the proposal, the trail says so
     reuse = first_choices([record])[cell.cell_id]
     assert reuse == (3, 0)
-    again = run_auto(AutoCell(cell, 1, 4, 1.0, "test", plan_for), lambda p: run_plan(p, "t", {}), reuse=reuse)
+    again = run_auto(AutoCell(cell, 1, 4, 1.0, "test", plan_for), lambda p, _measured_fit: run_plan(p, "t", {}), reuse=reuse)
     assert again.micro_batch_auto["trail"] == [{"mb": 3, "status": "ok", "peak_gib": None, "reused_from_repeat": 0}]
     assert again.micro_batch_auto["chosen"] == 3 and again.micro_batch_auto["reused_from_repeat"] == 0
 

@@ -101,7 +101,36 @@ def test_an_auto_cells_proposal_and_trail_are_shown(templates, tmp_path):
     assert list(cells["micro_batch_proposed"]) == [6, 8]
 
 
-@pytest.mark.parametrize("field", ["gc_collections_in_window", "compile_s", "liger_modules", "micro_batch_trail"])
+def test_a_climbed_auto_cell_shows_its_trail_in_launch_order_and_why_it_stopped(templates, tmp_path):
+    one = templates[1]
+    climbed = {"proposed": 19, "capacity_gib": 80.0, "capacity_source": "card", "chosen": 23,
+               "stopped": "oom above", "trail": [{"mb": 19, "status": "ok", "peak_gib": 60.1},
+                                                 {"mb": 23, "status": "ok", "peak_gib": 72.0, "corrected_gib": 73.0},
+                                                 {"mb": 25, "status": "oom", "peak_gib": None, "corrected_gib": 77.5}]}
+    auto = launches(one, "liger", "auto", 2.0, 72.0, chosen=23)
+    auto[0].micro_batch_auto = climbed
+    for r in auto[1:]:  # later repeats reuse the first ok launch's choice and do not climb
+        r.micro_batch_auto = {**climbed, "stopped": "reused", "reused_from_repeat": 0,
+                              "trail": [{"mb": 23, "status": "ok", "peak_gib": 72.0, "reused_from_repeat": 0}]}
+    assert metrics.figures(auto[0])["micro_batch_trail"] == "19 ok -> 23 ok -> 25 oom"
+    records = launches(one, "none", "auto", 1.5, 70.0, chosen=23) + auto
+    folder = tmp_path / "res"
+    for r in records:
+        append_record(folder, r)
+    report.write_report([folder], tmp_path / "rep")
+    cells = pd.read_csv(tmp_path / "rep" / "cells.csv")
+    liger = cells[cells["label"].str.contains("liger")].iloc[0]
+    assert liger["micro_batch"] == 23 and liger["repeats_pooled"] == 3  # the climbed choice, all repeats at it
+    assert liger["micro_batch_trail"] == "23 ok (reused)" and liger["micro_batch_stopped"] == "reused"
+    first = metrics.figures(auto[0])
+    assert (first["micro_batch"], first["micro_batch_stopped"]) == (23, "oom above")
+    (_t, group), = fast_paths.groups(build(records[:3] + auto[:1]))
+    (c,) = fast_paths.comparisons(group)
+    side = fast_paths.table([c], "cuda").iloc[0]["fast path: tok/s/GPU [95% CI]"]
+    assert side.endswith("mb 23 (auto: proposed 19, 19 ok -> 23 ok -> 25 oom)")
+
+
+@pytest.mark.parametrize("field", ["micro_batch_stopped", "gc_collections_in_window", "compile_s", "liger_modules", "micro_batch_trail"])
 def test_older_records_have_none_of_them(templates, field):
     assert field not in metrics.figures(templates[1])
 
