@@ -79,7 +79,16 @@ def activations_for(cell: CellSettings, shape: ModelShape, strategy: Strategy, c
                             calib.backward_temp_fraction, dropout_width, rank_width,
                             4 if converts_outputs_to_fp32(cell, strategy) else None,
                             frozen_base=cell.adapter.type != "none" and not zero3, lora_targets=targets,
-                            fused_loss=cell.train.kernels == "liger")
+                            fused_loss=cell.train.kernels == "liger", **_lora_inputs(cell, shape, strategy, targets))
+
+
+def _lora_inputs(cell: CellSettings, shape: ModelShape, strategy: Strategy, targets: frozenset[str]) -> dict:
+    """The widest input a LoRA adapter takes, and whether peft casts it to fp32 first (the adapters stay fp32
+    under autocast; FSDP casts them to the compute dtype, DeepSpeed stores them in it)."""
+    widths = {"h": shape.hidden, "q": shape.heads * shape.head_dim, "I": shape.intermediate}
+    widest = max((widths[LORA_TARGET_INPUTS[t]] for t in targets), default=0)
+    fp32 = policy_for(cell).name == "frozen-base" and not strategy.is_fsdp and is_half(cell)
+    return {"lora_widest_input": widest, "fp32_adapter_inputs": fp32}
 
 
 def _unit_params(shape: ModelShape) -> tuple[int, int]:
@@ -347,7 +356,7 @@ def peak_moments(cell: CellSettings, shape: ModelShape, strategy: Strategy, stat
         "backward": _Parts(_state_components(states, grads_at_loss, kept + acts.logits_peak),
                            backward_buffers(cell, shape, strategy, states, calib, "loss")),
         "backward (layers)": _Parts(
-            _state_components(states, grads, kept + acts.logits_kept + acts.per_layer * (1 + calib.backward_temp_fraction)),
+            _state_components(states, grads, kept + acts.logits_kept + acts.per_layer + acts.layer_temp),
             backward_buffers(cell, shape, strategy, states, calib, "layers")),
         "optimizer step": _Parts(_state_components(states, grads, acts.logits_kept),
                                  step_buffers(cell, strategy, states)),
