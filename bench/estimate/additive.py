@@ -37,6 +37,7 @@ from bench.estimate.prediction import (CALIBRATION, COMPONENTS, ESTIMATOR_VERSIO
 from bench.estimate.replay import offload_copy_in_pool, replay
 from bench.estimate.replay.tensors import ring_attention_backward, ring_attention_forward
 from bench.estimate.states import NF4_PACKED_BYTES
+from bench.estimate.user_deepspeed import overlaps_comm
 from bench.estimate.terms import compute_bytes, converts_outputs_to_fp32, describe_strategy, is_half, residual_bytes, sharding_for
 from bench.spec import CellSettings
 from bench.spec.models import ModelShape
@@ -78,7 +79,16 @@ def activations_for(cell: CellSettings, shape: ModelShape, strategy: Strategy, c
                             calib.backward_temp_fraction, dropout_width, rank_width,
                             4 if converts_outputs_to_fp32(cell, strategy) else None,
                             frozen_base=cell.adapter.type != "none" and not zero3, lora_targets=targets,
-                            fused_loss=cell.train.kernels == "liger")
+                            fused_loss=cell.train.kernels == "liger", **_lora_inputs(cell, shape, strategy, targets))
+
+
+def _lora_inputs(cell: CellSettings, shape: ModelShape, strategy: Strategy, targets: frozenset[str]) -> dict:
+    """The widest input a LoRA adapter takes, and whether peft casts it to fp32 first (the adapters stay fp32
+    under autocast; FSDP casts them to the compute dtype, DeepSpeed stores them in it)."""
+    widths = {"h": shape.hidden, "q": shape.heads * shape.head_dim, "I": shape.intermediate}
+    widest = max((widths[LORA_TARGET_INPUTS[t]] for t in targets), default=0)
+    fp32 = policy_for(cell).name == "frozen-base" and not strategy.is_fsdp and is_half(cell)
+    return {"lora_widest_input": widest, "fp32_adapter_inputs": fp32}
 
 
 def _unit_params(shape: ModelShape) -> tuple[int, int]:
@@ -173,7 +183,8 @@ def backward_buffers(cell: CellSettings, shape: ModelShape, strategy: Strategy, 
         elif moment == "layers":
             # ZeRO-1/2 allocate their (double, with overlap_comm) reduce bucket at the first gradient
             # hook, after the loss's backward: whole, whatever the model size.
-            out["zero_reduce_buckets"] = calib.ds_overlap_buffers * DEEPSPEED.reduce_bucket_size * grad_bytes
+            buffers = calib.ds_overlap_buffers if overlaps_comm(cell, strategy) else 1
+            out["zero_reduce_buckets"] = buffers * DEEPSPEED.reduce_bucket_size * grad_bytes
     if strategy.is_fsdp and strategy.shards_grads and shard_ranks(cell, strategy) > 1:  # FSDP1 on one rank: NO_SHARD
         w, w_root = _gathered_weight_bytes(cell, states), compute_bytes(cell)
         resharded = strategy.reshards_after_forward
@@ -271,12 +282,16 @@ def reserved_only_blocks(cell: CellSettings, shape: ModelShape, strategy: Strate
         out["released_build_blocks"] = built * shape.params
         out["fsdp2_offload_copy_in_pool"] = offload_copy_in_pool(cell, shape, strategy, int(built))
     elif strategy.fsdp_version == 2 and n > 1:
-        out["released_build_blocks"] = built * shape.params * (1 - 1 / n)  # per-parameter shards refill them
+        # accelerate's fsdp2_prepare_model holds the built model's state_dict (original_sd) through fully_shard,
+        # so every shard is made while all the built tensors live: none refills their segments, all cached free
+        # (a user's FSDP2 YAML built on the GPU, Llama-3.2-1B x2: 7.41 GiB reserved after prepare, 2.30 allocated)
+        out["released_build_blocks"] = built * shape.params
     elif strategy.uses_deepspeed and strategy.shard_level in (1, 2):
         out["released_build_blocks"] = built * states.trainable
     if converts_outputs_to_fp32(cell, strategy) and phase == "backward" and cell.train.kernels != "liger":
         out["cached_half_logits"] = cell.train.seq_len * cell.train.micro_batch * shape.vocab * compute_bytes(cell)
-    if strategy.uses_deepspeed and strategy.shards_params and n > 1:
+    if strategy.uses_deepspeed and strategy.shards_params and n > 1 and overlaps_comm(cell, strategy):
+        # (without overlap_comm both run on the default stream: no side pools, bench/estimate/user_deepspeed.py)
         out["zero3_gather_stream_pool"] = _zero3_gathered(cell, shape, states)
         # overlap_comm: the reduce-scatter stages a bucket-sized copy on the reduction stream (its own pool).
         trained_bpp = states.base_bpp or states.adapter_bpp
@@ -341,7 +356,7 @@ def peak_moments(cell: CellSettings, shape: ModelShape, strategy: Strategy, stat
         "backward": _Parts(_state_components(states, grads_at_loss, kept + acts.logits_peak),
                            backward_buffers(cell, shape, strategy, states, calib, "loss")),
         "backward (layers)": _Parts(
-            _state_components(states, grads, kept + acts.logits_kept + acts.per_layer * (1 + calib.backward_temp_fraction)),
+            _state_components(states, grads, kept + acts.logits_kept + acts.per_layer + acts.layer_temp),
             backward_buffers(cell, shape, strategy, states, calib, "layers")),
         "optimizer step": _Parts(_state_components(states, grads, acts.logits_kept),
                                  step_buffers(cell, strategy, states)),

@@ -97,7 +97,7 @@ def peak_tensors(cell: CellSettings, shape: ModelShape, acts: ActivationBytes, c
         return ops
     ops += [("free", "grad_log_softmax", 0), ("free", "log_softmax", 0), ("free", "grad_logits_fp32", 0)]
     pieces = 8  # a layer's activations are a handful of tensors (q, k, v, gate, up ...): not one block
-    layer = acts.per_layer * (1 + temp_fraction)
+    layer = acts.per_layer + acts.layer_temp
     return ops + [("malloc", f"recompute{i}", layer / pieces) for i in range(pieces)]
 
 

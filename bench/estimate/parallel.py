@@ -14,7 +14,8 @@
   the loss too (the inputs and labels are split before the model). Ring attention adds per layer only
   transients (the full sequence's K/V gathered, fp32 merges: bench/estimate/replay/tensors.py). Under FSDP2 at tp 1
   the allocations are replayed (bench/estimate/replay/): a cp rank reserves what a plain FSDP2 rank of the same
-  tokens and shards reserves, gigabytes of free blocks that a constant slack misses.
+  tokens and shards reserves, gigabytes of free blocks that a constant slack misses; tensor parallelism alone
+  (full fine-tuning) is replayed at ``rank_shape`` too (bench/estimate/replay/tp.py), FSDP2 + tp stays additive.
 
 Per rank, full fine-tune, Adam in fp32, FSDP2 + tp t + cp c over W ranks (dp_shard d = W/(t c)):
 weights + grads + optimizer = 16 B x [layers x linear/t + norms + (embedding + head)/t] / (d c).

@@ -19,7 +19,7 @@ PREDICTION_VERSION = 1  # the stored form's schema
 # The estimator's own version: bump it with every change that can move a prediction. A predicted_oom record
 # made by another version is re-evaluated on resume (bench/launch/campaign.py), reports show the version that made
 # each stored prediction, and the margins file must be regenerated (bench estimate-margins).
-ESTIMATOR_VERSION = 6
+ESTIMATOR_VERSION = 7
 # 3: ZeRO-3's replay keeps each sub-group's fp32 copy until the next is made, gathers on the all-gather stream
 #    (one-parameter gathers without a flat buffer); FSDP1 parameter offload reserves its initialisation's blocks
 #    (bench/estimate/offload_blocks.py) and keeps the offloaded shard copy only for an uncast root.
@@ -43,6 +43,13 @@ ESTIMATOR_VERSION = 6
 #    there at the root's post-backward; 43.88 -> 44.98 GiB): Fsdp1Run.post_backward and TIED_SUM_STREAM.
 #    Every framework sums a tied embedding's two gradients out of place (torch's autograd), on the compute stream
 #    elsewhere (Run.sum_tied_grads): 8 of 312 judged records' predictions move, none of the judge folders'.
+# 7: (fifteenth session, from results/tp-h200, kernels-h200 and corpus-gpu) tensor parallelism alone replayed at one
+#    rank's slices with the head's gather (replay/tp.py: Llama-3.2-3B tp 2 -10.3 % -> -0.3 %); FSDP2 built on the GPU
+#    caches its whole built model, not (1 - 1/n) of it (accelerate keeps original_sd through fully_shard); ZeRO-3's
+#    side-stream pools and ZeRO-1/2's second reduce bucket only with overlap_comm (a user's JSON may turn it off:
+#    user_deepspeed.py); Liger's RMSNorm and SwiGLU save their inputs, not transformers' fp32 upcast and SiLU output,
+#    and a Liger layer's backward temporaries are down_proj's input gradient and its LoRA chain (fp32 where peft
+#    casts inputs to fp32 adapters), not a fraction of the layer's activations.
 COMPONENTS = ("params", "grads", "optimizer", "master_weights", "activations", "adapter", "overhead")
 
 

@@ -192,6 +192,20 @@ def describe_user_config(path: str) -> Strategy:
         return Strategy(path, "torch", f"user accelerate config {Path(path).name}: one process", single_process=True)
 
 
+def deepspeed_config_as_written(path: str) -> dict | None:
+    """The DeepSpeed config a user's file holds, "auto" values unresolved: the JSON itself, the JSON an accelerate
+    YAML links, or the one accelerate builds from its inline keys; None for an accelerate config of another kind.
+    For what no "auto" fills (``overlap_comm``: read by the estimator), without importing DeepSpeed."""
+    with _read_guard(path):
+        data = load_user_config(path)
+        if _is_deepspeed_json(path):
+            return data
+        if _distributed_type(data) != "DEEPSPEED":
+            return None
+        linked = _linked_ds_path(data, path)
+        return load_user_config(str(linked)) if linked else _inline_ds(data)
+
+
 def _describe_ds(path: str, ds: dict, source: str) -> Strategy:
     check_shape(ds, source)
     stage = zero_stage(ds)

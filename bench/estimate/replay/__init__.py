@@ -8,6 +8,7 @@ from bench.estimate.replay.ddp import DdpRun
 from bench.estimate.replay.fsdp1 import Fsdp1Run
 from bench.estimate.replay.fsdp2 import Fsdp2Run, offload_copy_in_pool
 from bench.estimate.replay.tensors import layer_activations
+from bench.estimate.replay.tp import TpRun
 from bench.estimate.replay.zero12 import Zero12Run
 from bench.estimate.replay.zero3 import Zero3Run
 from bench.spec.schema import CellSettings
@@ -16,7 +17,7 @@ from bench.strategies import Strategy, is_user_config
 
 __all__ = ["RUNS", "Replay", "covers", "layer_activations", "offload_copy_in_pool", "replay", "run_for"]
 
-RUNS: tuple[type[Run], ...] = (DdpRun, Zero12Run, Zero3Run, Fsdp1Run, Fsdp2Run)
+RUNS: tuple[type[Run], ...] = (TpRun, DdpRun, Zero12Run, Zero3Run, Fsdp1Run, Fsdp2Run)
 
 
 def run_for(strategy: Strategy) -> type[Run] | None:
@@ -27,11 +28,12 @@ def run_for(strategy: Strategy) -> type[Run] | None:
 def covers(cell: CellSettings, strategy: Strategy | None) -> bool:
     """Cells whose allocations are written down here: full fine-tuning on CUDA from a random init (local
     weights load another way), no offload but ZeRO-1/2's optimizer offload and FSDP2's CPU offload, catalogue
-    strategies (a user's config may set anything)."""
+    strategies (a user's config may set anything), of the tensor-parallel layouts only tensor parallelism alone."""
     return (strategy is not None and cell.device == "cuda" and cell.adapter.type == "none"
-            and not strategy.splits_layers  # tensor-parallel layouts: the additive model (context parallel: replayed)
             and not is_user_config(cell.strategy) and not has_local_weights(cell.model)
-            and (run := run_for(strategy)) is not None and (not strategy.offloads or run.replays_offload(strategy)))
+            and (run := run_for(strategy)) is not None and (not strategy.offloads or run.replays_offload(strategy))
+            # tensor-parallel layouts: tensor parallelism alone is replayed (tp.py), FSDP2 + tp the additive model
+            and (not strategy.splits_layers or run.replays_tensor_split))
 
 
 def replay(cell: CellSettings, shape: ModelShape, strategy: Strategy, calib=None) -> Replay | None:

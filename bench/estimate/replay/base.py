@@ -31,9 +31,10 @@ are the frameworks' defaults and the generated configs' settings (bucket sizes, 
 limits). Tensors of a few MiB (norm statistics, scalars) are left out: they fit into cached blocks. The ranks
 that differ (ZeRO-1/2 partitions, FSDP1 shards) are each replayed and the highest taken, as the records keep
 the max over ranks. FSDP2 with context parallelism is replayed at the rank's share of the sequence, its states
-over dp_shard x cp, with ring attention's transients in each layer's attention (tensors.py). Not covered (None:
-the estimator's additive model applies): adapters, offload (but ZeRO-1/2's optimizer offload and FSDP2's CPU
-offload), tensor parallelism, users' own configs, CPU.
+over dp_shard x cp, with ring attention's transients in each layer's attention (tensors.py); tensor parallelism
+alone at one rank's slices with the head's gather (tp.py). Not covered (None: the estimator's additive model
+applies): adapters, offload (but ZeRO-1/2's optimizer offload and FSDP2's CPU offload), FSDP2 + tensor
+parallelism, users' own configs, CPU.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class Run:
     TIED_SUM_STREAM = COMPUTE
 
     ranks_differ = False  # whether ranks hold different parts of the model (then each is replayed)
+    replays_tensor_split = False  # whether a tensor-parallel rank's layout is written down (tp.py)
 
     @classmethod
     def handles(cls, strategy: Strategy) -> bool:
@@ -195,14 +197,15 @@ class Run:
         self.alloc("head:norm_out", self.r * s.hidden * t)
         if self.autocast_copies:  # the head is not checkpointed: its weight's copy is saved for its backward
             self.alloc("head:cast", self.c * s.hidden * t)
-            self.alloc("saved_copy:lm_head", self.c * s.vocab * s.hidden)
+            # (the head's weight is shaped as the embedding's: a rank's vocabulary rows under tensor parallelism)
+            self.alloc("saved_copy:lm_head", self.c * s.embedding_params)
         v = s.vocab * t
         self.use_module("lm_head")
         if self.fused_loss:
             self.fused_loss_forward()
             self.reshard_after_forward("root")
             return
-        self.alloc("logits", self.c * v)
+        self.head_logits(v)
         self.done_module("lm_head")
         if self.c != 4:
             self.alloc("logits_fp32", 4 * v)  # ForCausalLMLoss: logits.float()
@@ -215,6 +218,13 @@ class Run:
         else:
             self.mem.rename("logits", "output_logits")
         self.reshard_after_forward("root")
+
+    def head_logits(self, v: int) -> None:
+        """The LM head's output, ``v`` logits in the compute dtype (tensor parallelism gathers it: tp.py)."""
+        self.alloc("logits", self.c * v)
+
+    def head_grad_output(self, name: str, v: int) -> None:
+        """The logits' gradient ``name`` as the head's backward takes it (tensor parallelism: its local slice)."""
 
     def unsaved_forward(self, layer: int) -> None:
         """A checkpointed layer's forward saves nothing for backward (torch.utils.checkpoint): each of its
@@ -264,12 +274,12 @@ class Run:
             self.alloc("grad_logits", self.c * v)  # the upcast's backward
             self.free("grad_logits_fp32")
         if not self.fused_loss:
+            self.head_grad_output("grad_logits" if self.c != 4 else "grad_logits_fp32", v)
             self.alloc("grad_hidden", self.r * s.hidden * t)
-        self.weight_grad("lm_head", s.vocab * s.hidden, tied=s.tied_embeddings)
+        self.weight_grad("lm_head", s.embedding_params, tied=s.tied_embeddings)  # shaped as the embedding
         self.free("saved_copy:lm_head")
         self.done_module("lm_head~b")
-        self.free("grad_logits")
-        self.free("grad_logits_fp32")
+        self.free_all("grad_logits")
         self.free_all("head:")
         self.mem.phase = "backward (layers)"
         for layer in reversed(range(s.layers)):

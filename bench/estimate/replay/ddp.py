@@ -16,7 +16,7 @@ class DdpRun(Run):
 
     @classmethod
     def handles(cls, strategy: Strategy) -> bool:
-        return strategy.is_plain
+        return strategy.is_plain and not strategy.splits_layers  # tensor parallelism alone: tp.py
 
     def build(self) -> None:
         self.build_on_device({"float32": 4, "bfloat16": 2, "float16": 2}[policy_for(self.cell).weight_dtype])
