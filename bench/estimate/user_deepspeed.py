@@ -34,4 +34,6 @@ def overlaps_comm(cell: CellSettings, strategy: Strategy) -> bool:
     if not strategy.uses_deepspeed or not is_user_config(cell.strategy):
         return strategy.uses_deepspeed
     value = zero_settings(cell).get("overlap_comm")
+    if isinstance(value, str):  # "auto" is dropped for DeepSpeed's default, as the launch resolves it (issue 18)
+        value = {"true": True, "false": False}.get(value.strip().lower())
     return strategy.shard_level == 3 if value is None else bool(value)

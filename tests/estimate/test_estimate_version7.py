@@ -105,7 +105,9 @@ def test_fsdp2_built_on_the_gpu_caches_its_whole_built_model():
 # ---------------------------------------------------------------- overlap_comm
 
 @pytest.mark.parametrize("zero,stage,expected", [({"overlap_comm": False}, 3, False), ({"overlap_comm": True}, 3, True),
-                                                 ({}, 3, True), ({}, 2, False), ({"overlap_comm": True}, 2, True)])
+                                                 ({}, 3, True), ({}, 2, False), ({"overlap_comm": True}, 2, True),
+                                                 ({"overlap_comm": "auto"}, 3, True), ({"overlap_comm": "auto"}, 2, False),
+                                                 ({"overlap_comm": "false"}, 3, False)])
 def test_overlap_comm_is_the_files_else_deepspeeds_default(tmp_path, zero, stage, expected):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
