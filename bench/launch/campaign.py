@@ -101,7 +101,10 @@ def prepare(matrix_path: str, opts: RunOptions) -> Prepared:
     refuse_foreign_records(records, results_dir)
     finished = finished_runs(records, opts.retry_failed, opts.force)
     repeats = opts.repeats or matrix.repeats
-    todo = [(c, r) for c in cells for r in range(repeats) if (c.cell_id, r) not in finished]
+    # Round robin: every cell's first launch, then every cell's second... A cell's launches then lie minutes apart
+    # and sample the machine's slower drifts (a host CPU at half pace for a minute: README, issue 16), which three
+    # launches back to back share; their interval across launches would claim an agreement the next run lacks.
+    todo = [(c, r) for r in range(repeats) for c in cells if (c.cell_id, r) not in finished]
     return Prepared(matrix, cells, results_dir, todo, len(cells) * repeats - len(todo), reasons, here)
 
 
