@@ -74,11 +74,15 @@ def phase_medians(records: list) -> pd.DataFrame:
 
 def compare(a: pd.DataFrame, b: pd.DataFrame, tolerance: float) -> pd.DataFrame:
     cols = ["cell_id", "label", "status", "machine", FIGURE, "repeats_ok", "timed_steps", "util_mean_pct",
-            "cpu_probe_ms", "fwd_bwd_s", "optim_s"]
+            "cpu_probe_ms", "fwd_bwd_s", "optim_s", "micro_batch"]
     a, b = (side.reindex(columns=list(dict.fromkeys([*side.columns, *cols]))) for side in (a, b))
     both = a[cols].merge(b[cols], on="cell_id", how="outer", suffixes=("_a", "_b"))
     both["label"] = both["label_a"].fillna(both["label_b"])
-    ok = (both["status_a"] == "ok") & (both["status_b"] == "ok")
+    # An auto micro-batch cell may settle on different micro-batches in two runs (train.micro_batch: auto):
+    # then the two figures measure two configurations, and their ratio is no agreement. Left out, and said.
+    both["other_micro_batch"] = (both["micro_batch_a"].notna() & both["micro_batch_b"].notna()
+                                 & (both["micro_batch_a"] != both["micro_batch_b"]))
+    ok = (both["status_a"] == "ok") & (both["status_b"] == "ok") & ~both["other_micro_batch"]
     both["change"] = (both[f"{FIGURE}_b"] / both[f"{FIGURE}_a"] - 1).where(ok)
     both["agrees"] = (both["change"].abs() <= tolerance).where(ok)
     for part in ("fwd_bwd_s", "optim_s"):
@@ -123,6 +127,8 @@ def render(both: pd.DataFrame, args: argparse.Namespace, walls: dict[str, tuple[
     for _, r in both.iterrows():
         change, fwd_bwd, optim = (f"{r[c]:+.1%}" if pd.notna(r[c]) else "" for c in
                                   ("change", "fwd_bwd_s_change", "optim_s_change"))
+        if r["other_micro_batch"]:
+            change = f"mb {r['micro_batch_a']:.0f} vs {r['micro_batch_b']:.0f}: not compared"
         lines.append(f"| {r['label']} | {_figure(r, 'a')} | {_figure(r, 'b')} | {change} | {fwd_bwd} | {optim} | "
                      f"{_pair(r, 'repeats_ok')} | {_pair(r, 'timed_steps')} | {_pair(r, 'util_mean_pct')} | "
                      f"{_pair(r, 'cpu_probe_ms', 2)} | {r['machine_a'] if pd.notna(r['machine_a']) else r['machine_b']} |")
@@ -137,7 +143,8 @@ def render(both: pd.DataFrame, args: argparse.Namespace, walls: dict[str, tuple[
               f"{judged['change'].abs().max():.1%}" if len(judged) else "- agreement: no cell ok on both sides",
               *busy_split(judged, args.tolerance),
               f"- fewest timed steps of any ok launch: {fewest} (bar {args.min_steps})",
-              f"- left out (not ok on both sides or on one side only): {len(both) - len(judged)}"]
+              f"- left out (not ok on both sides, on one side only, or an auto micro-batch cell run at "
+              f"different micro-batches: {int(both['other_micro_batch'].sum())}): {len(both) - len(judged)}"]
     for side, folder in (("a", args.a), ("b", args.b)):
         span, total = walls[side]
         lines.append(f"- run {side}: `{folder}`, {cards[side]}; wall time {span / 60:.1f} min from the first "

@@ -70,3 +70,26 @@ def test_the_agreement_of_busy_cards_and_of_cards_waiting_on_the_host_is_shown_a
     # the two nights: their one host-bound cell (ZeRO-3) agreed too
     assert ra.main([str(NIGHTS / "2026-11-30-213e3ff"), str(NIGHTS / "2026-11-30-213e3ff-2")]) == 0
     assert "cards waiting on the host (NVML < 90 % on either side): 1 of 1 within 2%" in capsys.readouterr().out
+
+
+def test_auto_cells_run_at_different_micro_batches_are_left_out_and_said(capsys, tmp_path):
+    """Two runs of an auto micro-batch cell that settled on different micro-batches measured two configurations:
+    their ratio is no agreement. kernels-h200 against a copy whose auto cells chose one more."""
+    import json
+
+    source = REPO / "results" / "kernels-h200"
+    other = tmp_path / "kernels-h200-b"
+    other.mkdir()
+    lines = []
+    for line in (source / "runs.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("micro_batch_auto") and record["micro_batch_auto"].get("chosen"):
+            record["micro_batch_auto"]["chosen"] += 1
+        lines.append(json.dumps(record))
+    (other / "runs.jsonl").write_text("\n".join(lines) + "\n")
+    ra.main([str(source), str(other)])
+    text = capsys.readouterr().out
+    auto_rows = [row for row in text.splitlines() if "mb-auto" in row]
+    assert len(auto_rows) == 8 and all("not compared" in row for row in auto_rows)
+    assert "8 of 8 cells ok on both sides within 2%" in text  # the numbered ones, the same records on both sides
+    assert "different micro-batches: 8): 9" in text  # and the interrupted record, not ok on both sides
