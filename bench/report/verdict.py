@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from bench.report import intervals, metrics
+from bench.report.repeats import OWN_FAILURES
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,6 @@ def fits(row: pd.Series) -> bool:
 def not_measured(row: pd.Series) -> bool:
     """No launch of the cell ran ok, none failed for its own reasons, and it was not predicted not to fit:
     the operator, the scheduler or another tenant stopped it (bench/report/repeats.py OWN_FAILURES)."""
-    from bench.report.repeats import OWN_FAILURES
-
     return row["status"] not in ("ok", "predicted_oom", *OWN_FAILURES) and not failed_launches(row)
 
 
