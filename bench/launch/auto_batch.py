@@ -17,7 +17,8 @@ micro-batch, status and peak (the trail; a climb's entry also ``corrected_gib``,
 was chosen on), the value chosen (the largest ok micro-batch; None when no launch ran ok) and why the search
 ``stopped`` (STOP_REASONS). Each launch has its own folder (the id of its concrete micro-batch). A launch
 stopped by Ctrl-C or SIGTERM is recorded the same way, as the auto cell's interrupted record with the trail so
-far; an interrupted record does not count as done, so a resume runs the cell's search again.
+far, and so is a search stopped between two launches once one has finished (its record is then the finished
+launch's, status interrupted); an interrupted record does not count as done, so a resume runs the search again.
 
 With repeats, only a cell's first launch probes: later repeats start at the micro-batch its first ok launch
 chose (``first_choices``; the campaign remembers it, across a resume too) and do not climb, since launches at
@@ -31,7 +32,7 @@ from typing import Callable
 
 from bench.launch.plan import LaunchPlan
 from bench.launch.runner import CellInterrupted
-from bench.records import RunRecord
+from bench.records import CellError, RunRecord
 from bench.spec import CellSettings
 
 # A wrong proposal costs at most this many short launches (an OOM ends in its first step). 5, one more than
@@ -39,6 +40,9 @@ from bench.spec import CellSettings
 # after one or two launches, the first correcting the estimator by its error at the launched micro-batch,
 # the second also guarded by the growth measured between two ok launches.
 MAX_LAUNCHES = 5
+# Ctrl-C (or SIGTERM) between two launches of the search: the error of the cell's interrupted record then.
+BETWEEN_LAUNCHES = CellError(kind="interrupted", message="stopped by Ctrl-C (or SIGTERM to bench) between two "
+                             "launches of the micro-batch search; the launches that finished are in the trail")
 GIB = 2**30
 STOP_REASONS = (
     "next predicted not to fit",  # the corrected prediction finds no larger micro-batch that fits
@@ -146,10 +150,28 @@ def run_auto(item: AutoCell, launch: Callable[[LaunchPlan, bool], RunRecord],
     the proposal, so that the cell's launches measure one configuration and can be pooled (the report pools
     only launches at one micro-batch); it still steps down should that run out of memory this time, and never
     climbs. The trail marks the reused launch (``reused_from_repeat``).
-    Raises CellInterrupted with the auto cell's interrupted record when a launch is stopped by Ctrl-C.
+    Raises CellInterrupted with the auto cell's interrupted record when a launch is stopped by Ctrl-C, or when
+    Ctrl-C comes between two launches once one has finished (before any, KeyboardInterrupt: nothing to record).
     """
     trail: list[dict] = []
-    oks: dict[int, RunRecord] = {}
+    finished: dict[int, RunRecord] = {}
+    try:
+        return search(item, launch, reuse, trail, finished)
+    except KeyboardInterrupt:
+        if not finished:
+            raise
+        # Nothing runs between two launches, but the finished ones are measurements: keep them as the cell's
+        # interrupted record (not done: a resume runs the search again) rather than lose them.
+        oks = [mb for mb, r in finished.items() if r.status == "ok"]
+        base = finished[max(oks)] if oks else finished[trail[-1]["mb"]]
+        stopped = base.model_copy(update={"status": "interrupted", "error": BETWEEN_LAUNCHES})
+        raise CellInterrupted(as_auto_record(item, stopped, trail, "interrupted", reuse)) from None
+
+
+def search(item: AutoCell, launch: Callable[[LaunchPlan, bool], RunRecord], reuse: tuple[int, int] | None,
+           trail: list[dict], finished: dict[int, RunRecord]) -> RunRecord:
+    """run_auto's loop. Fills ``trail`` and ``finished`` (micro-batch -> its launch's record) as it goes, so
+    that an interruption between two launches still has them."""
     mb, corrected, stopped, record = reuse[0] if reuse else item.proposed, None, None, None
     while mb is not None:
         if len(trail) >= MAX_LAUNCHES:
@@ -164,10 +186,10 @@ def run_auto(item: AutoCell, launch: Callable[[LaunchPlan, bool], RunRecord],
             trail.append({"mb": mb, "status": "interrupted", "peak_gib": peak_gib(stop.record), **extra})
             raise CellInterrupted(as_auto_record(item, stop.record, trail, "interrupted", reuse)) from None
         trail.append({"mb": mb, "status": record.status, "peak_gib": peak_gib(record), **extra})
-        if record.status == "ok":
-            oks[mb] = record
+        finished[mb] = record
         mb, corrected, stopped = next_launch(item, trail, reuse is not None)
-    return as_auto_record(item, oks[max(oks)] if oks else record, trail, stopped, reuse)
+    oks = [mb for mb, r in finished.items() if r.status == "ok"]
+    return as_auto_record(item, finished[max(oks)] if oks else record, trail, stopped, reuse)
 
 
 def as_auto_record(item: AutoCell, record: RunRecord, trail: list[dict], stopped: str | None,

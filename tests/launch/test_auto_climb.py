@@ -16,7 +16,7 @@ from conftest import REPO
 
 from bench.estimate import predict
 from bench.estimate.auto_batch import climb, with_micro_batch
-from bench.launch.auto_batch import MAX_LAUNCHES, AutoCell, first_choices, run_auto
+from bench.launch.auto_batch import MAX_LAUNCHES, AutoCell, first_choices, run_auto, step_down
 from bench.launch.plan import build_plan
 from bench.launch.runner import CellInterrupted
 from bench.records import RunRecord
@@ -214,3 +214,39 @@ def test_an_interrupted_launch_is_recorded_as_the_auto_cell_with_its_trail(cell,
     done = run_auto(auto_cell(cell, tmp_path), Launches(cell, shifted(cell, 5.0)))
     assert (cell.cell_id, 0) in finished_runs([record, done], retry_failed=False)
     assert latest_runs([record, done]) == [done]
+
+
+def ctrl_c_at(launches: Launches, mb_stopped: int):
+    """The launch seam with Ctrl-C arriving before the launch at ``mb_stopped`` starts (between two launches:
+    nothing running, so no runner turns it into a record)."""
+    def launch(plan, measured_fit: bool) -> RunRecord:
+        if plan.cell.train.micro_batch == mb_stopped:
+            raise KeyboardInterrupt
+        return launches(plan, measured_fit)
+    return launch
+
+
+def test_ctrl_c_between_two_launches_keeps_the_finished_ones_as_the_interrupted_record(cell, tmp_path):
+    climb_to = largest_with(cell, lambda mb: predicted(cell, mb) - 5.0)
+    with pytest.raises(CellInterrupted) as stopped:
+        run_auto(auto_cell(cell, tmp_path), ctrl_c_at(Launches(cell, shifted(cell, 5.0)), climb_to))
+    record = stopped.value.record
+    assert record.status == "interrupted" and "between two launches" in record.error.message
+    assert record.cell_id == cell.cell_id and record.settings["train"]["micro_batch"] == "auto"
+    auto = record.micro_batch_auto
+    assert [(t["mb"], t["status"]) for t in auto["trail"]] == [(19, "ok")]  # the ok launch is not lost
+    assert auto["stopped"] == "interrupted" and auto["chosen"] is None
+    assert record.ranks[0]["torch_peak_reserved_bytes"] == int((predicted(cell, 19) - 5.0) * GIB)
+
+
+def test_ctrl_c_after_an_oom_keeps_the_oom_launch_in_the_trail(cell, tmp_path):
+    with pytest.raises(CellInterrupted) as stopped:  # oom at the proposal, Ctrl-C before the step down
+        run_auto(auto_cell(cell, tmp_path), ctrl_c_at(Launches(cell, shifted(cell, 0.0, oom_from=19)), step_down(19)))
+    auto = stopped.value.record.micro_batch_auto
+    assert [(t["mb"], t["status"]) for t in auto["trail"]] == [(19, "oom")]
+    assert stopped.value.record.status == "interrupted"
+
+
+def test_ctrl_c_before_the_first_launch_has_nothing_to_record(cell, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        run_auto(auto_cell(cell, tmp_path), ctrl_c_at(Launches(cell, shifted(cell, 5.0)), 19))
