@@ -63,11 +63,18 @@ def aggregate_repeats(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def same_micro_batch(ok: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(the ok launches at the first ok launch's micro-batch, the ok launches at another one)."""
+    """(the ok launches at the pooled micro-batch, the ok launches at another one).
+
+    Pooled: the micro-batch most ok launches ran at, on a tie the largest. Within one run that is the first
+    launch's choice, which later repeats reuse (unless most of them ran out of memory there and stepped down:
+    then what fits reliably); between runs of one matrix (a report of several folders) a tie goes to the best
+    fit found, e.g. a later run's climb over an earlier run's first proposal, whatever the folders' order."""
     if not len(ok) or "micro_batch" not in ok.columns:
         return ok, ok.iloc[:0]
-    first = ok.sort_values("repeat", kind="stable")["micro_batch"].iloc[0]
-    same = ok["micro_batch"] == first if first == first else ok["micro_batch"].isna()  # NaN: none chosen
+    counts = ok["micro_batch"].value_counts(dropna=False)
+    tied = [mb for mb, n in counts.items() if n == counts.max()]
+    pooled = max(tied, key=lambda mb: float("-inf") if mb != mb else mb)  # NaN (none chosen) only when alone
+    same = ok["micro_batch"] == pooled if pooled == pooled else ok["micro_batch"].isna()
     return ok[same], ok[~same]
 
 
@@ -82,8 +89,8 @@ def micro_batch_note(pooled: pd.DataFrame, other: pd.DataFrame) -> str | None:
     if not len(other):
         return None
     left = ", ".join(f"{mb:g}" if mb == mb else "none" for mb in other["micro_batch"])
-    return (f"launches chose different micro-batches: {len(pooled)} at {pooled['micro_batch'].iloc[0]:g} (the first "
-            f"ok launch's) pooled, {len(other)} at {left} left out")
+    return (f"launches chose different micro-batches: {len(pooled)} at {pooled['micro_batch'].iloc[0]:g} (the most "
+            f"launches', on a tie the largest) pooled, {len(other)} at {left} left out")
 
 
 def _across_launches(ok: pd.DataFrame) -> dict:

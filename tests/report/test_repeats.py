@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pandas as pd
 import pytest
 
 from bench.records import RunRecord, load_records
@@ -83,9 +84,28 @@ def test_launches_of_an_auto_cell_at_different_micro_batches_are_not_pooled(llam
     row = df.iloc[0]
     assert row["micro_batch"] == 4 and (row["repeats_ok"], row["repeats_pooled"]) == (3, 2)
     assert row["repeats_other_micro_batch"] == 1
-    assert row["micro_batch_note"] == ("launches chose different micro-batches: 2 at 4 (the first ok launch's) "
-                                       "pooled, 1 at 3 left out")
+    assert row["micro_batch_note"] == ("launches chose different micro-batches: 2 at 4 (the most launches', on a "
+                                       "tie the largest) pooled, 1 at 3 left out")
     # the median of the two launches at 4 (1.0 s and 1.02 s), not of all three (which would be 1.0 s)
     assert row["step_time_s"] == pytest.approx(1.01, rel=1e-3)
     assert row["real_tokens_per_s"] < one["real_tokens_per_s"]
     assert text.basis_text(row) == "3 launches, 2 pooled (1 at another micro-batch)"
+
+
+def test_a_tie_between_two_runs_pools_the_larger_micro_batch_whatever_the_folder_order(llama8b):
+    """Two runs of an auto cell, one launch each (results/kernels-h200 at mb 19 before the climb existed,
+    kernels-h200-b at 23 after it): the report pools the best fit found, not whichever folder came first."""
+    zero1 = llama8b["llama-3.1-8b lora zero1 x2gpu"]
+    first = metrics.frame([auto(zero1, 3.8, 0, 19)]).assign(results_folder="results/kernels-h200")
+    second = metrics.frame([auto(zero1, 4.6, 0, 23)]).assign(results_folder="results/kernels-h200-b")
+    for order in ([first, second], [second, first]):
+        row = repeats.aggregate_repeats(pd.concat(order, ignore_index=True)).iloc[0]
+        assert row["micro_batch"] == 23 and row["step_time_s"] == pytest.approx(4.6)
+        assert (row["repeats_pooled"], row["repeats_other_micro_batch"]) == (1, 1)
+
+
+def test_most_launches_at_one_micro_batch_outweigh_a_larger_one(llama8b):
+    zero1 = llama8b["llama-3.1-8b lora zero1 x2gpu"]
+    df = repeats.aggregate_repeats(metrics.frame([auto(zero1, 1.1, 0, 5), auto(zero1, 1.0, 1, 4),
+                                                  auto(zero1, 1.02, 2, 4)]))
+    assert df.iloc[0]["micro_batch"] == 4 and df.iloc[0]["repeats_pooled"] == 2
