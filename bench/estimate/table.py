@@ -115,7 +115,8 @@ NODES_NOTE = ("Cells of several nodes (label 'Nnodes'): per-card figures for nod
 def compile_note(cells: int) -> str:
     """Said under the table when cells compile: the estimator predicts them as eager (bench/estimate/activations.py)."""
     return (f"{cells} cell(s) with train.compile (label 'compile'): torch.compile is not modelled, they are predicted "
-            "as the same cell without it; no GPU record of a compiled cell has checked that yet")
+            "as the same cell without it (the first compiled cells on a GPU, results/kernels-h200-b, 8B LoRA at one "
+            "GPU, reserved 98-103 % of the same cells eager)")
 
 
 def _formula(pred: Prediction) -> str:
