@@ -88,3 +88,19 @@ def guard_distributed_setup(cell: CellSettings, accelerator, world_size: int, ce
                             str(accelerator.distributed_type), world_size,
                             fsdp_version=getattr(plugin, "fsdp_version", None),
                             user_config=strategies.is_user_config(cell.strategy))
+
+
+def check_optimizer_steps_the_model(model, optimizer, strategy: Strategy) -> None:
+    """Raise RuntimeError if the prepared optimizer holds parameters the prepared model does not.
+
+    Its step would then update tensors nothing reads (FSDP1 with use_orig_params false replaces the model's
+    parameters when it wraps them): a step that trains nothing, timed and reported as training. DeepSpeed's
+    optimizer steps its own flat partitions, so it is not asked."""
+    if strategy.uses_deepspeed:
+        return
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps torch's
+    in_model = {id(p) for p in model.parameters()}
+    stray = sum(id(p) not in in_model for group in inner.param_groups for p in group["params"])
+    if stray:
+        raise RuntimeError(f"the optimizer holds {stray} parameter(s) that the prepared model does not: its step "
+                           "would train nothing (an optimizer made before the model was wrapped?)")

@@ -104,6 +104,17 @@ class Fsdp1Preparer(Preparer):
 
         plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
 
+    def prepare(self, cell: CellSettings, model, accelerator, device: torch.device, on_meta: bool = False):
+        """The model first, then the optimizer over the wrapped model's parameters, as the HF Trainer delays
+        it under FSDP. With use_orig_params false (QLoRA cells, and users' configs that say so) FSDP1 replaces
+        each unit's parameters by one FlatParameter, and accelerate remaps an optimizer prepared beside the
+        model only under FSDP2 and tensor parallelism: an optimizer made from the unwrapped model would step
+        the orphaned originals, training nothing and keeping the built model on the GPU."""
+        if on_meta:
+            return self.prepare_meta(cell, model, accelerator, device)
+        model = accelerator.prepare(model)
+        return model, accelerator.prepare(self.make_optimizer(cell, model, accelerator))
+
     def prepare_meta(self, cell: CellSettings, model, accelerator, device: torch.device):
         """Each rank materialises and initialises only its own shard, unit by unit, through the plugin's
         param_init_fn (accelerate replaces it when sync_module_states is on, so that stays off: there is
@@ -113,8 +124,7 @@ class Fsdp1Preparer(Preparer):
         plugin = accelerator.state.fsdp_plugin
         plugin.sync_module_states = False
         plugin.param_init_fn = partial(materialise_module, device=device, model=model)
-        model = accelerator.prepare(model)
-        return model, accelerator.prepare(self.make_optimizer(cell, model, accelerator))
+        return self.prepare(cell, model, accelerator, device)
 
     @staticmethod
     def build_peak_bytes(strategy: Strategy, world: int, total_bytes: int, root_bytes: int) -> int:

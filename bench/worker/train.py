@@ -27,7 +27,7 @@ from bench.strategies.precision import policy_for
 from bench.worker import affinity, fast_paths, memory_snapshot, parallel, slowdown, transfers
 from bench.worker.gc_window import GcWindow
 from bench.worker.host_window import HostWindow
-from bench.worker.guard import cell_strategy, guard_distributed_setup
+from bench.worker.guard import cell_strategy, check_optimizer_steps_the_model, guard_distributed_setup
 from bench.worker.prepare import Preparer, preparer_for, unwrap
 from bench.worker.timing import StoppingRule
 
@@ -251,6 +251,7 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None, pinn
     startup["build_model_s"] = time.time() - t_build
     t = time.time()
     model, optimizer = preparer.prepare(cell, model, accelerator, device, on_meta)
+    check_optimizer_steps_the_model(model, optimizer, strategy)
     model.train()
     compiled = fast_paths.compiled_regions(cell, model)  # what accelerate's prepare compiled (train.compile)
     startup["optimizer_and_prepare_s"] = time.time() - t
