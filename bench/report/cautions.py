@@ -3,6 +3,7 @@
 - the compared cells ran at mean SM clocks more than 3 % apart (the card, not the strategy, may differ);
 - Python's garbage collector ran inside a timed window (issue 16: kept out of it, and a stray collection
   made visible: bench/worker/gc_window.py);
+- the optimizer skipped its update in timed steps (fp16's loss scaler after inf/NaN gradients: no optimizer work);
 - torch.compile compiled inside the timed steps (issue 21: compile time belongs to the warm-up);
 - an auto micro-batch cell whose launches chose different micro-batches (bench/report/repeats.py);
 - a GPU cell whose cards were busy less than 90 % of its timed window: its steps wait on the host;
@@ -68,6 +69,18 @@ def gc_warning(rows: pd.DataFrame) -> str | None:
         return None
     return (f"Warning: Python's garbage collector ran inside the timed window of {cells} (collections in the "
             "worst launch): a library called gc.collect() while the collector was off; those step times include it.")
+
+
+def skipped_update_warning(rows: pd.DataFrame) -> str | None:
+    """fp16's loss scaler skips the update after inf/NaN gradients and lowers its scale: such a step does no
+    optimizer work, so timed it reads shorter than the steps a training run is made of."""
+    cells = _cells_with(rows, "optimizer_skipped_in_window", lambda r: f"{r['optimizer_skipped_in_window']:.0f}",
+                        keep=lambda v: v > 0)
+    if cells is None:
+        return None
+    return (f"Warning: the optimizer skipped its update in timed steps of {cells} (steps, worst launch): fp16's loss "
+            "scaler found inf/NaN gradients and lowered its scale, so those steps did no optimizer work and their "
+            "median may read short (more train.warmup_steps, or a lower initial loss scale).")
 
 
 def compile_warning(rows: pd.DataFrame) -> str | None:
@@ -140,4 +153,5 @@ def verdict_warnings(rows: pd.DataFrame) -> list[str]:
     """Beside the verdict, once per setting (the report opens with it, and the terminal prints it): the clocks
     and what went wrong inside a launch's timed window or between its launches."""
     return [w for w in (clock_warning(rows), host_bound_note(rows), steal_warning(rows), slow_host_warning(rows),
-                        gc_warning(rows), compile_warning(rows), micro_batch_warning(rows)) if w]
+                        gc_warning(rows), skipped_update_warning(rows), compile_warning(rows),
+                        micro_batch_warning(rows)) if w]

@@ -49,12 +49,14 @@ class Preparer:
     def build_peak_bytes(strategy: Strategy, world: int, total_bytes: int, root_bytes: int) -> int:
         raise NotImplementedError(f"strategy {strategy.name!r} builds no meta model: only FSDP's do")
 
-    def step(self, cell: CellSettings, model, optimizer, accelerator) -> None:
-        """Clip (at the accumulation boundary), step and zero the gradients."""
+    def step(self, cell: CellSettings, model, optimizer, accelerator) -> bool:
+        """Clip (at the accumulation boundary), step and zero the gradients. True when the step skipped the
+        update: fp16's loss scaler found inf/NaN gradients (accelerate's ``step_was_skipped``)."""
         if accelerator.sync_gradients and cell.train.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), cell.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return accelerator.sync_gradients and bool(getattr(optimizer, "step_was_skipped", False))
 
 
 class PlainPreparer(Preparer):
@@ -84,9 +86,13 @@ class DeepSpeedPreparer(Preparer):
         model.set_gradient_accumulation_boundary(is_boundary=accelerator.sync_gradients)
         model.backward(loss)
 
-    def step(self, cell: CellSettings, model, optimizer, accelerator) -> None:
-        if accelerator.sync_gradients:
-            model.step()  # clips per the JSON's gradient_clipping, steps, zeroes
+    def step(self, cell: CellSettings, model, optimizer, accelerator) -> bool:
+        """The engine's step; True when its fp16 loss scaler skipped the update (its ``skipped_steps`` counts)."""
+        if not accelerator.sync_gradients:
+            return False
+        skipped = getattr(model, "skipped_steps", 0)
+        model.step()  # clips per the JSON's gradient_clipping, steps, zeroes
+        return getattr(model, "skipped_steps", 0) > skipped
 
 
 class Fsdp1Preparer(Preparer):

@@ -109,7 +109,7 @@ def train_step(cell: CellSettings, model, optimizer, accelerator, batches, devic
     synchronised between the parts so that each figure holds its own kernels, at the cost of one
     short bubble per step. The framework's ``preparer`` runs backward and step (bench/worker/prepare.py).
     """
-    losses, tokens, real, fwd_bwd_s, optim_s = [], 0, 0, 0.0, 0.0
+    losses, tokens, real, fwd_bwd_s, optim_s, skipped = [], 0, 0, 0.0, 0.0, False
     for _ in range(cell.train.grad_accum):
         batch = next(batches)
         tokens += batch["input_ids"].numel()  # before context parallelism splits the inputs in place
@@ -122,13 +122,13 @@ def train_step(cell: CellSettings, model, optimizer, accelerator, batches, devic
                 preparer.backward(model, out.loss, accelerator)
             sync(device)
             t1 = time.perf_counter()
-            preparer.step(cell, model, optimizer, accelerator)
+            skipped = preparer.step(cell, model, optimizer, accelerator) or skipped
             sync(device)
             fwd_bwd_s += t1 - t0
             optim_s += time.perf_counter() - t1
         losses.append(out.loss.detach())
     return {"loss": float(torch.stack(losses).float().mean()), "tokens": tokens, "real_tokens": real,
-            "fwd_bwd_s": fwd_bwd_s, "optim_s": optim_s}
+            "fwd_bwd_s": fwd_bwd_s, "optim_s": optim_s, "optimizer_skipped": skipped}
 
 
 def slowest_rank(values: list[float], device: torch.device) -> list[float]:
@@ -279,6 +279,7 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None, pinn
     report["optimizer_class"] = innermost_optimizer(model, optimizer)
     report["timing"] = timing  # the stopping rule, why it stopped, the interval reached (slowest-rank series)
     report["gc"] = collector
+    report["optimizer_skipped"] = skipped_updates(steps)  # fp16 loss scaling: steps without an update
     report["host"] = host  # CPU stolen / busy on the host and this rank's CPU use over the timed window
     report["startup_breakdown"] = startup  # where the time before the first step went
     report["model_init"] = "meta, materialised per shard" if on_meta else "on device"
@@ -340,6 +341,13 @@ def innermost_optimizer(model, optimizer) -> str:
     while getattr(found, "optimizer", None) is not None:
         found = found.optimizer
     return type(found).__name__
+
+
+def skipped_updates(steps: list[dict]) -> dict:
+    """How many warm-up and timed steps skipped the optimizer update (fp16's loss scaler lowering its scale
+    after inf/NaN gradients). A skipped step does no optimizer work: timed, it reads shorter than a real one."""
+    return {phase: sum(bool(s.get("optimizer_skipped")) for s in steps if s["phase"] == phase)
+            for phase in ("warmup", "timed")}
 
 
 def model_vocab(model) -> int:

@@ -141,6 +141,8 @@ def test_family_runs_and_is_measured(gpu_records, test_id):
         timing = rank["timing"]
         assert timing == r["ranks"][0]["timing"] and timing["timed_steps"] >= cell_settings(test_id)["train"]["steps"]
         assert rank["gc"]["collections_in_window"] == 0, rank["gc"]
+        if cell_settings(test_id)["train"]["precision"] != "fp16":  # no loss scaler, no skipped update
+            assert rank["optimizer_skipped"] == {"warmup": 0, "timed": 0}
     nvml = r["nvml"]
     assert nvml is not None and nvml["energy_timed_j"] > 0
     assert len(nvml["per_gpu"]) == CELLS[test_id]["gpus"]
@@ -266,3 +268,27 @@ def test_user_json_with_deepspeeds_own_fused_adam_runs(tmp_path):
         assert any("TORCH_CUDA_ARCH_LIST" in n for n in notes) and "TORCH_CUDA_ARCH_LIST=" in record["command"]
     assert record["strategy_info"]["optimizer"].startswith("DeepSpeed AdamW from the JSON's optimizer block")
     assert {rank["optimizer_class"] for rank in record["ranks"]} == {"FusedAdam"}  # JIT-built on this GPU
+
+
+def test_fp16_loss_scale_skips_are_counted_and_warned(tmp_path):
+    """A DeepSpeed fp16 JSON starting its loss scale at 2^32 (axolotl's zero2.json does): the first steps'
+    gradients overflow and DeepSpeed skips their update while it lowers the scale. The record counts them
+    per phase; with a single warm-up step some fall in the timed window, and the report warns."""
+    config = {"zero_optimization": {"stage": 2}, "fp16": {"enabled": True, "loss_scale": 0,
+                                                          "initial_scale_power": 32},
+              "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
+    (tmp_path / "fp16.json").write_text(json.dumps(config))
+    path = tmp_path / "fp16.yaml"
+    path.write_text(yaml.safe_dump({"name": "fp16", "model": "tiny-llama", "device": "cuda",
+                                    "strategy": str(tmp_path / "fp16.json"), "gpus": 1,
+                                    "train": {"seq_len": 128, "steps": 5, "warmup_steps": 1, "precision": "fp16",
+                                              "timing": {"max_steps": 5, "max_timed_s": 10}}}))
+    bench("run", str(path), "--results", str(tmp_path / "res"), check=True)
+    record = json.loads((tmp_path / "res" / "runs.jsonl").read_text().splitlines()[0])
+    assert record["status"] == "ok", record.get("error")
+    skipped = record["ranks"][0]["optimizer_skipped"]
+    assert skipped["warmup"] == 1 and skipped["timed"] >= 1, skipped
+    steps = [s for s in record["ranks"][0]["steps"] if s["phase"] == "timed"]
+    assert sum(s["optimizer_skipped"] for s in steps) == skipped["timed"]
+    bench("report", str(tmp_path / "res"), "--out", str(tmp_path / "rep"), check=True)
+    assert "skipped its update" in (tmp_path / "rep" / "index.md").read_text()

@@ -130,7 +130,31 @@ def test_a_climbed_auto_cell_shows_its_trail_in_launch_order_and_why_it_stopped(
     assert side.endswith("mb 23 (auto: proposed 19, 19 ok -> 23 ok -> 25 oom)")
 
 
-@pytest.mark.parametrize("field", ["micro_batch_stopped", "gc_collections_in_window", "compile_s", "liger_modules", "micro_batch_trail"])
+def with_skipped_updates(records, timed: list[int]):
+    for r, n in zip(records, timed):
+        for rank in r.ranks:
+            rank["optimizer_skipped"] = {"warmup": 3, "timed": n}
+    return records
+
+
+def test_timed_steps_without_an_optimizer_update_are_a_warning(templates, tmp_path):
+    clean = with_skipped_updates(launches(templates[1], "none", 4, 1.0, 40.0), [0, 0, 0])
+    skipping = with_skipped_updates(launches(templates[1], "liger", 4, 0.8, 28.0), [0, 5, 1])
+    assert metrics.figures(skipping[1])["optimizer_skipped_in_window"] == 5
+    df = build(clean + skipping)
+    assert list(df["optimizer_skipped_in_window"]) == [0, 5]  # the worst launch of each cell
+    warning = cautions.skipped_update_warning(df)
+    assert warning and "skipped its update in timed steps of ddp x1 GPU (5)" in warning and "fp16" in warning
+    assert cautions.skipped_update_warning(build(clean)) is None  # warm-up skips alone are the warm-up's business
+    folder = tmp_path / "res"
+    for r in clean + skipping:
+        append_record(folder, r)
+    report.write_report([folder], tmp_path / "rep")
+    assert "skipped its update" in (tmp_path / "rep" / "index.md").read_text().split("## Definitions")[0]
+
+
+@pytest.mark.parametrize("field", ["micro_batch_stopped", "gc_collections_in_window", "compile_s", "liger_modules",
+                                   "micro_batch_trail", "optimizer_skipped_in_window"])
 def test_older_records_have_none_of_them(templates, field):
     assert field not in metrics.figures(templates[1])
 
