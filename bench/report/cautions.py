@@ -3,6 +3,7 @@
 - the compared cells ran at mean SM clocks more than 3 % apart (the card, not the strategy, may differ);
 - Python's garbage collector ran inside a timed window (issue 16: kept out of it, and a stray collection
   made visible: bench/worker/gc_window.py);
+- a launch's optimizer holds no state after steps that should have updated the weights: they trained nothing;
 - the optimizer skipped its update in timed steps (fp16's loss scaler after inf/NaN gradients: no optimizer work);
 - torch.compile compiled inside the timed steps (issue 21: compile time belongs to the warm-up);
 - an auto micro-batch cell whose launches chose different micro-batches (bench/report/repeats.py);
@@ -69,6 +70,18 @@ def gc_warning(rows: pd.DataFrame) -> str | None:
         return None
     return (f"Warning: Python's garbage collector ran inside the timed window of {cells} (collections in the "
             "worst launch): a library called gc.collect() while the collector was off; those step times include it.")
+
+
+def updated_nothing_warning(rows: pd.DataFrame) -> str | None:
+    """Steps that should have updated the weights left the optimizer without state: what was timed is not a
+    training step (once: FSDP1 without use_orig_params stepping orphaned parameters)."""
+    hit = _ok_with(rows, "optimizer_updated_nothing", keep=lambda v: v.astype(float) > 0)
+    if not len(hit):
+        return None
+    cells = ", ".join(run_name(r) for _, r in hit.iterrows())
+    return (f"Warning: the optimizer of {cells} holds no state after steps that should have updated the weights: "
+            "those steps trained nothing, so their times and memory are not a training step's (a bench bug: "
+            "report it with the cell's record).")
 
 
 def skipped_update_warning(rows: pd.DataFrame) -> str | None:
@@ -153,5 +166,6 @@ def verdict_warnings(rows: pd.DataFrame) -> list[str]:
     """Beside the verdict, once per setting (the report opens with it, and the terminal prints it): the clocks
     and what went wrong inside a launch's timed window or between its launches."""
     return [w for w in (clock_warning(rows), host_bound_note(rows), steal_warning(rows), slow_host_warning(rows),
-                        gc_warning(rows), skipped_update_warning(rows), compile_warning(rows),
+                        updated_nothing_warning(rows), gc_warning(rows), skipped_update_warning(rows),
+                        compile_warning(rows),
                         micro_batch_warning(rows)) if w]

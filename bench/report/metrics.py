@@ -204,13 +204,17 @@ def _mean_probe(host: dict) -> float | None:
 def _window_figures(record: RunRecord) -> dict:
     """What each rank recorded about its timed window and fast paths (absent in records from before them):
     collections inside the window (``gc``; should be 0), timed steps whose optimizer update fp16's loss scaler
-    skipped (``optimizer_skipped``; should be 0), compile seconds in the warm-up and inside the timed
+    skipped (``optimizer_skipped``; should be 0), whether steps that should have updated the weights left the
+    optimizer without state (``optimizer_updated_nothing``; should be false), compile seconds in the warm-up and inside the timed
     steps (``compile``; should be none), and how many modules Liger replaced (``kernels``); worst rank."""
     out = {}
     gcs = [r["gc"]["collections_in_window"] for r in record.ranks
            if isinstance(r.get("gc"), dict) and r["gc"].get("collections_in_window") is not None]
     if gcs:
         out["gc_collections_in_window"] = int(max(gcs))
+    nothing = [r["optimizer_updated_nothing"] for r in record.ranks if r.get("optimizer_updated_nothing") is not None]
+    if nothing:
+        out["optimizer_updated_nothing"] = any(nothing)
     skips = [r["optimizer_skipped"]["timed"] for r in record.ranks if isinstance(r.get("optimizer_skipped"), dict)]
     if skips:
         out["optimizer_skipped_in_window"] = int(max(skips))

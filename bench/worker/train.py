@@ -276,10 +276,9 @@ def run(cell: CellSettings, files: RankFiles, cell_dir: Path | None = None, pinn
         traffic = transfers.measure(one_step, lambda: sync(device))
     files.heartbeat("done", total)
     report = rank_report(cell, accelerator, model, rank, world_size, device, steps, init_s, window)
-    report["optimizer_class"] = innermost_optimizer(model, optimizer)
+    report.update(optimizer_figures(model, optimizer, steps))
     report["timing"] = timing  # the stopping rule, why it stopped, the interval reached (slowest-rank series)
     report["gc"] = collector
-    report["optimizer_skipped"] = skipped_updates(steps)  # fp16 loss scaling: steps without an update
     report["host"] = host  # CPU stolen / busy on the host and this rank's CPU use over the timed window
     report["startup_breakdown"] = startup  # where the time before the first step went
     report["model_init"] = "meta, materialised per shard" if on_meta else "on device"
@@ -333,14 +332,30 @@ def training_memory(device: torch.device, build: dict) -> dict:
             "torch_peak_reserved_bytes": max(reserved, build["peak_reserved_after_prepare_bytes"])}
 
 
-def innermost_optimizer(model, optimizer) -> str:
-    """The class that stepped the weights: under DeepSpeed the engine's own (a user JSON's optimizer block
+def innermost_optimizer(model, optimizer):
+    """The optimizer that stepped the weights: under DeepSpeed the engine's own (a user JSON's optimizer block
     becomes FusedAdam on CUDA, wrapped by the ZeRO optimizer), else torch's or bitsandbytes' behind
     accelerate's wrapper."""
     found = getattr(model, "optimizer", None) or optimizer  # a DeepSpeed engine holds the one it built
     while getattr(found, "optimizer", None) is not None:
         found = found.optimizer
-    return type(found).__name__
+    return found
+
+
+def optimizer_figures(model, optimizer, steps: list[dict]) -> dict:
+    """What the optimizer did over the run: its class, the steps whose update fp16's loss scaler skipped, the
+    tensors it keeps state for, and whether steps that should have updated the weights updated nothing."""
+    skipped = skipped_updates(steps)
+    entries = optimizer_state_entries(model, optimizer)
+    return {"optimizer_class": type(innermost_optimizer(model, optimizer)).__name__, "optimizer_skipped": skipped,
+            "optimizer_state_entries": entries,
+            "optimizer_updated_nothing": entries == 0 and len(steps) > sum(skipped.values())}
+
+
+def optimizer_state_entries(model, optimizer) -> int:
+    """Tensors the optimizer keeps state for after the run (every AdamW bench runs keeps moments per updated
+    tensor, under DeepSpeed per flat partition). 0 after an update means the steps updated nothing."""
+    return len(getattr(innermost_optimizer(model, optimizer), "state", {}) or {})
 
 
 def skipped_updates(steps: list[dict]) -> dict:

@@ -34,6 +34,9 @@ def test_records_of_real_cpu_runs(cpu_results):
             assert timing["timed_steps"] == len(timed) >= r.settings["train"]["steps"]
             assert timing["median_s"] == pytest.approx(float(np.median(timed_step_times(r))))
             assert rank["gc"]["collections_in_window"] == 0 and rank["gc"]["frozen_objects"] > 0
+            # the steps trained the model: its optimizer keeps moments (ZeRO-3: per flat partition); bf16, no skips
+            assert rank["optimizer_state_entries"] > 0 and rank["optimizer_updated_nothing"] is False
+            assert rank["optimizer_skipped"] == {"warmup": 0, "timed": 0}
             # CPU: no CUDA peaks of the build or of training
             assert rank["peak_allocated_after_prepare_bytes"] is None and "training_peak_allocated_bytes" not in rank
             # steps are stamped with their wall-clock start, in order, inside the timed window

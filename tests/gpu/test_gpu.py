@@ -141,6 +141,7 @@ def test_family_runs_and_is_measured(gpu_records, test_id):
         timing = rank["timing"]
         assert timing == r["ranks"][0]["timing"] and timing["timed_steps"] >= cell_settings(test_id)["train"]["steps"]
         assert rank["gc"]["collections_in_window"] == 0, rank["gc"]
+        assert rank["optimizer_state_entries"] > 0 and rank["optimizer_updated_nothing"] is False  # it trained
         if cell_settings(test_id)["train"]["precision"] != "fp16":  # no loss scaler, no skipped update
             assert rank["optimizer_skipped"] == {"warmup": 0, "timed": 0}
     nvml = r["nvml"]

@@ -153,8 +153,22 @@ def test_timed_steps_without_an_optimizer_update_are_a_warning(templates, tmp_pa
     assert "skipped its update" in (tmp_path / "rep" / "index.md").read_text().split("## Definitions")[0]
 
 
+def test_steps_that_trained_nothing_are_a_warning(templates):
+    good = launches(templates[1], "none", 4, 1.0, 40.0)
+    bad = launches(templates[1], "liger", 4, 0.8, 28.0)
+    for r in good + bad:
+        for rank in r.ranks:
+            rank["optimizer_updated_nothing"] = r in bad and rank["rank"] == 0
+    assert metrics.figures(bad[0])["optimizer_updated_nothing"] is True
+    warning = cautions.updated_nothing_warning(build(good + bad))
+    assert warning and warning.startswith("Warning: the optimizer of ddp x1 GPU holds no state")
+    assert warning.count("ddp x1 GPU") == 1  # the bad cell only
+    assert cautions.updated_nothing_warning(build(good)) is None
+
+
 @pytest.mark.parametrize("field", ["micro_batch_stopped", "gc_collections_in_window", "compile_s", "liger_modules",
-                                   "micro_batch_trail", "optimizer_skipped_in_window"])
+                                   "micro_batch_trail", "optimizer_skipped_in_window",
+                                   "optimizer_updated_nothing"])
 def test_older_records_have_none_of_them(templates, field):
     assert field not in metrics.figures(templates[1])
 
