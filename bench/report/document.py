@@ -18,7 +18,7 @@ from rich.table import Table as RichTable
 
 from bench.report import flops, metrics, plots, verdict
 from bench.report import cautions, fast_paths, nodes, repeats, speedups, tables
-from bench.records.caveats import CPU_CAVEAT
+from bench.records.caveats import CPU_CAVEAT, folder_errata
 from bench.spec import MatrixError, TokenBudget, load_matrix
 from bench.report.render import HtmlImages, Plot, Section, Table, to_html, to_markdown, write_csvs
 from bench.records import MATRIX_COPY, RunRecord, latest_runs, load_records  # noqa: F401 - MATRIX_COPY: a
@@ -381,6 +381,10 @@ def write_report(results_dirs: list[Path], out_dir: Path, console: Console | Non
     if (df["device"] == "cpu").any():  # first, before any figure: CPU speedups read like findings
         intro.insert(0, f"Note: {CPU_CAVEAT}")
         console.print(f"[yellow]note[/]: {escape(CPU_CAVEAT)}")
+    for folder in results_dirs:  # before any figure too: what a later finding says of these records
+        if erratum := folder_errata(folder):
+            intro.insert(0, f"Erratum for {folder}: {erratum}")
+            console.print(f"[bold red]erratum[/] for {escape(str(folder))}: {escape(erratum)}")
     write_csvs(sections, out_dir)
     df.drop(columns=["setting_key"]).to_csv(out_dir / "cells.csv", index=False)
     (out_dir / "index.md").write_text(to_markdown(title, intro, sections, out_dir))

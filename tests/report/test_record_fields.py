@@ -233,3 +233,23 @@ def test_host_bound_cells_whose_host_cpu_probe_read_slow_are_warned_of():
     # nothing to say: every probe alike, or records from before the probe (run a)
     assert cautions.slow_host_warning(df[df["cpu_probe_ms"] < 5]) is None
     assert cautions.slow_host_warning(build(latest_runs(load_records(REPO / "results" / "llama8b-h200-a")))) is None
+
+
+def test_a_folder_s_erratum_opens_every_report_made_from_it(templates, tmp_path):
+    """A bench bug found after a run (FSDP1 without use_orig_params stepped orphaned parameters) leaves the
+    records as measured; the folder's ERRATA.md says what is wrong with them, before any figure."""
+    from bench.records import ERRATA_FILE
+
+    wrong, right = tmp_path / "wrong", tmp_path / "right"
+    for folder, r in ((wrong, launches(templates[1], "none", 4, 1.0, 40.0)[0]),
+                      (right, launches(templates[1], "liger", 4, 0.8, 28.0)[0])):
+        append_record(folder, r)
+    (wrong / ERRATA_FILE).write_text("The FSDP1 cell's optimizer stepped nothing <see README>.\n")
+    report.write_report([right, wrong], tmp_path / "rep")
+    md = (tmp_path / "rep" / "index.md").read_text()
+    head = md.split("## Verdict")[0]
+    assert f"Erratum for {wrong}: The FSDP1 cell's optimizer stepped nothing <see README>." in head
+    assert f"Erratum for {right}" not in md
+    assert "stepped nothing &lt;see README&gt;." in (tmp_path / "rep" / "index.html").read_text()  # escaped
+    report.write_report([right], tmp_path / "rep2")
+    assert "Erratum" not in (tmp_path / "rep2" / "index.md").read_text()
