@@ -21,7 +21,8 @@ _ROOM = {
 }
 
 __all__ = [
-    "CPU_CAVEAT", "CellError", "DETERMINISTIC_FAILURES", "ERRATA_FILE", "MATRIX_COPY", "RUNS_FILE", "RankFiles", "RunRecord", "SCHEMA_VERSION",
+    "CPU_CAVEAT", "CellError", "DETERMINISTIC_FAILURES", "ERRATA_FILE", "MATRIX_COPY", "RUNS_FILE", "RankFiles",
+    "RunRecord", "SCHEMA_VERSION",
     "SchemaError", "Status", "append_record", "check_writable", "classify_exception", "folder_errata", "latest_runs",
     "load_records", "not_launched_record", "read_json_files", "runs_path", "save_matrix_copy",
 ]

@@ -205,8 +205,9 @@ def _window_figures(record: RunRecord) -> dict:
     """What each rank recorded about its timed window and fast paths (absent in records from before them):
     collections inside the window (``gc``; should be 0), timed steps whose optimizer update fp16's loss scaler
     skipped (``optimizer_skipped``; should be 0), whether steps that should have updated the weights left the
-    optimizer without state (``optimizer_updated_nothing``; should be false), compile seconds in the warm-up and inside the timed
-    steps (``compile``; should be none), and how many modules Liger replaced (``kernels``); worst rank."""
+    optimizer without state (``optimizer_updated_nothing``; should be false), compile seconds in the warm-up and
+    inside the timed steps (``compile``; should be none), and how many modules Liger replaced (``kernels``); worst
+    rank."""
     out = {}
     gcs = [r["gc"]["collections_in_window"] for r in record.ranks
            if isinstance(r.get("gc"), dict) and r["gc"].get("collections_in_window") is not None]

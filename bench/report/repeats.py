@@ -26,8 +26,8 @@ MEDIAN_COLUMNS = ("tokens_per_s", "tokens_per_s_per_gpu", "real_tokens_per_s", "
                   "cpu_probe_ms")
 # Memory: the worst launch, since it is what has to fit; what should be 0 in the timed window, likewise.
 MAX_COLUMNS = ("peak_allocated_gib", "peak_reserved_gib", "training_peak_allocated_gib",
-               "training_peak_reserved_gib", "nvml_peak_used_gib", "host_rss_peak_gib", "gc_collections_in_window", "optimizer_skipped_in_window",
-               "optimizer_updated_nothing",
+               "training_peak_reserved_gib", "nvml_peak_used_gib", "host_rss_peak_gib", "gc_collections_in_window",
+               "optimizer_skipped_in_window", "optimizer_updated_nothing",
                "compile_s_in_timed_steps", "compiled_in_timed_steps")
 # Launch failures that are the cell's own: it does not reliably run. Not `interrupted` (the operator stopped
 # bench), `busy` (another tenant), `cancelled` (the scheduler), `skipped` or `predicted_oom` (not launched).
