@@ -150,6 +150,20 @@ def _aside_extension_cache(request, tmp_path_factory, monkeypatch):
         monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path_factory.getbasetemp() / "torch_extensions_aside"))
 
 
+@pytest.fixture
+def one_rank_group():
+    """A one-rank gloo process group in this process: enough for real FSDP1 and DTensors, no process launched."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already up in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------- the Slurm test cluster (.ci/slurm-cluster.sh)
 SLURM_NODES = ("n1", "n2")
 SLURM_TIME_LIMIT_TEST = "test_a_job_past_slurms_own_time_limit_is_a_timeout_keeping_the_slurm_state"

@@ -17,4 +17,6 @@ ERRATA_FILE = "ERRATA.md"
 def folder_errata(results_dir: Path) -> str | None:
     """The folder's erratum, its text as written (stripped); None without one."""
     path = Path(results_dir) / ERRATA_FILE
-    return path.read_text(encoding="utf-8").strip() or None if path.is_file() else None
+    if not path.is_file():
+        return None
+    return path.read_text(encoding="utf-8").strip() or None

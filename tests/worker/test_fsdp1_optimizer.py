@@ -22,19 +22,6 @@ from bench.worker.guard import check_optimizer_steps_the_model
 from bench.worker.prepare import Fsdp1Preparer
 
 
-@pytest.fixture
-def one_rank_group():
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already up in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 class WrappingAccelerator:
     """accelerate's prepare for FSDP1, reduced to what matters here: a module comes back wrapped."""
 

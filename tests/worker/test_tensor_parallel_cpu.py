@@ -272,18 +272,11 @@ def test_a_parallelism_config_s_degrees_are_recorded_as_accelerate_holds_them():
 
 
 @pytest.fixture
-def one_rank_mesh():
-    """A one-rank gloo group in this process: enough for real DTensors, no process launched."""
-    import torch.distributed as dist
+def one_rank_mesh(one_rank_group):
+    """A one-rank mesh over this process's gloo group: enough for real DTensors, no process launched."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    if dist.is_initialized():
-        pytest.skip("a process group is already up in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,), mesh_dim_names=("tp",))
-    finally:
-        dist.destroy_process_group()
+    return init_device_mesh("cpu", (1,), mesh_dim_names=("tp",))
 
 
 def test_the_optimizer_keeps_the_split_model_s_dtensors_apart_from_its_plain_tensors(one_rank_mesh):
