@@ -94,6 +94,9 @@ def test_qlora_on_cpu_cells_exits_2(tmp_path):
 GPU_CELLS = {
     "ddp1": {"strategy": "ddp", "gpus": 1},
     "ddp2": {"strategy": "ddp", "gpus": 2},
+    # FSDP1 QLoRA runs with use_orig_params false: on one card too, so a 1-GPU machine checks that its
+    # optimizer steps the wrapped parameters (it once stepped orphans: README, "FSDP1 cells ...")
+    "fsdp1": {"strategy": "fsdp_full_shard", "gpus": 1},
     "fsdp": {"strategy": "fsdp_full_shard", "gpus": 2},
     "fsdp_offload_cap": {"strategy": "fsdp_full_shard_offload", "gpus": 2, "gpu_memory_gib": 8},
     "zero3": {"strategy": "zero3", "gpus": 2},
