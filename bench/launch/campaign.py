@@ -109,18 +109,34 @@ def prepare(matrix_path: str, opts: RunOptions) -> Prepared:
 
 
 def refuse_foreign_records(records: list[RunRecord], results_dir: Path) -> None:
-    """Resume reuses only records this machine and this code wrote: records of other hardware or another git
-    commit in the folder would be skipped as done and mixed with tonight's. Raises MatrixError naming them."""
+    """Resume reuses only records this machine and this code wrote: records of other hardware or other code
+    in the folder would be skipped as done and mixed with tonight's. Raises MatrixError naming them.
+
+    The code is the bench package and its dependencies (`envinfo.code_digest`): a commit that touched only
+    documentation or results between two halves of a run resumes; records from before the digest was kept
+    are matched by git commit, as then."""
     if not records:
         return
     here = envinfo.fingerprint()
-    mine = (here.get("hardware"), here.get("git_sha"))
-    foreign = {(r.env.get("hardware"), r.env.get("git_sha")) for r in records} - {mine}
+    foreign = sorted({_written_by(r.env) for r in records if not _same_code_and_machine(r.env, here)}, key=str)
     if foreign:
-        listed = "; ".join(f"{hw} at git {sha}" for hw, sha in sorted(foreign, key=str))
-        raise MatrixError(f"{results_dir} holds records measured on {listed}; this run is {mine[0]} at git "
-                          f"{mine[1]}. Resuming would reuse records it did not write. Fix: run into a fresh folder "
+        listed = "; ".join(f"{hw} at git {sha}" for hw, sha in foreign)
+        raise MatrixError(f"{results_dir} holds records measured on {listed}; this run is {here.get('hardware')} "
+                          f"at git {here.get('git_sha')} (code {here.get('code_digest')}), and the hardware or the "
+                          f"code differs. Resuming would reuse records it did not write. Fix: run into a fresh folder "
                           f"(--results {results_dir}-<date>), or move that folder away")
+
+
+def _same_code_and_machine(env: dict, here: dict) -> bool:
+    if env.get("hardware") != here.get("hardware"):
+        return False
+    if env.get("code_digest") and here.get("code_digest"):
+        return env["code_digest"] == here["code_digest"]
+    return env.get("git_sha") == here.get("git_sha")
+
+
+def _written_by(env: dict) -> tuple[str | None, str | None]:
+    return env.get("hardware"), env.get("git_sha")
 
 
 def finished_runs(records: list[RunRecord], retry_failed: bool, force: bool = False) -> set[tuple[str, int]]:

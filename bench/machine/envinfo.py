@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import platform
 import socket
@@ -30,6 +31,25 @@ def git_sha() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else None
+
+
+@lru_cache(maxsize=1)
+def code_digest() -> str:
+    """A digest of the code a launch runs: every file of the bench package and pyproject.toml (its
+    dependencies), by path and content.
+
+    Resume compares it, not the git sha: a commit that changed only the README or the results between two
+    halves of a run leaves the measurement unchanged, while two different uncommitted edits of one commit
+    (both "<sha>-dirty") do not.
+    """
+    package = Path(__file__).resolve().parents[1]  # bench/machine/envinfo.py -> bench/
+    files = sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    pyproject = package.parent / "pyproject.toml"
+    digest = hashlib.sha256()
+    for path in files + ([pyproject] if pyproject.is_file() else []):
+        digest.update(path.relative_to(package.parent).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def gpu_info() -> dict:
@@ -112,6 +132,7 @@ def fingerprint() -> dict:
         "cuda": torch.version.cuda,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
         "git_sha": git_sha(),
+        "code_digest": code_digest(),
     }
     fp["bytecode_cache"] = bytecode.cache_state()  # uncached libraries slow every rank's start
     fp.update(gpu_info())
