@@ -25,7 +25,7 @@ from bench.estimate.protocol import (MIN_JUDGED_GIB, MIN_JUDGED_PARAMS, TOLERANC
 from bench.estimate.terms import describe_strategy
 from bench.spec import CellSettings
 from bench.spec.models import ModelShape
-from bench.records import RunRecord, load_records
+from bench.records import ERRATA_FILE, RunRecord, load_records, stale_cells, without_stale
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,8 @@ def check_records(records: list[RunRecord], folder: Path | None = None) -> list[
 
 
 def check_folder(results: Path) -> list[CheckRow]:
-    return check_records(load_records(Path(results)), Path(results))
+    kept, _ = without_stale(load_records(Path(results)), Path(results))  # cells the folder's erratum calls wrong
+    return check_records(kept, Path(results))
 
 
 def summary(rows: list[CheckRow], tolerance: float = TOLERANCE) -> dict[str, float]:
@@ -195,6 +196,8 @@ def run_check(results: list[Path], tolerance: float = TOLERANCE) -> int:
         folder_rows = check_folder(Path(folder))
         rows += folder_rows
         print(render(folder_rows, f"{folder} ({sample_of(Path(folder))})", tolerance))
+        if stale := stale_cells(Path(folder)):
+            print(f"left out: the records of {len(stale)} cell(s) that {folder}/{ERRATA_FILE} names stale")
         print()
     print(f"Reserved-peak error of judged cells (measured >= {MIN_JUDGED_GIB:g} GiB, models of "
           f"{MIN_JUDGED_PARAMS / 1e6:.0f}M parameters or more), estimator version "

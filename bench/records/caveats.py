@@ -1,8 +1,10 @@
 """What records mean beyond their figures, said wherever they are shown: CPU figures (the run's console
-summary, the report's top), and a results folder's own erratum (the report's top)."""
+summary, the report's top), and a results folder's own erratum (the report's top; the cells it names stale
+are left out of reports and of the estimator's judging)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 # CPU speedups and efficiencies look like findings and are not.
@@ -12,6 +14,9 @@ CPU_CAVEAT = ("CPU cells show that the path works, not how strategies compare: p
 # A results folder's records stay as measured; when a later finding makes some of them wrong (a bench bug
 # found after the run), the folder carries this file, and every report rendered from the folder opens with it.
 ERRATA_FILE = "ERRATA.md"
+# A line of the erratum that names a cell whose records are wrong: "- stale cell `<cell_id>`: <label>".
+# Those records stay on file (nothing recorded is lost) but reports and estimate-check leave them out.
+STALE_LINE = re.compile(r"^- stale cell `([0-9a-f]+)`", re.MULTILINE)
 
 
 def folder_errata(results_dir: Path) -> str | None:
@@ -20,3 +25,15 @@ def folder_errata(results_dir: Path) -> str | None:
     if not path.is_file():
         return None
     return path.read_text(encoding="utf-8").strip() or None
+
+
+def stale_cells(results_dir: Path) -> set[str]:
+    """The cell ids the folder's erratum names stale (empty without an erratum)."""
+    return set(STALE_LINE.findall(folder_errata(results_dir) or ""))
+
+
+def without_stale(records: list, results_dir: Path) -> tuple[list, int]:
+    """The records whose cells the folder's erratum does not name stale, and how many were left out."""
+    stale = stale_cells(results_dir)
+    kept = [r for r in records if r.cell_id not in stale]
+    return kept, len(records) - len(kept)

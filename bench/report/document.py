@@ -18,7 +18,7 @@ from rich.table import Table as RichTable
 
 from bench.report import flops, metrics, plots, verdict
 from bench.report import cautions, fast_paths, nodes, repeats, speedups, tables
-from bench.records.caveats import CPU_CAVEAT, folder_errata
+from bench.records.caveats import CPU_CAVEAT, folder_errata, stale_cells, without_stale
 from bench.spec import MatrixError, TokenBudget, load_matrix
 from bench.report.render import HtmlImages, Plot, Section, Table, to_html, to_markdown, write_csvs
 from bench.records import MATRIX_COPY, RunRecord, latest_runs, load_records  # noqa: F401 - MATRIX_COPY: a
@@ -100,7 +100,8 @@ def load_all(results_dirs: list[Path]) -> list[RunRecord]:
     """
     records = []
     for folder in results_dirs:
-        for record in latest_runs(load_records(folder)):
+        kept, _ = without_stale(latest_runs(load_records(folder)), folder)  # its erratum's stale cells
+        for record in kept:
             record.results_folder = str(folder)  # an extra field: the report's, never written back
             records.append(record)
     if not records:
@@ -383,6 +384,8 @@ def write_report(results_dirs: list[Path], out_dir: Path, console: Console | Non
         console.print(f"[yellow]note[/]: {escape(CPU_CAVEAT)}")
     for folder in results_dirs:  # before any figure too: what a later finding says of these records
         if erratum := folder_errata(folder):
+            if stale := stale_cells(folder):
+                erratum += f" (This report leaves out the records of the {len(stale)} stale cell(s) named.)"
             intro.insert(0, f"Erratum for {folder}: {erratum}")
             console.print(f"[bold red]erratum[/] for {escape(str(folder))}: {escape(erratum)}")
     write_csvs(sections, out_dir)

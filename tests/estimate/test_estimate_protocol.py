@@ -66,10 +66,12 @@ def test_estimate_check_exit_codes_name_the_missed_cell(tmp_path, capsys):
 
 
 def test_committed_judge_folder_holds_the_published_out_of_sample_figure(capsys):
-    """README's version-5 table: the 13 judge-4 cells (2x H200) all within 10 %, counted as distinct cells."""
+    """README's version-5 table: the judge-4 cells (2x H200) all within 10 %, counted as distinct cells: 12 of
+    its 13, the FSDP1 QLoRA cell being stale (the folder's ERRATA.md) and left out until rerun."""
     assert run_check([RESULTS / "estimate-judge-4-h200"]) == 0
     out = capsys.readouterr().out
-    assert "out-of-sample: 13/13 judged cells within 10% (13 launches, 0 off by more)" in out
+    assert "out-of-sample: 12/12 judged cells within 10% (12 launches, 0 off by more)" in out
+    assert "left out: the records of 1 cell(s)" in out
 
 
 def test_estimate_check_cli_exit_code(tmp_path):
@@ -194,8 +196,8 @@ def test_zero2_offload_is_replayed():
 
 def test_tensor_and_context_parallel_layouts_take_margins_of_their_own():
     """tp2 ran under DDP's key (fit 0.4 %, judged on DDP cells only) and fsdp2+cp2 under fsdp2's, though the
-    additive model that predicts them was never judged there: with no judged cell of their own they get the
-    pooled margins floored at the defaults."""
+    additive model that predicts them was never judged there: they take their own keys' margins once enough of
+    their own cells are judged, until then the pooled margins floored at the defaults."""
     tp2 = get_strategy("tp").with_degrees(2, 1)
     fsdp2 = get_strategy("fsdp2")
     assert framework_of(tp2) == "tp" and framework_of(fsdp2.with_degrees(1, 2)) == "fsdp2+cp"
@@ -206,6 +208,12 @@ def test_tensor_and_context_parallel_layouts_take_margins_of_their_own():
               max(data["pooled"]["skip"], estimate_margins.DEFAULT_SKIP))
     for layout in (tp2, fsdp2.with_degrees(1, 2), fsdp2.with_degrees(2, 1)):
         margin = estimate_margins.margin_for(layout)
-        assert (margin.fit, margin.skip) == pooled and "all frameworks" in margin.source
+        own = data["frameworks"].get(framework_of(layout))
+        if own and own["cells"] >= estimate_margins.MIN_CELLS:  # judged enough on its own cells (tp, cp since
+            assert (margin.fit, margin.skip) == (own["fit"], own["skip"])  # estimate-judge-5)
+            assert margin.source.startswith(f"{framework_of(layout)}: {own['cells']} judged cells")
+        else:
+            assert (margin.fit, margin.skip) == pooled and "all frameworks" in margin.source
+    assert "fsdp2+tp" not in data["frameworks"]  # never judged: the pooled branch above is exercised
     ddp = estimate_margins.margin_for(get_strategy("ddp"))
     assert (ddp.fit, ddp.skip) != pooled  # DDP's own judged margins differ: the test tells the two apart

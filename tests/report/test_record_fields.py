@@ -253,3 +253,32 @@ def test_a_folder_s_erratum_opens_every_report_made_from_it(templates, tmp_path)
     assert "stepped nothing &lt;see README&gt;." in (tmp_path / "rep" / "index.html").read_text()  # escaped
     report.write_report([right], tmp_path / "rep2")
     assert "Erratum" not in (tmp_path / "rep2" / "index.md").read_text()
+
+
+def test_the_cells_an_erratum_names_stale_are_left_out_and_kept_on_file(templates, tmp_path):
+    """An erratum may name cells whose records are wrong ("- stale cell `<id>`: label"): the report leaves them
+    out (a rerun in another folder takes their place) and says so; runs.jsonl keeps them."""
+    from bench.records import ERRATA_FILE, load_records
+
+    wrong, right = tmp_path / "wrong", tmp_path / "right"
+    stale = launches(templates[1], "none", 4, 1.0, 40.0)[0]
+    append_record(wrong, stale)
+    append_record(wrong, launches(templates[2], "none", 4, 1.0, 40.0)[0])  # another cell of the folder
+    append_record(right, launches(templates[1], "liger", 4, 0.8, 28.0)[0])
+    (wrong / ERRATA_FILE).write_text(f"Optimizer stepped nothing.\n\n- stale cell `{stale.cell_id}`: {stale.label}\n")
+    report.write_report([right, wrong], tmp_path / "rep")
+    cells = pd.read_csv(tmp_path / "rep" / "cells.csv")
+    assert stale.cell_id not in set(cells["cell_id"]) and len(cells) == 2
+    assert "leaves out the records of the 1 stale cell(s) named" in (tmp_path / "rep" / "index.md").read_text()
+    assert len(load_records(wrong)) == 2  # on file still
+
+
+def test_estimate_check_leaves_out_the_stale_cells_of_a_committed_folder():
+    from bench.estimate.check import check_folder
+    from bench.records import load_records, stale_cells
+    from conftest import REPO
+
+    folder = REPO / "results" / "corpus-gpu"
+    stale = stale_cells(folder)
+    assert stale and stale <= {r.cell_id for r in load_records(folder)}  # the erratum names cells of the folder
+    assert not stale & {row.cell_id for row in check_folder(folder)}
