@@ -32,6 +32,8 @@
 # run records the cell in flight as interrupted and a later run resumes the rest. To resume on the device
 # in a later call, bring the results folder back into this tree first: a folder that exists only on the
 # device machine did not survive to the next call once (2026-11-28; the tree is copied anew each call).
+# Between the two calls leave bench/ and pyproject.toml as they are: resume compares the records' code digest
+# (env.code_digest), so commits that touch only results, reports or docs are fine.
 # The device tool sends at most 64 MiB (tree + .whl/): after ../shared/gpu/fetch-wheels, run
 # benchmarks/slim_bitsandbytes_wheel.py (bitsandbytes' wheel without its CUDA 11/12 and ROCm libraries).
 set -uo pipefail
