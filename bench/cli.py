@@ -132,12 +132,15 @@ def estimate_margins(
     into bench/estimate/margins.json (commit it)."""
     from bench.estimate import MARGINS_FILE, write_margins
 
-    data = write_margins(results_root)
-    typer.echo(f"{MARGINS_FILE}: {len(data['folders'])} judge folder(s), "
-               f"{(data['pooled'] or {}).get('cells', 0)} judged cells")
-    for fw, e in data["frameworks"].items():
-        typer.echo(f"  {fw}: {e['cells']} cells, fit +{e['fit']:.1%}, skip +{e['skip']:.1%}")
-    raise typer.Exit(0)
+    def _write() -> int:
+        data = write_margins(results_root)
+        typer.echo(f"{MARGINS_FILE}: {len(data['folders'])} judge folder(s), "
+                   f"{(data['pooled'] or {}).get('cells', 0)} judged cells")
+        for fw, e in data["frameworks"].items():
+            typer.echo(f"  {fw}: {e['cells']} cells, fit +{e['fit']:.1%}, skip +{e['skip']:.1%}")
+        return 0
+
+    raise typer.Exit(main_guard(_write))
 
 
 @app.command()

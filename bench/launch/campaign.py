@@ -442,11 +442,11 @@ def unsupported_record(item: Unrunnable, matrix_name: str, fingerprint: dict) ->
 
 def main_guard(fn, *args, **kwargs) -> int:
     """Turn bad input into exit code 2 with the message, nothing launched."""
-    from bench.records import SchemaError
+    from bench.records import ErratumError, SchemaError
 
     try:
         return fn(*args, **kwargs)
-    except (MatrixError, SchemaError) as e:
+    except (MatrixError, SchemaError, ErratumError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the first launch or between cells: nothing running, nothing to record

@@ -18,11 +18,11 @@ _ROOM = {
     "not_launched_record": "store", "runs_path": "store", "save_matrix_copy": "store",
     "RankFiles": "rank_files", "classify_exception": "rank_files", "read_json_files": "rank_files",
     "CPU_CAVEAT": "caveats", "ERRATA_FILE": "caveats", "folder_errata": "caveats", "stale_cells": "caveats",
-    "without_stale": "caveats",
+    "without_stale": "caveats", "ErratumError": "caveats",
 }
 
 __all__ = [
-    "CPU_CAVEAT", "CellError", "DETERMINISTIC_FAILURES", "ERRATA_FILE", "MATRIX_COPY", "RUNS_FILE", "RankFiles",
+    "CPU_CAVEAT", "CellError", "DETERMINISTIC_FAILURES", "ERRATA_FILE", "ErratumError", "MATRIX_COPY", "RUNS_FILE", "RankFiles",
     "RunRecord", "SCHEMA_VERSION",
     "SchemaError", "Status", "append_record", "check_writable", "classify_exception", "folder_errata", "latest_runs",
     "load_records", "not_launched_record", "read_json_files", "runs_path", "save_matrix_copy", "stale_cells",

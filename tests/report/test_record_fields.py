@@ -282,3 +282,18 @@ def test_estimate_check_leaves_out_the_stale_cells_of_a_committed_folder():
     stale = stale_cells(folder)
     assert stale and stale <= {r.cell_id for r in load_records(folder)}  # the erratum names cells of the folder
     assert not stale & {row.cell_id for row in check_folder(folder)}
+
+
+def test_an_erratum_naming_a_cell_the_folder_lacks_is_bad_input(templates, tmp_path):
+    """A mistyped id would leave the wrong records in every report without a word: report and estimate-check
+    stop with exit 2 and say which id and where to copy it from."""
+    from bench.records import ERRATA_FILE
+    from conftest import bench
+
+    folder = tmp_path / "r"
+    append_record(folder, launches(templates[1], "none", 4, 1.0, 40.0)[0])
+    (folder / ERRATA_FILE).write_text("Wrong.\n\n- stale cell `0123456789ab`: a cell this folder never ran\n")
+    for args in (("report", str(folder), "--out", str(tmp_path / "rep")), ("estimate-check", str(folder))):
+        proc = bench(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert "names stale cell(s) 0123456789ab" in proc.stderr and "Fix: copy each id" in proc.stderr
