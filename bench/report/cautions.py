@@ -40,7 +40,21 @@ def clock_warning(rows: pd.DataFrame) -> str | None:
     slow, fast = ok.loc[ok["sm_clock_mean_mhz"].idxmin()], ok.loc[ok["sm_clock_mean_mhz"].idxmax()]
     return (f"Warning: the cells compared here ran at mean SM clocks {spread[1] / spread[0] - 1:.1%} apart "
             f"({spread[0]:.0f} MHz {run_name(slow)} to {spread[1]:.0f} MHz {run_name(fast)}); part of a speed "
-            "difference may be the card's clock (power cap or heat, see Card state), not the strategy.")
+            "difference may be the card's clock (power cap or heat, see Card state), not the strategy."
+            + _fastest_clock_note(ok, slow, fast))
+
+
+def _fastest_clock_note(ok: pd.DataFrame, slow: pd.Series, fast: pd.Series) -> str:
+    """Which way the clock leans for the fastest cell: a lead won at the lowest clock is not the clock's."""
+    speed = ok["real_tokens_per_s_per_gpu"].dropna() if "real_tokens_per_s_per_gpu" in ok.columns else None
+    if speed is None or speed.empty:
+        return ""
+    leader = speed.idxmax()
+    if leader == slow.name:
+        return f" The fastest of them, {run_name(slow)}, ran at the lowest clock: the clock does not explain its lead."
+    if leader == fast.name:
+        return f" The fastest of them, {run_name(fast)}, ran at the highest clock: part of its lead may be the clock."
+    return ""
 
 
 def _ok_with(rows: pd.DataFrame, column: str, keep=None) -> pd.DataFrame:

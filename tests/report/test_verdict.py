@@ -160,6 +160,10 @@ def test_clock_warning_above_three_percent(llama8b):
     apart = build([launch(a, 1.3, clock=1976.0), launch(b, 1.1, clock=1836.0)])  # 7.6 %
     warning = report_tables.clock_warning(apart)
     assert warning and "7.6%" in warning and "1836 MHz zero1 x2 GPU" in warning
+    # zero1 (1.1 s a step) is the faster at the lower clock: its lead is not the clock's; the other way round it may be
+    assert "The fastest of them, zero1 x2 GPU, ran at the lowest clock: the clock does not explain its lead" in warning
+    reverse = report_tables.clock_warning(build([launch(a, 1.0, clock=1976.0), launch(b, 1.1, clock=1836.0)]))
+    assert "The fastest of them, ddp x2 GPU, ran at the highest clock: part of its lead may be the clock" in reverse
     # the committed run itself: ZeRO-1/2 at 1836-1873 MHz against 1933-1977 for the others
     assert report_tables.clock_warning(build(list(llama8b.values())))
 
