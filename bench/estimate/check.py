@@ -116,7 +116,7 @@ def check_records(records: list[RunRecord], folder: Path | None = None) -> list[
 
 
 def check_folder(results: Path) -> list[CheckRow]:
-    kept, _ = without_stale(load_records(Path(results)), Path(results))  # cells the folder's erratum calls wrong
+    kept = without_stale(load_records(Path(results)), Path(results))  # cells the folder's erratum calls wrong
     return check_records(kept, Path(results))
 
 

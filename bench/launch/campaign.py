@@ -118,7 +118,8 @@ def refuse_foreign_records(records: list[RunRecord], results_dir: Path) -> None:
     if not records:
         return
     here = envinfo.fingerprint()
-    foreign = sorted({_written_by(r.env) for r in records if not _same_code_and_machine(r.env, here)}, key=str)
+    foreign = sorted({(r.env.get("hardware"), r.env.get("git_sha")) for r in records
+                      if not _same_code_and_machine(r.env, here)}, key=str)
     if foreign:
         listed = "; ".join(f"{hw} at git {sha}" for hw, sha in foreign)
         raise MatrixError(f"{results_dir} holds records measured on {listed}; this run is {here.get('hardware')} "
@@ -128,15 +129,13 @@ def refuse_foreign_records(records: list[RunRecord], results_dir: Path) -> None:
 
 
 def _same_code_and_machine(env: dict, here: dict) -> bool:
+    """A record's fingerprint against this run's: the same hardware, and the same code digest where both have
+    one, else the same git commit."""
     if env.get("hardware") != here.get("hardware"):
         return False
     if env.get("code_digest") and here.get("code_digest"):
         return env["code_digest"] == here["code_digest"]
     return env.get("git_sha") == here.get("git_sha")
-
-
-def _written_by(env: dict) -> tuple[str | None, str | None]:
-    return env.get("hardware"), env.get("git_sha")
 
 
 def finished_runs(records: list[RunRecord], retry_failed: bool, force: bool = False) -> set[tuple[str, int]]:

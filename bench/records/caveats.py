@@ -37,13 +37,12 @@ class ErratumError(ValueError):
     the wrong records in every report without a word)."""
 
 
-def without_stale(records: list, results_dir: Path) -> tuple[list, int]:
-    """The records whose cells the folder's erratum does not name stale, and how many were left out. Raises
-    ErratumError when the erratum names a cell none of ``records`` is."""
+def without_stale(records: list, results_dir: Path) -> list:
+    """The records whose cells the folder's erratum does not name stale. Raises ErratumError when the erratum
+    names a cell none of ``records`` is."""
     stale = stale_cells(results_dir)
     if unknown := stale - {r.cell_id for r in records}:
         raise ErratumError(f"{Path(results_dir) / ERRATA_FILE} names stale cell(s) {', '.join(sorted(unknown))} that "
                            f"{Path(results_dir) / 'runs.jsonl'} does not hold. Fix: copy each id from the record's "
                            "cell_id field (a report's cells.csv lists them)")
-    kept = [r for r in records if r.cell_id not in stale]
-    return kept, len(records) - len(kept)
+    return [r for r in records if r.cell_id not in stale]

@@ -100,8 +100,7 @@ def load_all(results_dirs: list[Path]) -> list[RunRecord]:
     """
     records = []
     for folder in results_dirs:
-        kept, _ = without_stale(latest_runs(load_records(folder)), folder)  # its erratum's stale cells
-        for record in kept:
+        for record in without_stale(latest_runs(load_records(folder)), folder):  # its erratum's stale cells out
             record.results_folder = str(folder)  # an extra field: the report's, never written back
             records.append(record)
     if not records:
