@@ -41,7 +41,7 @@ def build_causal_lm(cell: CellSettings, device: torch.device, policy: PrecisionP
             model = AutoModelForCausalLM.from_config(models.training_config(cell.model), dtype=dtype,
                                                      attn_implementation=cell.train.attn_impl)
     if cell.train.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if cell.adapter.type != "none":
         model = apply_lora(cell, model)
         if on_meta:
@@ -49,6 +49,17 @@ def build_causal_lm(cell: CellSettings, device: torch.device, policy: PrecisionP
 
             mark_lora_init(model)
     return model
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing of every decoder layer, non-reentrant, the way HF users turn it on: transformers
+    renamed gradient_checkpointing_enable to activation_checkpointing_enable (the old name warns from 5.2x and
+    goes in v6); the GPU image's older transformers has only the old one."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def apply_lora(cell: CellSettings, model):
