@@ -1,5 +1,6 @@
 """The layout holds: import-linter's contracts (pyproject.toml) are kept, they catch a broken one, no source
-file is over 500 lines, and every package's public front gives what its ``__all__`` lists."""
+file is over 500 lines, every package's public front gives what its ``__all__`` lists, and the tree stays small
+enough to travel to the GPU machine."""
 
 from __future__ import annotations
 
@@ -54,3 +55,21 @@ def test_each_front_gives_what_it_lists(name):
     assert front.__all__, f"bench.{name} lists no public names"
     missing = [n for n in front.__all__ if getattr(front, n, None) is None]
     assert missing == []
+
+
+# The device tool sends the tree (tracked files and untracked ones git does not ignore) and the carried wheels
+# (.whl/, ~12.4 MiB slimmed: ../shared/gpu/README.md) to the GPU machine, at most 64 MiB in all. This leaves
+# the wheels and a session's new results room; past it the next GPU session cannot start.
+MAX_TRACKED_MIB = 48
+
+
+def test_the_tree_that_travels_to_the_gpu_machine_stays_under_the_cap():
+    proc = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, timeout=60)
+    if proc.returncode != 0:
+        pytest.skip("not a git checkout")
+    sizes = [(REPO / name).stat().st_size for name in proc.stdout.decode().split("\0")
+             if name and (REPO / name).is_file()]
+    total_mib = sum(sizes) / 2**20
+    assert total_mib < MAX_TRACKED_MIB, (
+        f"tracked files take {total_mib:.1f} MiB: with the wheels the device copy nears its 64 MiB cap. Fix: "
+        "commit leaner results (no duplicated logs, reports with --html-images linked) or prune old evidence")
