@@ -31,7 +31,7 @@ import pandas as pd
 from bench import strategies
 from bench.machine import sampler
 from bench.records import RunRecord
-from bench.report import flops, intervals
+from bench.report import flops, host_steady, intervals
 from bench.spec import CellSettings
 from bench.strategies.precision import policy_for
 
@@ -160,6 +160,7 @@ def figures(record: RunRecord) -> dict:
         "final_loss": record.ranks[0]["steps"][-1]["loss"],
     })
     row.update(_timing_figures(record))
+    row.update(_host_steady_figures(record, times, real))
     # sequences of one step: one micro-batch per data-parallel replica (a tensor/context group shares it)
     sequences = max(1, cell.processes // (cell.tp * cell.cp)) * micro_batch_used(record, cell) * cell.train.grad_accum
     row.update(_flop_figures(record, card, real / sequences, tokens / sequences))
@@ -241,6 +242,14 @@ def _auto_batch_figures(record: RunRecord) -> dict:
                                                                 else "") for t in auto.get("trail") or [])
     return {"micro_batch_proposed": auto.get("proposed"), "micro_batch_trail": trail or None,
             "micro_batch_stopped": auto.get("stopped")}
+
+
+def _host_steady_figures(record: RunRecord, times: list[float], real: float) -> dict:
+    """The launch on a steady host (bench/report/host_steady.py; absent in records from before the per-step probe)."""
+    out = host_steady.figures(record.ranks, times)
+    if "step_time_host_steady_s" in out:
+        out["real_tokens_per_s_host_steady"] = real / out["step_time_host_steady_s"]
+    return out
 
 
 def _timing_figures(record: RunRecord) -> dict:

@@ -23,7 +23,7 @@ from bench.report.metrics import THROUGHPUT, processes
 MEDIAN_COLUMNS = ("tokens_per_s", "tokens_per_s_per_gpu", "real_tokens_per_s", "real_tokens_per_s_per_gpu",
                   "step_time_s", "joules_per_token", "power_mean_w", "util_mean_pct", "sm_clock_mean_mhz",
                   "throttled_share", "energy_timed_j", "compile_s", "steal_share", "host_busy_share",
-                  "cpu_probe_ms")
+                  "cpu_probe_ms", "real_tokens_per_s_host_steady", "step_time_host_steady_s", "host_slow_step_share")
 # Memory: the worst launch, since it is what has to fit; what should be 0 in the timed window, likewise.
 MAX_COLUMNS = ("peak_allocated_gib", "peak_reserved_gib", "training_peak_allocated_gib",
                "training_peak_reserved_gib", "nvml_peak_used_gib", "host_rss_peak_gib", "gc_collections_in_window",

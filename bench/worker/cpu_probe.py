@@ -21,6 +21,12 @@ import time
 
 REPEATS = 7
 ROUNDS = 10_000
+# The per-step reading (step_probe_ms): a tenth of the work, fastest of two, ~0.4 ms on a fast H200 host and
+# ~0.8 ms on a slow one. The host's slow spells last seconds (benchmarks/host_pace.py: each idle vCPU of a 1x H200
+# machine slow in 28-47 % of readings, in spells of 2-36 s), longer than a host-bound step, so a reading between
+# two steps tells which pace they ran at, at a cost small beside any step (outside the timed region).
+STEP_REPEATS = 2
+STEP_ROUNDS = 1_000
 
 
 class _Node:
@@ -49,3 +55,8 @@ def probe_ms(repeats: int = REPEATS, rounds: int = ROUNDS) -> float:
         _work(rounds)
         best = min(best, time.perf_counter() - t0)
     return best * 1000
+
+
+def step_probe_ms() -> float:
+    """The light reading taken before each timed step (bench/worker/train.py); comparable only with its kind."""
+    return probe_ms(STEP_REPEATS, STEP_ROUNDS)

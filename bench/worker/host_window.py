@@ -17,6 +17,8 @@ end of the last:
 - ``cpu_probe_ms_before`` / ``cpu_probe_ms_after``: a fixed piece of Python work timed on the rank's thread just
   before the window (ahead of the ranks' barrier) and just after it (bench/worker/cpu_probe.py): how fast the
   host's CPU ran, comparable between launches and machines;
+- ``host_pace_ms_end``: the light per-step probe (``step_probe_ms``) after the last step; each timed step holds
+  its own reading taken before it (``host_pace_ms``), so a step lies between two readings (bench/report/host_steady.py);
 - ``cpu_probe_where_before`` / ``_after``: where each probe ran and what shared its core meanwhile
   (``probe_where``): the CPUs the thread was on when the probe started and ended, that CPU's SMT siblings (sysfs),
   the share of the siblings' time busy during the probe and the whole host's. On 2x H200 the probe took either
@@ -34,7 +36,7 @@ import time
 from pathlib import Path
 
 from bench.worker.affinity import core_siblings
-from bench.worker.cpu_probe import probe_ms
+from bench.worker.cpu_probe import probe_ms, step_probe_ms
 
 _STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
@@ -132,6 +134,7 @@ class HostWindow:
         t0, cpu0, use0 = self._start
         wall = time.perf_counter() - t0
         use1, cpu1 = resource.getrusage(resource.RUSAGE_SELF), host_cpu_times()
+        pace_end = step_probe_ms()  # the last step's closing reading, before the heavier probe below
         probe_after, where_after = probe_where()  # after the last step, and outside the window's own figures
         cpu_s = (use1.ru_utime - use0.ru_utime) + (use1.ru_stime - use0.ru_stime)
         self._record = {
@@ -145,6 +148,7 @@ class HostWindow:
             "cpu_probe_ms_after": probe_after,
             "cpu_probe_where_before": self._probe_before[1],
             "cpu_probe_where_after": where_after,
+            "host_pace_ms_end": pace_end,
         }
 
     def record(self) -> dict | None:

@@ -29,6 +29,7 @@ from bench.worker.gc_window import GcWindow
 from bench.worker.host_window import HostWindow
 from bench.worker.guard import cell_strategy, check_optimizer_steps_the_model, guard_distributed_setup
 from bench.worker.prepare import Preparer, preparer_for, unwrap
+from bench.worker.cpu_probe import step_probe_ms
 from bench.worker.timing import StoppingRule
 
 PROCESS_START = time.time()
@@ -152,7 +153,8 @@ def run_steps(cell: CellSettings, one_step, accelerator, device: torch.device, f
     Every rank starts each step together; after each timed step, outside its timed region, the ranks
     agree on the slowest rank's step time and timed seconds, so the rule sees one series everywhere.
     The garbage collector is kept out of the timed window (bench/worker/gc_window.py); what the host did
-    meanwhile is counted (bench/worker/host_window.py).
+    meanwhile is counted (bench/worker/host_window.py), and its pace read before each timed step
+    (``host_pace_ms``), so the report can tell the steps a slow host slowed (bench/report/host_steady.py).
     Returns (steps, timed window in wall clock, timing summary on the slowest-rank series, gc record,
     host record).
     """
@@ -166,6 +168,8 @@ def run_steps(cell: CellSettings, one_step, accelerator, device: torch.device, f
             if phase == "timed" and window[0] is None:
                 host.probe()  # before the barrier, like the collection below: no rank's timed step waits on it
                 collector.open()  # before the barrier: every rank enters the window collected and frozen
+            # the host's pace just before this step (bench/worker/cpu_probe.py), before the barrier as well
+            pace = {"host_pace_ms": step_probe_ms()} if phase == "timed" else {}
             files.heartbeat(phase, i)  # the runner's hang watchdog reads it: one per step
             accelerator.wait_for_everyone()
             sync(device)
@@ -178,7 +182,7 @@ def run_steps(cell: CellSettings, one_step, accelerator, device: torch.device, f
             parts = one_step()
             sync(device)
             step_s = time.perf_counter() - t0
-            steps.append({"step": i, "phase": phase, "started_at": started_at, "time_s": step_s, **parts})
+            steps.append({"step": i, "phase": phase, "started_at": started_at, "time_s": step_s, **parts, **pace})
             if phase == "timed":
                 window[1] = time.time()
                 slowest_s, timed_s = slowest_rank([step_s, time.perf_counter() - window_t0], device)
