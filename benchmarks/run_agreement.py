@@ -18,9 +18,9 @@ from before it: -), and the card; then the bar: at least ``--share`` of the cell
 cards stayed busy and of those that waited on the host shown apart (beside the bar, not instead of it); then each run's wall time (first
 launch's start to last launch's end, and the sum of the launches' own wall times, start-up included) and its
 cards. Cells of one side only, or not ok on both, are listed and left out of the share.
-``--host-steady`` compares the figure each launch gives over the steps no slow host slowed instead
+``--host-steady`` compares the figure each launch gives over the steps timed on a steady host instead
 (bench/report/host_steady.py; records from before the per-step probe have none) and adds each side's share of
-timed steps a slow host slowed: the agreement a steady host would give, beside the bar, not the bar's figure.
+timed steps on a slow host: the agreement a steady host would give, beside the bar, not the bar's figure.
 Exit 0 when the bar is met, 1 when not, 2 on bad input (a folder without records, no cell in common, runs
 on different cards: timings compare only within one kind of card).
 """
@@ -132,7 +132,7 @@ def render(both: pd.DataFrame, args: argparse.Namespace, walls: dict[str, tuple[
     name = "tok/s on a steady host" if steady else "tok/s"
     lines = [f"| cell | a {name} | b {name} | b / a - 1 | fwd+bwd b / a - 1 | optimizer b / a - 1 | launches a/b | "
              "fewest timed steps a/b | card busy % a/b | host CPU probe ms a/b | "
-             + ("steps a slow host slowed % a/b | " if steady else "") + "card |",
+             + ("steps on a slow host % a/b | " if steady else "") + "card |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | " + ("---: | " if steady else "")
              + "--- |"]
     for _, r in both.iterrows():
@@ -163,7 +163,7 @@ def render(both: pd.DataFrame, args: argparse.Namespace, walls: dict[str, tuple[
         lines.append(f"- run {side}: `{folder}`, {cards[side]}; wall time {span / 60:.1f} min from the first "
                      f"launch's start to the last one's end ({total / 60:.1f} min in launches)")
     if steady:
-        lines.append("- figure: real tokens/s over the steps no slow host slowed (bench/report/host_steady.py), "
+        lines.append("- figure: real tokens/s over the steps timed on a steady host (bench/report/host_steady.py), "
                      "not the report's headline: what a steady host would give")
     lines.append(f"- verdict{' on that figure' if steady else ''}: {'bar met' if met else 'bar NOT met'}")
     return "\n".join(lines), met
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-steps", type=int, default=20, help="fewest timed steps an ok launch may have (20)")
     p.add_argument("--markdown", type=Path, help="also write the output here")
     p.add_argument("--host-steady", dest="figure", action="store_const", const=HOST_STEADY, default=FIGURE,
-                   help="compare the launches' figures over the steps no slow host slowed (see the docstring)")
+                   help="compare the launches' figures over the steps timed on a steady host (see the docstring)")
     args = p.parse_args(argv)
     try:
         (a, rec_a), (b, rec_b) = load(args.a), load(args.b)

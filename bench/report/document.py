@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table as RichTable
 
 from bench.report import flops, metrics, plots, verdict
-from bench.report import cautions, fast_paths, nodes, repeats, speedups, tables
+from bench.report import cautions, fast_paths, host_steady, nodes, repeats, speedups, tables
 from bench.records.caveats import CPU_CAVEAT, folder_errata, stale_cells, without_stale
 from bench.spec import MatrixError, TokenBudget, load_matrix
 from bench.report.render import HtmlImages, Plot, Section, Table, to_html, to_markdown, write_csvs
@@ -245,7 +245,11 @@ def card_state_section(df: pd.DataFrame) -> Section | None:
         "over the timed window (the busiest node; records from before it say n/a). Host CPU probe: a fixed piece "
         "of Python work timed on each rank's thread just before and after the window (mean of the two, the "
         "slowest rank; lower is a faster CPU): it compares hosts, so a cell that waits on the host and ran slower "
-        "in one launch can be told apart from a slower CPU."])
+        "in one launch can be told apart from a slower CPU. Steps on a slow host: a lighter probe before each "
+        "timed step and after the last; a step whose reading before or after it, on any rank, is over "
+        f"{host_steady.SLOW_RATIO}x the launch's fastest counts as on a slow host, and the real tokens/s per GPU over the "
+        "other steps is what a steady host would have given (bench/report/host_steady.py; the headline stays "
+        "the median over all steps)."])
     for i, (_m, _k, title, group) in enumerate(tables.setting_groups(df), 1):
         section.items.append(Table(f"card_state_{i}", title, tables.card_state_table(group), tables.warnings_for(group)))
     return section

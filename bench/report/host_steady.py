@@ -1,4 +1,4 @@
-"""The figure a launch gives on a steady host: its median step time over the steps no slow host slowed.
+"""The figure a launch gives on a steady host: the median step time over its steps timed at the host's fast pace.
 
 On the H200 machines (Firecracker microVMs) each vCPU runs Python at one of two paces, ~2x apart, in spells of
 seconds to a minute that come from outside the guest: an idle guest shows them on every vCPU, and our own busy
@@ -11,7 +11,7 @@ comparison of strategies.
 
 Each timed step carries the light probe's reading taken just before it (``host_pace_ms``, bench/worker/cpu_probe.py)
 and the rank's ``host.host_pace_ms_end`` closes the last one, so step i lies between reading i and reading i + 1.
-A step is slowed when either of its readings, on any rank (the slowest rank sets a step), is more than
+A step ran on a slow host when either of its readings, on any rank (the slowest rank sets a step), is more than
 ``SLOW_RATIO`` times the launch's fastest reading. What it cannot see: a launch whose host was slow throughout
 (its fastest reading is then slow too and nothing is left out) and a spell shorter than one step.
 """
@@ -44,8 +44,9 @@ def step_paces(ranks: list[dict]) -> list[float] | None:
 
 
 def figures(ranks: list[dict], times: list[float]) -> dict:
-    """``host_slow_step_share`` (steps slowed / timed), ``host_pace_fastest_ms``, ``host_steady_steps`` and
-    ``step_time_host_steady_s`` (median of the others; absent below ``MIN_STEADY_STEPS``); {} without readings.
+    """``host_slow_step_share`` (steps on a slow host / timed steps), ``host_pace_fastest_ms``, ``host_steady_steps``
+    and ``step_time_host_steady_s`` (median of the others; absent below ``MIN_STEADY_STEPS``); {} without readings.
+    A card-bound cell's steps do not wait on the host: for it the share says where the host was, not what it cost.
     ``times``: the slowest rank's step times (bench/report/metrics.timed_step_times)."""
     paces = step_paces(ranks)
     if paces is None or not times:

@@ -364,6 +364,16 @@ def host_text(row: pd.Series) -> str:
     return f"{row['host_busy_share']:.0%}"[:-1] + f" / {stolen}"
 
 
+def steady_host_text(row: pd.Series) -> str:
+    """'74 / 6,300': the share of timed steps on a slow host (%) and the real tokens/s per GPU over the others
+    (bench/report/host_steady.py); records from before the per-step probe have neither."""
+    if not is_num(row.get("host_slow_step_share")):
+        return "n/a (older record)"
+    steady = row.get("real_tokens_per_s_host_steady")
+    per_gpu = f"{steady / row['processes']:,.0f}" if is_num(steady) else "too few steady steps"
+    return f"{row['host_slow_step_share']:.0%}"[:-1] + f" / {per_gpu}"
+
+
 def card_state_table(group: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, row in group.sort_values(["strategy", "gpus"], kind="stable").iterrows():
@@ -377,6 +387,8 @@ def card_state_table(group: pd.DataFrame) -> pd.DataFrame:
             else missing,
             "host CPU busy / stolen %": host_text(row) if row["status"] == "ok" else row["status"],
             "host CPU probe ms": (f"{row['cpu_probe_ms']:.2f}" if is_num(row.get("cpu_probe_ms")) else "n/a (older record)")
+            if row["status"] == "ok" else row["status"],
+            "timed steps on a slow host % / tok/s per GPU on a steady host": steady_host_text(row)
             if row["status"] == "ok" else row["status"],
         })
     return pd.DataFrame(rows)

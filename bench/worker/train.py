@@ -154,7 +154,7 @@ def run_steps(cell: CellSettings, one_step, accelerator, device: torch.device, f
     agree on the slowest rank's step time and timed seconds, so the rule sees one series everywhere.
     The garbage collector is kept out of the timed window (bench/worker/gc_window.py); what the host did
     meanwhile is counted (bench/worker/host_window.py), and its pace read before each timed step
-    (``host_pace_ms``), so the report can tell the steps a slow host slowed (bench/report/host_steady.py).
+    (``host_pace_ms``), so the report can tell the steps timed on a slow host (bench/report/host_steady.py).
     Returns (steps, timed window in wall clock, timing summary on the slowest-rank series, gc record,
     host record).
     """

@@ -93,3 +93,23 @@ def test_auto_cells_run_at_different_micro_batches_are_left_out_and_said(capsys,
     assert len(auto_rows) == 8 and all("not compared" in row for row in auto_rows)
     assert "8 of 8 cells ok on both sides within 2%" in text  # the numbered ones, the same records on both sides
     assert "different micro-batches: 8): 9" in text  # and the interrupted record, not ok on both sides
+
+
+def test_the_steady_host_figure_is_compared_beside_the_bar_not_as_it(capsys):
+    """1x H200, one machine (results/llama8b-steady-h200-a, -b): FSDP LoRA x1 +12.9 %, ZeRO-3 x1 -3.6 %; over
+    the steps on a steady host +10.8 % and -1.8 %: the pace explains part of ZeRO-3's difference only."""
+    steady_a, steady_b = (str(REPO / "results" / f"llama8b-steady-h200-{s}") for s in "ab")
+    assert ra.main([steady_a, steady_b]) == 1
+    plain = capsys.readouterr().out
+    assert "1 of 3 cells ok on both sides within 2%" in plain and "on a slow host" not in plain
+    assert ra.main([steady_a, steady_b, "--host-steady"]) == 1
+    text = capsys.readouterr().out
+    assert "2 of 3 cells ok on both sides within 2%" in text and "verdict on that figure: bar NOT met" in text
+    assert "| llama-3.1-8b lora zero3 x1gpu | 5,569 | 5,466 | -1.8% |" in text
+    assert "| 33/39 | NVIDIA H200 |" in text  # the share of steps on a slow host, a / b, in percent
+
+
+def test_records_from_before_the_per_step_probe_have_no_steady_figure(capsys):
+    code = ra.main([str(NIGHTS / "2026-11-30-213e3ff"), str(NIGHTS / "2026-11-30-213e3ff-2"), "--host-steady"])
+    text = capsys.readouterr().out
+    assert code == 1 and "no cell ok on both sides" in text and "no figure" in text

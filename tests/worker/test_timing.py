@@ -19,7 +19,7 @@ import pytest
 import torch.multiprocessing as mp
 
 from bench.records import RunRecord
-from bench.report import intervals, metrics
+from bench.report import host_steady, intervals, metrics
 from bench.spec import CellSettings, Limits, Matrix, MatrixError, Train, check_time_budget, expand
 from bench.worker.gc_window import GcWindow, POLICY
 from bench.worker.timing import RULE as RULE_TEXT
@@ -366,6 +366,12 @@ def test_ranks_of_different_speeds_stop_together_on_the_slowest_series(tmp_path)
     assert fast["timing"]["median_s"] == pytest.approx(float(np.median(series)))
     assert fast["timing"]["median_s"] >= 0.03  # the slow rank's steps, not the fast one's
     assert np.median([s["time_s"] for s in fast["steps"][1:]]) < fast["timing"]["median_s"]
+    # the host's pace, read before every timed step and after the last, on each rank (bench/worker/cpu_probe.py)
+    for rank in (fast, slow):
+        assert all((s["phase"] == "timed") == ("host_pace_ms" in s) for s in rank["steps"])
+        assert all(s["host_pace_ms"] > 0 for s in rank["steps"][1:]) and rank["host"]["host_pace_ms_end"] > 0
+    steady = host_steady.figures(record.ranks, series)
+    assert 0 <= steady["host_slow_step_share"] <= 1 and steady["host_pace_fastest_ms"] > 0
 
 
 @pytest.mark.launch_aside
