@@ -12,7 +12,8 @@ it: the same work takes the same time on an equally fast CPU.
 The work is what framework code does between kernel launches (function calls, attribute and dict lookups,
 small lists, integer arithmetic), fixed and allocation-light, about 4 ms on the 2-core development machine; the figure
 is the fastest of a few repeats, so a preemption in one of them does not count. It runs outside the timed
-window (before the ranks' barrier and after the last step), twice a launch: tens of milliseconds in all.
+window (before the ranks' barrier and after the last step), twice a launch: tens of milliseconds in all. A tenth
+of it (``step_probe_ms``) is read before each timed step, outside the step's timed region.
 """
 
 from __future__ import annotations
