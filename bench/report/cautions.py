@@ -29,6 +29,9 @@ STEAL_TOLERANCE = 0.05  # a virtual machine's CPU time taken by the hypervisor a
 # and inside launches of one machine (results/llama8b-h200-c, -d); the host-bound cells of the slower launches ran
 # 10-22 % slower. A cell whose probe reads more than this times the fastest of the table ran on the slow host.
 SLOW_HOST_RATIO = 1.4
+# A host-bound cell whose figure over its steps on a steady host (bench/report/host_steady.py) is more than this
+# above its headline: the slow host's part is larger than issue 16's agreement bar.
+STEADY_HOST_GAP = 0.02
 
 
 def clock_warning(rows: pd.DataFrame) -> str | None:
@@ -154,8 +157,11 @@ def slow_host_warning(rows: pd.DataFrame) -> str | None:
     """Host-bound cells (cards busy below HOST_BOUND_BUSY_PCT) whose host CPU probe read more than SLOW_HOST_RATIO
     times the fastest probe of the table. The probe is read just before and just after the window, not inside
     it (c's FSDP x2 read 8.4 ms on one rank and ran 20 % faster than d's at 6.5), so this says the host was slow
-    around the window, a reason to look, not a measured slowdown. None where the records have no probe."""
+    around the window, a reason to look, not a measured slowdown. None where the records have no probe; cells
+    whose records read the pace before every step are left to steady_host_warning, which measured inside."""
     probed = _ok_with(rows, "cpu_probe_ms", keep=lambda ms: ms > 0)
+    if "host_slow_step_share" in probed.columns:
+        probed = probed[probed["host_slow_step_share"].isna()]
     if not len(probed):
         return None
     fastest = float(probed["cpu_probe_ms"].min())
@@ -170,16 +176,34 @@ def slow_host_warning(rows: pd.DataFrame) -> str | None:
             "the strategy's (compare launches with alike probes, or rerun them; Card state).")
 
 
+def steady_host_warning(rows: pd.DataFrame) -> str | None:
+    """Host-bound cells whose steps on a steady host (the per-step pace readings: bench/report/host_steady.py) gave
+    more than STEADY_HOST_GAP above their headline figure: measured inside the window, the slow host's part."""
+    if "real_tokens_per_s_host_steady" not in rows.columns:
+        return None
+    busy = rows["util_mean_pct"] < HOST_BOUND_BUSY_PCT if "util_mean_pct" in rows.columns else False
+    gap = rows["real_tokens_per_s_host_steady"] / rows[metrics.THROUGHPUT] - 1
+    hit = rows[(rows["status"] == "ok") & busy & (gap > STEADY_HOST_GAP)]
+    if not len(hit):
+        return None
+    cells = ", ".join(f"{run_name(r)} ({r['host_slow_step_share']:.0%} of steps; "
+                      f"{r['real_tokens_per_s_host_steady'] / r['processes']:,.0f} tok/s/GPU, "
+                      f"{r['real_tokens_per_s_host_steady'] / r[metrics.THROUGHPUT] - 1:+.1%})" for _, r in hit.iterrows())
+    return (f"Warning: part of the timed steps of {cells} ran on a slow host (the pace read before each step), and on "
+            f"a steady host these cells gave more than {STEADY_HOST_GAP:.0%} over their figure here: their cards "
+            "waited on the host, so the gap is the host's pace, not the strategy's (Card state).")
+
+
 def warnings_for(rows: pd.DataFrame) -> list[str]:
     """Beside every comparing table: the clocks, and cards that waited on the host."""
-    return [w for w in (clock_warning(rows), host_bound_note(rows), steal_warning(rows), slow_host_warning(rows))
-            if w]
+    return [w for w in (clock_warning(rows), host_bound_note(rows), steal_warning(rows), slow_host_warning(rows),
+                        steady_host_warning(rows)) if w]
 
 
 def verdict_warnings(rows: pd.DataFrame) -> list[str]:
     """Beside the verdict, once per setting (the report opens with it, and the terminal prints it): the clocks
     and what went wrong inside a launch's timed window or between its launches."""
     return [w for w in (clock_warning(rows), host_bound_note(rows), steal_warning(rows), slow_host_warning(rows),
-                        updated_nothing_warning(rows), gc_warning(rows), skipped_update_warning(rows),
+                        steady_host_warning(rows), updated_nothing_warning(rows), gc_warning(rows), skipped_update_warning(rows),
                         compile_warning(rows),
                         micro_batch_warning(rows)) if w]

@@ -58,3 +58,20 @@ def test_the_committed_fsdp_cell_reads_faster_on_a_steady_host():
     assert row["host_slow_step_share"] == pytest.approx(31 / 42) and row["host_steady_steps"] == 11
     assert row["step_time_host_steady_s"] < 0.97 * row["step_time_s"]
     assert row["real_tokens_per_s_host_steady"] == pytest.approx(row["real_tokens_per_step"] / row["step_time_host_steady_s"])
+
+
+def test_a_host_bound_cell_faster_on_a_steady_host_is_warned_of_and_the_end_probe_warning_steps_aside():
+    from bench.records.store import latest_runs
+    from bench.report import cautions
+    from test_verdict import build
+
+    df = build(latest_runs(load_records(REPO / "results" / "llama8b-steady-h200-a")))
+    warning = cautions.steady_host_warning(df)
+    # FSDP x1: cards 73 % busy, 74 % of its steps on a slow host, +4.4 % on a steady host; ZeRO-3 x1 (+0.9 %) and
+    # ddp x1 (card-bound) are not named
+    assert warning and warning.startswith("Warning: part of the timed steps of fsdp_full_shard x1 GPU (74% of steps; "
+                                          "6,300 tok/s/GPU, +4.4%)")
+    assert "zero3" not in warning and "ddp" not in warning and warning in cautions.verdict_warnings(df)
+    # its end probes read 9.0 / 8.2 ms, the slowest of the table: measured inside the window now, so not warned twice
+    assert cautions.slow_host_warning(df) is None
+    assert cautions.steady_host_warning(build(latest_runs(load_records(REPO / "results" / "llama8b-h200-d")))) is None
