@@ -151,7 +151,8 @@ def correlate(runs: Path, watch_file: Path) -> list[dict]:
             during = [r["probe_ms"] for r in readings if start <= r["t"] <= end]
             if during:
                 pairs.append((step["time_s"], statistics.median(during)))
-        row = {"id": record.get("id"), "label": record.get("label"), "steps_with_readings": len(pairs)}
+        row = {"cell_id": record.get("cell_id"), "repeat": record.get("repeat"), "label": record.get("label"),
+               "steps_with_readings": len(pairs)}
         if len(pairs) >= 5:
             rho, p = spearmanr([a for a, _ in pairs], [b for _, b in pairs])
             row |= {"spearman_rho": float(rho), "p_value": float(p),

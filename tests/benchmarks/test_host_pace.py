@@ -75,8 +75,8 @@ def _steps(times: list[float], start: float = 1000.0) -> list[dict]:
 def test_correlate_pairs_each_step_with_the_pace_read_during_it(tmp_path):
     times = [1.0, 1.6, 1.2, 2.0, 1.1, 1.8, 1.4]
     runs = tmp_path / "runs.jsonl"
-    records = [{"id": "a", "label": "zero3 x1", "status": "ok", "ranks": [{"steps": _steps(times)}]},
-               {"id": "b", "label": "failed", "status": "failed", "ranks": []}]
+    records = [{"cell_id": "a", "repeat": 1, "label": "zero3 x1", "status": "ok", "ranks": [{"steps": _steps(times)}]},
+               {"cell_id": "b", "label": "failed", "status": "failed", "ranks": []}]
     runs.write_text("\n".join(map(json.dumps, records)))
     watch = tmp_path / "watch.jsonl"
     readings, t = [], 1000.0
@@ -86,14 +86,14 @@ def test_correlate_pairs_each_step_with_the_pace_read_during_it(tmp_path):
     readings.append({"t": t + 50, "cpu": 9, "probe_ms": 1.0})  # after the window: belongs to no step
     watch.write_text("\n".join(map(json.dumps, readings)))
     [row] = hp.correlate(runs, watch)
-    assert row["id"] == "a" and row["steps_with_readings"] == len(times)
+    assert (row["cell_id"], row["repeat"]) == ("a", 1) and row["steps_with_readings"] == len(times)
     assert row["spearman_rho"] == pytest.approx(1.0)
     assert row["watch_ms_median"] == pytest.approx(4.0 * 1.4)
 
 
 def test_correlate_leaves_the_statistic_out_below_five_steps(tmp_path):
     runs = tmp_path / "runs.jsonl"
-    runs.write_text(json.dumps({"id": "a", "status": "ok", "ranks": [{"steps": _steps([1.0, 2.0])}]}))
+    runs.write_text(json.dumps({"cell_id": "a", "status": "ok", "ranks": [{"steps": _steps([1.0, 2.0])}]}))
     watch = tmp_path / "watch.jsonl"
     watch.write_text(json.dumps({"t": 1000.5, "cpu": 1, "probe_ms": 4.0}))
     [row] = hp.correlate(runs, watch)
