@@ -18,6 +18,8 @@
 #     night=ROOT[@FLAG...]  one night of the gate: bench nightly matrices/nightly.yaml --root results/ROOT FLAGs,
 #                           e.g. night=nightly-h200@--no-verdict, night=nightly-h200-slowed@--slow-step@0.10
 #     70b[=force]           matrices/llama70b-qlora.yaml (force: launch cells predicted not to fit)
+#     host-pace[=TARGETS]   benchmarks/host_pace.py on the idle machine (every vCPU alone, beside a busy loop,
+#                           under load; TARGETS a cpulist, default all) into OUT/host-pace.json: run it first
 #     overhead[=STEPS[@INTERVAL_S]]  benchmarks/sampler_overhead.py (STEPS timed steps; a short sampling
 #                           interval, e.g. 0.002, amplifies the cost: see the script's docstring)
 #     run=MATRIX@DIR[@FILTER...]  matrices/MATRIX.yaml into results/DIR, FILTERs as --only, e.g.
@@ -102,6 +104,7 @@ run_step() {
       # BENCH_RUN_ARGS: more options for every bench run of the session, e.g. "--repeats 1"
       step "$dir" python3 -m bench.cli run "matrices/$matrix.yaml" --results "results/$dir" "${only[@]}" ${BENCH_RUN_ARGS:-} ;;
     70b)          step 70b python3 -m bench.cli run matrices/llama70b-qlora.yaml ${arg:+--$arg} ;;
+    host-pace)  step host-pace python3 benchmarks/host_pace.py --out "$out/host-pace.json" --targets "${arg:-all}" ;;
     overhead)  # overhead[=STEPS[@INTERVAL_S]]: INTERVAL_S well under bench's 0.05 s is an amplified run
       local steps=${arg%%@*} interval=""; [[ $arg == *@* ]] && interval=${arg#*@}
       step "overhead${interval:+-$interval}" python3 benchmarks/sampler_overhead.py --out "$out/overhead${interval:+-$interval}" \

@@ -36,3 +36,10 @@ def test_llama_steps_run_into_the_folder_named(tmp_path):
             in out)
     assert "python3 -m bench.cli run matrices/llama-full.yaml --results results/llama-full-t --only model=none" in out
     assert not (REPO / "results" / "llama8b-t").exists() and not (REPO / "results" / "llama-full-t").exists()
+
+
+def test_the_host_pace_step_maps_the_machine_into_the_session_folder(tmp_path):
+    """No GPU needed: the step pins itself to CPUs; on this machine's first CPU only, to stay short."""
+    out = _session(tmp_path, "host-pace=0")
+    assert "=== host-pace: python3 benchmarks/host_pace.py" in out and "suspected siblings" in out
+    assert (tmp_path / "out" / "host-pace.json").exists() and (tmp_path / "out.tgz").exists()
