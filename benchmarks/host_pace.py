@@ -46,9 +46,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.machine.cpu_affinity import parse_cpu_list  # noqa: E402
+from bench.report.host_steady import SLOW_RATIO as SIBLING_RATIO  # noqa: E402  the two paces are ~2x apart
 from bench.worker.cpu_probe import probe_ms  # noqa: E402
-
-SIBLING_RATIO = 1.4  # bench/report/cautions.py's SLOW_HOST_RATIO: the two modes seen were ~2x apart
 PROBE_REPEATS = 5
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bench.report import metrics
+from bench.report import host_steady, metrics
 from bench.report.text import run_name
 
 CLOCK_TOLERANCE = 0.03  # compared cells whose mean SM clocks differ by more get a warning
@@ -27,8 +27,9 @@ HOST_BOUND_BUSY_PCT = 90.0
 STEAL_TOLERANCE = 0.05  # a virtual machine's CPU time taken by the hypervisor above this while timed: a warning
 # The host CPU probe (bench/worker/cpu_probe.py) on 2x H200 read either 3.8-4.8 ms or 6.3-10.2 ms, flipping between
 # and inside launches of one machine (results/llama8b-h200-c, -d); the host-bound cells of the slower launches ran
-# 10-22 % slower. A cell whose probe reads more than this times the fastest of the table ran on the slow host.
-SLOW_HOST_RATIO = 1.4
+# 10-22 % slower. A cell whose probe reads more than this times the fastest of the table ran on the slow host: the
+# same cut as for a step's light readings (bench/report/host_steady.py).
+SLOW_HOST_RATIO = host_steady.SLOW_RATIO
 # A host-bound cell whose figure over its steps on a steady host (bench/report/host_steady.py) is more than this
 # above its headline: the slow host's part is larger than issue 16's agreement bar.
 STEADY_HOST_GAP = 0.02

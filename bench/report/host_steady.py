@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SLOW_RATIO = 1.4  # the two paces read ~2x apart; bench/report/cautions.py's SLOW_HOST_RATIO is the same cut
+SLOW_RATIO = 1.4  # the two paces read ~2x apart; also the cut for the probes around the window (cautions.py)
 MIN_STEADY_STEPS = 5  # fewer steps on a steady host give no median worth comparing
 
 
